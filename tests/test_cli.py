@@ -1,0 +1,231 @@
+"""The CLI end to end: output, --json, and one-line errors with exit code 2 for every bad input."""
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlora_compress import synthetic
+from vlora_compress.cli import compress_main, expand_main, inspect_main
+
+
+def run(main, args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def assert_one_line_error(code, out, err, *words):
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def only(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_compress_json_is_the_only_thing_on_stdout(gpt2_file, tmp_path, capsys):
+    out = tmp_path / "g.vlora.safetensors"
+    code, stdout, _ = run(compress_main, [gpt2_file, "--rank", 2, "--chunks", 2, "-o", out, "--json"], capsys)
+    assert code == 0
+    report = json.loads(stdout)
+    for field in ("original_bytes", "compressed_bytes", "size_ratio", "original_params", "compressed_params",
+                  "rank", "chunks", "stacks", "tensors"):
+        assert field in report
+    assert report["compressed_bytes"] < report["original_bytes"]
+    assert math.isclose(report["size_ratio"], report["compressed_bytes"] / report["original_bytes"])
+    assert all(0 <= t["rel_error"] for t in report["tensors"])
+    assert report["stacks"][0]["chunks"] == [[0, 1], [2, 3]]
+
+
+def test_compress_default_output_and_table(gpt2_file, capsys):
+    code, stdout, _ = run(compress_main, [gpt2_file, "-r", 2], capsys)
+    assert code == 0
+    assert (gpt2_file.parent / "gpt2.vlora.safetensors").exists()
+    assert "size ratio" in stdout and "c_attn" in stdout
+
+
+def test_expand_then_inspect_both_kinds(gpt2_file, tmp_path, capsys):
+    v = tmp_path / "g.vlora.safetensors"
+    run(compress_main, [gpt2_file, "-o", v, "-r", 2, "-c", 2], capsys)
+    code, stdout, _ = run(expand_main, [v, "-o", tmp_path / "dense.safetensors", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["output"].endswith("dense.safetensors")
+    code, stdout, _ = run(inspect_main, [v, "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["kind"] == "vlora" and info["stacks"][0]["chunks"] == [[0, 1], [2, 3]]
+    assert info["bytes_by_role"]["increments"] > 0
+    code, stdout, _ = run(inspect_main, [tmp_path / "dense.safetensors", "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["kind"] == "checkpoint" and info["stacks"][0]["prefix"] == "transformer.h"
+    code, stdout, _ = run(inspect_main, [gpt2_file], capsys)
+    assert code == 0 and "transformer.h" in stdout
+
+
+def test_spectra_json_and_plot(gpt2_file, tmp_path, capsys):
+    png = tmp_path / "spectra.png"
+    code, stdout, _ = run(inspect_main, [gpt2_file, "--spectra", "--rank", 4, "--json", "--plot", png], capsys)
+    assert code == 0
+    pairs = json.loads(stdout)["pairs"]
+    assert len(pairs) == 4 * 3  # four families, three consecutive pairs each
+    assert png.stat().st_size > 10_000
+    code, stdout, _ = run(inspect_main, [gpt2_file, "--spectra"], capsys)
+    assert code == 0 and "kept@4" in stdout
+
+
+def test_console_scripts_exit_2_without_traceback(tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    proc = subprocess.run([os.path.join(bin_dir, "vlora-compress"), str(tmp_path / "nope.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"vlora-compress: error: {tmp_path / 'nope.safetensors'}: no such file or folder"
+    proc = subprocess.run([os.path.join(bin_dir, "vlora-inspect"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--spectra" in proc.stdout
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _nan_checkpoint(path):
+    def make(key, shape):
+        t = synthetic.gaussian(0)(key, shape)
+        if key == "transformer.h.2.mlp.c_fc.weight":
+            t[3, 5] = float("nan")
+        return t
+    return synthetic.write_checkpoint(path, synthetic.gpt2_keys(), make)
+
+
+def _no_stacks(path):
+    return synthetic.write_checkpoint(path, [("embed.weight", (10, 4)), ("head.weight", (3, 4))])
+
+
+BAD_SOURCES = {
+    "missing": (lambda p: p / "missing.safetensors", "no such file"),
+    "empty": (lambda p: _write_bytes(p / "empty.safetensors", b""), "is empty"),
+    "short": (lambda p: _write_bytes(p / "short.safetensors", b"\x05\x00"), "truncated"),
+    "truncated": (lambda p: _write_bytes(p / "t.safetensors", struct.pack("<Q", 200) + b"{}"), "truncated"),
+    "not safetensors": (lambda p: _write_bytes(p / "x.safetensors", b"this is plainly not a tensor file"),
+                        "not a safetensors file"),
+    "bad header": (lambda p: _write_bytes(p / "h.safetensors", struct.pack("<Q", 8) + b"not json"), "not a valid"),
+    "nan": (_nan_checkpoint, "NaN or Inf"),
+    "no stacks": (_no_stacks, "no repeated layer stack"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SOURCES))
+def test_bad_source_gets_one_line_and_leaves_nothing(case, tmp_path, capsys):
+    make, words = BAD_SOURCES[case]
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = make(src_dir) if case not in ("nan", "no stacks") else make(src_dir / "m.safetensors")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = only(src_dir)
+    code, out, err = run(compress_main, [src, "-o", out_dir / "o.vlora.safetensors"], capsys)
+    assert_one_line_error(code, out, err, words)
+    assert only(out_dir) == [] and only(src_dir) == before
+
+
+def test_truncated_real_checkpoint_is_refused(minilm_dir, tmp_path, capsys):
+    data = (minilm_dir / "model.safetensors").read_bytes()
+    src = _write_bytes(tmp_path / "cut.safetensors", data[: len(data) // 2])
+    code, out, err = run(compress_main, [src, "-o", tmp_path / "o.vlora.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "cut.safetensors", "truncated")
+
+
+def test_index_naming_a_missing_shard(llama_index, tmp_path, capsys):
+    (llama_index.parent / "model-00002-of-00002.safetensors").unlink()
+    code, out, err = run(compress_main, [llama_index, "-o", tmp_path / "o.vlora.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "missing shard model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--rank", "0"], "--rank must be"),
+    (["--rank", "-3"], "--rank must be"),
+    (["--chunks", "0"], "--chunks must be"),
+    (["--chunks", "5"], "more than the 4 layers"),
+    (["--svd", "fast"], "--svd must be"),
+    (["--dtype", "int3"], "--dtype must be"),
+    (["--rank", "four"], "Invalid value for '--rank'"),
+])
+def test_bad_options(gpt2_file, tmp_path, capsys, args, words):
+    code, out, err = run(compress_main, [gpt2_file, "-o", tmp_path / "o.vlora.safetensors", *args], capsys)
+    assert_one_line_error(code, out, err, words)
+    assert not (tmp_path / "o.vlora.safetensors").exists()
+
+
+def test_unwritable_output_folder(gpt2_file, tmp_path, capsys):
+    code, out, err = run(compress_main, [gpt2_file, "-o", tmp_path / "no" / "such" / "o.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "output folder does not exist")
+    code, out, err = run(compress_main, [gpt2_file, "-o", gpt2_file / "o.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "not a folder")
+
+
+def test_existing_output_needs_force(gpt2_file, tmp_path, capsys):
+    out_file = tmp_path / "o.vlora.safetensors"
+    out_file.write_bytes(b"keep me")
+    code, out, err = run(compress_main, [gpt2_file, "-o", out_file], capsys)
+    assert_one_line_error(code, out, err, "already exists", "--force")
+    assert out_file.read_bytes() == b"keep me"
+    code, _, _ = run(compress_main, [gpt2_file, "-o", out_file, "--force", "-q"], capsys)
+    assert code == 0 and out_file.stat().st_size > 1000
+    code, out, err = run(expand_main, [out_file, "-o", gpt2_file], capsys)
+    assert_one_line_error(code, out, err, "already exists")
+
+
+def test_output_never_overwrites_the_source(gpt2_file, capsys):
+    code, out, err = run(compress_main, [gpt2_file, "-o", gpt2_file, "--force"], capsys)
+    assert_one_line_error(code, out, err, "is the source checkpoint")
+
+
+def test_failure_midway_leaves_no_partial_file(tmp_path, capsys):
+    # the NaN sits in the last layer, so the writer has already streamed most of the file
+    def make(key, shape):
+        t = synthetic.gaussian(0)(key, shape)
+        if key == "transformer.h.3.mlp.c_proj.weight":
+            t[0, 0] = float("inf")
+        return t
+    src = synthetic.write_checkpoint(tmp_path / "m.safetensors", synthetic.gpt2_keys(), make)
+    code, out, err = run(compress_main, [src, "-o", tmp_path / "o.vlora.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "transformer.h.3.mlp.c_proj.weight", "NaN or Inf")
+    assert only(tmp_path) == ["m.safetensors"]
+
+
+def test_expand_refuses_plain_checkpoints_and_compress_refuses_vlora(gpt2_file, tmp_path, capsys):
+    code, out, err = run(expand_main, [gpt2_file, "-o", tmp_path / "d.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "is not a VLoRA file")
+    v = tmp_path / "g.vlora.safetensors"
+    run(compress_main, [gpt2_file, "-o", v], capsys)
+    code, out, err = run(compress_main, [v, "-o", tmp_path / "again.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "already a VLoRA file")
+
+
+def test_inspect_bad_input(tmp_path, capsys):
+    code, out, err = run(inspect_main, [tmp_path / "none.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "no such file")
+    bad = _write_bytes(tmp_path / "x.safetensors", b"\x00" * 3)
+    code, out, err = run(inspect_main, [bad, "--spectra"], capsys)
+    assert_one_line_error(code, out, err, "truncated")
+
+
+def test_folder_source_picks_the_model_file(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    synthetic.write_checkpoint(folder / "model.safetensors", synthetic.vit_keys(), dtype=torch.float16)
+    code, stdout, _ = run(compress_main, [folder, "--json", "-r", 2], capsys)
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["output"] == str(tmp_path / "model.vlora.safetensors")
+    assert report["stacks"][0]["prefix"] == "blocks"

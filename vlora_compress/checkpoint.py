@@ -1,0 +1,205 @@
+"""Read checkpoints: a .safetensors file, a sharded index, or a Hugging Face model folder.
+
+Everything is read lazily through ``safe_open``: listing a checkpoint touches only headers, and a
+tensor is loaded when it is asked for, so compressing never holds the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import VloraError
+
+# safetensors dtype names -> torch dtypes (the ones torch can hold).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+VLORA_SUFFIX = ".vlora.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE.get(self.dtype, 1)
+
+
+class Checkpoint:
+    """A lazy, read-only view over the tensors of one or more safetensors files."""
+
+    def __init__(self, source: Path, files: list[Path], weight_map: dict[str, str] | None = None):
+        self.source = source
+        self.files = files
+        self._handles = {}
+        self.infos: dict[str, TensorInfo] = {}
+        self.file_metadata: dict[Path, dict[str, str]] = {}
+        for path in files:
+            handle = _open_safetensors(path)
+            self._handles[path] = handle
+            self.file_metadata[path] = handle.metadata() or {}
+            wanted = None
+            if weight_map is not None:
+                wanted = [k for k, shard in weight_map.items() if (path.parent / shard) == path]
+                missing = set(wanted) - set(handle.keys())
+                if missing:
+                    raise VloraError(f"{path}: the index names tensor {sorted(missing)[0]!r}, which this shard lacks")
+            for key in wanted if wanted is not None else handle.keys():
+                if key in self.infos:
+                    raise VloraError(f"{path}: tensor {key!r} also appears in {self.infos[key].file.name}")
+                sl = handle.get_slice(key)
+                dtype = sl.get_dtype()
+                if dtype not in DTYPES:
+                    raise VloraError(f"{path}: tensor {key!r} has dtype {dtype}, which torch cannot hold")
+                self.infos[key] = TensorInfo(key, dtype, tuple(sl.get_shape()), path)
+        if not self.infos:
+            raise VloraError(f"{source}: holds no tensors")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The first file's own ``__metadata__`` (shards of one model carry the same)."""
+        return dict(self.file_metadata[self.files[0]])
+
+    @property
+    def is_vlora(self) -> bool:
+        return any("vlora.format" in m for m in self.file_metadata.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        """Load one tensor, refusing NaN or Inf: a broken weight must stop us, not spread."""
+        info = self.infos[key]
+        t = self._handles[info.file].get_tensor(key)
+        if info.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
+            raise VloraError(f"{info.file}: tensor {key!r} holds NaN or Inf")
+        return t
+
+    def sha256(self) -> str:
+        """Checksum of the source files' bytes, concatenated in ``self.files`` order."""
+        h = hashlib.sha256()
+        for path in self.files:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    """Resolve a file, an index or a folder to its safetensors files and open them lazily."""
+    src = Path(source)
+    if not src.exists():
+        raise VloraError(f"{src}: no such file or folder")
+    if src.is_dir():
+        src = _pick_in_folder(src)
+    if src.name.endswith(".json"):
+        files, weight_map = _read_index(src)
+        return Checkpoint(src, files, weight_map)
+    return Checkpoint(src, [src])
+
+
+def _pick_in_folder(folder: Path) -> Path:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if len(indexes) > 1:
+        preferred = folder / "model.safetensors.index.json"
+        if preferred in indexes:
+            return preferred
+        raise VloraError(f"{folder}: holds {len(indexes)} safetensors indexes; name the one to use")
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(VLORA_SUFFIX))
+    if len(files) == 1:
+        return files[0]
+    if (folder / "model.safetensors") in files:
+        return folder / "model.safetensors"
+    if not files:
+        raise VloraError(f"{folder}: holds no .safetensors file")
+    raise VloraError(f"{folder}: holds {len(files)} .safetensors files and no index; name the one to use")
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    try:
+        data = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VloraError(f"{index}: not a valid JSON index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise VloraError(f"{index}: has no 'weight_map' naming the shards")
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        if not isinstance(shard, str):
+            raise VloraError(f"{index}: weight_map holds a shard name that is not a string")
+        path = index.parent / shard
+        if not path.is_file():
+            raise VloraError(f"{index}: names missing shard {shard}")
+        files.append(path)
+    return files, weight_map
+
+
+def _open_safetensors(path: Path):
+    """safe_open, with its header checked first so that every failure gets a plain sentence."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except IsADirectoryError:
+        raise VloraError(f"{path}: is a folder, not a safetensors file") from None
+    except OSError as e:
+        raise VloraError(f"{path}: cannot be read ({e.strerror})") from None
+    if size == 0:
+        raise VloraError(f"{path}: is empty")
+    if size < 8:
+        raise VloraError(f"{path}: is truncated ({size} bytes, not even a header length)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8:
+        if header_len > 100_000_000:
+            raise VloraError(f"{path}: is not a safetensors file (no valid header length)")
+        raise VloraError(f"{path}: is truncated (header needs {header_len} bytes, file has {size - 8})")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        msg = str(e).replace("Error while deserializing header: ", "")
+        if "incomplete" in msg.lower() or "buffer" in msg.lower():
+            raise VloraError(f"{path}: is truncated or damaged ({msg})") from None
+        raise VloraError(f"{path}: is not a valid safetensors file ({msg})") from None

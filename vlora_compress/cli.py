@@ -1,0 +1,149 @@
+"""Command-line entry points: a thin Typer layer over the Python API.
+
+Tables and progress go to stderr-safe rich output; ``--json`` puts one JSON object on stdout and
+nothing else there. Exit codes: 0 ok, 1 a check failed, 2 bad input or usage (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .compress import compress
+from .errors import VloraError
+from .expand import expand_to_file
+from .inspection import (
+    delta_spectra,
+    inspect_source,
+    render_checkpoint,
+    render_spectra,
+    render_vlora,
+)
+
+stdout = Console()
+
+# Typer raises click's exceptions, or since 0.26 those of its vendored click: find them by name.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _app(help_text: str) -> typer.Typer:
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=help_text)
+
+
+compress_app = _app("Compress a checkpoint into a VLoRA file.")
+expand_app = _app("Expand a VLoRA file back into a dense safetensors checkpoint.")
+inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint or a VLoRA file.")
+
+
+@compress_app.command()
+def compress_cmd(
+    source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
+    chunks: Annotated[int, typer.Option("--chunks", "-c", help="Contiguous chunks per stack; each keeps one dense base.")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file [default: <source>.vlora.safetensors beside the source].")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16 [default: the input's dtype].")] = None,
+    svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; the same input and options give the same bytes.")] = 0,
+    force: ForceFlag = False,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Store each chunk of every layer stack as a dense base plus rank-r increments (W_l = W_l-1 + B_l A_l)."""
+    report = compress(source, out, rank=rank, chunks=chunks, svd=svd, dtype=dtype, seed=seed, force=force,
+                      progress=not quiet and not as_json)
+    if as_json:
+        print(report.to_json())
+    else:
+        report.render(stdout)
+
+
+@expand_app.command()
+def expand_cmd(
+    path: Annotated[Path, typer.Argument(help="A VLoRA file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Dense output [default: <name>.expanded.safetensors beside it].")] = None,
+    force: ForceFlag = False,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Rebuild the dense checkpoint: the original keys, shapes, dtypes and file metadata."""
+    if out is None:
+        out = path.parent / (path.name.split(".vlora.safetensors")[0].split(".safetensors")[0] + ".expanded.safetensors")
+    written = expand_to_file(path, out, force=force, progress=not quiet and not as_json)
+    if as_json:
+        print(json.dumps({"output": str(written), "file_bytes": written.stat().st_size}))
+    else:
+        stdout.print(f"wrote {written} ({written.stat().st_size:,} bytes)")
+
+
+@inspect_app.command()
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="A checkpoint (file, index or folder) or a VLoRA file.")],
+    spectra: Annotated[bool, typer.Option("--spectra", help="Singular-value spectra of every consecutive-layer delta.")] = False,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="With --spectra: the rank whose kept energy is shown.")] = 4,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --spectra: also draw them to a .png or .svg (needs the plot extra).")] = None,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Layer stacks, families, shapes and bytes; with --spectra how much a rank-r increment keeps."""
+    if plot is not None and not spectra:
+        raise VloraError("--plot draws the spectra; add --spectra")
+    if spectra:
+        rows = delta_spectra(path, rank, progress=not quiet and not as_json)
+        if plot is not None:
+            from .plots import plot_spectra
+
+            plot_spectra(rows, plot)
+        if as_json:
+            print(json.dumps({"path": str(path), "rank": rank, "pairs": rows}, indent=2))
+        else:
+            render_spectra(rows, stdout)
+        return
+    info = inspect_source(path)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    elif info["kind"] == "vlora":
+        render_vlora(info, stdout)
+    else:
+        render_checkpoint(info, stdout)
+
+
+def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
+    """Run a Typer app so that every user mistake is one line on stderr with exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _CLICK_ERROR as e:
+        print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except VloraError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    return rv if isinstance(rv, int) else 0
+
+
+def compress_main(argv: list[str] | None = None) -> None:
+    sys.exit(_run(compress_app, "vlora-compress", argv))
+
+
+def expand_main(argv: list[str] | None = None) -> None:
+    sys.exit(_run(expand_app, "vlora-expand", argv))
+
+
+def inspect_main(argv: list[str] | None = None) -> None:
+    sys.exit(_run(inspect_app, "vlora-inspect", argv))

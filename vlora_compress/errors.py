@@ -1,0 +1,8 @@
+"""One exception type for every problem a user can cause.
+
+The CLI maps it to a one-line message and exit code 2; anything else that escapes is a bug.
+"""
+
+
+class VloraError(Exception):
+    """Bad input or usage: a file that cannot be read, an option out of range, a corrupted plan."""

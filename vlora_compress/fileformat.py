@@ -1,0 +1,149 @@
+"""The VLoRA file: one plain safetensors file whose ``__metadata__`` carries the plan.
+
+docs/format.md is the specification; this module is its reference implementation. Tensor names:
+
+- a pass-through tensor and a chunk's base layer keep their original key;
+- the increment of layer ``l`` is ``<key of l>.vlora_B`` (m x r) and ``<key of l>.vlora_A`` (r x n);
+- a synthetic base is ``<stack>.vlora_base<c>.<suffix>`` for chunk ``c`` of its family.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPES, Checkpoint, open_checkpoint
+from .errors import VloraError
+from .plan import FamilyPlan, Plan
+
+FORMAT_NAME = "vlora"
+FORMAT_VERSION = 1
+INCREMENT_SUFFIXES = (".vlora_B", ".vlora_A")
+
+Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
+
+
+def increment_keys(key: str) -> tuple[str, str]:
+    return key + INCREMENT_SUFFIXES[0], key + INCREMENT_SUFFIXES[1]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What expand needs to give back the original: keys in order, dtypes, shapes, metadata."""
+
+    files: tuple[str, ...]
+    sha256: str
+    nbytes: int
+    metadata: dict[str, str]
+    tensors: tuple[Entry, ...]  # original order
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SourceInfo":
+        try:
+            tensors = tuple((str(k), str(dt), tuple(int(x) for x in shape)) for k, dt, shape in d["tensors"])
+            info = cls(tuple(d["files"]), str(d["sha256"]), int(d["nbytes"]), dict(d["metadata"]), tensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise VloraError(f"corrupted plan: source record is damaged ({type(e).__name__}: {e})") from None
+        for key, dt, _ in info.tensors:
+            if dt not in DTYPES:
+                raise VloraError(f"corrupted plan: tensor {key!r} has unknown dtype {dt!r}")
+        return info
+
+
+def family_layout(fp: FamilyPlan) -> list[Entry]:
+    """Stored tensors of one family, in the order factorise.fit_family yields them."""
+    m, n = fp.shape
+    out: list[Entry] = []
+    for ci, chunk in enumerate(fp.chunks):
+        base_key = fp.key(chunk.base) if chunk.base is not None else fp.synthetic_base_key(ci)
+        out.append((base_key, fp.store_dtype, (m, n)))
+        for layer, _ in chunk.steps():
+            r = chunk.rank_of(layer)
+            if r:
+                kb, ka = increment_keys(fp.key(layer))
+                out += [(kb, fp.store_dtype, (m, r)), (ka, fp.store_dtype, (r, n))]
+    return out
+
+
+def factorised_keys(plan: Plan) -> set[str]:
+    return {fp.key(layer) for fp in plan.families for layer in fp.layers}
+
+
+def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
+    """Every stored tensor: pass-through tensors in original order, then each family."""
+    factorised = factorised_keys(plan)
+    out = [e for e in source.tensors if e[0] not in factorised]
+    for fp in plan.families:
+        out += family_layout(fp)
+    return out
+
+
+def header_metadata(plan: Plan, source: SourceInfo, config: dict) -> dict[str, str]:
+    dump = lambda obj: json.dumps(obj, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    return {
+        "vlora.format": FORMAT_NAME,
+        "vlora.version": str(FORMAT_VERSION),
+        "vlora.config": dump(config),
+        "vlora.source": dump(asdict(source)),
+        "vlora.plan": dump(plan.to_dict()),
+    }
+
+
+class VloraFile:
+    """A validated VLoRA file: the plan and source record parsed, every stored tensor checked."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise VloraError(f"{self.path}: is a folder, not a VLoRA file")
+        self.checkpoint: Checkpoint = open_checkpoint(self.path)
+        meta = self.checkpoint.metadata
+        if meta.get("vlora.format") != FORMAT_NAME:
+            raise VloraError(f"{self.path}: is not a VLoRA file (no 'vlora.format' in its metadata)")
+        version = meta.get("vlora.version")
+        if version != str(FORMAT_VERSION):
+            raise VloraError(f"{self.path}: has VLoRA format version {version!r}; this tool reads version {FORMAT_VERSION}")
+        try:
+            self.config = json.loads(meta["vlora.config"])
+            source = json.loads(meta["vlora.source"])
+            plan = json.loads(meta["vlora.plan"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise VloraError(f"{self.path}: corrupted plan ({type(e).__name__}: {e})") from None
+        try:
+            self.source = SourceInfo.from_dict(source)
+            self.plan = Plan.from_dict(plan)
+        except VloraError as e:
+            raise VloraError(f"{self.path}: {e}") from None
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        infos = self.checkpoint.infos
+        expected = layout(self.plan, self.source)
+        names = {name for name, _, _ in expected}
+        for name, dtype, shape in expected:
+            info = infos.get(name)
+            if info is None:
+                raise VloraError(f"{self.path}: corrupted plan: tensor {name!r} is missing")
+            if (info.dtype, info.shape) != (dtype, shape):
+                raise VloraError(
+                    f"{self.path}: corrupted plan: tensor {name!r} is {info.dtype}{list(info.shape)}, "
+                    f"the plan says {dtype}{list(shape)}"
+                )
+        extra = set(infos) - names
+        if extra:
+            raise VloraError(f"{self.path}: corrupted plan: tensor {sorted(extra)[0]!r} is not in the plan")
+        source = {k: (dt, shape) for k, dt, shape in self.source.tensors}
+        for fp in self.plan.families:
+            for layer in fp.layers:
+                if source.get(fp.key(layer)) != (fp.dtype, fp.shape):
+                    raise VloraError(f"{self.path}: corrupted plan: {fp.key(layer)!r} does not match its source record")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(name)
+
+    @property
+    def nbytes(self) -> int:
+        return self.checkpoint.nbytes

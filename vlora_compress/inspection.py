@@ -1,0 +1,236 @@
+"""Look inside a checkpoint or a VLoRA file before deciding anything.
+
+``inspect_checkpoint`` lists the layer stacks and where the bytes are; ``delta_spectra`` measures how
+much of each consecutive-layer delta a rank-r increment can keep, which is the number that tells
+whether cross-layer sharing can work on a model at all; ``inspect_vlora`` shows a file's plan.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import open_checkpoint
+from .errors import VloraError
+from .fileformat import VloraFile, factorised_keys, family_layout
+from .progress import Progress
+from .report import human_bytes, nbytes
+from .stacks import find_stacks
+
+SPECTRUM_HEAD = 64  # singular values kept per pair in JSON
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def inspect_source(source: str | Path) -> dict:
+    """A VLoRA file's plan, or a checkpoint's stacks: whichever ``source`` is."""
+    with open_checkpoint(source) as ckpt:
+        is_vlora = ckpt.is_vlora
+    return inspect_vlora(source) if is_vlora else inspect_checkpoint(source)
+
+
+def inspect_checkpoint(source: str | Path) -> dict:
+    with open_checkpoint(source) as ckpt:
+        stacks = find_stacks(ckpt.infos)
+        in_stacks = 0
+        out_stacks = []
+        for s in stacks:
+            fams = [
+                {
+                    "family": f.name,
+                    "shape": list(f.shape),
+                    "dtype": f.dtype,
+                    "layers": list(f.layers),
+                    "bytes": nbytes(f.dtype, f.shape) * len(f.layers),
+                }
+                for f in s.families
+            ]
+            stack_bytes = sum(ckpt.infos[k].nbytes for k in s.keys)
+            in_stacks += stack_bytes
+            out_stacks.append(
+                {
+                    "prefix": s.prefix,
+                    "layers": list(s.layers),
+                    "bytes": stack_bytes,
+                    "factorisable_bytes": sum(f["bytes"] for f in fams),
+                    "families": fams,
+                }
+            )
+        return {
+            "kind": "checkpoint",
+            "path": str(ckpt.source),
+            "files": [f.name for f in ckpt.files],
+            "metadata": ckpt.metadata,
+            "tensors": len(ckpt.infos),
+            "params": sum(i.numel for i in ckpt.infos.values()),
+            "bytes": ckpt.nbytes,
+            "outside_stacks_bytes": ckpt.nbytes - in_stacks,
+            "stacks": out_stacks,
+        }
+
+
+def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list[dict]:
+    """For every consecutive layer pair of every family: ||ΔW||/||W||, energy kept at ``rank``.
+
+    ``energy_kept`` is Σ_{i<r} σ_i² / Σ σ_i² of ΔW = W_l - W_{l-1}: the share of the delta a
+    data-free rank-r increment can store. ``rank_for`` gives the rank needed for 50/90/99%.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise VloraError(f"--rank must be a whole number of at least 1, not {rank!r}")
+    out = []
+    with open_checkpoint(source) as ckpt:
+        if ckpt.is_vlora:
+            raise VloraError(f"{ckpt.source}: --spectra needs a dense checkpoint, not a VLoRA file")
+        stacks = find_stacks(ckpt.infos)
+        if not stacks:
+            raise VloraError(f"{ckpt.source}: no repeated layer stack found")
+        families = [f for s in stacks for f in s.families]
+        with Progress("spectra", sum(len(f.layers) - 1 for f in families), enabled=progress) as bar:
+            for fam in families:
+                bar.describe(fam.name)
+                prev = ckpt.read(fam.key(fam.layers[0])).double()
+                for layer in fam.layers[1:]:
+                    w = ckpt.read(fam.key(layer)).double()
+                    s = torch.linalg.svdvals(w - prev)
+                    energy = s.square()
+                    total = float(energy.sum())
+                    cum = (energy.cumsum(0) / total) if total > 0 else torch.ones_like(energy)
+                    out.append(
+                        {
+                            "family": fam.name,
+                            "layers": [fam.layers[fam.layers.index(layer) - 1], layer],
+                            "shape": list(fam.shape),
+                            "rel_delta": float(torch.linalg.norm(w - prev) / max(torch.linalg.norm(w), 1e-30)),
+                            "rank": min(rank, len(s)),
+                            "energy_kept": float(cum[min(rank, len(s)) - 1]),
+                            "rank_for": {
+                                str(p): int(torch.searchsorted(cum, torch.tensor(p / 100, dtype=cum.dtype)) + 1)
+                                for p in (50, 90, 99)
+                            },
+                            "singular_values": [float(x) for x in s[:SPECTRUM_HEAD]],
+                        }
+                    )
+                    prev = w
+                    bar.advance()
+    return out
+
+
+def inspect_vlora(path: str | Path) -> dict:
+    vfile = VloraFile(path)
+    plan = vfile.plan
+    factorised = factorised_keys(plan)
+    passthrough = sum(nbytes(dt, shape) for key, dt, shape in vfile.source.tensors if key not in factorised)
+    bases = increments = 0
+    families = []
+    for fp in plan.families:
+        for name, dt, shape in family_layout(fp):
+            if name.endswith((".vlora_A", ".vlora_B")):
+                increments += nbytes(dt, shape)
+            else:
+                bases += nbytes(dt, shape)
+        families.append(
+            {
+                "family": fp.name,
+                "shape": list(fp.shape),
+                "dtype": fp.dtype,
+                "store_dtype": fp.store_dtype,
+                "chunks": [
+                    {"layers": list(c.layers), "base": c.base, "topology": c.topology, "ranks": list(c.ranks)}
+                    for c in fp.chunks
+                ],
+            }
+        )
+    total = vfile.nbytes
+    return {
+        "kind": "vlora",
+        "path": str(vfile.path),
+        "format_version": int(vfile.checkpoint.metadata["vlora.version"]),
+        "config": vfile.config,
+        "source": {"files": list(vfile.source.files), "sha256": vfile.source.sha256, "bytes": vfile.source.nbytes},
+        "bytes": total,
+        "size_ratio": total / vfile.source.nbytes,
+        "bytes_by_role": {"passthrough": passthrough, "bases": bases, "increments": increments},
+        "stacks": [
+            {"prefix": s.prefix, "layers": list(s.layers), "chunks": [[s.layers[a], s.layers[b - 1]] for a, b in s.bounds]}
+            for s in plan.stacks
+        ],
+        "families": families,
+        "notes": list(plan.notes),
+    }
+
+
+def sparkline(values: list[float], width: int = 32) -> str:
+    """Singular values on a log scale, σ_1 at full height, in ``width`` characters."""
+    if not values or values[0] <= 0:
+        return ""
+    step = max(1, len(values) // width)
+    sampled = values[::step][:width]
+    floor = 1e-4
+    out = []
+    for v in sampled:
+        x = max(v / values[0], floor)
+        level = 1 - math.log(x) / math.log(floor)
+        out.append(SPARK[min(len(SPARK) - 1, max(0, int(level * (len(SPARK) - 1) + 0.5)))])
+    return "".join(out)
+
+
+def render_checkpoint(info: dict, console: Console) -> None:
+    console.print(
+        f"[bold]{info['path']}[/]: {info['tensors']} tensors, {info['params']:,} params, "
+        f"{human_bytes(info['bytes'])}; outside stacks {human_bytes(info['outside_stacks_bytes'])}"
+    )
+    for s in info["stacks"]:
+        table = Table(title=f"stack {s['prefix'] or '(top level)'}: layers {s['layers'][0]}..{s['layers'][-1]}, "
+                      f"{human_bytes(s['bytes'])}")
+        for col in ("family", "shape", "dtype", "layers", "bytes"):
+            table.add_column(col, justify="left" if col == "family" else "right")
+        for f in s["families"]:
+            table.add_row(f["family"], "x".join(map(str, f["shape"])), f["dtype"], _span(f["layers"]),
+                          human_bytes(f["bytes"]))
+        console.print(table)
+
+
+def render_spectra(rows: list[dict], console: Console) -> None:
+    rank = rows[0]["rank"] if rows else 0
+    table = Table(title=f"Consecutive-layer deltas: energy a rank-{rank} increment keeps")
+    for col in ("family", "pair", "‖ΔW‖/‖W‖", f"kept@{rank}", "r50/r90/r99", "spectrum (log)"):
+        table.add_column(col, justify="left" if col in ("family", "spectrum (log)") else "right")
+    for r in rows:
+        rf = r["rank_for"]
+        table.add_row(r["family"], f"{r['layers'][0]}→{r['layers'][1]}", f"{r['rel_delta']:.2f}",
+                      f"{r['energy_kept']:.1%}", f"{rf['50']}/{rf['90']}/{rf['99']}", sparkline(r["singular_values"]))
+    console.print(table)
+
+
+def render_vlora(info: dict, console: Console) -> None:
+    roles = info["bytes_by_role"]
+    console.print(
+        f"[bold]{info['path']}[/]: VLoRA format v{info['format_version']}, {human_bytes(info['bytes'])} "
+        f"= {info['size_ratio']:.3f} of the source ({', '.join(info['source']['files'])}, "
+        f"{human_bytes(info['source']['bytes'])})"
+    )
+    console.print(
+        f"bases {human_bytes(roles['bases'])}, increments {human_bytes(roles['increments'])}, "
+        f"pass-through {human_bytes(roles['passthrough'])}"
+    )
+    for s in info["stacks"]:
+        console.print(f"stack {s['prefix'] or '(top level)'}: chunks " + ", ".join(f"{a}..{b}" for a, b in s["chunks"]))
+    table = Table(title="Plan")
+    for col in ("family", "shape", "store", "chunk", "base", "topology", "ranks"):
+        table.add_column(col, justify="left" if col == "family" else "right")
+    for f in info["families"]:
+        for i, c in enumerate(f["chunks"]):
+            table.add_row(f["family"] if i == 0 else "", "x".join(map(str, f["shape"])) if i == 0 else "",
+                          f["store_dtype"] if i == 0 else "", _span(c["layers"]),
+                          "synthetic" if c["base"] is None else str(c["base"]), c["topology"],
+                          ",".join(map(str, c["ranks"])))
+    console.print(table)
+    for note in info["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0])

@@ -1,0 +1,215 @@
+"""Plan what to store: chunk bounds, the base of each chunk, the topology and the rank of every layer.
+
+A plan is pure data (frozen dataclasses) that round-trips through the file header as JSON, so the
+plan written by ``compress`` is exactly what ``expand`` follows. The math lives in factorise.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .checkpoint import FLOAT_DTYPES
+from .errors import VloraError
+from .stacks import Family, Stack, layer_key
+
+SVD_METHODS = ("auto", "exact", "randomized")
+TOPOLOGIES = ("chain", "star")
+STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What the user chose. Everything else in a plan follows from this and the checkpoint."""
+
+    rank: int = 4
+    chunks: int = 1
+    svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
+    dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
+    seed: int = 0  # seeds the randomised SVD, so one input gives one output
+    niter: int = 4  # power iterations of the randomised SVD
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise VloraError(f"--rank must be a whole number of at least 1, not {self.rank!r}")
+        if not isinstance(self.chunks, int) or self.chunks < 1:
+            raise VloraError(f"--chunks must be a whole number of at least 1, not {self.chunks!r}")
+        if self.svd not in SVD_METHODS:
+            raise VloraError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
+        if self.dtype is not None and self.dtype not in STORE_DTYPES:
+            raise VloraError(f"--dtype must be one of fp32, fp16, bf16, not {self.dtype!r}")
+        if self.niter < 0:
+            raise VloraError(f"niter must be at least 0, not {self.niter}")
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Layers sharing one base.
+
+    ``base`` is the layer stored dense, or None for a synthetic base stored once under
+    ``synthetic_base_key``. ``ranks`` lines up with ``layers``; the base layer has rank 0, and any
+    other layer with rank 0 equals its reference exactly.
+    """
+
+    layers: tuple[int, ...]
+    ranks: tuple[int, ...]
+    base: int | None
+    topology: str = "chain"
+
+    def steps(self) -> list[tuple[int, int | None]]:
+        """(layer, reference) in rebuild order; reference None means the chunk's base tensor.
+
+        Chain: each layer over its neighbour nearer the base, so every reference was rebuilt just
+        before. Star: every layer over the base.
+        """
+        if self.topology == "star":
+            return [(layer, None) for layer in self.layers if layer != self.base]
+        if self.base is None:
+            return [(layer, prev) for prev, layer in zip((None,) + self.layers[:-1], self.layers)]
+        p = self.layers.index(self.base)
+        forward = [(self.layers[i], self.layers[i - 1]) for i in range(p + 1, len(self.layers))]
+        backward = [(self.layers[i], self.layers[i + 1]) for i in range(p - 1, -1, -1)]
+        return forward + backward
+
+    def rebuild_order(self) -> list[int]:
+        """Every layer of the chunk in the order expand rebuilds it: a base layer first."""
+        head = [self.base] if self.base is not None else []
+        return head + [layer for layer, _ in self.steps()]
+
+    def rank_of(self, layer: int) -> int:
+        return self.ranks[self.layers.index(layer)]
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    stack: str
+    suffix: str
+    shape: tuple[int, int]
+    dtype: str  # original dtype
+    store_dtype: str  # dtype of the stored base and factors
+    chunks: tuple[ChunkPlan, ...]
+
+    def key(self, layer: int) -> str:
+        return layer_key(self.stack, layer, self.suffix)
+
+    @property
+    def name(self) -> str:
+        return layer_key(self.stack, "*", self.suffix)
+
+    def synthetic_base_key(self, chunk: int) -> str:
+        return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(layer for c in self.chunks for layer in c.layers)
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    prefix: str
+    layers: tuple[int, ...]
+    bounds: tuple[tuple[int, int], ...]  # [start, end) positions into ``layers``, one per chunk
+
+
+@dataclass(frozen=True)
+class Plan:
+    stacks: tuple[StackPlan, ...]
+    families: tuple[FamilyPlan, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        """Rebuild and validate a plan read from a file header; any defect is a VloraError."""
+        try:
+            stacks = tuple(
+                StackPlan(s["prefix"], _ints(s["layers"]), tuple(tuple(_ints(b)) for b in s["bounds"]))
+                for s in data["stacks"]
+            )
+            families = tuple(
+                FamilyPlan(
+                    f["stack"],
+                    f["suffix"],
+                    tuple(_ints(f["shape"])),
+                    f["dtype"],
+                    f["store_dtype"],
+                    tuple(
+                        ChunkPlan(_ints(c["layers"]), _ints(c["ranks"]), c["base"], c.get("topology", "chain"))
+                        for c in f["chunks"]
+                    ),
+                )
+                for f in data["families"]
+            )
+            plan = cls(stacks, families, tuple(str(n) for n in data.get("notes", ())))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise VloraError(f"corrupted plan ({type(e).__name__}: {e})") from None
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        for f in self.families:
+            if not isinstance(f.stack, str) or not isinstance(f.suffix, str):
+                raise VloraError("corrupted plan: family names must be strings")
+            if len(f.shape) != 2 or min(f.shape) < 1:
+                raise VloraError(f"corrupted plan: {f.name} has shape {f.shape}")
+            if f.dtype not in FLOAT_DTYPES or f.store_dtype not in FLOAT_DTYPES:
+                raise VloraError(f"corrupted plan: {f.name} has dtype {f.dtype}/{f.store_dtype}")
+            for c in f.chunks:
+                if not c.layers or len(c.ranks) != len(c.layers) or len(set(c.layers)) != len(c.layers):
+                    raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
+                if c.topology not in TOPOLOGIES:
+                    raise VloraError(f"corrupted plan: {f.name} has unknown topology {c.topology!r}")
+                if c.base is not None and c.base not in c.layers:
+                    raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not in its chunk")
+                if c.base is not None and c.rank_of(c.base) != 0:
+                    raise VloraError(f"corrupted plan: base layer {c.base} of {f.name} has a rank")
+                if any(r < 0 or r > min(f.shape) for r in c.ranks):
+                    raise VloraError(f"corrupted plan: {f.name} has a rank outside 0..{min(f.shape)}")
+
+
+def _ints(values) -> tuple[int, ...]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"expected whole numbers, got {values!r}")
+    return tuple(values)
+
+
+def split_equal(n_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous [start, end) bounds; earlier chunks take the remainder, one layer each."""
+    size, extra = divmod(n_layers, chunks)
+    bounds, start = [], 0
+    for c in range(chunks):
+        end = start + size + (1 if c < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return tuple(bounds)
+
+
+def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
+    """The core plan: equal chunks, the first layer of each chunk as base, a closed-loop chain."""
+    stack_plans, family_plans, notes = [], [], []
+    for stack in stacks:
+        if config.chunks > len(stack.layers):
+            raise VloraError(
+                f"--chunks {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
+            )
+        bounds = split_equal(len(stack.layers), config.chunks)
+        stack_plans.append(StackPlan(stack.prefix, stack.layers, bounds))
+        for fam in stack.families:
+            rank = min(config.rank, *fam.shape)
+            if rank < config.rank:
+                notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
+            family_plans.append(_chain_family(fam, stack.layers, bounds, rank, config))
+    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
+
+
+def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: CompressConfig) -> FamilyPlan:
+    chunks = []
+    for start, end in bounds:
+        layers = tuple(layer for layer in stack_layers[start:end] if layer in fam.layers)
+        if layers:
+            ranks = (0,) + (rank,) * (len(layers) - 1)
+            chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology="chain"))
+    store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks))
+

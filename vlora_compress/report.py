@@ -1,0 +1,159 @@
+"""Reports: plain data that serialises to JSON, and rich tables for people.
+
+Every figure is reported as measured. A tensor that came back badly shows its error; nothing is
+averaged away without the maximum beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import ITEMSIZE
+from .fileformat import family_layout
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    source: str
+    output: str
+    method: str
+    rank: int
+    chunks: int
+    svd: str
+    store_dtype: str | None
+    original_bytes: int  # tensor data of the source
+    compressed_bytes: int  # tensor data of the VLoRA file
+    size_ratio: float  # compressed_bytes / original_bytes
+    file_bytes: int  # the VLoRA file on disk, header included
+    original_params: int
+    compressed_params: int
+    stack_original_bytes: int  # the factorised families only
+    stack_compressed_bytes: int
+    stack_size_ratio: float
+    seconds: float
+    stacks: list[dict]
+    families: list[dict]
+    tensors: list[dict]
+    notes: list[str]
+
+    @classmethod
+    def build(cls, *, output, source_path, source, entries, plan, config, fits, file_bytes, seconds) -> "CompressReport":
+        """``source`` is the SourceInfo record and ``entries`` the stored layout, as written."""
+        original_bytes = sum(nbytes(dt, shape) for _, dt, shape in source.tensors)
+        compressed_bytes = sum(nbytes(dt, shape) for _, dt, shape in entries)
+        fit_by_key = {f.key: f for f in fits}
+        families = []
+        for fp in plan.families:
+            layer_fits = [fit_by_key[fp.key(layer)] for layer in fp.layers]
+            errs = [f.rel_error for f in layer_fits]
+            families.append(
+                {
+                    "family": fp.name,
+                    "stack": fp.stack,
+                    "suffix": fp.suffix,
+                    "shape": list(fp.shape),
+                    "dtype": fp.dtype,
+                    "store_dtype": fp.store_dtype,
+                    "layers": list(fp.layers),
+                    "chunks": [[c.layers[0], c.layers[-1]] for c in fp.chunks],
+                    "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
+                    "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
+                    "compressed_bytes": sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)),
+                    "mean_rel_error": sum(errs) / len(errs),
+                    "max_rel_error": max(errs),
+                }
+            )
+        stack_orig = sum(f["original_bytes"] for f in families)
+        stack_comp = sum(f["compressed_bytes"] for f in families)
+        return cls(
+            source=str(source_path),
+            output=str(output),
+            method="vlora",
+            rank=config.rank,
+            chunks=config.chunks,
+            svd=config.svd,
+            store_dtype=config.dtype,
+            original_bytes=original_bytes,
+            compressed_bytes=compressed_bytes,
+            size_ratio=compressed_bytes / original_bytes,
+            file_bytes=file_bytes,
+            original_params=sum(_prod(shape) for _, _, shape in source.tensors),
+            compressed_params=sum(_prod(shape) for _, _, shape in entries),
+            stack_original_bytes=stack_orig,
+            stack_compressed_bytes=stack_comp,
+            stack_size_ratio=stack_comp / stack_orig if stack_orig else 1.0,
+            seconds=seconds,
+            stacks=[
+                {
+                    "prefix": s.prefix,
+                    "layers": list(s.layers),
+                    "chunks": [[s.layers[a], s.layers[b - 1]] for a, b in s.bounds],
+                    "families": [fp.suffix for fp in plan.families if fp.stack == s.prefix],
+                }
+                for s in plan.stacks
+            ],
+            families=families,
+            tensors=[asdict(f) for f in fits],
+            notes=list(plan.notes),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render(self, console: Console) -> None:
+        summary = Table(title=f"VLoRA: {Path(self.source).name} -> {Path(self.output).name}", show_header=False)
+        summary.add_column(style="bold")
+        summary.add_column(justify="right")
+        summary.add_row("rank / chunks", f"{self.rank} / {self.chunks}")
+        summary.add_row("original", f"{human_bytes(self.original_bytes)} ({self.original_params:,} params)")
+        summary.add_row("compressed", f"{human_bytes(self.compressed_bytes)} ({self.compressed_params:,} params)")
+        summary.add_row("size ratio", f"{self.size_ratio:.3f}")
+        summary.add_row(
+            "layer stacks",
+            f"{human_bytes(self.stack_original_bytes)} -> {human_bytes(self.stack_compressed_bytes)}"
+            f" ({self.stack_size_ratio:.3f})",
+        )
+        summary.add_row("time", f"{self.seconds:.1f} s")
+        console.print(summary)
+        fams = Table(title="Reconstruction error ||W - Ŵ|| / ||W|| per family")
+        many = len(self.stacks) > 1
+        cols = (["stack"] if many else []) + ["family", "shape", "rank", "bytes", "mean", "max"]
+        for col in cols:
+            fams.add_column(col, justify="left" if col in ("stack", "family") else "right")
+        for f in self.families:
+            fams.add_row(
+                *([f["stack"]] if many else []), f["suffix"], "x".join(map(str, f["shape"])),
+                ",".join(map(str, f["ranks"])) or "-",
+                f"{human_bytes(f['original_bytes'])}→{human_bytes(f['compressed_bytes'])}",
+                f"{f['mean_rel_error']:.3f}", f"{f['max_rel_error']:.3f}",
+            )
+        console.print(fams)
+        for note in self.notes:
+            console.print(f"[yellow]note:[/] {note}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def nbytes(dtype: str, shape) -> int:
+    return ITEMSIZE[dtype] * _prod(shape)
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,133 @@
+"""Write safetensors files atomically and one tensor at a time.
+
+``safetensors.torch.save_file`` wants every tensor in memory at once. The plan fixes every stored
+tensor's name, dtype and shape before any math runs, so the header can be written first and the
+data streamed after it; peak memory is then one tensor, whatever the model's size. The file appears
+under its final name only when complete: temp file beside the target, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPES, ITEMSIZE
+from .errors import VloraError
+
+Entry = tuple[str, str, tuple[int, ...]]
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse early, before any work, an output we could not or should not write."""
+    parent = out.parent
+    if out.is_dir():
+        raise VloraError(f"{out}: is a folder; name an output file")
+    if out.exists() and not force:
+        raise VloraError(f"{out}: already exists; pass --force to overwrite it")
+    if not parent.exists():
+        raise VloraError(f"{parent}: output folder does not exist")
+    if not parent.is_dir():
+        raise VloraError(f"{parent}: output folder is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise VloraError(f"{parent}: output folder is not writable")
+
+
+class SafetensorsWriter:
+    """Context manager: declare the layout, then ``write`` each tensor in that order."""
+
+    def __init__(self, path: str | Path, entries: list[Entry], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.entries = list(entries)
+        self._next = 0
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name, dtype, shape in self.entries:
+            if name in header:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            n = ITEMSIZE[dtype]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._header = struct.pack("<Q", len(raw)) + raw
+        self.nbytes = len(self._header) + offset
+
+    def __enter__(self) -> "SafetensorsWriter":
+        fd, self._tmp = _temp_beside(self.path)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(self._header)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape = self.entries[self._next]
+        if name != want_name or tensor.dtype != DTYPES[dtype] or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"writer expected {want_name} {dtype}{list(shape)}, got {name} {tensor.dtype}{list(tensor.shape)}"
+            )
+        self._next += 1
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._next != len(self.entries):
+                raise ValueError(f"writer got {self._next} of {len(self.entries)} tensors")
+            if exc_type is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+                _fsync_dir(self.path.parent)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        if exc_type is not None:
+            self._tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temp path beside ``path``; on success fsync it and rename it into place."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise VloraError(f"{path.parent}: cannot write there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+    return fd, Path(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
