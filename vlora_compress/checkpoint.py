@@ -69,13 +69,16 @@ class Checkpoint:
             handle = _open_safetensors(path)
             self._handles[path] = handle
             self.file_metadata[path] = handle.metadata() or {}
-            wanted = None
+            # offset order is the order tensors sit in the file; keys() is sorted by name
+            in_file = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+            keys = in_file
             if weight_map is not None:
-                wanted = [k for k, shard in weight_map.items() if (path.parent / shard) == path]
-                missing = set(wanted) - set(handle.keys())
+                wanted = {k for k, shard in weight_map.items() if (path.parent / shard) == path}
+                missing = wanted - set(in_file)
                 if missing:
                     raise VloraError(f"{path}: the index names tensor {sorted(missing)[0]!r}, which this shard lacks")
-            for key in wanted if wanted is not None else handle.keys():
+                keys = [k for k in in_file if k in wanted]
+            for key in keys:
                 if key in self.infos:
                     raise VloraError(f"{path}: tensor {key!r} also appears in {self.infos[key].file.name}")
                 sl = handle.get_slice(key)
