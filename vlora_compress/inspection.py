@@ -21,7 +21,8 @@ from .progress import Progress
 from .report import human_bytes, nbytes
 from .stacks import find_stacks
 
-SPECTRUM_HEAD = 64  # singular values kept per pair in JSON
+SPECTRUM_HEAD = 64  # leading singular values kept per pair in JSON
+PROFILE_POINTS = 32  # the whole spectrum, sampled at evenly spaced indices
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -41,6 +42,7 @@ def inspect_checkpoint(source: str | Path) -> dict:
             fams = [
                 {
                     "family": f.name,
+                    "suffix": f.suffix,
                     "shape": list(f.shape),
                     "dtype": f.dtype,
                     "layers": list(f.layers),
@@ -101,6 +103,8 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
                     out.append(
                         {
                             "family": fam.name,
+                            "stack": fam.stack,
+                            "suffix": fam.suffix,
                             "layers": [fam.layers[fam.layers.index(layer) - 1], layer],
                             "shape": list(fam.shape),
                             "rel_delta": float(torch.linalg.norm(w - prev) / max(torch.linalg.norm(w), 1e-30)),
@@ -111,6 +115,7 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
                                 for p in (50, 90, 99)
                             },
                             "singular_values": [float(x) for x in s[:SPECTRUM_HEAD]],
+                            "profile": _profile(s),
                         }
                     )
                     prev = w
@@ -134,6 +139,8 @@ def inspect_vlora(path: str | Path) -> dict:
         families.append(
             {
                 "family": fp.name,
+                "stack": fp.stack,
+                "suffix": fp.suffix,
                 "shape": list(fp.shape),
                 "dtype": fp.dtype,
                 "store_dtype": fp.store_dtype,
@@ -162,7 +169,12 @@ def inspect_vlora(path: str | Path) -> dict:
     }
 
 
-def sparkline(values: list[float], width: int = 32) -> str:
+def _profile(s: torch.Tensor) -> dict:
+    idx = torch.linspace(0, len(s) - 1, min(PROFILE_POINTS, len(s))).round().long()
+    return {"index": [int(i) + 1 for i in idx], "value": [float(s[i]) for i in idx]}
+
+
+def sparkline(values: list[float], width: int = 16) -> str:
     """Singular values on a log scale, σ_1 at full height, in ``width`` characters."""
     if not values or values[0] <= 0:
         return ""
@@ -186,22 +198,24 @@ def render_checkpoint(info: dict, console: Console) -> None:
         table = Table(title=f"stack {s['prefix'] or '(top level)'}: layers {s['layers'][0]}..{s['layers'][-1]}, "
                       f"{human_bytes(s['bytes'])}")
         for col in ("family", "shape", "dtype", "layers", "bytes"):
-            table.add_column(col, justify="left" if col == "family" else "right")
+            table.add_column(col, justify="left" if col == "family" else "right", overflow="fold")
         for f in s["families"]:
-            table.add_row(f["family"], "x".join(map(str, f["shape"])), f["dtype"], _span(f["layers"]),
+            table.add_row(f["suffix"], "x".join(map(str, f["shape"])), f["dtype"], _span(f["layers"]),
                           human_bytes(f["bytes"]))
         console.print(table)
 
 
 def render_spectra(rows: list[dict], console: Console) -> None:
     rank = rows[0]["rank"] if rows else 0
-    table = Table(title=f"Consecutive-layer deltas: energy a rank-{rank} increment keeps")
+    one_stack = len({r["stack"] for r in rows}) == 1
+    where = f" in {rows[0]['stack']}" if rows and one_stack else ""
+    table = Table(title=f"Consecutive-layer deltas{where}: energy a rank-{rank} increment keeps")
     for col in ("family", "pair", "‖ΔW‖/‖W‖", f"kept@{rank}", "r50/r90/r99", "spectrum (log)"):
-        table.add_column(col, justify="left" if col in ("family", "spectrum (log)") else "right")
+        table.add_column(col, justify="left" if col in ("family", "spectrum (log)") else "right", overflow="fold")
     for r in rows:
         rf = r["rank_for"]
-        table.add_row(r["family"], f"{r['layers'][0]}→{r['layers'][1]}", f"{r['rel_delta']:.2f}",
-                      f"{r['energy_kept']:.1%}", f"{rf['50']}/{rf['90']}/{rf['99']}", sparkline(r["singular_values"]))
+        table.add_row(r["suffix"] if one_stack else r["family"], f"{r['layers'][0]}→{r['layers'][1]}", f"{r['rel_delta']:.2f}",
+                      f"{r['energy_kept']:.1%}", f"{rf['50']}/{rf['90']}/{rf['99']}", sparkline(r["profile"]["value"]))
     console.print(table)
 
 
@@ -218,12 +232,13 @@ def render_vlora(info: dict, console: Console) -> None:
     )
     for s in info["stacks"]:
         console.print(f"stack {s['prefix'] or '(top level)'}: chunks " + ", ".join(f"{a}..{b}" for a, b in s["chunks"]))
-    table = Table(title="Plan")
+    one_stack = len(info["stacks"]) == 1
+    table = Table(title="Plan" + (f" of {info['stacks'][0]['prefix']}" if one_stack else ""))
     for col in ("family", "shape", "store", "chunk", "base", "topology", "ranks"):
-        table.add_column(col, justify="left" if col == "family" else "right")
+        table.add_column(col, justify="left" if col == "family" else "right", overflow="fold")
     for f in info["families"]:
         for i, c in enumerate(f["chunks"]):
-            table.add_row(f["family"] if i == 0 else "", "x".join(map(str, f["shape"])) if i == 0 else "",
+            table.add_row((f["suffix"] if one_stack else f["family"]) if i == 0 else "", "x".join(map(str, f["shape"])) if i == 0 else "",
                           f["store_dtype"] if i == 0 else "", _span(c["layers"]),
                           "synthetic" if c["base"] is None else str(c["base"]), c["topology"],
                           ",".join(map(str, c["ranks"])))

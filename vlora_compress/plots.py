@@ -37,8 +37,8 @@ def plot_spectra(rows: list[dict], out: str | Path) -> Path:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
     for ax, (family, fam_rows) in zip(axes.flat, by_family.items()):
         for r in fam_rows:
-            s = r["singular_values"]
-            ax.semilogy(range(1, len(s) + 1), [x / s[0] for x in s], label=f"{r['layers'][0]}→{r['layers'][1]}")
+            x, s = r["profile"]["index"], r["profile"]["value"]
+            ax.semilogy(x, [v / s[0] for v in s], label=f"{r['layers'][0]}→{r['layers'][1]}")
         ax.axvline(fam_rows[0]["rank"], color="grey", linestyle=":", linewidth=1)
         ax.set_title(family, fontsize=8)
         ax.set_xlabel("index")

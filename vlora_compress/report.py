@@ -127,7 +127,7 @@ class CompressReport:
         many = len(self.stacks) > 1
         cols = (["stack"] if many else []) + ["family", "shape", "rank", "bytes", "mean", "max"]
         for col in cols:
-            fams.add_column(col, justify="left" if col in ("stack", "family") else "right")
+            fams.add_column(col, justify="left" if col in ("stack", "family") else "right", overflow="fold")
         for f in self.families:
             fams.add_row(
                 *([f["stack"]] if many else []), f["suffix"], "x".join(map(str, f["shape"])),
