@@ -131,7 +131,8 @@ def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iter
 
 
 def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    w = w.double()
-    norm = torch.linalg.norm(w)
-    err = torch.linalg.norm(w - w_hat.double())
+    """In float32: a float64 copy of a large matrix would be the biggest allocation of the fit."""
+    w32 = w.float()
+    norm = torch.linalg.norm(w32)
+    err = torch.linalg.norm(w32 - w_hat.float())
     return float(err / norm) if norm > 0 else float(err)

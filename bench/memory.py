@@ -1,0 +1,91 @@
+"""Peak memory of compress and expand on a synthetic checkpoint of over 1 GB, against its size.
+
+Each measurement runs in a fresh process that reports its own peak RSS (ru_maxrss). Side by side:
+the import floor, loading the whole checkpoint with safetensors.torch.load_file (what a naive tool
+does), and vlora's streaming compress and expand.
+
+    python bench/memory.py [--layers 8] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vlora_compress import synthetic
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would include this parent.
+# Peak RSS counts the pages of the memory-mapped input (safe_open reads through mmap), which the
+# kernel can drop at any time; RssAnon, sampled every 2 ms, is the memory the process really holds.
+CHILD = """
+import json, re, threading, time
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+peak_anon, done = [status("RssAnon")], []
+def sample():
+    while not done:
+        peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+t = time.perf_counter()
+{body}
+seconds = time.perf_counter() - t
+done.append(1)
+peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+print(json.dumps({{"peak_rss": status("VmHWM"), "peak_anon": peak_anon[0], "seconds": seconds}}))
+"""
+
+
+def measure(body: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(body=body)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--keep", type=Path, help="write the files here instead of a temp folder")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        src = folder / "llama-synthetic.safetensors"
+        vl = folder / "llama-synthetic.vlora.safetensors"
+        dense = folder / "llama-synthetic.expanded.safetensors"
+        specs = synthetic.llama_keys(layers=args.layers, d=2048, ffn=5632, heads=16, kv_heads=16, vocab=32000)
+        t = time.perf_counter()
+        synthetic.write_checkpoint(src, specs, dtype=torch.bfloat16)
+        size = src.stat().st_size
+        largest = max(2 * s[0] * s[-1] for _, s in specs)
+        print(f"synthetic Llama layout, bf16, {args.layers} layers: {size / 1e9:.2f} GB "
+              f"(largest tensor {largest / 1e6:.0f} MB), made in {time.perf_counter() - t:.0f} s")
+        rows = [
+            ("import torch + vlora_compress", measure("import torch, vlora_compress")),
+            ("safetensors load_file, every tensor in memory",
+             measure(f"from safetensors.torch import load_file; sd = {{k: v.clone() for k, v in load_file({str(src)!r}).items()}}")),
+            ("vlora compress --rank 4 --chunks 2",
+             measure(f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, force=True)")),
+            ("vlora expand to file",
+             measure(f"from vlora_compress import expand_to_file; expand_to_file({str(vl)!r}, {str(dense)!r}, force=True)")),
+        ]
+        floor = rows[0][1]["peak_anon"]
+        print(f"\n{'what':46} {'peak RSS':>9} {'peak anon':>10} {'anon above floor':>17} {'/ file':>7} "
+              f"{'/ largest tensor':>17} {'time':>7}")
+        for name, r in rows:
+            above = r["peak_anon"] - floor
+            print(f"{name:46} {r['peak_rss'] / 1e9:8.2f}G {r['peak_anon'] / 1e9:9.2f}G {above / 1e9:16.2f}G "
+                  f"{above / size:7.2f} {above / largest:17.1f} {r['seconds']:6.1f}s")
+        comp, naive = rows[2][1]["peak_anon"] - floor, rows[1][1]["peak_anon"] - floor
+        print(f"\ncompress holds {comp / naive:.2f}x the anonymous memory of loading the model whole "
+              f"({comp / size:.2f}x the file size)")
+
+
+if __name__ == "__main__":
+    main()
