@@ -49,8 +49,8 @@ def compress_cmd(
     source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
     rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
     chunks: Annotated[int, typer.Option("--chunks", "-c", help="Contiguous chunks per stack; each keeps one dense base.")] = 1,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file [default: <source>.vlora.safetensors beside the source].")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16 [default: the input's dtype].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; the same input and options give the same bytes.")] = 0,
     force: ForceFlag = False,
@@ -69,7 +69,7 @@ def compress_cmd(
 @expand_app.command()
 def expand_cmd(
     path: Annotated[Path, typer.Argument(help="A VLoRA file.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Dense output [default: <name>.expanded.safetensors beside it].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Dense output; by default <name>.expanded.safetensors beside the VLoRA file.")] = None,
     force: ForceFlag = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
