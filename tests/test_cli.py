@@ -229,3 +229,28 @@ def test_folder_source_picks_the_model_file(tmp_path, capsys):
     report = json.loads(stdout)
     assert report["output"] == str(tmp_path / "model.vlora.safetensors")
     assert report["stacks"][0]["prefix"] == "blocks"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only folders")
+def test_read_only_output_folder(gpt2_file, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    code, out, err = run(compress_main, [gpt2_file, "-o", ro / "o.vlora.safetensors"], capsys)
+    assert_one_line_error(code, out, err, "not writable")
+
+
+def test_damaged_vlora_file_gets_one_line_from_every_command(gpt2_file, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    v = tmp_path / "g.vlora.safetensors"
+    run(compress_main, [gpt2_file, "-o", v], capsys)
+    with safe_open(str(v), "pt") as f:
+        meta = {**f.metadata(), "vlora.version": "9"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(v), meta)
+    for main, args in ((expand_main, [v, "-o", tmp_path / "d.safetensors"]), (inspect_main, [v])):
+        code, out, err = run(main, args, capsys)
+        assert_one_line_error(code, out, err, "format version '9'")
+    assert not (tmp_path / "d.safetensors").exists()
