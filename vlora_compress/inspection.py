@@ -138,12 +138,7 @@ def inspect_vlora(path: str | Path) -> dict:
                 bases += nbytes(dt, shape)
         families.append(
             {
-                "family": fp.name,
-                "stack": fp.stack,
-                "suffix": fp.suffix,
-                "shape": list(fp.shape),
-                "dtype": fp.dtype,
-                "store_dtype": fp.store_dtype,
+                **fp.summary(),
                 "chunks": [
                     {"layers": list(c.layers), "base": c.base, "topology": c.topology, "ranks": list(c.ranks)}
                     for c in fp.chunks

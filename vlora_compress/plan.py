@@ -95,6 +95,11 @@ class FamilyPlan:
     def name(self) -> str:
         return layer_key(self.stack, "*", self.suffix)
 
+    def summary(self) -> dict:
+        """The identifying fields every report of a family starts with."""
+        return {"family": self.name, "stack": self.stack, "suffix": self.suffix, "shape": list(self.shape),
+                "dtype": self.dtype, "store_dtype": self.store_dtype}
+
     def synthetic_base_key(self, chunk: int) -> str:
         return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
 

@@ -53,12 +53,7 @@ class CompressReport:
             errs = [f.rel_error for f in layer_fits]
             families.append(
                 {
-                    "family": fp.name,
-                    "stack": fp.stack,
-                    "suffix": fp.suffix,
-                    "shape": list(fp.shape),
-                    "dtype": fp.dtype,
-                    "store_dtype": fp.store_dtype,
+                    **fp.summary(),
                     "layers": list(fp.layers),
                     "chunks": [[c.layers[0], c.layers[-1]] for c in fp.chunks],
                     "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
