@@ -36,7 +36,7 @@ def test_star_over_a_synthetic_mean_base_expands(tmp_path):
     src = synthetic.write_checkpoint(tmp_path / "s.safetensors", SPECS)
     with open_checkpoint(src) as ckpt:
         w = [ckpt.read(f"layers.{i}.w.weight") for i in range(4)]
-    plan = _family(ChunkPlan((0, 1, 2, 3), (3, 3, 0, 5), base=None, topology="star"))
+    plan = _family(ChunkPlan((0, 1, 2, 3), (3, 3, 0, 5), base="synthetic", topology="star"))
     base = torch.stack(w).mean(0)
     stored = {plan.families[0].synthetic_base_key(0): base}
     expected = {}

@@ -17,7 +17,7 @@ def test_chain_steps_walk_outward_from_the_base():
     assert c.steps() == [(7, 6), (5, 6), (4, 5)]
     assert c.rebuild_order() == [6, 7, 5, 4]
     assert ChunkPlan((0, 1, 2), (0, 2, 2), base=0).steps() == [(1, 0), (2, 1)]
-    assert ChunkPlan((0, 1), (1, 1), base=None).steps() == [(0, None), (1, 0)]
+    assert ChunkPlan((0, 1), (1, 1), base="synthetic").steps() == [(0, None), (1, 0)]
     assert ChunkPlan((0, 1, 2), (1, 0, 1), base=1, topology="star").steps() == [(0, None), (2, None)]
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .checkpoint import VLORA_SUFFIX, Checkpoint, open_checkpoint
+from .calibrate import CalibConfig, Grams, calibrate
+from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, open_checkpoint
 from .errors import VloraError
+from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .plan import CompressConfig, Plan, plan_equal
+from .models import config_folder, load_model, load_preprocessor
+from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal, rank_for_budget
 from .progress import Progress
 from .report import CompressReport
 from .stacks import find_stacks
@@ -23,18 +26,33 @@ def compress(
     *,
     rank: int = 4,
     chunks: int = 1,
+    method: str = "vlora",
+    target_size: str | float | None = None,
+    target_of: str = "model",
     svd: str = "auto",
     dtype: str | None = None,
     seed: int = 0,
+    calib: str | Path | None = None,
+    calib_config: CalibConfig = CalibConfig(),
+    config_dir: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    eval_config: EvalConfig | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> CompressReport:
     """Compress a checkpoint into one VLoRA file and report its size and reconstruction error.
 
     ``source`` is a .safetensors file, a sharded ``*.safetensors.index.json`` or a model folder;
-    ``out`` defaults to ``<source stem>.vlora.safetensors`` beside it.
+    ``out`` defaults to ``<source stem>.vlora.safetensors`` beside it. ``method="svd"`` writes the
+    per-layer SVD baseline instead. ``target_size`` (a fraction, or bytes such as ``"40MB"``, of the
+    whole checkpoint or, with ``target_of="stack"``, of the layer stacks) picks the largest uniform
+    rank that fits, overriding ``rank``. ``calib`` (a text or image file) whitens every
+    factorisation with input Grams from the original model, found through ``config_dir`` (default:
+    the source's folder). ``eval_data`` scores the result against the original afterwards.
     """
-    config = CompressConfig(rank=rank, chunks=chunks, svd=svd, dtype=dtype, seed=seed)
+    config = CompressConfig(rank=rank, chunks=chunks, method=method, svd=svd, dtype=dtype, seed=seed)
+    if target_of not in TARGETS_OF:
+        raise VloraError(f"--target-of must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
     started = time.perf_counter()
     with open_checkpoint(source) as ckpt:
         if ckpt.is_vlora:
@@ -49,14 +67,60 @@ def compress(
                 f"{ckpt.source}: no repeated layer stack found (need 2-D tensors named like "
                 "'layers.N.<name>' in two or more layers)"
             )
+        target = None
+        if target_size is not None:
+            target = _target(ckpt, stacks, config, target_size, target_of)
+            config = replace(config, rank=target["rank"])
         plan = plan_equal(stacks, config)
+        grams = None
+        if calib is not None:
+            grams = _calibrate(source, config_dir, calib, plan, calib_config, progress)
         record = source_info(ckpt)
         entries = layout(plan, record)
-        fits = _write(ckpt, plan, config, record, entries, out, progress)
-        return CompressReport.build(
+        fits = _write(ckpt, plan, config, record, entries, out, grams, progress)
+        report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
+            target=target, calibration=_calibration_summary(grams, calib, calib_config, plan),
         )
+    if eval_data is not None:
+        cfg = eval_config or EvalConfig(task=default_task(config_dir or source))
+        result = evaluate(out, eval_data, cfg, reference=config_folder(config_dir or source),
+                          config_dir=config_dir or config_folder(source), progress=progress)
+        report = replace(report, evaluation=result.to_dict())
+    return report
+
+
+def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -> dict:
+    kind, value = parse_size(target_size)
+    stack_bytes = sum(ITEMSIZE[f.dtype] * f.shape[0] * f.shape[1] * len(f.layers) for s in stacks for f in s.families)
+    whole = ckpt.nbytes if target_of == "model" else stack_bytes
+    budget = int(value * whole) if kind == "fraction" else int(value)
+    stack_budget = budget - (ckpt.nbytes - stack_bytes) if target_of == "model" else budget
+    rank = rank_for_budget(stacks, config, stack_budget)
+    return {"size": str(target_size), "of": target_of, "budget_bytes": budget, "rank": rank}
+
+
+def _calibrate(source, config_dir, calib, plan: Plan, calib_config: CalibConfig, progress: bool) -> Grams:
+    folder = config_folder(config_dir or source)
+    model = load_model(Path(source) if config_dir is None else source, folder if config_dir else None, "base")
+    keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
+    return calibrate(model, load_preprocessor(folder), calib, keys, calib_config, progress)
+
+
+def _calibration_summary(grams: Grams | None, calib, calib_config: CalibConfig, plan: Plan) -> dict | None:
+    if grams is None:
+        return None
+    keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
+    return {
+        "data": str(calib),
+        "samples": grams.samples,
+        "tokens": grams.tokens,
+        "damping": calib_config.damping,
+        "gram_bytes": grams.nbytes,
+        "whitened_layers": sum(k in grams for k in keys),
+        "data_free_layers": [k for k in keys if k not in grams],
+    }
 
 
 def default_output(source: Path) -> Path:
@@ -76,7 +140,7 @@ def source_info(ckpt: Checkpoint) -> SourceInfo:
     )
 
 
-def _write(ckpt, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, progress: bool):
+def _write(ckpt, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool):
     factorised = factorised_keys(plan)
     fits: list[LayerFit] = []
     total = sum(len(fp.layers) for fp in plan.families)
@@ -88,7 +152,8 @@ def _write(ckpt, plan: Plan, config: CompressConfig, source: SourceInfo, entries
                 writer.write(key, ckpt.read(key))
         for fp in plan.families:
             bar.describe(fp.name)
-            for item in fit_family(fp, ckpt.read, config):
+            whitener = grams.whitener if grams is not None else (lambda key: None)
+            for item in fit_family(fp, ckpt.read, config, whitener):
                 if isinstance(item, LayerFit):
                     fits.append(item)
                     bar.advance()

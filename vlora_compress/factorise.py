@@ -28,6 +28,7 @@ class LayerFit:
     role: str  # "base" or "increment"
     rank: int
     rel_error: float  # ||W - Ŵ|| / ||W|| with Ŵ as expand returns it
+    out_error: float | None = None  # ||(W - Ŵ)S|| / ||WS|| on calibration inputs, when calibrated
 
 
 def choose_svd(shape: tuple[int, int], rank: int, method: str) -> str:
@@ -74,24 +75,78 @@ def apply_increment(ref: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torc
     return torch.addmm(ref, b.float(), a.float())
 
 
+@dataclass(frozen=True)
+class Whitener:
+    """``root`` S with S Sᵀ = G + δI for a layer's input Gram G = XᵀX, and ``inv`` = S⁻¹.
+
+    Output error on the calibration inputs is ||ΔW S|| for a weight stored (out, in) as nn.Linear
+    does (``side`` 1), and ||Sᵀ ΔW|| for one stored (in, out) as GPT-2's Conv1D (``side`` 0).
+    The eigendecomposition never fails on a symmetric matrix, unlike Cholesky on a singular Gram;
+    the damping δ = ``damping`` × mean eigenvalue keeps unseen input directions from being ignored.
+    """
+
+    root: torch.Tensor
+    inv: torch.Tensor
+    side: int
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, side: int, damping: float = 1e-2) -> "Whitener | None":
+        g = gram.double()
+        g = (g + g.T) / 2
+        lam, q = torch.linalg.eigh(g)
+        lam = lam.clamp(min=0)
+        scale = float(lam.mean())
+        if not scale > 0 or not torch.isfinite(lam).all():
+            return None  # no usable signal: the caller falls back to plain SVD
+        lam = lam + damping * scale
+        return cls(q * lam.sqrt(), (q / lam.sqrt()).T.contiguous(), side)
+
+    def output_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+        """||(W - Ŵ) S|| / ||W S||: relative error of the layer's output on calibration inputs."""
+        d = (w.double() - w_hat.double())
+        w = w.double()
+        if self.side == 0:
+            d, w = d.T, w.T
+        den = torch.linalg.norm(w @ self.root)
+        return float(torch.linalg.norm(d @ self.root) / den) if den > 0 else 0.0
+
+
+def whitened_svd(delta: torch.Tensor, rank: int, whitener: Whitener, method: str = "exact", seed: int = 0,
+                 niter: int = 4):
+    """Rank-``rank`` factors (B, A) minimising the output error ||(ΔW - BA) S||, not ||ΔW - BA||."""
+    d = delta if whitener.side == 1 else delta.T
+    b, a = truncated_svd(d.double() @ whitener.root, rank, method, seed, niter)
+    a = (a.double() @ whitener.inv).float()
+    return (b, a) if whitener.side == 1 else (a.T.contiguous(), b.T.contiguous())
+
+
 def fit_family(
-    plan: FamilyPlan, read: Callable[[str], torch.Tensor], config: CompressConfig
+    plan: FamilyPlan,
+    read: Callable[[str], torch.Tensor],
+    config: CompressConfig,
+    whitener: Callable[[str], Whitener | None] = lambda key: None,
 ) -> Iterator[tuple[str, torch.Tensor] | LayerFit]:
     """Yield stored tensors ``(name, tensor)`` in layout order, and a LayerFit after each layer.
 
+    ``whitener(key)`` gives the layer's whitening from calibration, or None for data-free SVD.
     Only the base and the last rebuilt layer are held, so memory stays at a few copies of one tensor.
     """
     store = DTYPES[plan.store_dtype]
     orig = DTYPES[plan.dtype]
-    for chunk in plan.chunks:
-        if chunk.base is None:
-            raise ValueError("fitting a synthetic base is not supported by the equal-split planner")
-        key = plan.key(chunk.base)
-        w = read(key)
-        stored = w.to(store)
-        yield key, stored
-        base_hat = stored.float()
-        yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)))
+    for ci, chunk in enumerate(plan.chunks):
+        if chunk.base == "synthetic":
+            raise ValueError("this planner does not fit synthetic bases")
+        if chunk.base_layer is not None:
+            key = plan.key(chunk.base)
+            w = read(key)
+            stored = w.to(store)
+            yield key, stored
+            base_hat = stored.float()
+            wh = whitener(key)
+            yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)),
+                           wh.output_error(w, base_hat.to(orig)) if wh else None)
+        else:  # a zero base: every layer is its own low-rank factors
+            base_hat = torch.zeros(plan.shape, dtype=torch.float32)
         last_hat = base_hat
         for layer, ref in chunk.steps():
             # steps() guarantees a reference is the base or the layer rebuilt just before
@@ -100,23 +155,30 @@ def fit_family(
             w = read(key)
             rank = chunk.rank_of(layer)
             method = choose_svd(plan.shape, rank, config.svd)
-            b, a = truncated_svd(w.float() - ref_hat, rank, method, config.seed, config.niter)
+            wh = whitener(key)
+            delta = w.float() - ref_hat
+            if wh is not None:
+                b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter)
+            else:
+                b, a = truncated_svd(delta, rank, method, config.seed, config.niter)
             b, a = b.to(store), a.to(store)
             if rank:
                 kb, ka = increment_keys(key)
                 yield kb, b
                 yield ka, a
             last_hat = apply_increment(ref_hat, b, a)
-            yield LayerFit(key, layer, "increment", rank, _rel_error(w, last_hat.to(orig)))
+            w_hat = last_hat.to(orig)
+            yield LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat),
+                           wh.output_error(w, w_hat) if wh else None)
 
 
 def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, Ŵ)`` for every layer of the family, in the original dtype."""
     orig = DTYPES[plan.dtype]
     for ci, chunk in enumerate(plan.chunks):
-        base_key = plan.key(chunk.base) if chunk.base is not None else plan.synthetic_base_key(ci)
-        base_hat = get(base_key).float()
-        if chunk.base is not None:
+        base_key = plan.base_key(ci)
+        base_hat = get(base_key).float() if base_key is not None else torch.zeros(plan.shape)
+        if chunk.base_layer is not None:
             yield base_key, base_hat.to(orig)
         last_hat = base_hat
         for layer, ref in chunk.steps():

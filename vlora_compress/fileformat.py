@@ -58,8 +58,9 @@ def family_layout(fp: FamilyPlan) -> list[Entry]:
     m, n = fp.shape
     out: list[Entry] = []
     for ci, chunk in enumerate(fp.chunks):
-        base_key = fp.key(chunk.base) if chunk.base is not None else fp.synthetic_base_key(ci)
-        out.append((base_key, fp.store_dtype, (m, n)))
+        base_key = fp.base_key(ci)
+        if base_key is not None:
+            out.append((base_key, fp.store_dtype, (m, n)))
         for layer, _ in chunk.steps():
             r = chunk.rank_of(layer)
             if r:

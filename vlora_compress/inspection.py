@@ -235,7 +235,7 @@ def render_vlora(info: dict, console: Console) -> None:
         for i, c in enumerate(f["chunks"]):
             table.add_row((f["suffix"] if one_stack else f["family"]) if i == 0 else "", "x".join(map(str, f["shape"])) if i == 0 else "",
                           f["store_dtype"] if i == 0 else "", _span(c["layers"]),
-                          "synthetic" if c["base"] is None else str(c["base"]), c["topology"],
+                          str(c["base"]), c["topology"],
                           ",".join(map(str, c["ranks"])))
     console.print(table)
     for note in info["notes"]:

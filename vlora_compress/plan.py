@@ -6,14 +6,17 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from .checkpoint import FLOAT_DTYPES
+from .checkpoint import FLOAT_DTYPES, ITEMSIZE
 from .errors import VloraError
 from .stacks import Family, Stack, layer_key
 
 SVD_METHODS = ("auto", "exact", "randomized")
+METHODS = ("vlora", "svd")
+TARGETS_OF = ("model", "stack")
 TOPOLOGIES = ("chain", "star")
+BASE_KINDS = ("synthetic", "none")
 STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
 
 
@@ -23,6 +26,7 @@ class CompressConfig:
 
     rank: int = 4
     chunks: int = 1
+    method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors
     svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
@@ -33,6 +37,8 @@ class CompressConfig:
             raise VloraError(f"--rank must be a whole number of at least 1, not {self.rank!r}")
         if not isinstance(self.chunks, int) or self.chunks < 1:
             raise VloraError(f"--chunks must be a whole number of at least 1, not {self.chunks!r}")
+        if self.method not in METHODS:
+            raise VloraError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.svd not in SVD_METHODS:
             raise VloraError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
         if self.dtype is not None and self.dtype not in STORE_DTYPES:
@@ -45,15 +51,20 @@ class CompressConfig:
 class ChunkPlan:
     """Layers sharing one base.
 
-    ``base`` is the layer stored dense, or None for a synthetic base stored once under
-    ``synthetic_base_key``. ``ranks`` lines up with ``layers``; the base layer has rank 0, and any
-    other layer with rank 0 equals its reference exactly.
+    ``base`` is a layer index (that layer stored dense), ``"synthetic"`` (a base tensor stored once
+    under ``synthetic_base_key``), or ``"none"`` (a zero base: with star topology every layer is its
+    own low-rank factors, i.e. per-layer SVD). ``ranks`` lines up with ``layers``; a base layer has
+    rank 0, and any other layer with rank 0 equals its reference exactly.
     """
 
     layers: tuple[int, ...]
     ranks: tuple[int, ...]
-    base: int | None
+    base: int | str
     topology: str = "chain"
+
+    @property
+    def base_layer(self) -> int | None:
+        return self.base if isinstance(self.base, int) else None
 
     def steps(self) -> list[tuple[int, int | None]]:
         """(layer, reference) in rebuild order; reference None means the chunk's base tensor.
@@ -63,7 +74,7 @@ class ChunkPlan:
         """
         if self.topology == "star":
             return [(layer, None) for layer in self.layers if layer != self.base]
-        if self.base is None:
+        if self.base_layer is None:
             return [(layer, prev) for prev, layer in zip((None,) + self.layers[:-1], self.layers)]
         p = self.layers.index(self.base)
         forward = [(self.layers[i], self.layers[i - 1]) for i in range(p + 1, len(self.layers))]
@@ -72,7 +83,7 @@ class ChunkPlan:
 
     def rebuild_order(self) -> list[int]:
         """Every layer of the chunk in the order expand rebuilds it: a base layer first."""
-        head = [self.base] if self.base is not None else []
+        head = [self.base] if self.base_layer is not None else []
         return head + [layer for layer, _ in self.steps()]
 
     def rank_of(self, layer: int) -> int:
@@ -102,6 +113,13 @@ class FamilyPlan:
 
     def synthetic_base_key(self, chunk: int) -> str:
         return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
+
+    def base_key(self, chunk: int) -> str | None:
+        """The stored tensor holding chunk ``chunk``'s base; None for a zero base."""
+        base = self.chunks[chunk].base
+        if isinstance(base, int):
+            return self.key(base)
+        return self.synthetic_base_key(chunk) if base == "synthetic" else None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -165,9 +183,13 @@ class Plan:
                     raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
                 if c.topology not in TOPOLOGIES:
                     raise VloraError(f"corrupted plan: {f.name} has unknown topology {c.topology!r}")
-                if c.base is not None and c.base not in c.layers:
+                if isinstance(c.base, bool) or not isinstance(c.base, (int, str)):
+                    raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not a layer or a kind")
+                if isinstance(c.base, str) and c.base not in BASE_KINDS:
+                    raise VloraError(f"corrupted plan: {f.name} has unknown base kind {c.base!r}")
+                if isinstance(c.base, int) and c.base not in c.layers:
                     raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not in its chunk")
-                if c.base is not None and c.rank_of(c.base) != 0:
+                if isinstance(c.base, int) and c.rank_of(c.base) != 0:
                     raise VloraError(f"corrupted plan: base layer {c.base} of {f.name} has a rank")
                 if any(r < 0 or r > min(f.shape) for r in c.ranks):
                     raise VloraError(f"corrupted plan: {f.name} has a rank outside 0..{min(f.shape)}")
@@ -191,21 +213,74 @@ def split_equal(n_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:
 
 
 def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
-    """The core plan: equal chunks, the first layer of each chunk as base, a closed-loop chain."""
+    """The core plan: equal chunks, the first layer of each chunk as base, a closed-loop chain.
+
+    With ``method="svd"`` every family is one star chunk over a zero base: per-layer truncated SVD,
+    the obvious alternative every VLoRA result is measured against.
+    """
     stack_plans, family_plans, notes = [], [], []
     for stack in stacks:
-        if config.chunks > len(stack.layers):
+        chunks = 1 if config.method == "svd" else config.chunks
+        if chunks > len(stack.layers):
             raise VloraError(
                 f"--chunks {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
             )
-        bounds = split_equal(len(stack.layers), config.chunks)
+        bounds = split_equal(len(stack.layers), chunks)
         stack_plans.append(StackPlan(stack.prefix, stack.layers, bounds))
         for fam in stack.families:
             rank = min(config.rank, *fam.shape)
             if rank < config.rank:
                 notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
-            family_plans.append(_chain_family(fam, stack.layers, bounds, rank, config))
+            if config.method == "svd":
+                family_plans.append(_per_layer_family(fam, rank, config))
+            else:
+                family_plans.append(_chain_family(fam, stack.layers, bounds, rank, config))
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
+
+
+def rank_for_budget(stacks: list[Stack], config: CompressConfig, stack_budget: int) -> int:
+    """The largest uniform rank whose plan stores the stacks' families in ``stack_budget`` bytes.
+
+    Stored bytes are affine in the rank (bases + rank x Σ(m + n) over increment layers), so this is
+    one division; ranks later clipped to a matrix's full rank only make the file smaller.
+    """
+    probe = plan_equal(stacks, replace(config, rank=1))
+    fixed = per_rank = 0
+    for fp in probe.families:
+        item = ITEMSIZE[fp.store_dtype]
+        m, n = fp.shape
+        for c in fp.chunks:
+            fixed += item * m * n * (c.base_layer is not None or c.base == "synthetic")
+            per_rank += item * (m + n) * sum(1 for r in c.ranks if r)
+    rank = (stack_budget - fixed) // per_rank if per_rank else 0
+    if rank < 1:
+        need = fixed + per_rank
+        raise VloraError(f"the target leaves {max(stack_budget, 0):,} bytes for the layer stacks; "
+                         f"{config.method} with --chunks {config.chunks} needs at least {need:,} at rank 1")
+    return int(rank)
+
+
+def parse_size(text: str | float) -> tuple[str, float]:
+    """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n)."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    raw = str(text).strip().upper().replace(" ", "")
+    num = raw.rstrip("KMGIB")
+    unit = raw[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise VloraError(f"--target-size must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
+    if unit == "" and value <= 1:
+        return "fraction", value
+    return "bytes", value * units[unit]
+
+
+def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
+    chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
+    store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,))
 
 
 def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: CompressConfig) -> FamilyPlan:

@@ -40,9 +40,13 @@ class CompressReport:
     families: list[dict]
     tensors: list[dict]
     notes: list[str]
+    target: dict | None = None  # the size budget, when the rank was chosen from one
+    calibration: dict | None = None  # what whitened the fit, when calibrated
+    evaluation: dict | None = None  # vlora-eval's report on the result, when asked for
 
     @classmethod
-    def build(cls, *, output, source_path, source, entries, plan, config, fits, file_bytes, seconds) -> "CompressReport":
+    def build(cls, *, output, source_path, source, entries, plan, config, fits, file_bytes, seconds,
+              target=None, calibration=None) -> "CompressReport":
         """``source`` is the SourceInfo record and ``entries`` the stored layout, as written."""
         original_bytes = sum(nbytes(dt, shape) for _, dt, shape in source.tensors)
         compressed_bytes = sum(nbytes(dt, shape) for _, dt, shape in entries)
@@ -51,6 +55,7 @@ class CompressReport:
         for fp in plan.families:
             layer_fits = [fit_by_key[fp.key(layer)] for layer in fp.layers]
             errs = [f.rel_error for f in layer_fits]
+            out_errs = [f.out_error for f in layer_fits if f.out_error is not None]
             families.append(
                 {
                     **fp.summary(),
@@ -61,6 +66,8 @@ class CompressReport:
                     "compressed_bytes": sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)),
                     "mean_rel_error": sum(errs) / len(errs),
                     "max_rel_error": max(errs),
+                    "mean_out_error": sum(out_errs) / len(out_errs) if out_errs else None,
+                    "max_out_error": max(out_errs) if out_errs else None,
                 }
             )
         stack_orig = sum(f["original_bytes"] for f in families)
@@ -68,7 +75,7 @@ class CompressReport:
         return cls(
             source=str(source_path),
             output=str(output),
-            method="vlora",
+            method=config.method,
             rank=config.rank,
             chunks=config.chunks,
             svd=config.svd,
@@ -95,6 +102,8 @@ class CompressReport:
             families=families,
             tensors=[asdict(f) for f in fits],
             notes=list(plan.notes),
+            target=target,
+            calibration=calibration,
         )
 
     def to_dict(self) -> dict:
@@ -104,10 +113,15 @@ class CompressReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def render(self, console: Console) -> None:
-        summary = Table(title=f"VLoRA: {Path(self.source).name} -> {Path(self.output).name}", show_header=False)
+        title = "VLoRA" if self.method == "vlora" else "per-layer SVD"
+        summary = Table(title=f"{title}: {Path(self.source).name} -> {Path(self.output).name}", show_header=False)
         summary.add_column(style="bold")
         summary.add_column(justify="right")
-        summary.add_row("rank / chunks", f"{self.rank} / {self.chunks}")
+        summary.add_row("rank / chunks" if self.method == "vlora" else "rank",
+                        f"{self.rank} / {self.chunks}" if self.method == "vlora" else str(self.rank))
+        if self.target:
+            summary.add_row("target", f"{self.target['size']} of the {self.target['of']} = "
+                                      f"{human_bytes(self.target['budget_bytes'])}")
         summary.add_row("original", f"{human_bytes(self.original_bytes)} ({self.original_params:,} params)")
         summary.add_row("compressed", f"{human_bytes(self.compressed_bytes)} ({self.compressed_params:,} params)")
         summary.add_row("size ratio", f"{self.size_ratio:.3f}")
@@ -116,21 +130,32 @@ class CompressReport:
             f"{human_bytes(self.stack_original_bytes)} -> {human_bytes(self.stack_compressed_bytes)}"
             f" ({self.stack_size_ratio:.3f})",
         )
+        if self.calibration:
+            c = self.calibration
+            summary.add_row("calibration", f"{c['samples']} samples, {c['tokens']:,} tokens, "
+                                           f"{c['whitened_layers']} layers whitened")
         summary.add_row("time", f"{self.seconds:.1f} s")
         console.print(summary)
-        fams = Table(title="Reconstruction error ||W - Ŵ|| / ||W|| per family")
+        whitened = self.calibration is not None
+        fams = Table(title="Error per family: weight ||W - Ŵ||/||W||" + ("; output ||(W - Ŵ)S||/||WS||" if whitened else ""))
         many = len(self.stacks) > 1
         cols = (["stack"] if many else []) + ["family", "shape", "rank", "bytes", "mean", "max"]
+        cols += ["out mean", "out max"] if whitened else []
         for col in cols:
             fams.add_column(col, justify="left" if col in ("stack", "family") else "right", overflow="fold")
         for f in self.families:
+            outs = [f"{f['mean_out_error']:.3f}", f"{f['max_out_error']:.3f}"] if f["mean_out_error"] is not None else ["-", "-"]
             fams.add_row(
                 *([f["stack"]] if many else []), f["suffix"], "x".join(map(str, f["shape"])),
                 ",".join(map(str, f["ranks"])) or "-",
                 f"{human_bytes(f['original_bytes'])}→{human_bytes(f['compressed_bytes'])}",
-                f"{f['mean_rel_error']:.3f}", f"{f['max_rel_error']:.3f}",
+                f"{f['mean_rel_error']:.3f}", f"{f['max_rel_error']:.3f}", *(outs if whitened else []),
             )
         console.print(fams)
+        if self.evaluation:
+            from .evaluate import render_eval
+
+            render_eval(self.evaluation, console)
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}")
 

@@ -1,0 +1,132 @@
+"""Calibrate: run real samples through the original model and collect each layer's input Gram XᵀX.
+
+The Grams turn factorisation from "small weight error" into "small output error on real inputs"
+(whitening, factorise.Whitener). They are accumulated batch by batch in float64 from forward
+pre-hooks; activations are never stored. Layers fed the same input tensor (q, k and v; gate and up)
+share one Gram, found by the identity of the input tensor, so memory per transformer block is one
+(d × d) Gram per distinct input: for a 7B Llama about 1.4 GB in float64 per block, 44 GB in all.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import read_images, read_texts
+from .errors import VloraError
+from .factorise import Whitener
+from .models import batches, module_for_key, takes_text
+from .progress import Progress
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    samples: int = 512  # calibration samples read from the file (its first ones)
+    max_length: int = 128  # tokens per text sample
+    batch_size: int = 32
+    damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
+
+    def __post_init__(self):
+        for name in ("samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise VloraError(f"--calib-{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not self.damping > 0:
+            raise VloraError(f"damping must be positive, not {self.damping}")
+
+
+class Grams:
+    """Input Gram matrices per checkpoint key, and how the key's weight is oriented."""
+
+    def __init__(self, damping: float = 1e-2):
+        self.damping = damping
+        self.grams: dict[str, torch.Tensor] = {}
+        self.side: dict[str, int] = {}
+        self.alias: dict[str, str] = {}  # key -> key whose Gram it shares
+        self.tokens = 0
+        self.samples = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.alias or key in self.grams
+
+    def gram(self, key: str) -> torch.Tensor:
+        return self.grams[self.alias.get(key, key)]
+
+    def whitener(self, key: str) -> Whitener | None:
+        if key not in self:
+            return None
+        return Whitener.from_gram(self.gram(key), self.side[key], self.damping)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.grams.values())
+
+
+def calibrate(model: torch.nn.Module, preprocessor, data: str | Path, keys: list[str],
+              config: CalibConfig = CalibConfig(), progress: bool = False) -> Grams:
+    """Grams for every checkpoint key in ``keys`` that is the weight of a Linear or Conv1D module."""
+    grams = Grams(config.damping)
+    batch_state: dict = {}
+    handles = []
+    for key in keys:
+        found = module_for_key(model, key)
+        if found is None:
+            continue
+        _, module = found
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear):
+            side = 1
+        elif kind == "Conv1D":  # GPT-2: y = x W + b with W stored (in, out)
+            side = 0
+        else:
+            continue
+        grams.side[key] = side
+        handles.append(module.register_forward_pre_hook(_hook(key, grams, batch_state)))
+    if not handles:
+        raise VloraError("calibration found none of the factorised weights in the model's linear layers")
+    try:
+        batches = list(_batches(preprocessor, data, config))
+        with torch.no_grad(), Progress("calibrating", len(batches), enabled=progress) as bar:
+            for inputs, mask, n in batches:
+                batch_state.clear()
+                batch_state["mask"] = mask
+                model(**inputs)
+                grams.samples += n
+                grams.tokens += int(mask.sum()) if mask is not None else n
+                bar.advance()
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def _hook(key: str, grams: Grams, batch_state: dict):
+    def hook(module, args):
+        x = args[0]
+        # Siblings fed the very same tensor object (q, k and v) share a Gram. A weak reference, not
+        # the address: a freed activation's memory is reused by the next layer's input.
+        seen = batch_state.setdefault("seen", {})
+        earlier = seen.get(id(x))
+        if earlier is not None and earlier[0]() is x:
+            grams.alias[key] = earlier[1]
+            return
+        seen[id(x)] = (weakref.ref(x), key)
+        rows = x.reshape(-1, x.shape[-1])
+        mask = batch_state.get("mask")
+        if mask is not None and rows.shape[0] == mask.numel():
+            rows = rows[mask.reshape(-1)]  # padding tokens are not real inputs
+        rows = rows.double()
+        g = rows.T @ rows
+        if key in grams.grams:
+            grams.grams[key] += g
+        else:
+            grams.grams[key] = g
+
+    return hook
+
+
+def _batches(preprocessor, data, config: CalibConfig):
+    reader = read_texts if takes_text(preprocessor) else read_images
+    yield from batches(preprocessor, reader(data, config.samples), config.batch_size, config.max_length)

@@ -1,0 +1,168 @@
+"""Run real models through Hugging Face transformers, offline: dense folders and VLoRA files alike.
+
+Needs the ``hf`` extra. Nothing here downloads: the hub is switched off before transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .errors import VloraError
+from .expand import expand
+
+HEADS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "base": "AutoModel",
+}
+
+
+def hf():
+    """transformers, imported offline and quiet; a clear error if the extra is missing."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise VloraError("running models needs transformers: pip install 'vlora-compress[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def config_folder(path: str | Path) -> Path:
+    """The folder holding config.json for ``path``: the folder itself, or the folder of a file."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        raise VloraError(f"{folder}: has no config.json; name the original model folder with --config")
+    return folder
+
+
+def head_of(config) -> str:
+    """Which head the checkpoint was trained with, from ``config.architectures``."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+        if arch.endswith("ForImageClassification"):
+            return "image-classification"
+    return "base"
+
+
+def load_model(path: str | Path, config_dir: str | Path | None = None, head: str | None = None):
+    """A ready model in eval mode from a dense model folder, a dense .safetensors file or a VLoRA file.
+
+    Files need the original's config: ``config_dir``, or a config.json beside the file.
+    """
+    t = hf()
+    path = Path(path)
+    if not path.exists():
+        raise VloraError(f"{path}: no such file or folder")
+    folder = Path(config_dir) if config_dir is not None else None
+    if path.is_dir() and folder is None:
+        config = _config(t, config_folder(path))
+        cls = getattr(t, HEADS[head or head_of(config)])
+        try:
+            model = cls.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise VloraError(f"{path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
+        return model.eval()
+    folder = config_folder(folder if folder is not None else path)
+    config = _config(t, folder)
+    model = getattr(t, HEADS[head or head_of(config)]).from_config(config)
+    load_weights(model, _state_dict(path), path)
+    return model.eval()
+
+
+def vlora_model(vlora_path: str | Path, config_dir: str | Path, head: str | None = None):
+    """A transformers model with the VLoRA file's weights, expanded in memory."""
+    return load_model(vlora_path, config_dir, head)
+
+
+def load_preprocessor(folder: str | Path):
+    """The tokenizer, or for vision models the image processor, saved with the model."""
+    t = hf()
+    folder = config_folder(folder)
+    if (folder / "preprocessor_config.json").is_file():
+        return t.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    try:
+        return t.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise VloraError(f"{folder}: has no tokenizer or image processor ({str(e).splitlines()[0]})") from None
+
+
+def takes_text(preprocessor) -> bool:
+    return hasattr(preprocessor, "tokenize")
+
+
+def batches(preprocessor, samples: list, batch_size: int, max_length: int):
+    """(model inputs, token mask or None, number of samples) per batch, in the samples' order."""
+    text = takes_text(preprocessor)
+    if text and getattr(preprocessor, "pad_token", None) is None and getattr(preprocessor, "eos_token", None):
+        preprocessor.pad_token = preprocessor.eos_token  # GPT-2 style tokenizers have no pad token
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        if text:
+            enc = preprocessor(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            yield dict(enc), enc["attention_mask"].bool(), len(chunk)
+        else:
+            yield dict(preprocessor(images=chunk, return_tensors="pt")), None, len(chunk)
+
+
+def module_for_key(model: torch.nn.Module, key: str) -> tuple[str, torch.nn.Module] | None:
+    """The module whose ``weight`` is checkpoint tensor ``key``, allowing for the base-model prefix."""
+    if not key.endswith(".weight"):
+        return None
+    name = key[: -len(".weight")]
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (name, f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None):
+        if candidate and candidate in modules:
+            return candidate, modules[candidate]
+    return None
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """load_state_dict after matching checkpoint keys to the model's, refusing a mismatch."""
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    mapped = {}
+    for key, tensor in state.items():
+        for candidate in (key, f"{prefix}.{key}", key[len(prefix) + 1:] if key.startswith(prefix + ".") else None):
+            if candidate in own:
+                if tuple(own[candidate].shape) != tuple(tensor.shape):
+                    raise VloraError(f"{source}: does not match the config: {key} is {list(tensor.shape)}, "
+                                     f"the model wants {list(own[candidate].shape)}")
+                mapped[candidate] = tensor
+                break
+    if not mapped:
+        raise VloraError(f"{source}: does not match the config: none of its tensors belongs to this model")
+    model.load_state_dict(mapped, strict=False)
+    model.tie_weights()
+    given = {id(p) for n, p in model.named_parameters() if n in mapped}
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if n not in mapped and id(p) not in given]
+    if missing:
+        raise VloraError(f"{source}: does not match the config: it has no weight for {missing[0]}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def _config(t, folder: Path):
+    try:
+        return t.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise VloraError(f"{folder}: config.json cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        if ckpt.is_vlora:
+            return expand(path)
+        return {k: ckpt.read(k) for k in ckpt.infos}
