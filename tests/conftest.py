@@ -28,3 +28,57 @@ def llama_index(tmp_path) -> Path:
 @pytest.fixture
 def t5_file(tmp_path) -> Path:
     return synthetic.write_checkpoint(tmp_path / "t5.safetensors", synthetic.t5_keys())
+
+
+CALIB = Path(__file__).resolve().parent.parent / "vlora_compress" / "data" / "austen-calibration.txt"
+EVAL = Path(__file__).resolve().parent.parent / "vlora_compress" / "data" / "austen-evaluation.txt"
+
+
+def word_tokenizer(folder: Path):
+    """A small word-level tokenizer built offline from the shipped text, saved beside a tiny model."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(CALIB)], trainers.WordLevelTrainer(vocab_size=250, special_tokens=["[PAD]", "[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_model(folder: Path, arch: str, **overrides) -> Path:
+    """Save a seeded tiny transformers model with its tokenizer: a real model folder to load offline."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0, **overrides)
+        model = transformers.GPT2LMHeadModel(config)
+    elif arch == "llama":
+        config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                          max_position_embeddings=64, **overrides)
+        model = transformers.LlamaForCausalLM(config)
+    elif arch == "bert-classifier":
+        config = transformers.BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, vocab_size=256, max_position_embeddings=64,
+                                         num_labels=2, id2label={0: "calm", 1: "lively"},
+                                         label2id={"calm": 0, "lively": 1}, **overrides)
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(folder)
+    word_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_gpt2(tmp_path) -> Path:
+    return tiny_model(tmp_path / "gpt2", "gpt2")
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
+    return tiny_model(tmp_path / "llama", "llama")

@@ -153,3 +153,39 @@ def test_chain_is_closed_loop_so_errors_do_not_compound(tmp_path):
     q = [t["rel_error"] for t in report.tensors if t["key"].endswith("q_proj.weight")]
     # each layer loses only its own truncation: the last layer is no worse than a few times the first increment
     assert q[0] == 0.0 and q[-1] < 4 * q[1]
+
+
+def test_per_layer_svd_method_round_trips_and_loads(gpt2_file, tmp_path):
+    out = tmp_path / "s.vlora.safetensors"
+    report = compress(gpt2_file, out, method="svd", rank=500)  # full rank: exact per-layer factors
+    assert report.method == "svd" and report.chunks == 1
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    # no dense base anywhere: every layer is its own factors
+    assert "transformer.h.0.attn.c_attn.weight" not in keys
+    assert "transformer.h.0.attn.c_attn.weight.vlora_A" in keys
+    original, restored = _dense(gpt2_file), expand(out)
+    for key, t in original.items():
+        assert torch.allclose(restored[key], t, atol=1e-5), key
+
+
+@pytest.mark.parametrize("method,chunks", [("svd", 1), ("vlora", 2)])
+def test_target_size_picks_the_largest_rank_that_fits(gpt2_file, tmp_path, method, chunks):
+    for target, of in ((0.6, "stack"), (0.8, "model"), ("450KB", "stack")):
+        r = compress(gpt2_file, tmp_path / "t.vlora.safetensors", method=method, chunks=chunks,
+                     target_size=target, target_of=of, force=True)
+        budget = r.target["budget_bytes"]
+        used = r.stack_compressed_bytes if of == "stack" else r.compressed_bytes
+        assert used <= budget
+        bigger = compress(gpt2_file, tmp_path / "b.vlora.safetensors", method=method, chunks=chunks,
+                          rank=r.rank + 1, force=True)
+        assert (bigger.stack_compressed_bytes if of == "stack" else bigger.compressed_bytes) > budget
+
+
+def test_target_below_what_the_bases_take_is_refused(gpt2_file, tmp_path):
+    from vlora_compress import VloraError
+
+    with pytest.raises(VloraError, match="needs at least"):
+        compress(gpt2_file, tmp_path / "t.vlora.safetensors", chunks=2, target_size=0.4, target_of="stack")
+    with pytest.raises(VloraError, match="--target-size must be"):
+        compress(gpt2_file, tmp_path / "t.vlora.safetensors", target_size="lots")

@@ -58,3 +58,61 @@ def test_auto_uses_exact_where_cheap():
     assert choose_svd((4096, 4096), 4, "auto") == "randomized"
     assert choose_svd((4096, 4096), 2048, "auto") == "exact"
     assert choose_svd((4096, 4096), 4, "exact") == "exact"
+
+
+def anisotropic_inputs(n_samples=400, n=32, seed=5, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -3, n)
+    x = torch.randn(n_samples, n, generator=g, dtype=torch.float64) * scales
+    if rank is not None:  # inputs that span only ``rank`` directions: a singular Gram
+        x = x[:, :rank] @ torch.randn(rank, n, generator=g, dtype=torch.float64)
+    return x
+
+
+def test_whitening_beats_plain_svd_on_output_error():
+    from vlora_compress.factorise import Whitener, whitened_svd
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(24, 32, generator=g)
+    x = anisotropic_inputs()
+    wh = Whitener.from_gram(x.T @ x, side=1)
+    out_err = lambda b, a: float(torch.linalg.norm((w.double() - (b @ a).double()) @ x.T) / torch.linalg.norm(w.double() @ x.T))  # noqa: E731
+    for r in (2, 6, 12):
+        plain, white = out_err(*truncated_svd(w, r)), out_err(*whitened_svd(w, r, wh))
+        assert white < 0.8 * plain, (r, white, plain)
+        assert abs(wh.output_error(w, (lambda b, a: b @ a)(*whitened_svd(w, r, wh))) - white) < 0.05
+
+
+def test_singular_gram_never_crashes_or_gives_nan():
+    from vlora_compress.factorise import Whitener, whitened_svd
+
+    x = anisotropic_inputs(rank=5)
+    gram = x.T @ x
+    try:  # the case SVD-LLM's users hit: Cholesky refuses a rank-deficient Gram
+        torch.linalg.cholesky(gram - 1e-9 * torch.eye(32, dtype=torch.float64))
+        cholesky_failed = False
+    except RuntimeError:
+        cholesky_failed = True
+    assert cholesky_failed
+    w = torch.randn(20, 32, generator=torch.Generator().manual_seed(7))
+    wh = Whitener.from_gram(gram, side=1)
+    for r in (1, 5, 20):
+        b, a = whitened_svd(w, r, wh)
+        assert torch.isfinite(b).all() and torch.isfinite(a).all()
+    # at rank 5 the inputs' whole span is kept: output error is tiny even though weight error is not
+    b, a = whitened_svd(w, 5, Whitener.from_gram(gram, side=1, damping=1e-8))
+    assert float(torch.linalg.norm((w.double() - (b @ a).double()) @ x.T) / torch.linalg.norm(w.double() @ x.T)) < 1e-3
+    assert float(torch.linalg.norm(w - b @ a) / torch.linalg.norm(w)) > 0.3
+    assert Whitener.from_gram(torch.zeros(32, 32), side=1) is None  # no signal: plain SVD is used
+
+
+def test_conv1d_side_whitens_rows():
+    from vlora_compress.factorise import Whitener, whitened_svd
+
+    w = torch.randn(32, 24, generator=torch.Generator().manual_seed(8))  # (in, out) as GPT-2 stores it
+    x = anisotropic_inputs()
+    wh = Whitener.from_gram(x.T @ x, side=0)
+    b, a = whitened_svd(w, 6, wh)
+    assert b.shape == (32, 6) and a.shape == (6, 24)
+    err = lambda w_hat: float(torch.linalg.norm(x @ (w.double() - w_hat.double())))  # noqa: E731
+    assert err(b @ a) < 0.8 * err((lambda b, a: b @ a)(*truncated_svd(w, 6)))

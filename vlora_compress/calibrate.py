@@ -18,7 +18,7 @@ import torch
 from .data import read_images, read_texts
 from .errors import VloraError
 from .factorise import Whitener
-from .models import batches, module_for_key, takes_text
+from .models import batches, module_for_key, takes_text, token_limit
 from .progress import Progress
 
 
@@ -87,7 +87,7 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path, keys: list
     if not handles:
         raise VloraError("calibration found none of the factorised weights in the model's linear layers")
     try:
-        batches = list(_batches(preprocessor, data, config))
+        batches = list(_batches(preprocessor, data, config, token_limit(model, config.max_length)))
         with torch.no_grad(), Progress("calibrating", len(batches), enabled=progress) as bar:
             for inputs, mask, n in batches:
                 batch_state.clear()
@@ -127,6 +127,6 @@ def _hook(key: str, grams: Grams, batch_state: dict):
     return hook
 
 
-def _batches(preprocessor, data, config: CalibConfig):
+def _batches(preprocessor, data, config: CalibConfig, max_length: int):
     reader = read_texts if takes_text(preprocessor) else read_images
-    yield from batches(preprocessor, reader(data, config.samples), config.batch_size, config.max_length)
+    yield from batches(preprocessor, reader(data, config.samples), config.batch_size, max_length)

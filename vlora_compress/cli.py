@@ -14,7 +14,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .calibrate import CalibConfig
 from .compress import compress
+from .evaluate import EvalConfig, default_task, evaluate
 from .errors import VloraError
 from .expand import expand_to_file
 from .inspection import (
@@ -42,6 +44,7 @@ def _app(help_text: str) -> typer.Typer:
 compress_app = _app("Compress a checkpoint into a VLoRA file.")
 expand_app = _app("Expand a VLoRA file back into a dense safetensors checkpoint.")
 inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint or a VLoRA file.")
+eval_app = _app("Evaluate a model on local data, side by side with the original.")
 
 
 @compress_app.command()
@@ -49,6 +52,16 @@ def compress_cmd(
     source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
     rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
     chunks: Annotated[int, typer.Option("--chunks", "-c", help="Contiguous chunks per stack; each keeps one dense base.")] = 1,
+    method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments) or svd (every layer its own low-rank factors: the baseline).")] = "vlora",
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="Choose the largest uniform rank that fits: a fraction such as 0.35, or a size such as 40MB. Overrides --rank.")] = None,
+    target_of: Annotated[str, typer.Option("--target-of", help="What --target-size is a fraction of: model (the whole checkpoint) or stack (the factorised layers).")] = "model",
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N).")] = 512,
+    calib_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration text.")] = 128,
+    config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
+    eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
@@ -58,12 +71,46 @@ def compress_cmd(
     quiet: QuietFlag = False,
 ) -> None:
     """Store each chunk of every layer stack as a dense base plus rank-r increments (W_l = W_l-1 + B_l A_l)."""
-    report = compress(source, out, rank=rank, chunks=chunks, svd=svd, dtype=dtype, seed=seed, force=force,
-                      progress=not quiet and not as_json)
+    show = not quiet and not as_json
+    eval_config = None
+    if eval_data is not None and eval_task is not None:
+        eval_config = EvalConfig(task=eval_task, samples=eval_samples)
+    elif eval_data is not None and eval_samples is not None:
+        eval_config = EvalConfig(task=default_task(config_dir or source), samples=eval_samples)
+    report = compress(
+        source, out, rank=rank, chunks=chunks, method=method, target_size=target_size, target_of=target_of,
+        svd=svd, dtype=dtype, seed=seed, calib=calib,
+        calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length),
+        config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, force=force, progress=show,
+    )
     if as_json:
         print(report.to_json())
     else:
         report.render(stdout)
+
+
+@eval_app.command()
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A dense model folder, or a VLoRA (or dense .safetensors) file beside the original's config.")],
+    data: Annotated[Path, typer.Option("--data", help="Local data: .txt/.jsonl text, .jsonl sentence pairs with scores, labelled .jsonl/.csv, or an image folder.")],
+    task: Annotated[Optional[str], typer.Option("--task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="The original model folder, scored side by side.")] = None,
+    config_dir: Annotated[Optional[Path], typer.Option("--config", help="The folder with config.json and tokenizer, if not beside MODEL or in --reference.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Use the data's first N samples (perplexity: N windows of --max-length tokens).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample (perplexity: the window).")] = 128,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Score a model on local data next to its reference: each metric with the drop (+ = worse)."""
+    folder = config_dir or (model if model.is_dir() else (reference if reference is not None and reference.is_dir() else model))
+    config = EvalConfig(task=task or default_task(folder), batch_size=batch_size, max_length=max_length, samples=samples)
+    result = evaluate(model, data, config, reference=reference, config_dir=config_dir,
+                      progress=not quiet and not as_json)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        result.render(stdout)
 
 
 @expand_app.command()
@@ -147,3 +194,7 @@ def expand_main(argv: list[str] | None = None) -> None:
 
 def inspect_main(argv: list[str] | None = None) -> None:
     sys.exit(_run(inspect_app, "vlora-inspect", argv))
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    sys.exit(_run(eval_app, "vlora-eval", argv))

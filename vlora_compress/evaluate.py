@@ -19,7 +19,7 @@ from rich.table import Table
 from .checkpoint import open_checkpoint
 from .data import read_corpus, read_labelled, read_pairs, read_texts
 from .errors import VloraError
-from .models import batches, config_folder, head_of, load_model, load_preprocessor, takes_text
+from .models import batches, config_folder, head_of, load_model, load_preprocessor, takes_text, token_limit
 from .progress import Progress
 
 TASKS = ("embedding", "perplexity", "classification", "logits")
@@ -99,14 +99,14 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
              progress: bool = False) -> EvalReport:
     """Score ``model`` (a dense folder, or a file beside or with ``config_dir``) and its reference."""
     torch.manual_seed(0)
+    if config.task == "logits" and reference is None:
+        raise VloraError("--task logits compares against the original: add --reference")
     model = Path(model)
     config_dir = _config_dir(model, reference, config_dir)
     preprocessor = load_preprocessor(config_dir)
     head = "base" if config.task == "embedding" else None
     if config.task == "perplexity":
         head = "causal-lm"
-    if config.task in ("logits",) and reference is None:
-        raise VloraError("--task logits compares against the original: add --reference")
     runner = {"embedding": _embedding, "perplexity": _perplexity, "classification": _classification,
               "logits": _logits}[config.task]
     models = [load_model(model, None if model.is_dir() else config_dir, head)]
@@ -144,7 +144,8 @@ def _forward_all(models, preprocessor, samples, config, progress, fn):
     out = [[] for _ in models]
     n_batches = math.ceil(len(samples) / config.batch_size)
     with torch.no_grad(), Progress("evaluating", n_batches * len(models), enabled=progress) as bar:
-        for inputs, mask, _ in batches(preprocessor, samples, config.batch_size, config.max_length):
+        limit = token_limit(models[0], config.max_length)
+        for inputs, mask, _ in batches(preprocessor, samples, config.batch_size, limit):
             for i, m in enumerate(models):
                 out[i].append(fn(m(**inputs), mask))
                 bar.advance()
@@ -185,8 +186,7 @@ def _perplexity(models, preprocessor, data, config, progress):
     ids = preprocessor(read_corpus(data), return_tensors="pt")["input_ids"][0]
     if config.samples:
         ids = ids[: config.samples * config.max_length]
-    window = min(config.max_length, getattr(models[0].config, "max_position_embeddings", None)
-                 or getattr(models[0].config, "n_positions", config.max_length))
+    window = token_limit(models[0], config.max_length)
     stride = max(1, window // 2)
     if len(ids) < 2:
         raise VloraError(f"{data}: too little text for perplexity")

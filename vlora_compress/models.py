@@ -99,6 +99,13 @@ def load_preprocessor(folder: str | Path):
         raise VloraError(f"{folder}: has no tokenizer or image processor ({str(e).splitlines()[0]})") from None
 
 
+def token_limit(model, requested: int) -> int:
+    """``requested``, capped at the positions the model has (GPT-2's n_positions, BERT's 512, ...)."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(requested, limit) if limit else requested
+
+
 def takes_text(preprocessor) -> bool:
     return hasattr(preprocessor, "tokenize")
 

@@ -139,17 +139,16 @@ class CompressReport:
         whitened = self.calibration is not None
         fams = Table(title="Error per family: weight ||W - Ŵ||/||W||" + ("; output ||(W - Ŵ)S||/||WS||" if whitened else ""))
         many = len(self.stacks) > 1
-        cols = (["stack"] if many else []) + ["family", "shape", "rank", "bytes", "mean", "max"]
-        cols += ["out mean", "out max"] if whitened else []
+        cols = (["stack"] if many else []) + ["family", "shape", "rank", "stored", "weight mean/max"]
+        cols += ["output mean/max"] if whitened else []
         for col in cols:
             fams.add_column(col, justify="left" if col in ("stack", "family") else "right", overflow="fold")
         for f in self.families:
-            outs = [f"{f['mean_out_error']:.3f}", f"{f['max_out_error']:.3f}"] if f["mean_out_error"] is not None else ["-", "-"]
+            out = f"{f['mean_out_error']:.3f}/{f['max_out_error']:.3f}" if f["mean_out_error"] is not None else "-"
             fams.add_row(
                 *([f["stack"]] if many else []), f["suffix"], "x".join(map(str, f["shape"])),
-                ",".join(map(str, f["ranks"])) or "-",
-                f"{human_bytes(f['original_bytes'])}→{human_bytes(f['compressed_bytes'])}",
-                f"{f['mean_rel_error']:.3f}", f"{f['max_rel_error']:.3f}", *(outs if whitened else []),
+                ",".join(map(str, f["ranks"])) or "-", human_bytes(f["compressed_bytes"]),
+                f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f}", *([out] if whitened else []),
             )
         console.print(fams)
         if self.evaluation:

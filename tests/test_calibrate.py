@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from conftest import CALIB
+from vlora_compress import VloraError, compress
+from vlora_compress.calibrate import CalibConfig, calibrate
+from vlora_compress.factorise import truncated_svd, whitened_svd
+from vlora_compress.models import load_model, load_preprocessor, module_for_key
+
+
+def _keys(layers, names, prefix):
+    return [f"{prefix}.{i}.{n}.weight" for i in layers for n in names]
+
+
+def test_minilm_grams_share_inputs_only_within_a_layer(minilm_dir):
+    model, tok = load_model(minilm_dir, head="base"), load_preprocessor(minilm_dir)
+    names = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense"]
+    keys = _keys(range(6), names, "encoder.layer")
+    grams = calibrate(model, tok, CALIB, keys, CalibConfig(samples=48, batch_size=16))
+    assert grams.samples == 48
+    # q, k and v read one tensor: one Gram; nothing else is shared, although every block's
+    # activations have the same shape and reuse freed memory
+    assert grams.alias == {f"encoder.layer.{i}.attention.self.{n}.weight": f"encoder.layer.{i}.attention.self.query.weight"
+                           for i in range(6) for n in ("key", "value")}
+    g0, g1 = grams.gram("encoder.layer.0.attention.self.query.weight"), grams.gram("encoder.layer.1.attention.self.query.weight")
+    assert not torch.allclose(g0, g1)
+    assert grams.gram("encoder.layer.0.output.dense.weight").shape == (1536, 1536)
+    for g in grams.grams.values():
+        assert g.dtype == torch.float64 and torch.allclose(g, g.T)
+        assert torch.linalg.eigvalsh(g).min() > -1e-6 * g.diagonal().max()
+    enc = tok([line for line in CALIB.read_text().splitlines() if line.strip()][:48], padding=True, truncation=True,
+              max_length=128, return_tensors="pt")
+    assert grams.tokens == int(enc["attention_mask"].sum())  # padding is left out
+    # the Gram's trace is the sum of squared inputs over real tokens
+    captured = []
+    h = model.encoder.layer[3].intermediate.dense.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        model(**enc)
+    h.remove()
+    x = captured[0][enc["attention_mask"].bool()].double()
+    assert torch.allclose(grams.gram("encoder.layer.3.intermediate.dense.weight").trace(), x.square().sum(), rtol=1e-6)
+
+
+def test_gpt2_conv1d_whitening_lowers_the_true_output_error(tiny_gpt2):
+    model, tok = load_model(tiny_gpt2, head="base"), load_preprocessor(tiny_gpt2)
+    key = "transformer.h.1.attn.c_proj.weight"  # square (in, out): a wrong orientation would not crash
+    grams = calibrate(model, tok, CALIB, [key, "transformer.h.1.attn.c_attn.weight"], CalibConfig(samples=64))
+    assert grams.side[key] == 0 and grams.side["transformer.h.1.attn.c_attn.weight"] == 0
+    _, module = module_for_key(model, key)
+    captured = []
+    h = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    texts = [line for line in CALIB.read_text().splitlines() if line.strip()][500:564]  # held out
+    with torch.no_grad():
+        model(**tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    h.remove()
+    x = torch.cat(captured).double()
+    w = module.weight.detach()
+    err = lambda b, a: float(torch.linalg.norm(x @ (w.double() - (b @ a).double())) / torch.linalg.norm(x @ w.double()))  # noqa: E731
+    plain = err(*truncated_svd(w, 8))
+    whitened = err(*whitened_svd(w, 8, grams.whitener(key)))
+    assert whitened < 0.9 * plain
+
+
+def test_calibrated_vlora_beats_data_free_on_the_real_model(minilm_dir, tmp_path):
+    from conftest import EVAL
+    from vlora_compress.evaluate import EvalConfig, evaluate
+
+    scores = {}
+    for name, calib in (("plain", None), ("whitened", CALIB)):
+        out = tmp_path / f"{name}.vlora.safetensors"
+        report = compress(minilm_dir, out, rank=64, chunks=2, calib=calib, calib_config=CalibConfig(samples=64))
+        if calib:
+            assert report.calibration["whitened_layers"] == 36 and report.calibration["data_free_layers"] == []
+            assert all(t["out_error"] is not None for t in report.tensors)
+        e = evaluate(out, EVAL, EvalConfig(task="embedding", samples=64), reference=minilm_dir, config_dir=minilm_dir)
+        scores[name] = e.metric("cosine_to_reference").model
+    assert scores["whitened"] > scores["plain"] + 0.1
+
+
+def test_llama_calibration_reaches_every_projection(tiny_llama):
+    model, tok = load_model(tiny_llama, head="base"), load_preprocessor(tiny_llama)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    keys = _keys(range(4), names, "model.layers")
+    grams = calibrate(model, tok, CALIB, keys, CalibConfig(samples=16))
+    assert all(k in grams for k in keys)
+    assert grams.alias["model.layers.2.mlp.up_proj.weight"] == "model.layers.2.mlp.gate_proj.weight"
+    assert grams.gram("model.layers.2.mlp.down_proj.weight").shape == (128, 128)
+
+
+def test_calibration_refuses_the_wrong_data(minilm_dir, tmp_path):
+    model, tok = load_model(minilm_dir, head="base"), load_preprocessor(minilm_dir)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(VloraError, match="holds no text"):
+        calibrate(model, tok, empty, ["encoder.layer.0.intermediate.dense.weight"])
+    images = tmp_path / "imgs"
+    images.mkdir()
+    with pytest.raises(VloraError, match="holds images, but this model takes text"):
+        calibrate(model, tok, images, ["encoder.layer.0.intermediate.dense.weight"])
+    with pytest.raises(VloraError, match="none of the factorised weights"):
+        calibrate(model, tok, CALIB, ["embeddings.word_embeddings.weight"])
