@@ -101,3 +101,21 @@ def test_calibration_refuses_the_wrong_data(minilm_dir, tmp_path):
         calibrate(model, tok, images, ["encoder.layer.0.intermediate.dense.weight"])
     with pytest.raises(VloraError, match="none of the factorised weights"):
         calibrate(model, tok, CALIB, ["embeddings.word_embeddings.weight"])
+
+
+def test_grams_in_fp32_or_on_disk_match_fp64_in_memory(tiny_llama, tmp_path):
+    model, tok = load_model(tiny_llama, head="base"), load_preprocessor(tiny_llama)
+    keys = ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    ref = calibrate(model, tok, CALIB, keys, CalibConfig(samples=40, batch_size=8))
+    small = calibrate(model, tok, CALIB, keys, CalibConfig(samples=40, batch_size=8, gram_dtype="fp32"))
+    folder = tmp_path / "grams"
+    folder.mkdir()
+    disk = calibrate(model, tok, CALIB, keys, CalibConfig(samples=40, batch_size=8, gram_dir=folder))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(k + ".gram" for k in keys)
+    for k in keys:
+        assert small.gram(k).dtype == torch.float32
+        assert torch.allclose(small.gram(k).double(), ref.gram(k), rtol=1e-5, atol=1e-6 * float(ref.gram(k).abs().max()))
+        assert torch.equal(disk.gram(k), ref.gram(k))
+    assert ref.nbytes == 2 * small.nbytes
+    with pytest.raises(VloraError, match="--gram-dtype"):
+        CalibConfig(gram_dtype="fp8")

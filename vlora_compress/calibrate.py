@@ -5,6 +5,8 @@ The Grams turn factorisation from "small weight error" into "small output error 
 pre-hooks; activations are never stored. Layers fed the same input tensor (q, k and v; gate and up)
 share one Gram, found by the identity of the input tensor, so memory per transformer block is one
 (d × d) Gram per distinct input: for a 7B Llama about 1.4 GB in float64 per block, 44 GB in all.
+Where that does not fit, ``gram_dtype="fp32"`` halves it and ``gram_dir`` keeps the Grams in
+memory-mapped files that the kernel pages to disk.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ class CalibConfig:
     max_length: int = 128  # tokens per text sample
     batch_size: int = 32
     damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
+    gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
+    gram_dir: str | Path | None = None  # keep the Grams in memory-mapped files here, not in RAM
 
     def __post_init__(self):
+        if self.gram_dtype not in GRAM_DTYPES:
+            raise VloraError(f"--gram-dtype must be fp64 or fp32, not {self.gram_dtype!r}")
+        if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
+            raise VloraError(f"{self.gram_dir}: --gram-dir must be an existing folder")
         for name in ("samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise VloraError(f"--calib-{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
@@ -37,11 +45,16 @@ class CalibConfig:
             raise VloraError(f"damping must be positive, not {self.damping}")
 
 
+GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+
+
 class Grams:
     """Input Gram matrices per checkpoint key, and how the key's weight is oriented."""
 
-    def __init__(self, damping: float = 1e-2):
+    def __init__(self, damping: float = 1e-2, dtype: str = "fp64", folder: str | Path | None = None):
         self.damping = damping
+        self.dtype = GRAM_DTYPES[dtype]
+        self.folder = Path(folder) if folder is not None else None
         self.grams: dict[str, torch.Tensor] = {}
         self.side: dict[str, int] = {}
         self.alias: dict[str, str] = {}  # key -> key whose Gram it shares
@@ -59,6 +72,16 @@ class Grams:
             return None
         return Whitener.from_gram(self.gram(key), self.side[key], self.damping)
 
+    def new(self, key: str, n: int) -> torch.Tensor:
+        """A zero n x n Gram, in memory or, with a folder, in a memory-mapped file the kernel pages."""
+        if self.folder is None:
+            return torch.zeros(n, n, dtype=self.dtype)
+        path = self.folder / (key.replace("/", "_") + ".gram")
+        size = n * n * torch.empty(0, dtype=self.dtype).element_size()
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return torch.from_file(str(path), shared=True, size=n * n, dtype=self.dtype).view(n, n)
+
     @property
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
@@ -67,7 +90,7 @@ class Grams:
 def calibrate(model: torch.nn.Module, preprocessor, data: str | Path, keys: list[str],
               config: CalibConfig = CalibConfig(), progress: bool = False) -> Grams:
     """Grams for every checkpoint key in ``keys`` that is the weight of a Linear or Conv1D module."""
-    grams = Grams(config.damping)
+    grams = Grams(config.damping, config.gram_dtype, config.gram_dir)
     batch_state: dict = {}
     handles = []
     for key in keys:
@@ -118,11 +141,9 @@ def _hook(key: str, grams: Grams, batch_state: dict):
         if mask is not None and rows.shape[0] == mask.numel():
             rows = rows[mask.reshape(-1)]  # padding tokens are not real inputs
         rows = rows.double()
-        g = rows.T @ rows
-        if key in grams.grams:
-            grams.grams[key] += g
-        else:
-            grams.grams[key] = g
+        if key not in grams.grams:
+            grams.grams[key] = grams.new(key, rows.shape[1])
+        grams.grams[key] += (rows.T @ rows).to(grams.dtype)
 
     return hook
 

@@ -58,6 +58,8 @@ def compress_cmd(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N).")] = 512,
     calib_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration text.")] = 128,
+    gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="Store calibration Grams as fp64 or fp32 (half the memory).")] = "fp64",
+    gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
     config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
     eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
@@ -80,7 +82,8 @@ def compress_cmd(
     report = compress(
         source, out, rank=rank, chunks=chunks, method=method, target_size=target_size, target_of=target_of,
         svd=svd, dtype=dtype, seed=seed, calib=calib,
-        calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length),
+        calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
+                                 gram_dir=gram_dir),
         config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, force=force, progress=show,
     )
     if as_json:
@@ -96,7 +99,7 @@ def eval_cmd(
     task: Annotated[Optional[str], typer.Option("--task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="The original model folder, scored side by side.")] = None,
     config_dir: Annotated[Optional[Path], typer.Option("--config", help="The folder with config.json and tokenizer, if not beside MODEL or in --reference.")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Use the data's first N samples (perplexity: N windows of --max-length tokens).")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Use the data's first N samples (perplexity: its first N x --max-length tokens).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample (perplexity: the window).")] = 128,
     as_json: JsonFlag = False,
