@@ -67,6 +67,15 @@ def tiny_model(folder: Path, arch: str, **overrides) -> Path:
                                          num_labels=2, id2label={0: "calm", 1: "lively"},
                                          label2id={"calm": 0, "lively": 1}, **overrides)
         model = transformers.BertForSequenceClassification(config)
+    elif arch == "vit-classifier":
+        config = transformers.ViTConfig(num_hidden_layers=3, hidden_size=48, intermediate_size=96,
+                                        num_attention_heads=4, image_size=16, patch_size=4, num_labels=2,
+                                        id2label={0: "dark", 1: "light"}, label2id={"dark": 0, "light": 1},
+                                        **overrides)
+        model = transformers.ViTForImageClassification(config)
+        model.save_pretrained(folder)
+        transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+        return folder
     else:
         raise ValueError(arch)
     model.save_pretrained(folder)

@@ -254,3 +254,19 @@ def test_damaged_vlora_file_gets_one_line_from_every_command(gpt2_file, tmp_path
         code, out, err = run(main, args, capsys)
         assert_one_line_error(code, out, err, "format version '9'")
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_bad_calibration_data_gets_one_line(minilm_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, out, err = run(compress_main, [minilm_dir, "-o", tmp_path / "o.vlora.safetensors", "--calib", empty], capsys)
+    assert_one_line_error(code, out, err, "empty.jsonl", "holds no text")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{oops\n')
+    code, out, err = run(compress_main, [minilm_dir, "-o", tmp_path / "o.vlora.safetensors", "--calib", broken], capsys)
+    assert_one_line_error(code, out, err, "line 2 is not valid JSON")
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((minilm_dir / "model.safetensors").read_bytes())
+    code, out, err = run(compress_main, [bare, "-o", tmp_path / "o.vlora.safetensors", "--calib", empty], capsys)
+    assert_one_line_error(code, out, err, "has no config.json")
+    assert not (tmp_path / "o.vlora.safetensors").exists()

@@ -131,3 +131,44 @@ def test_compress_eval_puts_figures_in_the_report(minilm_dir, tmp_path):
     assert report.rank == 128 and report.stack_size_ratio == pytest.approx(0.5, abs=0.01)
     assert report.evaluation["metrics"][0]["name"] == "cosine_to_reference"
     assert 0.5 < report.evaluation["metrics"][0]["model"] < 1
+
+
+def _images(folder, n=12):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        label = ["dark", "light"][i % 2]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        base = 40 if label == "dark" else 200
+        pixels = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    return folder
+
+
+def test_image_classifier_calibrates_and_evaluates_on_an_image_folder(tmp_path):
+    import numpy as np
+
+    model_dir = tiny_model(tmp_path / "vit", "vit-classifier")
+    images = _images(tmp_path / "images")
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, images=np.stack([np.full((16, 16, 3), v, dtype=np.uint8) for v in range(0, 240, 10)]))
+    out = tmp_path / "v.vlora.safetensors"
+    report = compress(model_dir, out, rank=4, chunks=1, calib=npz)
+    assert report.calibration["samples"] == 24 and report.calibration["whitened_layers"] > 0
+    r = evaluate(out, images, EvalConfig(task="classification"), reference=model_dir)
+    assert r.samples == 12 and 0 <= r.metric("accuracy").model <= 1
+    same = evaluate(model_dir, images, EvalConfig(task="classification"), reference=model_dir)
+    assert same.metric("agreement_with_reference").model == 1.0
+    with pytest.raises(VloraError, match="holds text, but this model takes images"):
+        compress(model_dir, tmp_path / "x.vlora.safetensors", calib=EVAL)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_perplexity_rises_when_a_causal_lm_is_compressed(tmp_path, arch):
+    folder = tiny_model(tmp_path / arch, arch)
+    out = tmp_path / "c.vlora.safetensors"
+    compress(folder, out, rank=1, chunks=1)
+    r = evaluate(out, EVAL, EvalConfig(task="perplexity", samples=4, max_length=32), reference=folder)
+    m = r.metric("perplexity")
+    assert m.model != m.reference and math.isfinite(m.model)

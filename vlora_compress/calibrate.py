@@ -12,6 +12,7 @@ memory-mapped files that the kernel pages to disk.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +89,17 @@ class Grams:
 
 
 def calibrate(model: torch.nn.Module, preprocessor, data: str | Path, keys: list[str],
-              config: CalibConfig = CalibConfig(), progress: bool = False) -> Grams:
-    """Grams for every checkpoint key in ``keys`` that is the weight of a Linear or Conv1D module."""
+              config: CalibConfig = CalibConfig(), progress: bool = False,
+              read: Callable[[str], torch.Tensor] | None = None) -> Grams:
+    """Grams for every checkpoint key in ``keys`` that is the weight of a Linear or Conv1D module.
+
+    ``read(key)`` gives the checkpoint tensor, to find a module whose name transformers changed.
+    """
     grams = Grams(config.damping, config.gram_dtype, config.gram_dir)
     batch_state: dict = {}
     handles = []
     for key in keys:
-        found = module_for_key(model, key)
+        found = module_for_key(model, key) or (module_for_key(model, key, read(key)) if read else None)
         if found is None:
             continue
         _, module = found

@@ -74,7 +74,7 @@ def compress(
         plan = plan_equal(stacks, config)
         grams = None
         if calib is not None:
-            grams = _calibrate(source, config_dir, calib, plan, calib_config, progress)
+            grams = _calibrate(source, config_dir, calib, plan, calib_config, progress, ckpt.read)
         record = source_info(ckpt)
         entries = layout(plan, record)
         fits = _write(ckpt, plan, config, record, entries, out, grams, progress)
@@ -101,11 +101,11 @@ def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -
     return {"size": str(target_size), "of": target_of, "budget_bytes": budget, "rank": rank}
 
 
-def _calibrate(source, config_dir, calib, plan: Plan, calib_config: CalibConfig, progress: bool) -> Grams:
+def _calibrate(source, config_dir, calib, plan: Plan, calib_config: CalibConfig, progress: bool, read) -> Grams:
     folder = config_folder(config_dir or source)
     model = load_model(Path(source) if config_dir is None else source, folder if config_dir else None, "base")
     keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
-    return calibrate(model, load_preprocessor(folder), calib, keys, calib_config, progress)
+    return calibrate(model, load_preprocessor(folder), calib, keys, calib_config, progress, read)
 
 
 def _calibration_summary(grams: Grams | None, calib, calib_config: CalibConfig, plan: Plan) -> dict | None:

@@ -77,8 +77,19 @@ def load_model(path: str | Path, config_dir: str | Path | None = None, head: str
         return model.eval()
     folder = config_folder(folder if folder is not None else path)
     config = _config(t, folder)
-    model = getattr(t, HEADS[head or head_of(config)]).from_config(config)
-    load_weights(model, _state_dict(path), path)
+    cls = _concrete(t, HEADS[head or head_of(config)], config)
+    try:
+        # transformers' own loading: key renames, base-model prefixes and tied weights as it does them
+        model, info = cls.from_pretrained(None, config=config, state_dict=_state_dict(path), output_loading_info=True)
+    except (RuntimeError, ValueError) as e:
+        raise VloraError(f"{path}: does not match the config in {folder} ({str(e).splitlines()[0][:200]})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise VloraError(f"{path}: does not match the config in {folder}: it has no weight for {missing[0]}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise VloraError(f"{path}: does not match the config in {folder}: {list(mismatched)[0]} has another shape")
     return model.eval()
 
 
@@ -124,41 +135,42 @@ def batches(preprocessor, samples: list, batch_size: int, max_length: int):
             yield dict(preprocessor(images=chunk, return_tensors="pt")), None, len(chunk)
 
 
-def module_for_key(model: torch.nn.Module, key: str) -> tuple[str, torch.nn.Module] | None:
-    """The module whose ``weight`` is checkpoint tensor ``key``, allowing for the base-model prefix."""
-    if not key.endswith(".weight"):
-        return None
-    name = key[: -len(".weight")]
+def module_for_key(model: torch.nn.Module, key: str, weight: torch.Tensor | None = None):
+    """(name, module) whose ``weight`` is checkpoint tensor ``key``, or None.
+
+    By name first, allowing for the base-model prefix; else, given the checkpoint's ``weight``, by
+    value, which survives the key renames newer transformers versions apply when they load.
+    """
     modules = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "")
-    for candidate in (name, f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None):
-        if candidate and candidate in modules:
-            return candidate, modules[candidate]
+    if key.endswith(".weight"):
+        name = key[: -len(".weight")]
+        prefix = getattr(model, "base_model_prefix", "")
+        for candidate in (name, f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None):
+            if candidate and candidate in modules:
+                return candidate, modules[candidate]
+    if weight is None:
+        return None
+    want = _fingerprint(weight)
+    for name, module in modules.items():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.shape == weight.shape and _fingerprint(w) == want:
+            return name, module
     return None
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """load_state_dict after matching checkpoint keys to the model's, refusing a mismatch."""
-    own = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", "")
-    mapped = {}
-    for key, tensor in state.items():
-        for candidate in (key, f"{prefix}.{key}", key[len(prefix) + 1:] if key.startswith(prefix + ".") else None):
-            if candidate in own:
-                if tuple(own[candidate].shape) != tuple(tensor.shape):
-                    raise VloraError(f"{source}: does not match the config: {key} is {list(tensor.shape)}, "
-                                     f"the model wants {list(own[candidate].shape)}")
-                mapped[candidate] = tensor
-                break
-    if not mapped:
-        raise VloraError(f"{source}: does not match the config: none of its tensors belongs to this model")
-    model.load_state_dict(mapped, strict=False)
-    model.tie_weights()
-    given = {id(p) for n, p in model.named_parameters() if n in mapped}
-    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if n not in mapped and id(p) not in given]
-    if missing:
-        raise VloraError(f"{source}: does not match the config: it has no weight for {missing[0]}"
-                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+def _fingerprint(w: torch.Tensor) -> tuple:
+    flat = w.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long()
+    return tuple(w.shape), tuple(flat[idx].double().tolist())
+
+
+def _concrete(t, auto_name: str, config):
+    """The model class an Auto class would pick: only concrete classes load from a state dict."""
+    auto = getattr(t, auto_name)
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError:
+        raise VloraError(f"transformers has no {auto_name} for model type {config.model_type!r}") from None
 
 
 def _config(t, folder: Path):
