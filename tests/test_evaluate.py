@@ -5,8 +5,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import CALIB, EVAL, tiny_model
+from conftest import CALIB, CORE, EVAL, tiny_model
 from vlora_compress import VloraError, compress
+from vlora_compress.calibrate import CalibConfig
 from vlora_compress.cli import eval_main
 from vlora_compress.evaluate import EvalConfig, evaluate
 from vlora_compress.models import load_model, load_preprocessor
@@ -14,8 +15,8 @@ from vlora_compress.models import load_model, load_preprocessor
 
 def test_embedding_full_rank_matches_and_low_rank_drops(minilm_dir, tmp_path):
     full, low = tmp_path / "full.vlora.safetensors", tmp_path / "low.vlora.safetensors"
-    compress(minilm_dir, full, rank=384, chunks=2)
-    compress(minilm_dir, low, rank=4, chunks=3)
+    compress(minilm_dir, full, rank=384, chunks=2, **CORE)
+    compress(minilm_dir, low, rank=4, chunks=3, **CORE)
     cfg = EvalConfig(task="embedding", samples=40)
     same = evaluate(full, EVAL, cfg, reference=minilm_dir)
     assert same.metric("cosine_to_reference").model == pytest.approx(1.0, abs=1e-5)
@@ -111,7 +112,7 @@ def test_bad_eval_input(minilm_dir, gpt2_file, tmp_path):
 
 def test_vlora_eval_cli_json_and_one_line_errors(minilm_dir, tmp_path, capsys):
     v = tmp_path / "m.vlora.safetensors"
-    compress(minilm_dir, v, rank=8, chunks=2)
+    compress(minilm_dir, v, rank=8, chunks=2, **CORE)
     with pytest.raises(SystemExit) as exc:
         eval_main([str(v), "--data", str(EVAL), "--reference", str(minilm_dir), "--samples", "8", "--json"])
     out, _ = capsys.readouterr()
@@ -154,8 +155,8 @@ def test_image_classifier_calibrates_and_evaluates_on_an_image_folder(tmp_path):
     npz = tmp_path / "calib.npz"
     np.savez(npz, images=np.stack([np.full((16, 16, 3), v, dtype=np.uint8) for v in range(0, 240, 10)]))
     out = tmp_path / "v.vlora.safetensors"
-    report = compress(model_dir, out, rank=4, chunks=1, calib=npz)
-    assert report.calibration["samples"] == 24 and report.calibration["whitened_layers"] > 0
+    report = compress(model_dir, out, rank=4, chunks=1, calib=npz, calib_config=CalibConfig(holdout=4))
+    assert report.calibration["samples"] == 20 and report.calibration["whitened_layers"] > 0
     r = evaluate(out, images, EvalConfig(task="classification"), reference=model_dir)
     assert r.samples == 12 and 0 <= r.metric("accuracy").model <= 1
     same = evaluate(model_dir, images, EvalConfig(task="classification"), reference=model_dir)

@@ -15,6 +15,8 @@ from vlora_compress.fileformat import VloraFile, header_metadata, increment_keys
 from vlora_compress.plan import ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan
 from vlora_compress.write import SafetensorsWriter
 
+from conftest import CORE
+
 SPECS = [(f"layers.{i}.w.weight", (24, 16)) for i in range(4)] + [(f"layers.{i}.b", (24,)) for i in range(4)]
 
 
@@ -82,7 +84,7 @@ def _rewrite(path, out, *, metadata=None, drop=None, replace=None):
 @pytest.fixture
 def vlora_file(gpt2_file, tmp_path):
     out = tmp_path / "g.vlora.safetensors"
-    compress(gpt2_file, out, rank=2, chunks=2)
+    compress(gpt2_file, out, rank=2, chunks=2, **CORE)
     return out
 
 

@@ -5,6 +5,8 @@ from vlora_compress import compress, delta_spectra, inspect_checkpoint, inspect_
 from vlora_compress.checkpoint import open_checkpoint
 from vlora_compress.inspection import sparkline
 
+from conftest import CORE
+
 
 def test_minilm_deltas_are_nearly_full_rank(minilm_dir):
     """The measured fact the whole design starts from: rank 4 keeps under a tenth of a delta."""
@@ -41,7 +43,7 @@ def test_inspect_checkpoint_counts_every_byte(minilm_dir):
 
 def test_inspect_vlora_splits_bytes_by_role(gpt2_file, tmp_path):
     out = tmp_path / "g.vlora.safetensors"
-    compress(gpt2_file, out, rank=2, chunks=2)
+    compress(gpt2_file, out, rank=2, chunks=2, **CORE)
     info = inspect_vlora(out)
     roles = info["bytes_by_role"]
     assert sum(roles.values()) == info["bytes"]

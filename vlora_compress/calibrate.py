@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class CalibConfig:
     max_length: int = 128  # tokens per text sample
     batch_size: int = 32
     damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
+    holdout: int = 32  # further samples kept back from the Grams, to measure plans on
     gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
     gram_dir: str | Path | None = None  # keep the Grams in memory-mapped files here, not in RAM
 
@@ -39,6 +40,8 @@ class CalibConfig:
             raise VloraError(f"--gram-dtype must be fp64 or fp32, not {self.gram_dtype!r}")
         if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
             raise VloraError(f"{self.gram_dir}: --gram-dir must be an existing folder")
+        if self.holdout < 0:
+            raise VloraError(f"holdout must be at least 0, not {self.holdout}")
         for name in ("samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise VloraError(f"--calib-{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
@@ -47,6 +50,7 @@ class CalibConfig:
 
 
 GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+WHITENER_CACHE = 64  # eigendecompositions kept: a family's layers, several times over
 
 
 class Grams:
@@ -61,6 +65,7 @@ class Grams:
         self.alias: dict[str, str] = {}  # key -> key whose Gram it shares
         self.tokens = 0
         self.samples = 0
+        self._whiteners: dict[str, Whitener | None] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.alias or key in self.grams
@@ -69,9 +74,15 @@ class Grams:
         return self.grams[self.alias.get(key, key)]
 
     def whitener(self, key: str) -> Whitener | None:
+        """The key's whitening, cached: planning asks for each one once per candidate it fits."""
         if key not in self:
             return None
-        return Whitener.from_gram(self.gram(key), self.side[key], self.damping)
+        group = self.alias.get(key, key)
+        if group not in self._whiteners:
+            if len(self._whiteners) >= WHITENER_CACHE:
+                self._whiteners.pop(next(iter(self._whiteners)))
+            self._whiteners[group] = Whitener.from_gram(self.gram(key), self.side[key], self.damping)
+        return self._whiteners[group]
 
     def new(self, key: str, n: int) -> torch.Tensor:
         """A zero n x n Gram, in memory or, with a folder, in a memory-mapped file the kernel pages."""
@@ -88,12 +99,68 @@ class Grams:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
 
 
-def calibrate(model: torch.nn.Module, preprocessor, data: str | Path, keys: list[str],
+def read_calibration(preprocessor, data: str | Path, config: CalibConfig) -> tuple[list, list]:
+    """(samples for the Grams, held-back samples): the file's first ``samples``, then ``holdout`` more.
+
+    A file too short for both keeps at least half for the Grams.
+    """
+    reader = read_texts if takes_text(preprocessor) else read_images
+    items = reader(data, config.samples + config.holdout)
+    held = min(config.holdout, len(items) // 2)
+    return items[: len(items) - held][: config.samples], items[len(items) - held:]
+
+
+class OutputMeter:
+    """The model's final hidden-state error, with some weights replaced, on held-back samples.
+
+    This is what ``auto`` planning decides by: the error at the model's output, not in the weights.
+    """
+
+    def __init__(self, model, preprocessor, samples: list, max_length: int, read=None, batch_size: int = 32):
+        self.model, self.read = model, read
+        self.batches = list(batches(preprocessor, samples, batch_size, token_limit(model, max_length)))
+        self.reference = [self._hidden(inputs, mask) for inputs, mask, _ in self.batches]
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    def __call__(self, replacements: dict[str, torch.Tensor]) -> float:
+        saved = []
+        try:
+            for key, w in replacements.items():
+                module = self._module(key)
+                saved.append((module, module.weight.data))
+                module.weight.data = w.to(module.weight.dtype).reshape(module.weight.shape)
+            err = total = 0.0
+            for (inputs, mask, _), ref in zip(self.batches, self.reference):
+                h = self._hidden(inputs, mask)
+                err += float((h - ref).square().sum())
+                total += float(ref.square().sum())
+            return err / total
+        finally:
+            for module, data in saved:
+                module.weight.data = data
+
+    def _module(self, key: str) -> torch.nn.Module:
+        if key not in self._modules:
+            found = module_for_key(self.model, key) or (module_for_key(self.model, key, self.read(key))
+                                                         if self.read else None)
+            if found is None:
+                raise VloraError(f"cannot find the module of {key} in the model to measure a plan")
+            self._modules[key] = found[1]
+        return self._modules[key]
+
+    def _hidden(self, inputs, mask) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.model(**inputs).last_hidden_state.double()
+        return h[mask] if mask is not None else h
+
+
+def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, keys: list[str],
               config: CalibConfig = CalibConfig(), progress: bool = False,
               read: Callable[[str], torch.Tensor] | None = None) -> Grams:
     """Grams for every checkpoint key in ``keys`` that is the weight of a Linear or Conv1D module.
 
-    ``read(key)`` gives the checkpoint tensor, to find a module whose name transformers changed.
+    ``data`` is a file or a list of samples already read. ``read(key)`` gives the checkpoint
+    tensor, to find a module whose name transformers changed.
     """
     grams = Grams(config.damping, config.gram_dtype, config.gram_dir)
     batch_state: dict = {}
@@ -115,9 +182,10 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path, keys: list
     if not handles:
         raise VloraError("calibration found none of the factorised weights in the model's linear layers")
     try:
-        batches = list(_batches(preprocessor, data, config, token_limit(model, config.max_length)))
-        with torch.no_grad(), Progress("calibrating", len(batches), enabled=progress) as bar:
-            for inputs, mask, n in batches:
+        samples = data if isinstance(data, list) else read_calibration(preprocessor, data, replace(config, holdout=0))[0]
+        work = list(batches(preprocessor, samples, config.batch_size, token_limit(model, config.max_length)))
+        with torch.no_grad(), Progress("calibrating", len(work), enabled=progress) as bar:
+            for inputs, mask, n in work:
                 batch_state.clear()
                 batch_state["mask"] = mask
                 model(**inputs)
@@ -151,8 +219,3 @@ def _hook(key: str, grams: Grams, batch_state: dict):
         grams.grams[key] += (rows.T @ rows).to(grams.dtype)
 
     return hook
-
-
-def _batches(preprocessor, data, config: CalibConfig, max_length: int):
-    reader = read_texts if takes_text(preprocessor) else read_images
-    yield from batches(preprocessor, reader(data, config.samples), config.batch_size, max_length)

@@ -6,14 +6,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .calibrate import CalibConfig, Grams, calibrate
+from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, open_checkpoint
 from .errors import VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
 from .models import config_folder, load_model, load_preprocessor
-from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal, rank_for_budget
+from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal
+from .planner import plan_measured, rank_for_budget
 from .progress import Progress
 from .report import CompressReport
 from .stacks import find_stacks
@@ -25,8 +26,11 @@ def compress(
     out: str | Path | None = None,
     *,
     rank: int = 4,
-    chunks: int = 1,
+    chunks: int | None = None,
     method: str = "vlora",
+    base: str = "auto",
+    topology: str = "auto",
+    bounds: str = "dp",
     target_size: str | float | None = None,
     target_of: str = "model",
     svd: str = "auto",
@@ -50,7 +54,8 @@ def compress(
     factorisation with input Grams from the original model, found through ``config_dir`` (default:
     the source's folder). ``eval_data`` scores the result against the original afterwards.
     """
-    config = CompressConfig(rank=rank, chunks=chunks, method=method, svd=svd, dtype=dtype, seed=seed)
+    config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds,
+                            svd=svd, dtype=dtype, seed=seed)
     if target_of not in TARGETS_OF:
         raise VloraError(f"--target-of must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
     started = time.perf_counter()
@@ -71,10 +76,15 @@ def compress(
         if target_size is not None:
             target = _target(ckpt, stacks, config, target_size, target_of)
             config = replace(config, rank=target["rank"])
-        plan = plan_equal(stacks, config)
-        grams = None
+        grams = meter = None
         if calib is not None:
-            grams = _calibrate(source, config_dir, calib, plan, calib_config, progress, ckpt.read)
+            keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
+            grams, meter = _calibrate(source, config_dir, calib, keys, calib_config, progress, ckpt.read)
+        whitener = grams.whitener if grams is not None else (lambda key: None)
+        if _needs_search(config):
+            plan = plan_measured(stacks, config, ckpt.read, whitener, meter)
+        else:
+            plan = plan_equal(stacks, config)
         record = source_info(ckpt)
         entries = layout(plan, record)
         fits = _write(ckpt, plan, config, record, entries, out, grams, progress)
@@ -101,11 +111,25 @@ def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -
     return {"size": str(target_size), "of": target_of, "budget_bytes": budget, "rank": rank}
 
 
-def _calibrate(source, config_dir, calib, plan: Plan, calib_config: CalibConfig, progress: bool, read) -> Grams:
+def _needs_search(config: CompressConfig) -> bool:
+    """Whether the plan needs the weights: a form to choose, chunk bounds to place or a base to pick."""
+    base = "none" if config.method == "svd" else config.base
+    if base == "none":
+        return False
+    if "auto" in (base, config.topology) or config.chunks is None or base in ("mean", "best"):
+        return True
+    return config.bounds == "dp" and config.chunks > 1
+
+
+def _calibrate(source, config_dir, calib, keys, calib_config: CalibConfig, progress: bool, read):
+    """The Grams, and a meter of the model's output error on the held-back samples."""
     folder = config_folder(config_dir or source)
     model = load_model(Path(source) if config_dir is None else source, folder if config_dir else None, "base")
-    keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
-    return calibrate(model, load_preprocessor(folder), calib, keys, calib_config, progress, read)
+    preprocessor = load_preprocessor(folder)
+    samples, held = read_calibration(preprocessor, calib, calib_config)
+    grams = calibrate(model, preprocessor, samples, keys, calib_config, progress, read)
+    meter = OutputMeter(model, preprocessor, held, calib_config.max_length, read) if held else None
+    return grams, meter
 
 
 def _calibration_summary(grams: Grams | None, calib, calib_config: CalibConfig, plan: Plan) -> dict | None:
@@ -118,6 +142,7 @@ def _calibration_summary(grams: Grams | None, calib, calib_config: CalibConfig, 
         "tokens": grams.tokens,
         "damping": calib_config.damping,
         "gram_bytes": grams.nbytes,
+        "holdout_samples": calib_config.holdout,
         "whitened_layers": sum(k in grams for k in keys),
         "data_free_layers": [k for k in keys if k not in grams],
     }

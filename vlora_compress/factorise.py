@@ -135,8 +135,10 @@ def fit_family(
     orig = DTYPES[plan.dtype]
     for ci, chunk in enumerate(plan.chunks):
         if chunk.base == "synthetic":
-            raise ValueError("this planner does not fit synthetic bases")
-        if chunk.base_layer is not None:
+            base = synthetic_base(plan, chunk, read, whitener).to(store)
+            yield plan.synthetic_base_key(ci), base
+            base_hat = base.float()
+        elif chunk.base_layer is not None:
             key = plan.key(chunk.base)
             w = read(key)
             stored = w.to(store)
@@ -170,6 +172,25 @@ def fit_family(
             w_hat = last_hat.to(orig)
             yield LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat),
                            wh.output_error(w, w_hat) if wh else None)
+
+
+def synthetic_base(plan: FamilyPlan, chunk, read, whitener) -> torch.Tensor:
+    """The chunk's mean weight, or with calibration its whitened mean (Σ W_l G_l)(Σ G_l)⁻¹.
+
+    The whitened mean is the single matrix closest to every layer of the chunk in output error:
+    it minimises Σ_l ||(W_l - B) S_l||² with S_l S_lᵀ = G_l (rows instead of columns for Conv1D).
+    """
+    whs = [whitener(plan.key(layer)) for layer in chunk.layers]
+    if any(wh is None for wh in whs):
+        return sum(read(plan.key(layer)).double() for layer in chunk.layers).div(len(chunk.layers)).float()
+    side = whs[0].side
+    num, den = 0, 0
+    for layer, wh in zip(chunk.layers, whs):
+        g = wh.root @ wh.root.T
+        w = read(plan.key(layer)).double()
+        num = num + (w @ g if side == 1 else g @ w)
+        den = den + g
+    return (torch.linalg.solve(den, num, left=False) if side == 1 else torch.linalg.solve(den, num)).float()
 
 
 def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -6,14 +6,17 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
-from .checkpoint import FLOAT_DTYPES, ITEMSIZE
+from .checkpoint import FLOAT_DTYPES
 from .errors import VloraError
 from .stacks import Family, Stack, layer_key
 
 SVD_METHODS = ("auto", "exact", "randomized")
 METHODS = ("vlora", "svd")
+BASES = ("auto", "first", "mean", "best", "none")
+TOPOLOGY_CHOICES = ("auto", "chain", "star")
+BOUNDS = ("dp", "equal")
 TARGETS_OF = ("model", "stack")
 TOPOLOGIES = ("chain", "star")
 BASE_KINDS = ("synthetic", "none")
@@ -25,8 +28,11 @@ class CompressConfig:
     """What the user chose. Everything else in a plan follows from this and the checkpoint."""
 
     rank: int = 4
-    chunks: int = 1
+    chunks: int | None = None  # None: 1 for the budget, and the planner tries 1..4
     method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors
+    base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
+    topology: str = "auto"  # chain | star | auto
+    bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
     svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
@@ -35,10 +41,18 @@ class CompressConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise VloraError(f"--rank must be a whole number of at least 1, not {self.rank!r}")
-        if not isinstance(self.chunks, int) or self.chunks < 1:
+        if self.chunks is not None and (not isinstance(self.chunks, int) or self.chunks < 1):
             raise VloraError(f"--chunks must be a whole number of at least 1, not {self.chunks!r}")
         if self.method not in METHODS:
             raise VloraError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.base not in BASES:
+            raise VloraError(f"--base must be one of {', '.join(BASES)}, not {self.base!r}")
+        if self.topology not in TOPOLOGY_CHOICES:
+            raise VloraError(f"--topology must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
+        if self.bounds not in BOUNDS:
+            raise VloraError(f"--bounds must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
+        if self.method == "svd" and self.base not in ("auto", "none"):
+            raise VloraError(f"--method svd stores every layer alone; it takes no --base {self.base}")
         if self.svd not in SVD_METHODS:
             raise VloraError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
         if self.dtype is not None and self.dtype not in STORE_DTYPES:
@@ -220,7 +234,7 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
     """
     stack_plans, family_plans, notes = [], [], []
     for stack in stacks:
-        chunks = 1 if config.method == "svd" else config.chunks
+        chunks = 1 if config.method == "svd" or config.base == "none" else (config.chunks or 1)
         if chunks > len(stack.layers):
             raise VloraError(
                 f"--chunks {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
@@ -231,33 +245,11 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
             rank = min(config.rank, *fam.shape)
             if rank < config.rank:
                 notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
-            if config.method == "svd":
+            if config.method == "svd" or config.base == "none":
                 family_plans.append(_per_layer_family(fam, rank, config))
             else:
                 family_plans.append(_chain_family(fam, stack.layers, bounds, rank, config))
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
-
-
-def rank_for_budget(stacks: list[Stack], config: CompressConfig, stack_budget: int) -> int:
-    """The largest uniform rank whose plan stores the stacks' families in ``stack_budget`` bytes.
-
-    Stored bytes are affine in the rank (bases + rank x Σ(m + n) over increment layers), so this is
-    one division; ranks later clipped to a matrix's full rank only make the file smaller.
-    """
-    probe = plan_equal(stacks, replace(config, rank=1))
-    fixed = per_rank = 0
-    for fp in probe.families:
-        item = ITEMSIZE[fp.store_dtype]
-        m, n = fp.shape
-        for c in fp.chunks:
-            fixed += item * m * n * (c.base_layer is not None or c.base == "synthetic")
-            per_rank += item * (m + n) * sum(1 for r in c.ranks if r)
-    rank = (stack_budget - fixed) // per_rank if per_rank else 0
-    if rank < 1:
-        need = fixed + per_rank
-        raise VloraError(f"the target leaves {max(stack_budget, 0):,} bytes for the layer stacks; "
-                         f"{config.method} with --chunks {config.chunks} needs at least {need:,} at rank 1")
-    return int(rank)
 
 
 def parse_size(text: str | float) -> tuple[str, float]:
@@ -289,7 +281,8 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
         layers = tuple(layer for layer in stack_layers[start:end] if layer in fam.layers)
         if layers:
             ranks = (0,) + (rank,) * (len(layers) - 1)
-            chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology="chain"))
+            topology = "star" if config.topology == "star" else "chain"
+            chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
     return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks))
 

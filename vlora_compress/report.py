@@ -61,6 +61,8 @@ class CompressReport:
                     **fp.summary(),
                     "layers": list(fp.layers),
                     "chunks": [[c.layers[0], c.layers[-1]] for c in fp.chunks],
+                    "bases": [c.base for c in fp.chunks],
+                    "topologies": [c.topology for c in fp.chunks],
                     "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
                     "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
                     "compressed_bytes": sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)),

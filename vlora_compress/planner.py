@@ -1,0 +1,271 @@
+"""Plan by measurement: for every family, which base, topology, chunk bounds and rank to store.
+
+Each family gets a byte budget: what the plan the user asked for (``--rank``/``--chunks``, or
+``--target-size``) would store for it with first-layer bases and a chain. Every candidate form is
+then fitted at that same budget, closed loop and whitened when calibrated:
+
+- ``none``: every layer its own low-rank factors (per-layer SVD), so the planner never does worse
+  than that baseline by its own measure;
+- a VLoRA form: base ``first``, ``mean`` (the whitened mean, stored once) or ``best`` (the layer
+  whose choice leaves the least residual) with a ``chain`` or ``star`` topology, for each chunk
+  count allowed. Chunk bounds come from dynamic programming over contiguous partitions, minimising
+  the energy of the consecutive-layer deltas that a rank-r increment cannot hold.
+
+The candidate with the least error wins: the model's final hidden-state error on held-back
+calibration samples when a meter is given, else the summed (whitened when calibrated) squared
+output error of the family's layers, else their weight error. The search is bounded: ``auto``
+tries at most 3 chunk counts x 2 bases (first, mean) x 2 topologies + per-layer SVD = 13 fits per
+family; ``best`` is tried only when asked for, since it fits every layer of a chunk as the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import ITEMSIZE
+from .errors import VloraError
+from .factorise import Whitener, fit_family, rebuild_family
+from .plan import STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
+from .stacks import Family, Stack
+
+MAX_AUTO_CHUNKS = 3
+AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
+
+
+@dataclass(frozen=True)
+class Candidate:
+    base: str  # first | mean | best | none
+    topology: str  # chain | star
+    chunks: int
+
+    @property
+    def label(self) -> str:
+        if self.base == "none":
+            return "per-layer SVD"
+        return f"{self.base} base, {self.topology}, {self.chunks} chunk{'s' if self.chunks > 1 else ''}"
+
+
+def plan_measured(
+    stacks: list[Stack],
+    config: CompressConfig,
+    read: Callable[[str], torch.Tensor],
+    whitener: Callable[[str], Whitener | None] = lambda key: None,
+    meter: Callable[[dict[str, torch.Tensor]], float] | None = None,
+) -> Plan:
+    """A plan whose every family took the least-error candidate at its byte budget.
+
+    ``meter(replacements)`` measures the model's output error with some weights replaced. Only
+    one family's layers are held in memory at a time.
+    """
+    stack_plans, family_plans, notes = [], [], []
+    for stack in stacks:
+        k_ref = config.chunks or 1
+        if k_ref > len(stack.layers):
+            raise VloraError(f"--chunks {k_ref} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}")
+        stack_plans.append(StackPlan(stack.prefix, stack.layers, split_equal(len(stack.layers), k_ref)))
+        for fam in stack.families:
+            budget = candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config)
+            weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
+            cands = candidates(config, len(fam.layers))
+            best, tried = None, []
+            for cand in cands:
+                fp = fit_candidate(fam, cand, weights, whitener, config, budget)
+                if fp is None:
+                    continue
+                if len(cands) == 1:  # nothing to choose between: no need to measure
+                    best = (cand, fp, float("nan"))
+                    break
+                rebuilt = rebuild_in_memory(fp, weights, whitener, config)
+                score = meter(rebuilt) if meter else family_error(fam, weights, rebuilt, whitener)
+                tried.append((cand, score))
+                if best is None or score < best[2] * (1 - 1e-9):
+                    best = (cand, fp, score)
+            if best is None:
+                raise VloraError(f"{fam.name}: no candidate fits its budget of {budget:,} bytes")
+            cand, fp, score = best
+            rank = max((r for c in fp.chunks for r in c.ranks), default=0)
+            if tried:
+                others = "; ".join(f"{c.label} {s:.4g}" for c, s in tried if c != cand)
+                notes.append(f"{fam.name}: {cand.label} at rank {rank}, error {score:.4g}"
+                             + (f" (also tried: {others})" if others else ""))
+            family_plans.append(fp)
+    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
+
+
+def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
+    base = "none" if config.method == "svd" else config.base
+    bases = list(AUTO_BASES) if base == "auto" else [base]
+    topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
+    counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
+    out = []
+    for b in bases:
+        if b == "none":
+            out.append(Candidate("none", "star", 1))
+            continue
+        out += [Candidate(b, t, k) for t in topologies for k in counts if k <= n_layers]
+    return out
+
+
+def reference(config: CompressConfig, n_layers: int) -> Candidate:
+    """The form whose bytes at ``config.rank`` set every candidate's budget: the one asked for,
+    with ``auto`` read as first-layer bases in a chain, and no ``--chunks`` as one chunk."""
+    base = "none" if config.method == "svd" else config.base
+    base = "first" if base == "auto" else base
+    topology = "chain" if config.topology == "auto" else config.topology
+    return Candidate(base, topology, 1 if base == "none" else min(config.chunks or 1, n_layers))
+
+
+def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
+    dense, per_rank = _cost_terms(fam, cand, config)
+    return dense + min(rank, *fam.shape) * per_rank
+
+
+def rank_for_budget(stacks: list[Stack], config: CompressConfig, stack_budget: int) -> int:
+    """The largest uniform rank at which the reference form stores every family in ``stack_budget``.
+
+    Bytes are affine in the rank (dense bases + rank x Σ(m + n) per increment), so this is one
+    division; ranks later clipped to a matrix's full rank only make the file smaller.
+    """
+    fixed = per_rank = 0
+    for stack in stacks:
+        if config.chunks and config.chunks > len(stack.layers):
+            raise VloraError(f"--chunks {config.chunks} is more than the {len(stack.layers)} layers "
+                             f"of stack {stack.prefix!r}")
+        for fam in stack.families:
+            dense, per = _cost_terms(fam, reference(config, len(fam.layers)), config)
+            fixed, per_rank = fixed + dense, per_rank + per
+    rank = (stack_budget - fixed) // per_rank if per_rank else 0
+    if rank < 1:
+        raise VloraError(f"the target leaves {max(stack_budget, 0):,} bytes for the layer stacks; with "
+                         f"--chunks {config.chunks or 1} the bases and rank-1 increments need at least "
+                         f"{fixed + per_rank:,}")
+    return int(rank)
+
+
+def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: CompressConfig,
+                  budget: int) -> FamilyPlan | None:
+    """The candidate's plan at the largest uniform rank within ``budget``; None if none fits."""
+    n_layers = len(fam.layers)
+    if cand.chunks > n_layers:
+        return None
+    dense, per_rank = _cost_terms(fam, cand, config)
+    rank = min((budget - dense) // per_rank, *fam.shape) if per_rank else 0
+    if rank < 1:
+        return None
+    if cand.base == "none":
+        return _family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")])
+    if config.bounds == "equal":
+        bounds = split_equal(n_layers, cand.chunks)
+    else:
+        bounds = partition(n_layers, cand.chunks, chain_cost(fam, weights, whitener, rank))
+    chunks = []
+    for start, end in bounds:
+        layers = fam.layers[start:end]
+        if cand.base == "mean" and len(layers) > 1:
+            chunks.append(ChunkPlan(layers, (rank,) * len(layers), "synthetic", cand.topology))
+        elif cand.base in ("first", "mean") or len(layers) == 1:
+            chunks.append(ChunkPlan(layers, (0,) + (rank,) * (len(layers) - 1), layers[0], cand.topology))
+        else:
+            chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config))
+    return _family_plan(fam, config, chunks)
+
+
+def _cost_terms(fam: Family, cand: Candidate, config: CompressConfig) -> tuple[int, int]:
+    """(bytes of dense bases, bytes per unit of rank) of ``fam`` stored as ``cand``."""
+    m, n = fam.shape
+    item = ITEMSIZE[_store(fam, config)]
+    if cand.base == "none":
+        return 0, item * len(fam.layers) * (m + n)
+    chunks = min(cand.chunks, len(fam.layers))
+    # a mean base is stored once and every layer is an increment; a layer base is a layer
+    increments = len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
+    return item * chunks * m * n, item * increments * (m + n)
+
+
+def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[int, int], ...]:
+    """Contiguous [start, end) bounds of ``k`` chunks over ``n`` layers minimising Σ cost(start, end)."""
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    back = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for end in range(j, n - (k - j) + 1):
+            for start in range(j - 1, end):
+                c = best[j - 1][start] + cost(start, end)
+                if c < best[j][end]:
+                    best[j][end], back[j][end] = c, start
+    bounds, end = [], n
+    for j in range(k, 0, -1):
+        start = back[j][end]
+        bounds.append((start, end))
+        end = start
+    return tuple(reversed(bounds))
+
+
+def chain_cost(fam: Family, weights, whitener, rank: int) -> Callable[[int, int], float]:
+    """Cost of a chunk as a first-base chain: the delta energy past ``rank`` on every internal link.
+
+    Each consecutive delta is decomposed once (whitened when calibrated), so the dynamic programme
+    costs one singular-value decomposition per layer, not one per chunk.
+    """
+    tails = [0.0]
+    for prev, layer in zip(fam.layers, fam.layers[1:]):
+        delta = (weights[layer] - weights[prev]).double()
+        wh = whitener(fam.key(layer))
+        if wh is not None:
+            delta = delta @ wh.root if wh.side == 1 else wh.root.T @ delta
+        s = torch.linalg.svdvals(delta)
+        tails.append(float(s[rank:].square().sum()))
+    prefix = [0.0]
+    for t in tails:
+        prefix.append(prefix[-1] + t)
+    # the links inside chunk [start, end) are those into positions start+1 .. end-1
+    return lambda start, end: prefix[end] - prefix[start + 1]
+
+
+def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig) -> dict[str, torch.Tensor]:
+    """Fit ``fp`` and rebuild its layers exactly as compress and expand would, without writing."""
+    by_key = {fp.key(layer): weights[layer] for c in fp.chunks for layer in c.layers}
+    stored = {item[0]: item[1] for item in fit_family(fp, by_key.__getitem__, config, whitener)
+              if isinstance(item, tuple)}
+    return dict(rebuild_family(fp, stored.__getitem__))
+
+
+def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitener) -> float:
+    """Σ_l ||(W_l - Ŵ_l) S_l||² relative to Σ_l ||W_l S_l||², with S = I when uncalibrated."""
+    err = total = 0.0
+    for layer in fam.layers:
+        key = fam.key(layer)
+        if key not in rebuilt:
+            continue
+        w = weights[layer].double()
+        d = w - rebuilt[key].double()
+        wh = whitener(key)
+        if wh is not None:
+            w, d = (w @ wh.root, d @ wh.root) if wh.side == 1 else (wh.root.T @ w, wh.root.T @ d)
+        err += float(d.square().sum())
+        total += float(w.square().sum())
+    return err / total if total > 0 else err
+
+
+def _best_base(fam, layers, rank, topology, weights, whitener, config) -> ChunkPlan:
+    """The chunk's layer that, as its base, leaves the least residual over the chunk."""
+    best = None
+    for b in layers:
+        chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, topology)
+        fp = _family_plan(fam, config, [chunk])
+        err = family_error(fam, weights, rebuild_in_memory(fp, weights, whitener, config), whitener)
+        if best is None or err < best[0]:
+            best = (err, chunk)
+    return best[1]
+
+
+def _family_plan(fam: Family, config: CompressConfig, chunks) -> FamilyPlan:
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, _store(fam, config), tuple(chunks))
+
+
+def _store(fam: Family, config: CompressConfig) -> str:
+    return STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
