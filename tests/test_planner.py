@@ -1,0 +1,108 @@
+import itertools
+
+import pytest
+import torch
+
+from conftest import CALIB, CORE
+from vlora_compress import compress, expand, synthetic
+from vlora_compress.calibrate import CalibConfig
+from vlora_compress.checkpoint import open_checkpoint
+from vlora_compress.factorise import Whitener, synthetic_base
+from vlora_compress.plan import ChunkPlan, FamilyPlan
+from vlora_compress.planner import partition
+
+
+def _dense(path):
+    with open_checkpoint(path) as ckpt:
+        return {k: ckpt.read(k) for k in ckpt.infos}
+
+
+def test_partition_is_the_exact_optimum():
+    g = torch.Generator().manual_seed(0)
+    costs = torch.rand(9, 10, generator=g)
+    cost = lambda s, e: float(costs[s, e]) * (e - s) ** 1.5  # noqa: E731
+    for k in (1, 2, 3, 4):
+        bounds = partition(9, k, cost)
+        assert bounds[0][0] == 0 and bounds[-1][1] == 9 and len(bounds) == k
+        brute = min(
+            sum(cost(s, e) for s, e in zip((0,) + cuts, cuts + (9,)))
+            for cuts in itertools.combinations(range(1, 9), k - 1)
+        )
+        assert sum(cost(s, e) for s, e in bounds) == pytest.approx(brute)
+
+
+def test_planted_unequal_chunks_come_back_exactly_with_default_options(tmp_path):
+    # three exact rank-3 chains of 3, 5 and 4 layers: an equal split would cut through them
+    specs = synthetic.llama_keys(layers=12, d=40, ffn=72)
+    src = synthetic.write_checkpoint(tmp_path / "p.safetensors", specs, synthetic.planted_chain(4, 3, {0, 3, 8}))
+    report = compress(src, tmp_path / "p.vlora.safetensors", rank=3, chunks=3)
+    assert max(t["rel_error"] for t in report.tensors) < 1e-5
+    assert all(f["chunks"] == [[0, 2], [3, 7], [8, 11]] for f in report.families)
+    restored, original = expand(tmp_path / "p.vlora.safetensors"), _dense(src)
+    assert all(torch.allclose(restored[k], original[k], atol=1e-5) for k in original)
+    equal = compress(src, tmp_path / "e.vlora.safetensors", rank=3, chunks=3, **CORE)
+    assert max(t["rel_error"] for t in equal.tensors) > 0.1  # what the equal split would have done
+
+
+@pytest.mark.parametrize("base,topology", [(b, t) for b in ("first", "mean", "best") for t in ("chain", "star")]
+                         + [("none", "star")])
+def test_every_base_and_topology_round_trips_through_expand(gpt2_file, tmp_path, base, topology):
+    out = tmp_path / "g.vlora.safetensors"
+    report = compress(gpt2_file, out, rank=3, chunks=2, base=base, topology=topology)
+    assert all(f["topologies"] == [topology] * len(f["chunks"]) for f in report.families)
+    kinds = {b for f in report.families for b in f["bases"]}
+    if base == "mean":
+        assert "synthetic" in kinds and kinds <= {"synthetic", 0, 1, 2, 3}  # a one-layer chunk is its own base
+    elif base == "none":
+        assert kinds == {"none"}
+    else:
+        assert all(isinstance(b, int) for b in kinds)
+    restored, original = expand(out), _dense(gpt2_file)
+    for t in report.tensors:
+        w, w_hat = original[t["key"]].double(), restored[t["key"]].double()
+        assert float((w - w_hat).norm() / w.norm()) == pytest.approx(t["rel_error"], abs=1e-6)
+    # a rank-r plan stores what first-layer bases with rank-r increments store, or less; a mean base
+    # also stores an increment for every layer
+    first = compress(gpt2_file, tmp_path / "r.vlora.safetensors", rank=3, chunks=2, **CORE)
+    extra = sum(3 * sum(f["shape"]) * 4 * 2 for f in report.families) if base == "mean" else 0
+    assert report.stack_compressed_bytes <= first.stack_compressed_bytes + extra
+
+
+def test_auto_never_loses_to_per_layer_svd_by_its_own_measure(gpt2_file, tmp_path):
+    report = compress(gpt2_file, tmp_path / "a.vlora.safetensors", rank=8, chunks=2)
+    for note in report.notes:
+        chosen = float(note.split("error ")[1].split(" ")[0].rstrip(","))
+        tried = dict(part.rsplit(" ", 1) for part in note.split("also tried: ")[1].rstrip(")").split("; "))
+        assert all(chosen <= float(v) for v in tried.values())
+        assert "per-layer SVD" in note  # the baseline is always among the candidates
+
+
+def test_whitened_mean_is_the_output_optimal_shared_matrix():
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(12, 8, generator=g) for _ in range(3)]
+    xs = [torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 8, dtype=torch.float64)
+          for _ in range(3)]
+    whs = {f"l.{i}.w": Whitener.from_gram(x.T @ x, side=1, damping=1e-9) for i, x in enumerate(xs)}
+    fp = FamilyPlan("l", "w", (12, 8), "F32", "F32", (ChunkPlan((0, 1, 2), (1, 1, 1), "synthetic", "star"),))
+    read = {f"l.{i}.w": w for i, w in enumerate(ws)}.__getitem__
+    base = synthetic_base(fp, fp.chunks[0], read, whs.get).double()
+    loss = lambda b: sum(float(((w.double() - b) @ x.T).square().sum()) for w, x in zip(ws, xs))  # noqa: E731
+    plain = sum(w.double() for w in ws) / 3
+    assert loss(base) < loss(plain)
+    for _ in range(5):  # no nearby matrix does better
+        assert loss(base) <= loss(base + 1e-3 * torch.randn(12, 8, generator=g, dtype=torch.float64))
+
+
+def test_calibrated_auto_plan_ties_or_beats_per_layer_svd_on_the_real_model(minilm_dir, tmp_path):
+    from conftest import EVAL
+    from vlora_compress.evaluate import EvalConfig, evaluate
+
+    cfg = CalibConfig(samples=64, holdout=16)
+    scores = {}
+    for name, opts in (("auto", {}), ("svd", {"method": "svd"})):
+        out = tmp_path / f"{name}.vlora.safetensors"
+        r = compress(minilm_dir, out, target_size=0.5, target_of="stack", calib=CALIB, calib_config=cfg, **opts)
+        assert r.stack_size_ratio <= 0.5
+        scores[name] = evaluate(out, EVAL, EvalConfig(samples=48), reference=minilm_dir).metric(
+            "cosine_to_reference").model
+    assert scores["auto"] >= scores["svd"] - 0.01
