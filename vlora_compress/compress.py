@@ -31,6 +31,7 @@ def compress(
     base: str = "auto",
     topology: str = "auto",
     bounds: str = "dp",
+    ranks: str = "measured",
     target_size: str | float | None = None,
     target_of: str = "model",
     svd: str = "auto",
@@ -54,7 +55,7 @@ def compress(
     factorisation with input Grams from the original model, found through ``config_dir`` (default:
     the source's folder). ``eval_data`` scores the result against the original afterwards.
     """
-    config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds,
+    config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
                             svd=svd, dtype=dtype, seed=seed)
     if target_of not in TARGETS_OF:
         raise VloraError(f"--target-of must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
@@ -81,7 +82,7 @@ def compress(
             keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
             grams, meter = _calibrate(source, config_dir, calib, keys, calib_config, progress, ckpt.read)
         whitener = grams.whitener if grams is not None else (lambda key: None)
-        if _needs_search(config):
+        if _needs_search(config) or (meter is not None and config.ranks == "measured"):
             plan = plan_measured(stacks, config, ckpt.read, whitener, meter)
         else:
             plan = plan_equal(stacks, config)

@@ -17,6 +17,7 @@ METHODS = ("vlora", "svd")
 BASES = ("auto", "first", "mean", "best", "none")
 TOPOLOGY_CHOICES = ("auto", "chain", "star")
 BOUNDS = ("dp", "equal")
+RANK_CHOICES = ("measured", "uniform")
 TARGETS_OF = ("model", "stack")
 TOPOLOGIES = ("chain", "star")
 BASE_KINDS = ("synthetic", "none")
@@ -33,6 +34,8 @@ class CompressConfig:
     base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
     topology: str = "auto"  # chain | star | auto
     bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
+    ranks: str = "measured"  # measured: move bytes between families by measured output error
+    # (needs calibration); uniform: one rank everywhere
     svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
@@ -49,6 +52,8 @@ class CompressConfig:
             raise VloraError(f"--base must be one of {', '.join(BASES)}, not {self.base!r}")
         if self.topology not in TOPOLOGY_CHOICES:
             raise VloraError(f"--topology must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
+        if self.ranks not in RANK_CHOICES:
+            raise VloraError(f"--ranks must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
         if self.bounds not in BOUNDS:
             raise VloraError(f"--bounds must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
         if self.method == "svd" and self.base not in ("auto", "none"):
