@@ -7,7 +7,7 @@ from vlora_compress import synthetic
 
 
 # The core plan: equal chunks, the first layer of each as a dense base, a closed-loop chain.
-CORE = dict(base="first", topology="chain", bounds="equal")
+CORE = dict(base="first", topology="chain", bounds="equal", ranks="uniform")
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +61,9 @@ def tiny_model(folder: Path, arch: str, **overrides) -> Path:
                                          bos_token_id=0, eos_token_id=0, **overrides)
         model = transformers.GPT2LMHeadModel(config)
     elif arch == "llama":
-        config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                          max_position_embeddings=64, **overrides)
+        config = transformers.LlamaConfig(**{**dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                    max_position_embeddings=64), **overrides})
         model = transformers.LlamaForCausalLM(config)
     elif arch == "bert-classifier":
         config = transformers.BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,

@@ -126,8 +126,8 @@ def test_vlora_eval_cli_json_and_one_line_errors(minilm_dir, tmp_path, capsys):
 
 
 def test_compress_eval_puts_figures_in_the_report(minilm_dir, tmp_path):
-    report = compress(minilm_dir, tmp_path / "m.vlora.safetensors", method="svd", target_size=0.5,
-                      target_of="stack", calib=CALIB, eval_data=EVAL,
+    report = compress(minilm_dir, tmp_path / "m.vlora.safetensors", method="svd", ranks="uniform", target_size=0.5,
+                      target_of="stack", calib=CALIB, calib_config=CalibConfig(samples=64), eval_data=EVAL,
                       eval_config=EvalConfig(task="embedding", samples=16))
     assert report.rank == 128 and report.stack_size_ratio == pytest.approx(0.5, abs=0.01)
     assert report.evaluation["metrics"][0]["name"] == "cosine_to_reference"

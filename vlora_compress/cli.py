@@ -51,8 +51,13 @@ eval_app = _app("Evaluate a model on local data, side by side with the original.
 def compress_cmd(
     source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
     rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
-    chunks: Annotated[int, typer.Option("--chunks", "-c", help="Contiguous chunks per stack; each keeps one dense base.")] = 1,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", "-c", help="Contiguous chunks per stack, each with one base; by default the planner tries 1 to 3 (the budget counts one).")] = None,
     method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments) or svd (every layer its own low-rank factors: the baseline).")] = "vlora",
+    base: Annotated[str, typer.Option("--base", help="first, mean (whitened mean, stored once), best (least residual), none (per-layer SVD) or auto (chosen per family by measured error).")] = "auto",
+    topology: Annotated[str, typer.Option("--topology", help="chain (each layer over its neighbour), star (each over the base) or auto.")] = "auto",
+    bounds: Annotated[str, typer.Option("--bounds", help="dp (chunk bounds by dynamic programming on the deltas) or equal.")] = "dp",
+    ranks: Annotated[str, typer.Option("--ranks", help="measured (move bytes between families by measured output error; needs --calib) or uniform.")] = "measured",
+    align: Annotated[bool, typer.Option("--align", help="Align each layer's MLP neurons and attention heads to the layer before it first (same function, smaller deltas).")] = False,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="Choose the largest uniform rank that fits: a fraction such as 0.35, or a size such as 40MB. Overrides --rank.")] = None,
     target_of: Annotated[str, typer.Option("--target-of", help="What --target-size is a fraction of: model (the whole checkpoint) or stack (the factorised layers).")] = "model",
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
@@ -80,7 +85,8 @@ def compress_cmd(
     elif eval_data is not None and eval_samples is not None:
         eval_config = EvalConfig(task=default_task(config_dir or source), samples=eval_samples)
     report = compress(
-        source, out, rank=rank, chunks=chunks, method=method, target_size=target_size, target_of=target_of,
+        source, out, rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds,
+        ranks=ranks, align=align, target_size=target_size, target_of=target_of,
         svd=svd, dtype=dtype, seed=seed, calib=calib,
         calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
                                  gram_dir=gram_dir),

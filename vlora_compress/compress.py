@@ -12,7 +12,8 @@ from .errors import VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .models import config_folder, load_model, load_preprocessor
+from .align import align_stack, detect_layout, read_config
+from .models import config_folder, load_model, load_preprocessor, set_tensors
 from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal
 from .planner import plan_measured, rank_for_budget
 from .progress import Progress
@@ -32,6 +33,7 @@ def compress(
     topology: str = "auto",
     bounds: str = "dp",
     ranks: str = "measured",
+    align: bool = False,
     target_size: str | float | None = None,
     target_of: str = "model",
     svd: str = "auto",
@@ -77,18 +79,23 @@ def compress(
         if target_size is not None:
             target = _target(ckpt, stacks, config, target_size, target_of)
             config = replace(config, rank=target["rank"])
+        read, aligned, align_notes = ckpt.read, {}, []
+        if align:
+            aligned, align_notes = _align(stacks, ckpt.read, config_dir or source)
+            read = lambda key: aligned[key] if key in aligned else ckpt.read(key)  # noqa: E731
         grams = meter = None
         if calib is not None:
             keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
-            grams, meter = _calibrate(source, config_dir, calib, keys, calib_config, progress, ckpt.read)
+            grams, meter = _calibrate(source, config_dir, calib, keys, calib_config, progress, ckpt.read, aligned)
         whitener = grams.whitener if grams is not None else (lambda key: None)
         if _needs_search(config) or (meter is not None and config.ranks == "measured"):
-            plan = plan_measured(stacks, config, ckpt.read, whitener, meter)
+            plan = plan_measured(stacks, config, read, whitener, meter)
         else:
             plan = plan_equal(stacks, config)
+        plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes)
         record = source_info(ckpt)
         entries = layout(plan, record)
-        fits = _write(ckpt, plan, config, record, entries, out, grams, progress)
+        fits = _write(read, plan, config, record, entries, out, grams, progress)
         report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
@@ -122,10 +129,31 @@ def _needs_search(config: CompressConfig) -> bool:
     return config.bounds == "dp" and config.chunks > 1
 
 
-def _calibrate(source, config_dir, calib, keys, calib_config: CalibConfig, progress: bool, read):
-    """The Grams, and a meter of the model's output error on the held-back samples."""
+def _align(stacks, read, config_source) -> tuple[dict, list[str]]:
+    """Aligned weights of every stack whose architecture is known, and a note for each stack."""
+    try:
+        config = read_config(config_folder(config_source))
+    except VloraError:
+        config = None
+    aligned, notes = {}, []
+    for stack in stacks:
+        layout, note = detect_layout(stack, config)
+        if layout is not None:
+            aligned.update(align_stack(stack, layout, read))
+        notes.append(("" if layout is not None else "not aligned: ") + note)
+    return aligned, notes
+
+
+def _calibrate(source, config_dir, calib, keys, calib_config: CalibConfig, progress: bool, read, aligned):
+    """The Grams, and a meter of the model's output error on the held-back samples.
+
+    With aligned weights the model runs aligned too: the same function, but the inputs of the
+    output projections arrive permuted and rotated as the aligned weights expect them.
+    """
     folder = config_folder(config_dir or source)
     model = load_model(Path(source) if config_dir is None else source, folder if config_dir else None, "base")
+    if aligned:
+        set_tensors(model, aligned, read)
     preprocessor = load_preprocessor(folder)
     samples, held = read_calibration(preprocessor, calib, calib_config)
     grams = calibrate(model, preprocessor, samples, keys, calib_config, progress, read)
@@ -166,7 +194,7 @@ def source_info(ckpt: Checkpoint) -> SourceInfo:
     )
 
 
-def _write(ckpt, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool):
+def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool):
     factorised = factorised_keys(plan)
     fits: list[LayerFit] = []
     total = sum(len(fp.layers) for fp in plan.families)
@@ -175,11 +203,11 @@ def _write(ckpt, plan: Plan, config: CompressConfig, source: SourceInfo, entries
     ) as bar:
         for key, _, _ in source.tensors:
             if key not in factorised:
-                writer.write(key, ckpt.read(key))
+                writer.write(key, read(key))
         for fp in plan.families:
             bar.describe(fp.name)
             whitener = grams.whitener if grams is not None else (lambda key: None)
-            for item in fit_family(fp, ckpt.read, config, whitener):
+            for item in fit_family(fp, read, config, whitener):
                 if isinstance(item, LayerFit):
                     fits.append(item)
                     bar.advance()

@@ -158,6 +158,23 @@ def module_for_key(model: torch.nn.Module, key: str, weight: torch.Tensor | None
     return None
 
 
+def set_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], read=None) -> None:
+    """Put checkpoint tensors (weights and biases of linear layers) into a loaded model, in place.
+
+    Modules are found before anything changes, so finding one by value still sees the originals.
+    """
+    targets = []
+    for key, tensor in tensors.items():
+        stem, part = key.rsplit(".", 1)
+        found = module_for_key(model, stem + ".weight") or (
+            module_for_key(model, stem + ".weight", read(stem + ".weight")) if read else None)
+        if found is None or getattr(found[1], part, None) is None:
+            raise VloraError(f"cannot find {key} in the model")
+        targets.append((getattr(found[1], part), tensor))
+    for param, tensor in targets:
+        param.data = tensor.to(param.dtype).reshape(param.shape)
+
+
 def _fingerprint(w: torch.Tensor) -> tuple:
     flat = w.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long()

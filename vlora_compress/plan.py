@@ -157,6 +157,7 @@ class Plan:
     stacks: tuple[StackPlan, ...]
     families: tuple[FamilyPlan, ...]
     notes: tuple[str, ...] = field(default=())
+    aligned: bool = False  # the stored weights are the layer-aligned (function-equivalent) ones
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,7 +184,7 @@ class Plan:
                 )
                 for f in data["families"]
             )
-            plan = cls(stacks, families, tuple(str(n) for n in data.get("notes", ())))
+            plan = cls(stacks, families, tuple(str(n) for n in data.get("notes", ())), bool(data.get("aligned", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise VloraError(f"corrupted plan ({type(e).__name__}: {e})") from None
         plan.validate()
