@@ -270,3 +270,20 @@ def test_bad_calibration_data_gets_one_line(minilm_dir, tmp_path, capsys):
     code, out, err = run(compress_main, [bare, "-o", tmp_path / "o.vlora.safetensors", "--calib", empty], capsys)
     assert_one_line_error(code, out, err, "has no config.json")
     assert not (tmp_path / "o.vlora.safetensors").exists()
+
+
+def test_planning_flags(gpt2_file, tmp_path, capsys):
+    out = tmp_path / "p.vlora.safetensors"
+    code, stdout, _ = run(compress_main, [gpt2_file, "-o", out, "-r", 3, "-c", 2, "--base", "mean", "--topology",
+                                          "star", "--bounds", "equal", "--json"], capsys)
+    assert code == 0
+    fams = json.loads(stdout)["families"]
+    assert all(f["bases"] == ["synthetic", "synthetic"] and f["topologies"] == ["star", "star"] for f in fams)
+    code, stdout, _ = run(inspect_main, [out], capsys)
+    assert code == 0 and "synthetic" in stdout and "star" in stdout
+    for flag, value in (("--base", "median"), ("--topology", "tree"), ("--bounds", "random"), ("--ranks", "greedy")):
+        code, o, err = run(compress_main, [gpt2_file, "-o", tmp_path / "x.vlora.safetensors", flag, value], capsys)
+        assert_one_line_error(code, o, err, f"{flag} must be one of")
+    code, o, err = run(compress_main, [gpt2_file, "-o", tmp_path / "x.vlora.safetensors", "--method", "svd",
+                                       "--base", "first"], capsys)
+    assert_one_line_error(code, o, err, "--method svd stores every layer alone")
