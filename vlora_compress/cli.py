@@ -19,13 +19,20 @@ from .compress import compress
 from .evaluate import EvalConfig, default_task, evaluate
 from .errors import VloraError
 from .expand import expand_to_file
+from .check import check, fmt_number, load_budgets, merge, parse_eval_drop
+from .evaluate import markdown_eval
 from .inspection import (
     delta_spectra,
     inspect_source,
+    inspect_vlora,
+    markdown_inspect,
+    markdown_spectra,
     render_checkpoint,
     render_spectra,
     render_vlora,
 )
+from .plan import parse_size
+from .report import write_report
 
 stdout = Console()
 
@@ -35,6 +42,7 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 ForceFlag = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ReportFlag = Annotated[Optional[Path], typer.Option("--report", help="Also write the report to FILE.json or FILE.md.")]
 
 
 def _app(help_text: str) -> typer.Typer:
@@ -45,6 +53,8 @@ compress_app = _app("Compress a checkpoint into a VLoRA file.")
 expand_app = _app("Expand a VLoRA file back into a dense safetensors checkpoint.")
 inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint or a VLoRA file.")
 eval_app = _app("Evaluate a model on local data, side by side with the original.")
+check_app = _app("Check a VLoRA file or a compress report against size and accuracy budgets (exit 1 if one fails).")
+plot_app = _app("Draw a report: spectra, bytes, ranks, errors or tradeoff, to .png or .svg.")
 
 
 @compress_app.command()
@@ -73,6 +83,7 @@ def compress_cmd(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; the same input and options give the same bytes.")] = 0,
+    report_file: ReportFlag = None,
     force: ForceFlag = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -92,6 +103,8 @@ def compress_cmd(
                                  gram_dir=gram_dir),
         config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, force=force, progress=show,
     )
+    if report_file is not None:
+        write_report(report_file, report.to_dict(), report.to_markdown())
     if as_json:
         print(report.to_json())
     else:
@@ -108,6 +121,7 @@ def eval_cmd(
     samples: Annotated[Optional[int], typer.Option("--samples", help="Use the data's first N samples (perplexity: its first N x --max-length tokens).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample (perplexity: the window).")] = 128,
+    report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -116,6 +130,8 @@ def eval_cmd(
     config = EvalConfig(task=task or default_task(folder), batch_size=batch_size, max_length=max_length, samples=samples)
     result = evaluate(model, data, config, reference=reference, config_dir=config_dir,
                       progress=not quiet and not as_json)
+    if report_file is not None:
+        write_report(report_file, result.to_dict(), markdown_eval(result.to_dict()))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -146,6 +162,7 @@ def inspect_cmd(
     spectra: Annotated[bool, typer.Option("--spectra", help="Singular-value spectra of every consecutive-layer delta.")] = False,
     rank: Annotated[int, typer.Option("--rank", "-r", help="With --spectra: the rank whose kept energy is shown.")] = 4,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --spectra: also draw them to a .png or .svg (needs the plot extra).")] = None,
+    report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -158,18 +175,106 @@ def inspect_cmd(
             from .plots import plot_spectra
 
             plot_spectra(rows, plot)
+        data = {"path": str(path), "rank": rank, "pairs": rows}
+        if report_file is not None:
+            write_report(report_file, data, markdown_spectra(rows))
         if as_json:
-            print(json.dumps({"path": str(path), "rank": rank, "pairs": rows}, indent=2))
+            print(json.dumps(data, indent=2))
         else:
             render_spectra(rows, stdout)
         return
     info = inspect_source(path)
+    if report_file is not None:
+        write_report(report_file, info, markdown_inspect(info))
     if as_json:
         print(json.dumps(info, indent=2))
     elif info["kind"] == "vlora":
         render_vlora(info, stdout)
     else:
         render_checkpoint(info, stdout)
+
+
+@check_app.command()
+def check_cmd(
+    subject: Annotated[Path, typer.Argument(help="A VLoRA file (sizes) or a compress report .json (sizes and eval metrics).")],
+    max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", help="Largest file size allowed, e.g. 40MB.")] = None,
+    max_size_ratio: Annotated[Optional[float], typer.Option("--max-size-ratio", help="Largest compressed / original bytes allowed.")] = None,
+    max_params: Annotated[Optional[int], typer.Option("--max-params", help="Most stored parameters allowed.")] = None,
+    max_eval_drop: Annotated[Optional[str], typer.Option("--max-eval-drop", help="Largest drop of the eval metrics against the original (report needed): 0.05 for all, or cosine_to_reference=0.05,perplexity=2.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A report or VLoRA file to compare with.")] = None,
+    max_growth: Annotated[Optional[float], typer.Option("--max-growth", help="Allowed file growth against the baseline, as a fraction. File default 0.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Allowed drop of any eval metric against the baseline. File default 0.001.")] = None,
+    budgets_file: Annotated[Optional[Path], typer.Option("--budgets", help="Budgets in a TOML or JSON file; by default [tool.vlora] of ./pyproject.toml if present.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the verdict as a Markdown table, for a pull request.")] = False,
+    report_file: ReportFlag = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Exit 0 when every budget holds, 1 when one is exceeded (each rule with value, budget and difference)."""
+    budgets = merge(load_budgets(budgets_file), max_bytes=_size(max_bytes), max_size_ratio=max_size_ratio,
+                    max_params=max_params, max_eval_drop=parse_eval_drop(max_eval_drop),
+                    baseline=str(baseline) if baseline else None, max_growth=max_growth, max_drop=max_drop)
+    verdict = check(subject, budgets)
+    if report_file is not None:
+        write_report(report_file, verdict.to_dict(), verdict.to_markdown())
+    if as_json:
+        print(json.dumps(verdict.to_dict(), indent=2))
+    elif markdown:
+        print(verdict.to_markdown())
+    else:
+        for r in verdict.rules:
+            mark = "[green]ok[/]  " if r.ok else "[red]FAIL[/]"
+            stdout.print(f"{mark} {r.rule}: {fmt_number(r.value)} (budget {fmt_number(r.budget)}, "
+                         f"difference {r.difference:+.4g})")
+        stdout.print("[green]all budgets hold[/]" if verdict.ok else "[red]a budget is exceeded[/]")
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
+@plot_app.command()
+def plot_cmd(
+    kind: Annotated[str, typer.Argument(help="spectra (a checkpoint), bytes (a VLoRA file), ranks or errors (a compress report .json), tradeoff (several reports).")],
+    inputs: Annotated[list[Path], typer.Argument(help="What to draw from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The picture: .png or .svg.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="spectra: the rank to mark.")] = 4,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="tradeoff: which eval metric (default: the first).")] = None,
+) -> None:
+    """Pictures where people would rather look than read (needs the plot extra)."""
+    from . import plots
+
+    if kind not in plots.PLOTS:
+        raise VloraError(f"plot kind must be one of {', '.join(plots.PLOTS)}, not {kind!r}")
+    if kind != "tradeoff" and len(inputs) != 1:
+        raise VloraError(f"{kind} draws one input, not {len(inputs)}")
+    if kind == "spectra":
+        plots.plot_spectra(delta_spectra(inputs[0], rank), out)
+    elif kind == "bytes":
+        plots.plot_bytes(inspect_vlora(inputs[0]), out)
+    else:
+        reports = [_report_json(p) for p in inputs]
+        if kind == "tradeoff":
+            plots.plot_tradeoff(reports, out, metric)
+        else:
+            getattr(plots, f"plot_{kind}")(reports[0], out)
+    stdout.print(f"wrote {out}")
+
+
+def _report_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["tensors"], data["families"]  # noqa: B018 - a compress report has both
+    except FileNotFoundError:
+        raise VloraError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise VloraError(f"{path}: not a vlora-compress report (.json from --report or --json)") from None
+    return data
+
+
+def _size(text: str | None) -> float | None:
+    if text is None:
+        return None
+    kind, value = parse_size(text)
+    if kind != "bytes":
+        raise VloraError(f"--max-bytes must be a size such as 40MB, not {text!r}")
+    return value
 
 
 def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
@@ -202,7 +307,12 @@ def expand_main(argv: list[str] | None = None) -> None:
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
-    sys.exit(_run(inspect_app, "vlora-inspect", argv))
+    """``vlora-inspect PATH``, or its sub-commands ``vlora-inspect check ...`` and ``vlora-inspect plot ...``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    sub = {"check": check_app, "plot": plot_app}
+    if args and args[0] in sub:
+        sys.exit(_run(sub[args[0]], f"vlora-inspect {args[0]}", args[1:]))
+    sys.exit(_run(inspect_app, "vlora-inspect", args))
 
 
 def eval_main(argv: list[str] | None = None) -> None:

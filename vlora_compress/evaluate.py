@@ -60,6 +60,15 @@ class EvalReport:
         render_eval(self.to_dict(), console)
 
 
+def markdown_eval(report: dict) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"**{report['task']}** on `{Path(report['data']).name}` ({report['samples']} samples)", "",
+             "| metric | model | reference | drop (+ = worse) |", "|---|---:|---:|---:|"]
+    lines += [f"| {m['name']} | {fmt(m['model'])} | {fmt(m['reference'])} | {fmt(m['drop'])} |"
+              for m in report["metrics"]]
+    return "\n".join(lines) + "\n"
+
+
 def render_eval(report: dict, console: Console) -> None:
     """The compressed model beside its reference, with the drop; from a report dict (as in JSON)."""
     table = Table(title=f"{report['task']} on {Path(report['data']).name} ({report['samples']} samples)")

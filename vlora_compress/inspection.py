@@ -153,6 +153,7 @@ def inspect_vlora(path: str | Path) -> dict:
         "config": vfile.config,
         "source": {"files": list(vfile.source.files), "sha256": vfile.source.sha256, "bytes": vfile.source.nbytes},
         "bytes": total,
+        "params": sum(i.numel for i in vfile.checkpoint.infos.values()),
         "size_ratio": total / vfile.source.nbytes,
         "bytes_by_role": {"passthrough": passthrough, "bases": bases, "increments": increments},
         "stacks": [
@@ -182,6 +183,37 @@ def sparkline(values: list[float], width: int = 16) -> str:
         level = 1 - math.log(x) / math.log(floor)
         out.append(SPARK[min(len(SPARK) - 1, max(0, int(level * (len(SPARK) - 1) + 0.5)))])
     return "".join(out)
+
+
+def markdown_spectra(rows: list[dict]) -> str:
+    rank = rows[0]["rank"] if rows else 0
+    lines = [f"| family | pair | ‖ΔW‖/‖W‖ | kept at rank {rank} | ranks for 50/90/99% |", "|---|---|---:|---:|---|"]
+    lines += [f"| {r['family']} | {r['layers'][0]}→{r['layers'][1]} | {r['rel_delta']:.3f} | {r['energy_kept']:.1%} | "
+              f"{r['rank_for']['50']}/{r['rank_for']['90']}/{r['rank_for']['99']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_inspect(info: dict) -> str:
+    """A checkpoint's stacks, or a VLoRA file's plan, as Markdown."""
+    if info["kind"] == "vlora":
+        roles = info["bytes_by_role"]
+        lines = [f"### `{Path(info['path']).name}`: VLoRA v{info['format_version']}, {human_bytes(info['bytes'])}, "
+                 f"size ratio {info['size_ratio']:.3f}", "",
+                 f"bases {human_bytes(roles['bases'])}, increments {human_bytes(roles['increments'])}, "
+                 f"pass-through {human_bytes(roles['passthrough'])}", "",
+                 "| family | shape | chunk | base | topology | ranks |", "|---|---|---|---|---|---|"]
+        for f in info["families"]:
+            for c in f["chunks"]:
+                lines.append(f"| {f['family']} | {'x'.join(map(str, f['shape']))} | {_span(c['layers'])} | "
+                             f"{c['base']} | {c['topology']} | {','.join(map(str, c['ranks']))} |")
+        return "\n".join(lines) + "\n"
+    lines = [f"### `{info['path']}`: {info['tensors']} tensors, {info['params']:,} params, {human_bytes(info['bytes'])}",
+             "", "| stack | family | shape | dtype | layers | bytes |", "|---|---|---|---|---|---|"]
+    for st in info["stacks"]:
+        for f in st["families"]:
+            lines.append(f"| {st['prefix']} | {f['suffix']} | {'x'.join(map(str, f['shape']))} | {f['dtype']} | "
+                         f"{_span(f['layers'])} | {human_bytes(f['bytes'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_checkpoint(info: dict, console: Console) -> None:

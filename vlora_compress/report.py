@@ -114,6 +114,33 @@ class CompressReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def to_markdown(self) -> str:
+        title = "VLoRA" if self.method == "vlora" else "per-layer SVD"
+        lines = [f"### {title}: `{Path(self.source).name}` → `{Path(self.output).name}`", "",
+                 "| | |", "|---|---:|",
+                 f"| original | {human_bytes(self.original_bytes)} ({self.original_params:,} params) |",
+                 f"| compressed | {human_bytes(self.compressed_bytes)} ({self.compressed_params:,} params) |",
+                 f"| size ratio | {self.size_ratio:.3f} |",
+                 f"| layer stacks | {human_bytes(self.stack_original_bytes)} → "
+                 f"{human_bytes(self.stack_compressed_bytes)} ({self.stack_size_ratio:.3f}) |"]
+        if self.calibration:
+            lines.append(f"| calibration | {self.calibration['samples']} samples, "
+                         f"{self.calibration['tokens']:,} tokens |")
+        lines += ["", "| family | shape | bases | ranks | stored | weight err mean/max | output err mean/max |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for f in self.families:
+            out = (f"{f['mean_out_error']:.3f}/{f['max_out_error']:.3f}" if f["mean_out_error"] is not None else "-")
+            lines.append(f"| {f['family']} | {'x'.join(map(str, f['shape']))} | {','.join(map(str, f['bases']))} | "
+                         f"{','.join(map(str, f['ranks'])) or '-'} | {human_bytes(f['compressed_bytes'])} | "
+                         f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f} | {out} |")
+        if self.evaluation:
+            from .evaluate import markdown_eval
+
+            lines += ["", markdown_eval(self.evaluation)]
+        if self.notes:
+            lines += ["", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
+
     def render(self, console: Console) -> None:
         title = "VLoRA" if self.method == "vlora" else "per-layer SVD"
         summary = Table(title=f"{title}: {Path(self.source).name} -> {Path(self.output).name}", show_header=False)
@@ -159,6 +186,22 @@ class CompressReport:
             render_eval(self.evaluation, console)
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}")
+
+
+def write_report(path: str | Path, data: dict, markdown: str) -> Path:
+    """``--report FILE``: JSON or Markdown by the file's suffix, written atomically."""
+    from .errors import VloraError
+    from .write import atomic_output
+
+    path = Path(path)
+    if path.suffix not in (".json", ".md"):
+        raise VloraError(f"{path}: --report writes .json or .md")
+    if not path.parent.is_dir():
+        raise VloraError(f"{path.parent}: output folder does not exist")
+    text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else markdown
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,184 @@
+"""Check a compressed checkpoint against budgets and a baseline: the size-regression guard for CI.
+
+Input is a VLoRA file (sizes only) or a saved compress report (sizes and any eval metrics). Every
+rule is reported with its value, its budget and the difference; a failed rule fails the check.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import VloraError
+from .plan import parse_size
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_bytes: float | None = None  # the VLoRA file on disk
+    max_size_ratio: float | None = None  # compressed / original tensor bytes
+    max_params: int | None = None  # stored parameters
+    max_eval_drop: float | dict[str, float] | None = None  # eval drop against the original: one budget
+    # for every metric in the report, or one per metric name
+    baseline: str | None = None  # a report (or VLoRA file) to compare with
+    max_growth: float = 0.0  # allowed growth of the file against the baseline, as a fraction
+    max_drop: float = 0.001  # allowed drop of every eval metric against the baseline's
+
+
+@dataclass(frozen=True)
+class Rule:
+    rule: str
+    value: float
+    budget: float
+    ok: bool
+
+    @property
+    def difference(self) -> float:
+        return self.value - self.budget
+
+
+@dataclass(frozen=True)
+class Verdict:
+    subject: str
+    rules: list[Rule] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rules)
+
+    def to_dict(self) -> dict:
+        return {"subject": self.subject, "ok": self.ok,
+                "rules": [{**asdict(r), "difference": r.difference} for r in self.rules]}
+
+    def to_markdown(self) -> str:
+        head = f"### vlora check: {'✅ pass' if self.ok else '❌ fail'} — `{Path(self.subject).name}`\n\n"
+        rows = ["| rule | value | budget | difference | |", "|---|---:|---:|---:|---|"]
+        for r in self.rules:
+            rows.append(f"| {r.rule} | {fmt_number(r.value)} | {fmt_number(r.budget)} | {r.difference:+.4g} | "
+                        f"{'ok' if r.ok else '**FAIL**'} |")
+        if not self.rules:
+            rows.append("| (no rules given) | | | | |")
+        return head + "\n".join(rows) + "\n"
+
+
+def load_budgets(path: str | Path | None, search_from: Path | None = None) -> Budgets:
+    """Budgets from a TOML or JSON file (``[tool.vlora]`` in a pyproject.toml, or top-level keys).
+
+    Without a path, ``pyproject.toml`` in ``search_from`` is read if it has a ``[tool.vlora]`` table.
+    """
+    if path is None:
+        candidate = (search_from or Path.cwd()) / "pyproject.toml"
+        if not candidate.is_file():
+            return Budgets()
+        path, required = candidate, False
+    else:
+        path, required = Path(path), True
+    if not path.is_file():
+        raise VloraError(f"{path}: no such budget file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise VloraError(f"{path}: not a readable budget file ({e})") from None
+    table = data.get("tool", {}).get("vlora") if "tool" in data else data
+    if table is None:
+        if required:
+            raise VloraError(f"{path}: has no [tool.vlora] table")
+        return Budgets()
+    known = {f.name for f in fields(Budgets)}
+    table = {k.replace("-", "_"): v for k, v in table.items()}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise VloraError(f"{path}: unknown budget {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if "max_bytes" in table:
+        table["max_bytes"] = _bytes(table["max_bytes"])
+    if table.get("baseline"):
+        table["baseline"] = str((path.parent / table["baseline"]).resolve())
+    return Budgets(**table)
+
+
+def merge(base: Budgets, **overrides) -> Budgets:
+    """Flags given on the command line win over the file."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check(subject: str | Path, budgets: Budgets) -> Verdict:
+    facts = read_facts(subject)
+    rules = []
+    if budgets.max_bytes is not None:
+        rules.append(_le("file bytes", facts["file_bytes"], budgets.max_bytes))
+    if budgets.max_size_ratio is not None:
+        rules.append(_le("size ratio", facts["size_ratio"], budgets.max_size_ratio))
+    if budgets.max_params is not None:
+        rules.append(_le("parameters", facts["params"], budgets.max_params))
+    if budgets.max_eval_drop is not None:
+        if not facts["metrics"]:
+            raise VloraError(f"{subject}: --max-eval-drop needs a report with an evaluation (compress --eval)")
+        limits = budgets.max_eval_drop
+        for name, m in facts["metrics"].items():
+            limit = limits.get(name) if isinstance(limits, dict) else limits
+            if limit is not None:
+                rules.append(_le(f"{name} drop vs original", m["drop"], limit))
+        if isinstance(limits, dict) and set(limits) - set(facts["metrics"]):
+            missing = sorted(set(limits) - set(facts["metrics"]))[0]
+            raise VloraError(f"{subject}: the report's evaluation has no metric {missing!r}")
+    if budgets.baseline is not None:
+        base = read_facts(budgets.baseline)
+        rules.append(_le("file bytes vs baseline", facts["file_bytes"], base["file_bytes"] * (1 + budgets.max_growth)))
+        for name, m in base["metrics"].items():
+            if name not in facts["metrics"]:
+                raise VloraError(f"{subject}: has no {name} to compare with the baseline's")
+            mine = facts["metrics"][name]
+            worse = (m["model"] - mine["model"]) if m["higher_is_better"] else (mine["model"] - m["model"])
+            rules.append(_le(f"{name} drop vs baseline", worse, budgets.max_drop))
+    return Verdict(str(subject), rules)
+
+
+def read_facts(path: str | Path) -> dict:
+    """Sizes and eval metrics from a compress report (JSON) or a VLoRA file."""
+    path = Path(path)
+    if not path.exists():
+        raise VloraError(f"{path}: no such file")
+    if path.suffix == ".json":
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            facts = {"file_bytes": report["file_bytes"], "size_ratio": report["size_ratio"],
+                     "params": report["compressed_params"]}
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise VloraError(f"{path}: not a vlora-compress report ({type(e).__name__}: {e})") from None
+        metrics = {m["name"]: m for m in ((report.get("evaluation") or {}).get("metrics") or [])}
+        return {**facts, "metrics": metrics}
+    from .inspection import inspect_vlora
+
+    info = inspect_vlora(path)
+    return {"file_bytes": path.stat().st_size, "size_ratio": info["size_ratio"], "params": info["params"],
+            "metrics": {}}
+
+
+def parse_eval_drop(text: str | None) -> float | dict[str, float] | None:
+    """``0.02`` for every metric, or ``cosine_to_reference=0.02,perplexity=1.5`` per metric."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return float(text)
+        return {k.strip(): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise VloraError(f"--max-eval-drop must be a number or NAME=NUMBER[,NAME=NUMBER], not {text!r}") from None
+
+
+def _le(name: str, value: float, budget: float) -> Rule:
+    return Rule(name, float(value), float(budget), float(value) <= float(budget) + 1e-12)
+
+
+def _bytes(value) -> float:
+    kind, n = parse_size(value)
+    if kind != "bytes":
+        raise VloraError(f"max_bytes must be a size such as 40MB, not {value!r}")
+    return n
+
+
+def fmt_number(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
