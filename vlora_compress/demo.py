@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vlora_compress.demo", description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("out"), help="folder for the demo's files [out]")
     ap.add_argument("--target-size", default="0.5", help="share of the layer stack's bytes to keep [0.5]")
-    ap.add_argument("--calib-samples", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=300)
     args = ap.parse_args(argv)
     try:
