@@ -53,6 +53,7 @@ compress_app = _app("Compress a checkpoint into a VLoRA file.")
 expand_app = _app("Expand a VLoRA file back into a dense safetensors checkpoint.")
 inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint or a VLoRA file.")
 eval_app = _app("Evaluate a model on local data, side by side with the original.")
+heal_app = _app("Heal a VLoRA file by distillation from the original model, keeping its structure and size.")
 check_app = _app("Check a VLoRA file or a compress report against size and accuracy budgets (exit 1 if one fails).")
 plot_app = _app("Draw a report: spectra, bytes, ranks, errors or tradeoff, to .png or .svg.")
 
@@ -257,6 +258,52 @@ def plot_cmd(
     stdout.print(f"wrote {out}")
 
 
+@heal_app.command()
+def heal_cmd(
+    path: Annotated[Path, typer.Argument(help="The VLoRA file to heal.")],
+    teacher: Annotated[Path, typer.Option("--teacher", help="The original model folder (config, weights, tokenizer).")],
+    data: Annotated[Path, typer.Option("--data", help="Training text: .txt (a sample per line) or .jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The healed VLoRA file.")],
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 150,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (warm-up, then cosine decay).")] = 3e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = 32,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Stop after this much wall time.")] = None,
+    freeze: Annotated[Optional[str], typer.Option("--freeze", help="Comma-separated: increments, bases, dense.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Score before and after against the teacher on this data.")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for dropout and order.")] = 0,
+    force: ForceFlag = False,
+    report_file: ReportFlag = None,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Train the stored bases, increments and 1-D parameters to match the teacher's pooled embeddings."""
+    from .heal import TRAINABLE, HealConfig, heal
+
+    frozen = {f.strip() for f in freeze.split(",")} if freeze else set()
+    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, minutes=minutes, seed=seed, device=device,
+                        train=tuple(t for t in TRAINABLE if t not in frozen))
+    if frozen - set(TRAINABLE):
+        raise VloraError(f"--freeze takes some of {', '.join(TRAINABLE)}, not {sorted(frozen - set(TRAINABLE))[0]!r}")
+    cfg = EvalConfig(task="embedding", samples=eval_samples)
+    before = evaluate(path, eval_data, cfg, reference=teacher, config_dir=teacher) if eval_data else None
+    result = heal(path, teacher, data, out, config, force=force, progress=not quiet and not as_json).to_dict()
+    if eval_data:
+        after = evaluate(out, eval_data, cfg, reference=teacher, config_dir=teacher)
+        result["evaluation"] = {"before": before.to_dict(), "after": after.to_dict()}
+    if report_file is not None:
+        write_report(report_file, result, "```json\n" + json.dumps(result, indent=2) + "\n```\n")
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    stdout.print(f"healed {path} -> {out}: {result['steps']} steps in {result['seconds']:.0f} s; "
+                 f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}")
+    if eval_data:
+        b, a = before.metrics[0], after.metrics[0]
+        stdout.print(f"{b.name}: {b.model:.4f} before, {a.model:.4f} after (teacher {b.reference:.4f})")
+
+
 def _report_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -299,7 +346,11 @@ def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
 
 
 def compress_main(argv: list[str] | None = None) -> None:
-    sys.exit(_run(compress_app, "vlora-compress", argv))
+    """``vlora-compress SOURCE ...``, or ``vlora-compress heal VLORA_FILE ...``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "heal":
+        sys.exit(_run(heal_app, "vlora-compress heal", args[1:]))
+    sys.exit(_run(compress_app, "vlora-compress", args))
 
 
 def expand_main(argv: list[str] | None = None) -> None:
