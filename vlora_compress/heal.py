@@ -118,7 +118,7 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
             torch.nn.utils.clip_grad_norm_(params, config.clip)
             opt.step()
             sched.step()
-            window.append(loss.item())
+            window.append(loss.detach().item())
             if len(window) == 10 or step == config.steps - 1:
                 losses.append(sum(window) / len(window))
                 window = []
