@@ -161,7 +161,8 @@ def _forward_all(models, preprocessor, samples, config, progress, fn):
     return out
 
 
-def _pooled(outputs, mask):
+def pooled_embedding(outputs, mask):
+    """Mean over real tokens of the last hidden state, normalised: the sentence embedding."""
     h = outputs.last_hidden_state
     m = mask[..., None].to(h.dtype)
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
@@ -175,7 +176,7 @@ def _embedding(models, preprocessor, data, config, progress):
         texts = [t for a, b, _ in pairs for t in (a, b)]
     else:
         texts = read_texts(data, config.samples)
-    embs = [torch.cat(e) for e in _forward_all(models, preprocessor, texts, config, progress, _pooled)]
+    embs = [torch.cat(e) for e in _forward_all(models, preprocessor, texts, config, progress, pooled_embedding)]
     metrics = []
     if len(models) > 1:
         metrics.append(Metric("cosine_to_reference", float((embs[0] * embs[1]).sum(-1).mean()), 1.0))

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import DTYPES
 from .data import read_texts
 from .errors import VloraError
+from .evaluate import pooled_embedding
 from .factorise import rebuild_family
 from .fileformat import VloraFile, factorised_keys, family_layout, header_metadata, layout
 from .models import batches, load_model, load_preprocessor, module_for_key, takes_text, token_limit
@@ -100,7 +101,7 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
     limit = token_limit(student, config.max_length)
     batch_list = list(batches(tok, texts, config.batch_size, limit))
     with torch.no_grad():
-        goals = [_pooled(teacher_model(**_to(inputs, device)), mask.to(device)) for inputs, mask, _ in batch_list]
+        goals = [pooled_embedding(teacher_model(**_to(inputs, device)), mask.to(device)) for inputs, mask, _ in batch_list]
     del teacher_model
     losses, window = [], []
     student.train()
@@ -111,7 +112,7 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
             inputs, mask, _ = batch_list[step % len(batch_list)]
             weights = _rebuild(vfile, stored, targets)
             outputs = torch.func.functional_call(student, weights, args=(), kwargs=_to(inputs, device))
-            emb = _pooled(outputs, mask.to(device))
+            emb = pooled_embedding(outputs, mask.to(device))
             loss = 1 - (emb * goals[step % len(batch_list)]).sum(-1).mean()
             opt.zero_grad()
             loss.backward()
@@ -175,12 +176,6 @@ def _rebuild(vfile: VloraFile, stored, targets) -> dict[str, torch.Tensor]:
         for key, w in rebuild_family(fp, stored.__getitem__):
             weights[targets[key]] = w.float()
     return weights
-
-
-def _pooled(outputs, mask):
-    h = outputs.last_hidden_state
-    m = mask[..., None].to(h.dtype)
-    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
 def _to(inputs: dict, device) -> dict:
