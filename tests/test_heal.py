@@ -65,3 +65,14 @@ def test_heal_cli_and_bad_input(minilm_dir, gpt2_file, tmp_path, capsys):
     with pytest.raises(VloraError, match="does not match"):
         heal(other, minilm_dir, CALIB, tmp_path / "y.safetensors", HealConfig(steps=1))
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_compress_distill_heals_the_written_file(minilm_dir, tmp_path):
+    out = tmp_path / "d.vlora.safetensors"
+    plain = compress(minilm_dir, tmp_path / "p.vlora.safetensors", rank=8, chunks=2, eval_data=EVAL,
+                     eval_config=EvalConfig(samples=32), **CORE)
+    report = compress(minilm_dir, out, rank=8, chunks=2, distill=CALIB, heal_config=HealConfig(steps=12,
+                      batch_size=16, lr=1e-3), eval_data=EVAL, eval_config=EvalConfig(samples=32), **CORE)
+    assert report.healing["steps"] == 12 and report.healing["losses"][-1] < report.healing["losses"][0]
+    assert report.evaluation["metrics"][0]["model"] > plain.evaluation["metrics"][0]["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.vlora.safetensors", "p.vlora.safetensors"]

@@ -80,6 +80,8 @@ def compress_cmd(
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
     eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
     eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
+    distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.")] = 150,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
@@ -102,7 +104,8 @@ def compress_cmd(
         svd=svd, dtype=dtype, seed=seed, calib=calib,
         calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
                                  gram_dir=gram_dir),
-        config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, force=force, progress=show,
+        config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, distill=distill,
+        heal_config=_heal_config(steps) if distill else None, force=force, progress=show,
     )
     if report_file is not None:
         write_report(report_file, report.to_dict(), report.to_markdown())
@@ -302,6 +305,12 @@ def heal_cmd(
     if eval_data:
         b, a = before.metrics[0], after.metrics[0]
         stdout.print(f"{b.name}: {b.model:.4f} before, {a.model:.4f} after (teacher {b.reference:.4f})")
+
+
+def _heal_config(steps: int):
+    from .heal import HealConfig
+
+    return HealConfig(steps=steps)
 
 
 def _report_json(path: Path) -> dict:

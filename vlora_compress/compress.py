@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .align import align_stack, detect_layout, read_config
 from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, open_checkpoint
 from .errors import VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .align import align_stack, detect_layout, read_config
+from .heal import HealConfig, heal
 from .models import config_folder, load_model, load_preprocessor, set_tensors
 from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal
 from .planner import plan_measured, rank_for_budget
@@ -44,6 +46,8 @@ def compress(
     config_dir: str | Path | None = None,
     eval_data: str | Path | None = None,
     eval_config: EvalConfig | None = None,
+    distill: str | Path | None = None,
+    heal_config: HealConfig | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> CompressReport:
@@ -55,7 +59,8 @@ def compress(
     whole checkpoint or, with ``target_of="stack"``, of the layer stacks) picks the largest uniform
     rank that fits, overriding ``rank``. ``calib`` (a text or image file) whitens every
     factorisation with input Grams from the original model, found through ``config_dir`` (default:
-    the source's folder). ``eval_data`` scores the result against the original afterwards.
+    the source's folder). ``distill`` (a text file) heals the written file by distillation from the
+    original (``heal_config``). ``eval_data`` scores the final file against the original.
     """
     config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
                             svd=svd, dtype=dtype, seed=seed)
@@ -101,12 +106,27 @@ def compress(
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
             target=target, calibration=_calibration_summary(grams, calib, calib_config, plan),
         )
+    if distill is not None:
+        report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
+                                                        heal_config, progress))
     if eval_data is not None:
         cfg = eval_config or EvalConfig(task=default_task(config_dir or source))
         result = evaluate(out, eval_data, cfg, reference=config_folder(config_dir or source),
                           config_dir=config_dir or config_folder(source), progress=progress)
         report = replace(report, evaluation=result.to_dict())
     return report
+
+
+def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool) -> dict:
+    """Distil the teacher into the file just written, then put the healed file in its place."""
+    healed = out.with_name(out.name + ".healing")
+    try:
+        result = heal(out, teacher, data, healed, heal_config or HealConfig(), force=True, progress=progress)
+    except BaseException:
+        healed.unlink(missing_ok=True)
+        raise
+    os.replace(healed, out)
+    return {"data": str(data), "steps": result.steps, "seconds": result.seconds, "losses": result.losses}
 
 
 def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -> dict:

@@ -43,6 +43,7 @@ class CompressReport:
     target: dict | None = None  # the size budget, when the rank was chosen from one
     calibration: dict | None = None  # what whitened the fit, when calibrated
     evaluation: dict | None = None  # vlora-eval's report on the result, when asked for
+    healing: dict | None = None  # the distillation run, when --distill healed the file
 
     @classmethod
     def build(cls, *, output, source_path, source, entries, plan, config, fits, file_bytes, seconds,
@@ -163,6 +164,10 @@ class CompressReport:
             c = self.calibration
             summary.add_row("calibration", f"{c['samples']} samples, {c['tokens']:,} tokens, "
                                            f"{c['whitened_layers']} layers whitened")
+        if self.healing:
+            h = self.healing
+            summary.add_row("healing", f"{h['steps']} steps, {h['seconds']:.0f} s, loss {h['losses'][0]:.4f} -> "
+                                       f"{h['losses'][-1]:.4f}")
         summary.add_row("time", f"{self.seconds:.1f} s")
         console.print(summary)
         whitened = self.calibration is not None
