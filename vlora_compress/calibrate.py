@@ -141,8 +141,7 @@ class OutputMeter:
 
     def _module(self, key: str) -> torch.nn.Module:
         if key not in self._modules:
-            found = module_for_key(self.model, key) or (module_for_key(self.model, key, self.read(key))
-                                                         if self.read else None)
+            found = module_for_key(self.model, key, self.read)
             if found is None:
                 raise VloraError(f"cannot find the module of {key} in the model to measure a plan")
             self._modules[key] = found[1]
@@ -166,7 +165,7 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, key
     batch_state: dict = {}
     handles = []
     for key in keys:
-        found = module_for_key(model, key) or (module_for_key(model, key, read(key)) if read else None)
+        found = module_for_key(model, key, read)
         if found is None:
             continue
         _, module = found

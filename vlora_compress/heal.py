@@ -24,7 +24,7 @@ from .errors import VloraError
 from .evaluate import pooled_embedding
 from .factorise import rebuild_family
 from .fileformat import VloraFile, factorised_keys, family_layout, header_metadata, layout
-from .models import batches, load_model, load_preprocessor, module_for_key, takes_text, token_limit
+from .models import batches, load_model, load_preprocessor, module_for_key, param_for_key, takes_text, token_limit
 from .progress import Progress
 from .write import SafetensorsWriter, check_output
 
@@ -162,10 +162,8 @@ def _stack_dense(student, vfile: VloraFile) -> dict[str, torch.nn.Parameter]:
     for key, _, shape in vfile.source.tensors:
         if key in factorised or len(shape) != 1 or not key.startswith(prefixes):
             continue
-        stem, part = key.rsplit(".", 1)
-        found = module_for_key(student, stem + ".weight")
-        param = getattr(found[1], part, None) if found else None
-        if isinstance(param, torch.nn.Parameter):
+        param = param_for_key(student, key)
+        if param is not None:
             out[key] = param
     return out
 

@@ -135,11 +135,12 @@ def batches(preprocessor, samples: list, batch_size: int, max_length: int):
             yield dict(preprocessor(images=chunk, return_tensors="pt")), None, len(chunk)
 
 
-def module_for_key(model: torch.nn.Module, key: str, weight: torch.Tensor | None = None):
+def module_for_key(model: torch.nn.Module, key: str, read=None):
     """(name, module) whose ``weight`` is checkpoint tensor ``key``, or None.
 
-    By name first, allowing for the base-model prefix; else, given the checkpoint's ``weight``, by
-    value, which survives the key renames newer transformers versions apply when they load.
+    By name first, allowing for the base-model prefix; else, given ``read(key)`` for the
+    checkpoint's tensor, by value, which survives the key renames newer transformers versions
+    apply when they load. The tensor is read only when the name does not match.
     """
     modules = dict(model.named_modules())
     if key.endswith(".weight"):
@@ -148,8 +149,9 @@ def module_for_key(model: torch.nn.Module, key: str, weight: torch.Tensor | None
         for candidate in (name, f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None):
             if candidate and candidate in modules:
                 return candidate, modules[candidate]
-    if weight is None:
+    if read is None:
         return None
+    weight = read(key)
     want = _fingerprint(weight)
     for name, module in modules.items():
         w = getattr(module, "weight", None)
@@ -165,14 +167,20 @@ def set_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], read=N
     """
     targets = []
     for key, tensor in tensors.items():
-        stem, part = key.rsplit(".", 1)
-        found = module_for_key(model, stem + ".weight") or (
-            module_for_key(model, stem + ".weight", read(stem + ".weight")) if read else None)
-        if found is None or getattr(found[1], part, None) is None:
+        param = param_for_key(model, key, read)
+        if param is None:
             raise VloraError(f"cannot find {key} in the model")
-        targets.append((getattr(found[1], part), tensor))
+        targets.append((param, tensor))
     for param, tensor in targets:
         param.data = tensor.to(param.dtype).reshape(param.shape)
+
+
+def param_for_key(model: torch.nn.Module, key: str, read=None) -> torch.nn.Parameter | None:
+    """The parameter a checkpoint key (``<module>.weight``, ``<module>.bias``, ...) names, or None."""
+    stem, part = key.rsplit(".", 1)
+    found = module_for_key(model, stem + ".weight", read)
+    param = getattr(found[1], part, None) if found else None
+    return param if isinstance(param, torch.nn.Parameter) else None
 
 
 def _fingerprint(w: torch.Tensor) -> tuple:
