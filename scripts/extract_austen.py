@@ -5,7 +5,8 @@ character vectors (one element per printed line); this reads that format directl
 into paragraphs, splits paragraphs into sentences and writes one sentence per line:
 
 - calibration: Pride and Prejudice (1813);
-- evaluation: Persuasion (1818), a different novel, so calibration and evaluation never share text.
+- evaluation: Persuasion (1818), a different novel, so calibration and evaluation never share text;
+- training (healing): Emma (1815), a third novel, so healing never sees either of the other two.
 
     apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb /tmp/ja
     python scripts/extract_austen.py /tmp/ja/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
@@ -20,7 +21,11 @@ import zlib
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "vlora_compress" / "data"
-BOOKS = {"PRIDE AND PREJUDICE": ("austen-calibration.txt", 1024), "Persuasion": ("austen-evaluation.txt", 512)}
+BOOKS = {
+    "PRIDE AND PREJUDICE": ("austen-calibration.txt", 1024),
+    "Persuasion": ("austen-evaluation.txt", 512),
+    "EMMA": ("austen-training.txt", 4096),
+}
 
 
 def read_rdb(path: Path) -> list[list[str]]:
