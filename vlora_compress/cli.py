@@ -7,6 +7,7 @@ nothing else there. Exit codes: 0 ok, 1 a check failed, 2 bad input or usage (on
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,7 @@ from .calibrate import CalibConfig
 from .compress import compress
 from .evaluate import EvalConfig, default_task, evaluate
 from .errors import VloraError
+from .heal import Interrupted
 from .expand import expand_to_file
 from .check import check, fmt_number, load_budgets, merge, parse_eval_drop
 from .evaluate import markdown_eval
@@ -32,7 +34,7 @@ from .inspection import (
     render_vlora,
 )
 from .plan import parse_size
-from .report import write_report
+from .report import markdown_heal, write_report
 
 stdout = Console()
 
@@ -82,6 +84,8 @@ def compress_cmd(
     eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
     distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.")] = 150,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="With --distill: stop healing after this much wall time.")] = None,
+    device: Annotated[str, typer.Option("--device", help="With --distill: where healing runs: auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
@@ -105,7 +109,7 @@ def compress_cmd(
         calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
                                  gram_dir=gram_dir),
         config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, distill=distill,
-        heal_config=_heal_config(steps) if distill else None, force=force, progress=show,
+        heal_config=_heal_config(steps, minutes, device) if distill else None, force=force, progress=show,
     )
     if report_file is not None:
         write_report(report_file, report.to_dict(), report.to_markdown())
@@ -267,50 +271,76 @@ def heal_cmd(
     teacher: Annotated[Path, typer.Option("--teacher", help="The original model folder (config, weights, tokenizer).")],
     data: Annotated[Path, typer.Option("--data", help="Training text: .txt (a sample per line) or .jsonl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The healed VLoRA file.")],
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 150,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (warm-up, then cosine decay).")] = 3e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = 32,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Stop after this much wall time.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps: the budget and the length of the learning-rate schedule.")] = 150,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Also stop after this many training tokens.")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Also stop after this much wall time; the schedule decays over it.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate of bases and factors (warm-up, then cosine decay).")] = 3e-4,
+    lr_dense: Annotated[Optional[float], typer.Option("--lr-dense", help="Learning rate of the stack's biases and norms (default: --lr).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step, over all processes.")] = 32,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample.")] = 128,
+    warmup: Annotated[int, typer.Option("--warmup", help="Steps of linear warm-up.")] = 10,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="hidden (per-layer hidden states), cosine (pooled embedding) or kl (logits), as NAME or NAME:WEIGHT; repeat to combine. Default: hidden + cosine for encoders, hidden + kl for models with a head.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the kl loss.")] = 2.0,
     freeze: Annotated[Optional[str], typer.Option("--freeze", help="Comma-separated: increments, bases, dense.")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Score before and after against the teacher on this data.")] = None,
-    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for dropout and order.")] = 0,
+    cache_teacher: Annotated[bool, typer.Option("--cache-teacher/--no-cache-teacher", help="Keep the teacher's outputs per batch (memory) or rerun it every step (time).")] = True,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Held-out data: score before, every --eval-every steps and after; the best step is written.")] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evals (0: before and after only).")] = 0,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = 64,
+    save_every: Annotated[int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.state).")] = 25,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.state, left by an interrupted run.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA.")] = True,
+    checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute layers in the backward pass: less memory, more time.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the order of batches.")] = 0,
     force: ForceFlag = False,
     report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Train the stored bases, increments and 1-D parameters to match the teacher's pooled embeddings."""
+    """Train the stored bases, increments and 1-D parameters to match the teacher; same plan, same size.
+
+    Under torchrun (python -m vlora_compress.heal ...) every process takes its share of each batch.
+    """
     from .heal import TRAINABLE, HealConfig, heal
 
     frozen = {f.strip() for f in freeze.split(",")} if freeze else set()
-    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, minutes=minutes, seed=seed, device=device,
-                        train=tuple(t for t in TRAINABLE if t not in frozen))
     if frozen - set(TRAINABLE):
         raise VloraError(f"--freeze takes some of {', '.join(TRAINABLE)}, not {sorted(frozen - set(TRAINABLE))[0]!r}")
-    cfg = EvalConfig(task="embedding", samples=eval_samples)
-    before = evaluate(path, eval_data, cfg, reference=teacher, config_dir=teacher) if eval_data else None
-    result = heal(path, teacher, data, out, config, force=force, progress=not quiet and not as_json).to_dict()
-    if eval_data:
-        after = evaluate(out, eval_data, cfg, reference=teacher, config_dir=teacher)
-        result["evaluation"] = {"before": before.to_dict(), "after": after.to_dict()}
+    config = HealConfig(
+        steps=steps, tokens=tokens, minutes=minutes, lr=lr, lr_dense=lr_dense, batch_size=batch_size,
+        max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in loss or ()),
+        temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher,
+        eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, bf16=bf16,
+        checkpointing=checkpointing, seed=seed, device=device,
+    )
+    result = heal(path, teacher, data, out, config, force=force, progress=not quiet and not as_json,
+                  eval_data=eval_data, resume=resume).to_dict()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if report_file is not None:
-        write_report(report_file, result, "```json\n" + json.dumps(result, indent=2) + "\n```\n")
+        write_report(report_file, result, markdown_heal(result))
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    stdout.print(f"healed {path} -> {out}: {result['steps']} steps in {result['seconds']:.0f} s; "
-                 f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}")
-    if eval_data:
-        b, a = before.metrics[0], after.metrics[0]
-        stdout.print(f"{b.name}: {b.model:.4f} before, {a.model:.4f} after (teacher {b.reference:.4f})")
+    stdout.print(f"healed {path} -> {out}: {result['steps']} steps, {result['tokens']:,} tokens in "
+                 f"{result['seconds']:.0f} s on {result['device']}; loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}")
+    if result["metric"]:
+        stdout.print(f"{result['metric']}: {result['before']:.4f} before, {result['after']:.4f} after "
+                     f"(best at step {result['best_step']})")
 
 
-def _heal_config(steps: int):
+def _loss_spec(text: str) -> tuple[str, float]:
+    name, _, weight = text.partition(":")
+    try:
+        return name.strip(), float(weight) if weight else 1.0
+    except ValueError:
+        raise VloraError(f"--loss takes NAME or NAME:WEIGHT, not {text!r}") from None
+
+
+def _heal_config(steps: int, minutes: float | None, device: str):
     from .heal import HealConfig
 
-    return HealConfig(steps=steps)
+    return HealConfig(steps=steps, minutes=minutes, device=device)
 
 
 def _report_json(path: Path) -> dict:
@@ -344,6 +374,9 @@ def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
     except _CLICK_ERROR as e:
         print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 130
     except VloraError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -360,6 +393,11 @@ def compress_main(argv: list[str] | None = None) -> None:
     if args and args[0] == "heal":
         sys.exit(_run(heal_app, "vlora-compress heal", args[1:]))
     sys.exit(_run(compress_app, "vlora-compress", args))
+
+
+def heal_main(argv: list[str] | None = None) -> None:
+    """``python -m vlora_compress.heal ...``: the heal command, for torchrun."""
+    sys.exit(_run(heal_app, "vlora_compress.heal", argv))
 
 
 def expand_main(argv: list[str] | None = None) -> None:

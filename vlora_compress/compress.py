@@ -14,7 +14,7 @@ from .errors import VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .heal import HealConfig, heal
+from .heal import HealConfig, Interrupted, heal, state_path
 from .models import config_folder, load_model, load_preprocessor, set_tensors
 from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal
 from .planner import plan_measured, rank_for_budget
@@ -122,11 +122,15 @@ def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool) 
     healed = out.with_name(out.name + ".healing")
     try:
         result = heal(out, teacher, data, healed, heal_config or HealConfig(), force=True, progress=progress)
-    except BaseException:
+    except BaseException as e:
         healed.unlink(missing_ok=True)
+        state_path(healed).unlink(missing_ok=True)
+        if isinstance(e, Interrupted):
+            raise Interrupted(f"interrupted while healing: {out} is compressed but not healed; "
+                              "heal it with vlora-compress heal") from None
         raise
     os.replace(healed, out)
-    return {"data": str(data), "steps": result.steps, "seconds": result.seconds, "losses": result.losses}
+    return {"data": str(data), **result.to_dict(), "output": str(out)}
 
 
 def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -> dict:

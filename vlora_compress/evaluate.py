@@ -116,14 +116,23 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     head = "base" if config.task == "embedding" else None
     if config.task == "perplexity":
         head = "causal-lm"
-    runner = {"embedding": _embedding, "perplexity": _perplexity, "classification": _classification,
-              "logits": _logits}[config.task]
     models = [load_model(model, None if model.is_dir() else config_dir, head)]
     if reference is not None:
         ref = Path(reference)
         models.append(load_model(ref, None if ref.is_dir() else config_dir, head))
-    samples, metrics = runner(models, preprocessor, data, config, progress)
+    samples, metrics = evaluate_models(models, preprocessor, data, config, progress)
     return EvalReport(config.task, str(data), str(model), str(reference) if reference else None, samples, metrics)
+
+
+def evaluate_models(models: list, preprocessor, data: str | Path, config: EvalConfig,
+                    progress: bool = False) -> tuple[int, list[Metric]]:
+    """(samples, metrics) for loaded models, the first scored, the second (if any) the reference.
+
+    Healing calls this with the model in training, so mid-run evals are the same as vlora-eval's.
+    """
+    runner = {"embedding": _embedding, "perplexity": _perplexity, "classification": _classification,
+              "logits": _logits}[config.task]
+    return runner(models, preprocessor, data, config, progress)
 
 
 def _config_dir(model: Path, reference, config_dir) -> Path:
@@ -156,9 +165,15 @@ def _forward_all(models, preprocessor, samples, config, progress, fn):
         limit = token_limit(models[0], config.max_length)
         for inputs, mask, _ in batches(preprocessor, samples, config.batch_size, limit):
             for i, m in enumerate(models):
-                out[i].append(fn(m(**inputs), mask))
+                dev = _device(m)
+                result = fn(m(**{k: v.to(dev) for k, v in inputs.items()}), None if mask is None else mask.to(dev))
+                out[i].append(result.cpu())
                 bar.advance()
     return out
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def pooled_embedding(outputs, mask):
@@ -210,7 +225,7 @@ def _perplexity(models, preprocessor, data, config, progress):
                 chunk = ids[begin:end][None]
                 labels = chunk.clone()
                 labels[:, : chunk.shape[1] - target] = -100
-                logits = m(input_ids=chunk).logits[:, :-1].float()
+                logits = m(input_ids=chunk.to(_device(m))).logits[:, :-1].float().cpu()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                          labels[:, 1:].reshape(-1), reduction="sum",
                                                          ignore_index=-100)

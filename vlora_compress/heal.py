@@ -1,17 +1,20 @@
 """Heal a VLoRA file by distillation from the original model, keeping the VLoRA structure.
 
-The trainable tensors are exactly what the file stores: bases and increment factors (and the
-dense 1-D parameters of the stack). Each step rebuilds the factorised weights from them with the
-same rule expand uses, so gradients reach the shared bases through every layer that uses them, and
-the healed file has the same plan, layout and size as before.
+The student is the file loaded factored (``factored.load_factored``): its trainable tensors are
+exactly what the file stores (bases and increment factors, once each, plus the stack's 1-D
+parameters), every layer's weight is formed inside that layer's forward, and the healed file has
+the same plan, layout and size as before.
 
-This first version trains on the CPU (or any torch device) in one process with a pooled-embedding
-cosine loss; it rebuilds every factorised weight each step, which suits small models.
+The loop is meant to be left alone: a budget in steps, tokens or minutes; a state file saved
+atomically every few steps and on Ctrl-C or a crash, from which ``resume`` continues with the
+same result as an uninterrupted run; an eval on held-out data every N steps (vlora-eval's code),
+keeping the best; data parallel under ``torchrun`` (``python -m vlora_compress.heal``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,37 +24,84 @@ import torch
 from .checkpoint import DTYPES
 from .data import read_texts
 from .errors import VloraError
-from .evaluate import pooled_embedding
-from .factorise import rebuild_family
-from .fileformat import VloraFile, factorised_keys, family_layout, header_metadata, layout
-from .models import batches, load_model, load_preprocessor, module_for_key, param_for_key, takes_text, token_limit
+from .evaluate import EvalConfig, default_task, evaluate_models, pooled_embedding
+from .factored import load_factored
+from .fileformat import VloraFile, factorised_keys, header_metadata, layout
+from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
+from .models import takes_text, token_limit
 from .progress import Progress
-from .write import SafetensorsWriter, check_output
+from .write import SafetensorsWriter, atomic_output, check_output
 
 TRAINABLE = ("increments", "bases", "dense")
+LOSSES = ("cosine", "hidden", "kl")
+
+
+class Interrupted(VloraError):
+    """Healing stopped by Ctrl-C; the state to resume from is saved."""
 
 
 @dataclass(frozen=True)
 class HealConfig:
-    steps: int = 150
-    lr: float = 3e-4
-    batch_size: int = 32
+    steps: int = 150  # optimiser steps: the budget, and the length of the learning-rate schedule
+    tokens: int | None = None  # stop after this many training tokens (real tokens, all processes)
+    minutes: float | None = None  # stop after this much wall time (resumed runs count their earlier time)
+    lr: float = 3e-4  # bases and increment factors
+    lr_dense: float | None = None  # the stack's 1-D parameters (biases, norms); None: lr
+    batch_size: int = 32  # the global batch, split evenly over processes
     max_length: int = 128
     warmup: int = 10  # steps of linear warm-up before the cosine decay
     clip: float = 1.0  # gradient-norm clipping
+    losses: tuple[tuple[str, float], ...] = ()  # (name, weight); () = the model's default (see default_losses)
+    temperature: float = 2.0  # for kl
     train: tuple[str, ...] = TRAINABLE  # what trains: increments, bases, dense (1-D stack parameters)
-    minutes: float | None = None  # stop early when this much wall time has passed
+    cache_teacher: bool = True  # keep the teacher's outputs per batch instead of rerunning it
+    eval_every: int = 0  # steps between evals on held-out data (0: before and after only)
+    eval_samples: int = 64
+    save_every: int = 25  # steps between saves of the resumable state
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    checkpointing: bool = False  # gradient checkpointing: recompute layers in backward to save memory
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise VloraError("--steps and --batch-size must be at least 1 and --lr positive")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_length < 2:
+            raise VloraError("--steps and --batch-size must be at least 1, --lr positive, --max-length at least 2")
+        if (self.tokens is not None and self.tokens < 1) or (self.minutes is not None and not self.minutes > 0):
+            raise VloraError("--tokens and --minutes must be positive")
         unknown = set(self.train) - set(TRAINABLE)
         if unknown or not self.train:
             raise VloraError(f"--train takes some of {', '.join(TRAINABLE)}, not {sorted(unknown) or 'nothing'}")
-        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
-            raise VloraError(f"device {self.device!r} is not available here")
+        for name, weight in self.losses:
+            if name not in LOSSES or not weight > 0:
+                raise VloraError(f"--loss takes {', '.join(LOSSES)} with a positive weight (name:weight), not {name}:{weight}")
+        if self.eval_every < 0 or self.save_every < 1 or self.eval_samples < 1 or not self.temperature > 0:
+            raise VloraError("--eval-every must be >= 0, --save-every and --eval-samples >= 1, --temperature positive")
+        resolve_device(self.device)
+
+    def budget_fields(self) -> set[str]:
+        """Fields a resumed run may change: budgets and where it runs, not what it computes."""
+        return {"steps", "tokens", "minutes", "device", "eval_every", "eval_samples", "save_every"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VloraError(f"device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise VloraError(f"device {name!r} is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise VloraError(f"device {name!r}: healing runs on cpu or cuda")
+    return device
+
+
+def default_losses(head: str) -> tuple[tuple[str, float], ...]:
+    """Per-layer hidden states for everyone; then what the model's output is for."""
+    return (("hidden", 1.0), ("cosine", 1.0)) if head == "base" else (("hidden", 1.0), ("kl", 1.0))
 
 
 @dataclass(frozen=True)
@@ -59,98 +109,203 @@ class HealReport:
     source: str
     output: str
     steps: int
+    tokens: int
     seconds: float
-    losses: list[float] = field(default_factory=list)  # mean loss per logged stretch of steps
+    device: str
+    processes: int
+    losses: list[float] = field(default_factory=list)  # mean loss per stretch of 10 steps
+    evals: list[dict] = field(default_factory=list)  # {"step", "value"} of the tracked metric
+    metric: str | None = None
+    before: float | None = None
+    after: float | None = None  # of the written tensors (the best eval when evals ran)
+    best_step: int | None = None
+    resumed_from: int | None = None
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class _State:
+    """Everything a resumed run needs to continue as if it had never stopped."""
+
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list = field(default_factory=list)
+    window: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    best: dict | None = None  # {"step", "value", "tensors"}
+
+
+def state_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".state")
+
+
 def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str | Path,
-         config: HealConfig = HealConfig(), force: bool = False, progress: bool = False) -> HealReport:
-    """Distil ``teacher`` (the original model folder) into the VLoRA file's structure; write ``out``."""
+         config: HealConfig = HealConfig(), force: bool = False, progress: bool = False,
+         eval_data: str | Path | None = None, resume: bool = False, on_step=None) -> HealReport:
+    """Distil ``teacher`` (the original model folder) into the VLoRA file's structure; write ``out``.
+
+    ``on_step(step, loss)`` is called after every optimiser step (raising KeyboardInterrupt there
+    behaves as Ctrl-C does).
+    """
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    rank, world = _distributed(config.device)
+    if rank == 0 and not resume:
+        check_output(out, force)
     vfile = VloraFile(vlora_path)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
+    teacher = config_folder(teacher)
     tok = load_preprocessor(teacher)
     if not takes_text(tok):
         raise VloraError(f"{teacher}: healing supports text models so far")
     texts = read_texts(data)
-    teacher_model = load_model(teacher, head="base").to(device)
-    student = load_model(vfile.path, teacher, head="base").to(device)
+    teacher_model = load_model(teacher).to(device)
     _check_match(vfile, teacher_model)
+    head = head_of(teacher_model.config)
+    losses = dict(config.losses or default_losses(head))
+    if "kl" in losses and head == "base":
+        raise VloraError(f"{teacher}: --loss kl needs a model with a head; this one gives hidden states only")
+    if config.batch_size % world:
+        raise VloraError(f"--batch-size {config.batch_size} does not split evenly over {world} processes")
 
-    stored = {name: torch.nn.Parameter(vfile.get(name).float().to(device), requires_grad=_trains(name, config))
-              for fp in vfile.plan.families for name, _, _ in family_layout(fp)}
-    targets = _targets(student, vfile)  # family key -> parameter name in the student
-    for p in student.parameters():
-        p.requires_grad_(False)
-    dense = _stack_dense(student, vfile) if "dense" in config.train else {}
-    for p in dense.values():
-        p.requires_grad_(True)
-    params = [p for p in stored.values() if p.requires_grad] + list(dense.values())
-    if not params:
-        raise VloraError("nothing to train: every stored tensor is frozen")
-    opt = torch.optim.AdamW(params, lr=config.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config))
+    # float32 master weights whatever the file stores; autocast does the low precision on CUDA
+    student = load_factored(vfile.path, teacher, head).float().to(device)
+    trainable = _trainable(student, vfile, config)
+    stored = stored_names(vfile)
+    groups = [{"params": [p for n, p in trainable.items() if n in stored], "lr": config.lr},
+              {"params": [p for n, p in trainable.items() if n not in stored], "lr": config.lr_dense or config.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    _train_mode(student, config.checkpointing)
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 
     limit = token_limit(student, config.max_length)
-    batch_list = list(batches(tok, texts, config.batch_size, limit))
-    with torch.no_grad():
-        goals = [pooled_embedding(teacher_model(**_to(inputs, device)), mask.to(device)) for inputs, mask, _ in batch_list]
-    del teacher_model
-    losses, window = [], []
-    student.train()
-    with Progress("healing", config.steps, enabled=progress) as bar:
-        for step in range(config.steps):
-            if config.minutes is not None and time.perf_counter() - started > 60 * config.minutes:
-                break
-            inputs, mask, _ = batch_list[step % len(batch_list)]
-            weights = _rebuild(vfile, stored, targets)
-            outputs = torch.func.functional_call(student, weights, args=(), kwargs=_to(inputs, device))
-            emb = pooled_embedding(outputs, mask.to(device))
-            loss = 1 - (emb * goals[step % len(batch_list)]).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.clip)
-            opt.step()
-            sched.step()
-            window.append(loss.detach().item())
-            if len(window) == 10 or step == config.steps - 1:
-                losses.append(sum(window) / len(window))
-                window = []
-            bar.advance()
-    steps_done = step + 1 if config.steps else 0
-    _write(vfile, stored, student, dense, out)
-    return HealReport(str(vlora_path), str(out), steps_done, time.perf_counter() - started, losses,
-                      {**asdict(config), "train": list(config.train)})
+    batch_list = _length_batches(tok, texts, config.batch_size, limit)
+    state, resumed_from = _State(), None
+    if resume:
+        state = _load_state(state_path(out), vfile, config, trainable, opt)
+        resumed_from = state.step
+    evaluator = _Evaluator(eval_data, teacher, student, teacher_model, config) if eval_data and rank == 0 else None
+    if evaluator and not state.evals:
+        state.evals.append({"step": 0, "value": evaluator()})
+        state.best = {"step": 0, "value": state.evals[-1]["value"], "tensors": None}
+
+    cache: dict[int, dict] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
+    clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
+    seen_here, start_step, run_started = 0, state.step, time.perf_counter()
+    try:
+        with Progress("healing", config.steps, enabled=progress and rank == 0) as bar:
+            bar.advance(state.step)
+            while not _spent(state, config, time.perf_counter() - clock):
+                index = _batch_index(state.step, len(batch_list), config.seed)
+                inputs, mask = batch_list[index]
+                n_tokens = int(mask.sum())
+                rows = _shard(inputs, mask, rank, world)
+                goal = cache.get(index)
+                if goal is None:
+                    with torch.no_grad(), autocast:
+                        goal = _teacher_targets(teacher_model, rows, losses, device)
+                    if config.cache_teacher:
+                        cache[index] = goal
+                _set_lr(opt, state, config, time.perf_counter() - clock)
+                with autocast:
+                    loss = _loss(model, rows, goal, losses, config.temperature, device)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.clip)
+                opt.step()
+                value = _global_mean(loss.detach(), world)
+                state.step += 1
+                state.tokens += n_tokens
+                seen_here += n_tokens
+                state.window.append(value)
+                if len(state.window) == 10:
+                    state.losses.append(sum(state.window) / 10)
+                    state.window = []
+                rate = seen_here / max(1e-9, time.perf_counter() - run_started)
+                bar.describe(f"healing · loss {value:.4f} · {rate:,.0f} tok/s")
+                bar.advance()
+                if evaluator and config.eval_every and state.step % config.eval_every == 0:
+                    _track(state, evaluator, trainable)
+                if on_step is not None:
+                    on_step(state.step, value)
+                if rank == 0 and state.step % config.save_every == 0:
+                    state.seconds = time.perf_counter() - clock
+                    _save_state(state_path(out), state, vfile, config, trainable, opt)
+    except BaseException as e:
+        if rank == 0 and state.step > start_step:
+            state.seconds = time.perf_counter() - clock
+            _save_state(state_path(out), state, vfile, config, trainable, opt)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"interrupted at step {state.step}; state saved to {state_path(out)}: "
+                              "run the same command with --resume to continue") from None
+        raise
+    if state.window:
+        state.losses.append(sum(state.window) / len(state.window))
+        state.window = []
+    if evaluator and (not state.evals or state.evals[-1]["step"] != state.step):
+        _track(state, evaluator, trainable)
+    final = {n: p.detach() for n, p in trainable.items()}
+    best = state.best
+    if best is not None and best["tensors"] is not None and best["step"] != state.step:
+        final = best["tensors"]
+    elif best is not None and best["tensors"] is None and best["step"] == 0 and state.step > 0:
+        final = {}  # nothing beat the start: write the file as it was
+    if rank == 0:
+        _write(vfile, final, out)
+        state_path(out).unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    return HealReport(
+        str(vlora_path), str(out), state.step, state.tokens, seconds, str(device), world, state.losses,
+        state.evals, evaluator.name if evaluator else None,
+        state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
+        best["step"] if best else None, resumed_from,
+        {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
+    )
 
 
-def _trains(name: str, config: HealConfig) -> bool:
-    is_increment = name.endswith((".vlora_A", ".vlora_B"))
-    return ("increments" if is_increment else "bases") in config.train
+def stored_names(vfile: VloraFile) -> set[str]:
+    return {name for name, _, _ in layout(vfile.plan, vfile.source)} - {k for k, _, _ in vfile.source.tensors}
 
 
-def _schedule(step: int, config: HealConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def _distributed(device_name: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if resolve_device(device_name).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
 
 
-def _targets(student, vfile: VloraFile) -> dict[str, str]:
+def _trainable(student, vfile: VloraFile, config: HealConfig) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter for what trains; everything else is frozen."""
+    for p in student.parameters():
+        p.requires_grad_(False)
     out = {}
-    for fp in vfile.plan.families:
-        for layer in fp.layers:
-            key = fp.key(layer)
-            found = module_for_key(student, key)
-            if found is None:
-                raise VloraError(f"{vfile.path}: {key} has no module in the model")
-            out[key] = found[0] + ".weight"
+    for name, p in student.vlora_store.items():
+        is_increment = name.endswith((".vlora_A", ".vlora_B"))
+        if ("increments" if is_increment else "bases") in config.train:
+            out[name] = p
+    if "dense" in config.train:
+        out.update(_stack_dense(student, vfile))
+    if not out:
+        raise VloraError("nothing to train: every stored tensor is frozen")
+    for p in out.values():
+        p.requires_grad_(True)
     return out
 
 
@@ -168,12 +323,188 @@ def _stack_dense(student, vfile: VloraFile) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _rebuild(vfile: VloraFile, stored, targets) -> dict[str, torch.Tensor]:
-    weights = {}
-    for fp in vfile.plan.families:
-        for key, w in rebuild_family(fp, stored.__getitem__):
-            weights[targets[key]] = w.float()
-    return weights
+def _train_mode(student, checkpointing: bool) -> None:
+    """Dropout off (the student chases the teacher's deterministic outputs); train mode only where
+    transformers needs it for gradient checkpointing."""
+    if not checkpointing:
+        student.eval()
+        return
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise VloraError(f"{type(student).__name__} does not support gradient checkpointing")
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _length_batches(tok, texts: list[str], batch_size: int, limit: int) -> list[tuple[dict, torch.Tensor]]:
+    """Full batches of texts of similar length: less padding, so more real tokens per second."""
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=limit)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    size = min(batch_size, len(texts))
+    out = []
+    for start in range(0, len(order) - size + 1, size):
+        chunk = [texts[i] for i in order[start:start + size]]
+        enc = tok(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        out.append((dict(enc), enc["attention_mask"].bool()))
+    return out
+
+
+def _batch_index(step: int, n: int, seed: int) -> int:
+    """A fresh shuffle of the batches each epoch, from the step number alone (so resume agrees)."""
+    epoch, pos = divmod(step, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[pos])
+
+
+def _shard(inputs: dict, mask: torch.Tensor, rank: int, world: int) -> tuple[dict, torch.Tensor]:
+    if world == 1:
+        return inputs, mask
+    return {k: v.chunk(world)[rank] for k, v in inputs.items()}, mask.chunk(world)[rank]
+
+
+def _spent(state: _State, config: HealConfig, elapsed: float) -> bool:
+    return (state.step >= config.steps or (config.tokens is not None and state.tokens >= config.tokens)
+            or (config.minutes is not None and elapsed >= 60 * config.minutes))
+
+
+def _set_lr(opt, state: _State, config: HealConfig, elapsed: float) -> None:
+    """Warm-up, then cosine decay over whichever budget is being used up fastest."""
+    if state.step < config.warmup:
+        factor = (state.step + 1) / config.warmup
+    else:
+        used = (state.step - config.warmup) / max(1, config.steps - config.warmup)
+        if config.tokens:
+            used = max(used, state.tokens / config.tokens)
+        if config.minutes:
+            used = max(used, elapsed / (60 * config.minutes))
+        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, used)))
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+
+
+def _teacher_targets(teacher, rows, losses: dict, device) -> dict:
+    inputs, mask = rows
+    outputs = teacher(**_to(inputs, device), output_hidden_states="hidden" in losses)
+    goal = {}
+    if "hidden" in losses:
+        goal["hidden"] = [h.float() for h in outputs.hidden_states[1:]]
+    if "cosine" in losses:
+        goal["cosine"] = pooled_embedding(outputs, mask.to(device)).float()
+    if "kl" in losses:
+        goal["kl"] = outputs.logits.float()
+    return goal
+
+
+def _loss(model, rows, goal: dict, losses: dict, temperature: float, device) -> torch.Tensor:
+    """Weighted sum of per-sample means, so that the mean over a sharded batch is the global one."""
+    inputs, mask = rows
+    mask = mask.to(device)
+    outputs = model(**_to(inputs, device), output_hidden_states="hidden" in losses)
+    total = 0.0
+    m = mask[..., None].float()
+    if "hidden" in losses:
+        per_layer = []
+        for h, t in zip(outputs.hidden_states[1:], goal["hidden"]):
+            err = (((h.float() - t) ** 2) * m).sum((1, 2)) / ((t ** 2) * m).sum((1, 2)).clamp(min=1e-12)
+            per_layer.append(err)
+        total = total + losses["hidden"] * torch.stack(per_layer).mean(0).mean()
+    if "cosine" in losses:
+        emb = pooled_embedding(outputs, mask)
+        total = total + losses["cosine"] * (1 - (emb.float() * goal["cosine"]).sum(-1)).mean()
+    if "kl" in losses:
+        t = temperature
+        logq = torch.log_softmax(outputs.logits.float() / t, -1)
+        logp = torch.log_softmax(goal["kl"] / t, -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)  # per position (tokens) or per sample
+        if kl.dim() == 2:
+            kl = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
+        total = total + losses["kl"] * t * t * kl.mean()
+    return total
+
+
+def _global_mean(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
+class _Evaluator:
+    """vlora-eval's default task for the model, on held-out data, student against teacher."""
+
+    def __init__(self, data, teacher_dir: Path, student, teacher_model, config: HealConfig):
+        self.data, self.student, self.teacher = data, student, teacher_model
+        self.tok = load_preprocessor(teacher_dir)
+        self.config = EvalConfig(task=default_task(teacher_dir), samples=config.eval_samples,
+                                 max_length=config.max_length)
+        self.name, self.higher_is_better = None, True
+
+    def __call__(self) -> float:
+        was_training = self.student.training
+        self.student.eval()
+        _, metrics = evaluate_models([self.student, self.teacher], self.tok, self.data, self.config)
+        self.student.train(was_training)
+        self.name, self.higher_is_better = metrics[0].name, metrics[0].higher_is_better
+        return metrics[0].model
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+
+def _track(state: _State, evaluator: _Evaluator, trainable) -> None:
+    value = evaluator()
+    state.evals.append({"step": state.step, "value": value})
+    if state.best is None or evaluator.better(value, state.best["value"]):
+        tensors = {n: p.detach().cpu().clone() for n, p in trainable.items()}
+        state.best = {"step": state.step, "value": value, "tensors": tensors}
+
+
+def _save_state(path: Path, state: _State, vfile: VloraFile, config: HealConfig, trainable, opt) -> None:
+    blob = {
+        "vlora_state": 1,
+        "source": _identity(vfile),
+        "config": {k: v for k, v in asdict(config).items() if k not in config.budget_fields()},
+        "state": {**asdict(state), "best": state.best},
+        "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def _load_state(path: Path, vfile: VloraFile, config: HealConfig, trainable, opt) -> _State:
+    if not path.is_file():
+        raise VloraError(f"{path}: no saved state to resume from")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ok = blob.get("vlora_state") == 1
+    except Exception as e:  # noqa: BLE001 - any unreadable state is the same user problem
+        raise VloraError(f"{path}: not a readable healing state ({type(e).__name__})") from None
+    if not ok:
+        raise VloraError(f"{path}: not a healing state")
+    if blob["source"] != _identity(vfile):
+        raise VloraError(f"{path}: was saved while healing another file than {vfile.path}")
+    now = {k: v for k, v in asdict(config).items() if k not in config.budget_fields()}
+    if blob["config"] != now:
+        changed = sorted(k for k in now if blob["config"].get(k) != now[k])
+        raise VloraError(f"{path}: was saved with other settings ({', '.join(changed)}); resume with the same ones")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(blob["trainable"][n])
+    opt.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"])
+    return _State(**blob["state"])
+
+
+def _identity(vfile: VloraFile) -> dict:
+    st = vfile.path.stat()
+    return {"name": vfile.path.name, "bytes": st.st_size, "sha256": vfile.source.sha256}
 
 
 def _to(inputs: dict, device) -> dict:
@@ -184,20 +515,22 @@ def _check_match(vfile: VloraFile, teacher) -> None:
     for fp in vfile.plan.families:
         key = fp.key(fp.layers[0])
         found = module_for_key(teacher, key)
-        if found is None or tuple(found[1].weight.shape) != fp.shape:
+        w = getattr(found[1], "weight", None) if found else None
+        if w is None or tuple(w.shape) != fp.shape:
             raise VloraError(f"{vfile.path}: does not match the teacher: {key} is not a {list(fp.shape)} weight there")
 
 
-def _write(vfile: VloraFile, stored, student, dense, out: Path) -> None:
+def _write(vfile: VloraFile, trained: dict[str, torch.Tensor], out: Path) -> None:
     """The same plan and layout; trained tensors in the stored dtype, the rest as they were."""
     entries = layout(vfile.plan, vfile.source)
     meta = header_metadata(vfile.plan, vfile.source, vfile.config)
     with SafetensorsWriter(out, entries, meta) as writer, torch.no_grad():
         for name, dtype, _ in entries:
-            if name in stored:
-                t = stored[name].detach().cpu()
-            elif name in dense:
-                t = dense[name].detach().cpu()
-            else:
-                t = vfile.get(name)
+            t = trained[name].detach().cpu() if name in trained else vfile.get(name)
             writer.write(name, t.to(DTYPES[dtype]).contiguous())
+
+
+if __name__ == "__main__":
+    from .cli import heal_main
+
+    heal_main()

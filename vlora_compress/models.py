@@ -75,12 +75,20 @@ def load_model(path: str | Path, config_dir: str | Path | None = None, head: str
         except (OSError, ValueError) as e:
             raise VloraError(f"{path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
         return model.eval()
-    folder = config_folder(folder if folder is not None else path)
+    return load_state_dict_model(path, folder, head, _state_dict(path))
+
+
+def load_state_dict_model(path: str | Path, config_dir: str | Path | None, head: str | None,
+                          state_dict: dict[str, torch.Tensor]):
+    """A model from the config in ``config_dir`` (or beside ``path``) and checkpoint tensors."""
+    t = hf()
+    path = Path(path)
+    folder = config_folder(config_dir if config_dir is not None else path)
     config = _config(t, folder)
     cls = _concrete(t, HEADS[head or head_of(config)], config)
     try:
         # transformers' own loading: key renames, base-model prefixes and tied weights as it does them
-        model, info = cls.from_pretrained(None, config=config, state_dict=_state_dict(path), output_loading_info=True)
+        model, info = cls.from_pretrained(None, config=config, state_dict=state_dict, output_loading_info=True)
     except (RuntimeError, ValueError) as e:
         raise VloraError(f"{path}: does not match the config in {folder} ({str(e).splitlines()[0][:200]})") from None
     missing = sorted(info.get("missing_keys") or [])

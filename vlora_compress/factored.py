@@ -1,0 +1,197 @@
+"""VLoRA files as factored transformers models: shared bases held once, no dense weight kept.
+
+Each factorised Linear (or GPT-2 Conv1D) becomes a ``VloraLinear`` whose weight is its chunk's
+base plus the increments on the path from the base to it, ``W_l = base + Σ B_k A_k`` (one term for
+star, the chain so far for chain), which is exactly what ``expand`` rebuilds. The bases and factors
+live once, as parameters of a ``FactoredStore`` on the model, so healing trains precisely what the
+file stores and gradients reach a shared base from every layer that uses it.
+
+A forward pass builds nothing it does not need: when the summed rank is small it runs
+``x·baseᵀ + (x·Aᵀ)·Bᵀ`` without forming the weight, and otherwise forms that one layer's weight
+for the duration of the call, so memory holds the compressed tensors, not a dense copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VloraError
+from .fileformat import VloraFile, factorised_keys, family_layout, increment_keys
+from .plan import FamilyPlan, Plan
+
+
+class FactoredStore(torch.nn.Module):
+    """Every stored base and factor of a VLoRA file, once, under its file name."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = list(tensors)
+        self._index = {name: i for i, name in enumerate(self.names)}
+        # ParameterDict keys cannot hold dots; the file names stay in ``names``
+        self.tensors = torch.nn.ParameterList([torch.nn.Parameter(t) for t in tensors.values()])
+
+    def __getitem__(self, name: str) -> torch.nn.Parameter:
+        return self.tensors[self._index[name]]
+
+    def items(self):
+        return ((name, self.tensors[i]) for i, name in enumerate(self.names))
+
+
+class VloraLinear(torch.nn.Module):
+    """A Linear (weight ``(out, in)``) or Conv1D (weight ``(in, out)``) over shared factors."""
+
+    def __init__(self, store: FactoredStore, shape: tuple[int, int], base: str | None,
+                 terms: list[tuple[str, str]], bias: torch.nn.Parameter | None, conv1d: bool):
+        super().__init__()
+        self.__dict__["store"] = store  # not a submodule: the model holds the store once
+        self.shape = tuple(shape)
+        self.base = base
+        self.terms = list(terms)
+        self.bias = bias
+        self.conv1d = conv1d
+        self.rank = sum(store[a].shape[0] for _, a in self.terms)
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[0] if self.conv1d else self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[1] if self.conv1d else self.shape[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with the terms' ranks side by side: the weight is base + B A."""
+        if not self.terms:
+            return None
+        s = self.store
+        return torch.cat([s[b] for b, _ in self.terms], 1), torch.cat([s[a] for _, a in self.terms], 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, formed on demand (float32 sums, as expand does), in the stored dtype."""
+        s = self.store
+        dtype = s[self.base].dtype if self.base else s[self.terms[0][0]].dtype
+        w = s[self.base].float() if self.base else None
+        bf = self.factors()
+        if bf is not None:
+            delta = bf[0].float() @ bf[1].float()
+            w = delta if w is None else w + delta
+        if w is None:
+            w = torch.zeros(self.shape, device=s.tensors[0].device)
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = self.shape
+        if self.rank * (m + n) >= m * n:  # low rank would cost more than the weight itself
+            w = self.weight.to(x.dtype)
+            y = x @ w if self.conv1d else F.linear(x, w)
+        else:
+            y = None
+            if self.base:
+                w = self.store[self.base].to(x.dtype)
+                y = x @ w if self.conv1d else F.linear(x, w)
+            bf = self.factors()
+            if bf is not None:
+                b, a = bf[0].to(x.dtype), bf[1].to(x.dtype)
+                low = (x @ b) @ a if self.conv1d else F.linear(F.linear(x, a), b)
+                y = low if y is None else y + low
+            if y is None:
+                y = x.new_zeros(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "conv1d" if self.conv1d else "linear"
+        return f"{kind} {self.in_features}->{self.out_features}, base={self.base or 'none'}, rank={self.rank}"
+
+
+def layer_terms(fp: FamilyPlan) -> dict[int, tuple[str | None, list[tuple[str, str]]]]:
+    """layer -> (base tensor name or None, increments from the base to it), as expand rebuilds."""
+    out = {}
+    for ci, chunk in enumerate(fp.chunks):
+        base = fp.base_key(ci)
+        if chunk.base_layer is not None:
+            out[chunk.base_layer] = (base, [])
+        for layer, ref in chunk.steps():
+            prior = [] if ref is None or ref == chunk.base else out[ref][1]
+            own = [increment_keys(fp.key(layer))] if chunk.rank_of(layer) else []
+            out[layer] = (base, prior + own)
+    return out
+
+
+def attach(model: torch.nn.Module, plan: Plan, store: FactoredStore, read=None) -> dict[str, VloraLinear]:
+    """Swap every factorised module of ``model`` for a ``VloraLinear`` over ``store``; in place.
+
+    ``read(key)`` lets modules be found by value when transformers renamed them (see
+    ``models.module_for_key``). Returns checkpoint key -> new module.
+    """
+    from .models import module_for_key
+
+    found = {}
+    for fp in plan.families:
+        for layer in fp.layers:
+            key = fp.key(layer)
+            hit = module_for_key(model, key, read)
+            if hit is None:
+                raise VloraError(f"{key} has no module in the model")
+            found[key] = (fp, layer, *hit)
+    model.add_module("vlora_store", store)
+    out = {}
+    terms = {fp.name: layer_terms(fp) for fp in plan.families}
+    for key, (fp, layer, name, module) in found.items():
+        conv1d = type(module).__name__ == "Conv1D"
+        if not (isinstance(module, torch.nn.Linear) or conv1d):
+            raise VloraError(f"{key}: a {type(module).__name__} cannot run factored (only Linear and Conv1D)")
+        base, path = terms[fp.name][layer]
+        new = VloraLinear(store, fp.shape, base, path, module.bias, conv1d)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        out[key] = new
+    return out
+
+
+def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, head: str | None = None,
+                  dtype: torch.dtype | None = None):
+    """A transformers model that runs the VLoRA file factored, in eval mode.
+
+    Its memory is the file's tensors: the pass-through ones as transformers loads them, the bases
+    and factors once in the store (``dtype`` overrides their stored dtype, e.g. float32 to train).
+    """
+    from .models import load_state_dict_model
+
+    vfile = VloraFile(vlora_path)
+    factorised = factorised_keys(vfile.plan)
+    placeholders = _placeholders(vfile, factorised)
+    state = {}
+    for key, _, _ in vfile.source.tensors:
+        state[key] = placeholders[key] if key in factorised else vfile.get(key)
+    model = load_state_dict_model(vfile.path, config_dir, head, state)
+    stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _, _ in family_layout(fp)}
+    if dtype is not None:
+        stored = {k: v.to(dtype) for k, v in stored.items()}
+    attach(model, vfile.plan, FactoredStore(stored), read=placeholders.__getitem__)
+    return model.eval()
+
+
+def _placeholders(vfile: VloraFile, keys: set[str]) -> dict[str, torch.Tensor]:
+    """One broadcast scalar per factorised weight: no memory, and a distinct value to be found by."""
+    from .checkpoint import DTYPES
+
+    out = {}
+    for i, (key, dt, shape) in enumerate(k for k in vfile.source.tensors if k[0] in keys):
+        out[key] = torch.full((), float(i + 1), dtype=DTYPES[dt]).expand(shape)
+    return out
+
+
+def factored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
