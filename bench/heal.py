@@ -40,6 +40,10 @@ RECIPES = {
     "hidden-lr1e-3-b64-len64": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=1e-3, batch_size=64,
                                     max_length=64),
     "hidden-lr2e-3-b16": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=2e-3, batch_size=16),
+    "hidden-lr1e-4": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=1e-4, batch_size=32),
+    "hidden3-lr3e-4": dict(losses=(("hidden", 3.0), ("cosine", 1.0)), lr=3e-4, batch_size=32),
+    "hidden-lr3e-4-b16": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, batch_size=16),
+    "hidden-lr3e-4-dense3e-5": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, lr_dense=3e-5),
     "default": dict(),
 }
 

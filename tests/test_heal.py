@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ from vlora_compress import VloraError, compress, expand
 from vlora_compress.cli import compress_main
 from vlora_compress.evaluate import EvalConfig, evaluate
 from vlora_compress.fileformat import VloraFile
-from vlora_compress.heal import HealConfig, heal
+from vlora_compress.errors import Interrupted
+from vlora_compress.heal import HealConfig, heal, state_path
 
 
 def test_healing_improves_the_held_out_metric_and_keeps_the_file_shape(minilm_dir, tmp_path):
@@ -76,3 +80,101 @@ def test_compress_distill_heals_the_written_file(minilm_dir, tmp_path):
     assert report.healing["steps"] == 12 and report.healing["losses"][-1] < report.healing["losses"][0]
     assert report.evaluation["metrics"][0]["model"] > plain.evaluation["metrics"][0]["model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.vlora.safetensors", "p.vlora.safetensors"]
+
+
+def _tensors(path):
+    f = VloraFile(path)
+    return {name: f.get(name) for name in f.checkpoint.infos}
+
+
+@pytest.fixture
+def small_start(minilm_dir, tmp_path):
+    start = tmp_path / "s.vlora.safetensors"
+    compress(minilm_dir, start, rank=4, chunks=2, **CORE)
+    return start
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(minilm_dir, small_start, tmp_path, tiny_texts):
+    cfg = HealConfig(steps=6, batch_size=4, lr=1e-3, warmup=2, save_every=100, max_length=32)
+    whole = tmp_path / "whole.vlora.safetensors"
+    heal(small_start, minilm_dir, tiny_texts, whole, cfg)
+
+    def stop_at_3(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut.vlora.safetensors"
+    with pytest.raises(Interrupted, match="--resume"):
+        heal(small_start, minilm_dir, tiny_texts, cut, cfg, on_step=stop_at_3)
+    assert state_path(cut).is_file() and not cut.exists()
+    with pytest.raises(VloraError, match="other settings"):
+        heal(small_start, minilm_dir, tiny_texts, cut, HealConfig(**{**cfg.__dict__, "lr": 2e-3}), resume=True)
+    report = heal(small_start, minilm_dir, tiny_texts, cut, cfg, resume=True)
+    assert report.resumed_from == 3 and report.steps == 6 and not state_path(cut).exists()
+    a, b = _tensors(whole), _tensors(cut)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    with pytest.raises(VloraError, match="no saved state"):
+        heal(small_start, minilm_dir, tiny_texts, tmp_path / "new.vlora.safetensors", cfg, resume=True)
+
+
+@pytest.fixture
+def tiny_texts(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(CALIB.read_text().splitlines()[:48]) + "\n")
+    return path
+
+
+def test_ddp_on_two_gloo_processes_matches_one_process(minilm_dir, small_start, tmp_path, tiny_texts):
+    args = [str(small_start), "--teacher", str(minilm_dir), "--data", str(tiny_texts), "--steps", "4",
+            "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--max-length", "32", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one.vlora.safetensors"
+    two = tmp_path / "two.vlora.safetensors"
+    subprocess.run([sys.executable, "-m", "vlora_compress.heal", *args, "-o", str(one)], check=True, env=env,
+                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vlora_compress.heal", *args, "-o", str(two), "--json"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["processes"] == 2
+    a, b, start = _tensors(one), _tensors(two), _tensors(small_start)
+    moved, steps, gaps = 0, 0.0, 0.0
+    for name in a:
+        step = torch.linalg.norm((a[name] - start[name]).double())
+        gap = torch.linalg.norm((a[name] - b[name]).double())
+        if step == 0:
+            assert gap == 0, name
+            continue
+        # Adam turns float noise in ~0 gradients (key biases', which softmax ignores) into
+        # differently rounded steps, so single tensors get some slack and the whole a tight bound
+        moved, steps, gaps = moved + 1, steps + step ** 2, gaps + gap ** 2
+        assert gap < 0.1 * step + 1e-4, name
+    assert gaps ** 0.5 < 0.005 * steps ** 0.5
+    assert moved > 50
+
+
+def test_kl_and_hidden_losses_heal_a_causal_lm(tiny_gpt2, tmp_path):
+    start = tmp_path / "g.vlora.safetensors"
+    compress(tiny_gpt2, start, rank=2, chunks=1, **CORE)
+    out = tmp_path / "h.vlora.safetensors"
+    report = heal(start, tiny_gpt2, CALIB, out, HealConfig(steps=30, batch_size=16, lr=3e-3, max_length=32,
+                                                             eval_every=10, eval_samples=16), eval_data=EVAL)
+    assert report.config["losses"] == [["hidden", 1.0], ["kl", 1.0]]
+    assert report.metric == "perplexity" and [e["step"] for e in report.evals] == [0, 10, 20, 30]
+    best = min(report.evals, key=lambda e: e["value"])
+    assert report.best_step == best["step"] and report.after == best["value"] <= report.before
+    assert report.losses[-1] < report.losses[0]
+    scored = evaluate(out, EVAL, EvalConfig(task="perplexity", samples=16), config_dir=tiny_gpt2)
+    assert scored.metrics[0].model == pytest.approx(report.after, rel=1e-3)  # the written file is the best step
+
+
+def test_token_budget_and_bad_settings(minilm_dir, small_start, tmp_path, tiny_texts):
+    report = heal(small_start, minilm_dir, tiny_texts, tmp_path / "t.vlora.safetensors",
+                  HealConfig(steps=50, batch_size=8, tokens=200, max_length=32))
+    assert 0 < report.steps < 50 and report.tokens >= 200
+    with pytest.raises(VloraError, match="needs a model with a head"):
+        heal(small_start, minilm_dir, tiny_texts, tmp_path / "k.safetensors", HealConfig(losses=(("kl", 1.0),)))
+    for bad in (dict(losses=(("mse", 1.0),)), dict(tokens=0), dict(device="tpu"), dict(device="cuda:3")):
+        with pytest.raises(VloraError):
+            HealConfig(**bad)

@@ -18,8 +18,7 @@ from rich.console import Console
 from .calibrate import CalibConfig
 from .compress import compress
 from .evaluate import EvalConfig, default_task, evaluate
-from .errors import VloraError
-from .heal import Interrupted
+from .errors import Interrupted, VloraError
 from .expand import expand_to_file
 from .check import check, fmt_number, load_budgets, merge, parse_eval_drop
 from .evaluate import markdown_eval

@@ -6,15 +6,15 @@ import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .align import align_stack, detect_layout, read_config
 from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, open_checkpoint
-from .errors import VloraError
+from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .heal import HealConfig, Interrupted, heal, state_path
 from .models import config_folder, load_model, load_preprocessor, set_tensors
 from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal
 from .planner import plan_measured, rank_for_budget
@@ -22,6 +22,9 @@ from .progress import Progress
 from .report import CompressReport
 from .stacks import find_stacks
 from .write import SafetensorsWriter, check_output
+
+if TYPE_CHECKING:
+    from .heal import HealConfig
 
 
 def compress(
@@ -119,6 +122,8 @@ def compress(
 
 def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool) -> dict:
     """Distil the teacher into the file just written, then put the healed file in its place."""
+    from .heal import HealConfig, heal, state_path  # torch.distributed and friends only when healing
+
     healed = out.with_name(out.name + ".healing")
     try:
         result = heal(out, teacher, data, healed, heal_config or HealConfig(), force=True, progress=progress)

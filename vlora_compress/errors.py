@@ -6,3 +6,7 @@ The CLI maps it to a one-line message and exit code 2; anything else that escape
 
 class VloraError(Exception):
     """Bad input or usage: a file that cannot be read, an option out of range, a corrupted plan."""
+
+
+class Interrupted(VloraError):
+    """Stopped by Ctrl-C with the state to resume from saved (exit code 130)."""

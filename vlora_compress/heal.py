@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import DTYPES
 from .data import read_texts
-from .errors import VloraError
+from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate_models, pooled_embedding
 from .factored import load_factored
 from .fileformat import VloraFile, factorised_keys, header_metadata, layout
@@ -34,10 +34,6 @@ from .write import SafetensorsWriter, atomic_output, check_output
 
 TRAINABLE = ("increments", "bases", "dense")
 LOSSES = ("cosine", "hidden", "kl")
-
-
-class Interrupted(VloraError):
-    """Healing stopped by Ctrl-C; the state to resume from is saved."""
 
 
 @dataclass(frozen=True)
@@ -440,8 +436,8 @@ class _Evaluator:
     def __init__(self, data, teacher_dir: Path, student, teacher_model, config: HealConfig):
         self.data, self.student, self.teacher = data, student, teacher_model
         self.tok = load_preprocessor(teacher_dir)
-        self.config = EvalConfig(task=default_task(teacher_dir), samples=config.eval_samples,
-                                 max_length=config.max_length)
+        # vlora-eval's defaults, so the figures are the ones vlora-eval gives for the written file
+        self.config = EvalConfig(task=default_task(teacher_dir), samples=config.eval_samples)
         self.name, self.higher_is_better = None, True
 
     def __call__(self) -> float:
