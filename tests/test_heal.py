@@ -49,9 +49,15 @@ def test_heal_cli_and_bad_input(minilm_dir, gpt2_file, tmp_path, capsys):
     compress(minilm_dir, start, rank=4, chunks=2, **CORE)
     with pytest.raises(SystemExit) as exc:
         compress_main(["heal", str(start), "--teacher", str(minilm_dir), "--data", str(CALIB), "-o",
-                       str(tmp_path / "h.vlora.safetensors"), "--steps", "2", "--batch-size", "4", "--json"])
+                       str(tmp_path / "h.vlora.safetensors"), "--steps", "2", "--batch-size", "4", "--json",
+                       "--loss", "hidden:2", "--loss", "cosine", "--eval", str(EVAL), "--eval-samples", "8",
+                       "--report", str(tmp_path / "heal.md")])
     out, _ = capsys.readouterr()
-    assert exc.value.code == 0 and json.loads(out)["steps"] == 2
+    result = json.loads(out)
+    assert exc.value.code == 0 and result["steps"] == 2 and result["config"]["losses"] == [["hidden", 2.0], ["cosine", 1.0]]
+    assert result["metric"] == "cosine_to_reference" and [e["step"] for e in result["evals"]] == [0, 2]
+    md = (tmp_path / "heal.md").read_text()
+    assert "cosine_to_reference" in md and "| 2 |" in md and "hidden:2, cosine:1" in md
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     other = tmp_path / "g.vlora.safetensors"
@@ -60,6 +66,9 @@ def test_heal_cli_and_bad_input(minilm_dir, gpt2_file, tmp_path, capsys):
         (["--data", str(empty)], "holds no text"),
         (["--data", str(CALIB), "--device", "cuda:7"], "is not available"),
         (["--data", str(CALIB), "--freeze", "everything"], "--freeze takes"),
+        (["--data", str(CALIB), "--loss", "kl"], "needs a model with a head"),
+        (["--data", str(CALIB), "--loss", "hidden:x"], "NAME:WEIGHT"),
+        (["--data", str(CALIB), "--resume"], "no saved state"),
     ):
         with pytest.raises(SystemExit) as exc:
             compress_main(["heal", str(start), "--teacher", str(minilm_dir), "-o", str(tmp_path / "x.safetensors"),
@@ -77,7 +86,10 @@ def test_compress_distill_heals_the_written_file(minilm_dir, tmp_path):
                      eval_config=EvalConfig(samples=32), **CORE)
     report = compress(minilm_dir, out, rank=8, chunks=2, distill=CALIB, heal_config=HealConfig(steps=12,
                       batch_size=16, lr=1e-3), eval_data=EVAL, eval_config=EvalConfig(samples=32), **CORE)
-    assert report.healing["steps"] == 12 and report.healing["losses"][-1] < report.healing["losses"][0]
+    h = report.healing
+    assert h["steps"] == 12 and h["losses"][-1] < h["losses"][0] and h["tokens"] > 0 and h["device"] == "cpu"
+    assert h["after"] > h["before"] == pytest.approx(plain.evaluation["metrics"][0]["model"], abs=1e-4)
+    assert "healing | 12 steps" in report.to_markdown()
     assert report.evaluation["metrics"][0]["model"] > plain.evaluation["metrics"][0]["model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.vlora.safetensors", "p.vlora.safetensors"]
 
@@ -160,7 +172,7 @@ def test_kl_and_hidden_losses_heal_a_causal_lm(tiny_gpt2, tmp_path):
     out = tmp_path / "h.vlora.safetensors"
     report = heal(start, tiny_gpt2, CALIB, out, HealConfig(steps=30, batch_size=16, lr=3e-3, max_length=32,
                                                              eval_every=10, eval_samples=16), eval_data=EVAL)
-    assert report.config["losses"] == [["hidden", 1.0], ["kl", 1.0]]
+    assert report.config["losses"] == [["hidden", 3.0], ["kl", 1.0]]
     assert report.metric == "perplexity" and [e["step"] for e in report.evals] == [0, 10, 20, 30]
     best = min(report.evals, key=lambda e: e["value"])
     assert report.best_step == best["step"] and report.after == best["value"] <= report.before
