@@ -87,6 +87,8 @@ def compress_cmd(
     device: Annotated[str, typer.Option("--device", help="With --distill: where healing runs: auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
+    quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row) or int4 (per group of a row, two a byte); each increment is fitted against the quantized layer before it.")] = "none",
+    group_size: Annotated[int, typer.Option("--group-size", help="int4: values per float16 scale along a row.")] = 128,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; the same input and options give the same bytes.")] = 0,
     report_file: ReportFlag = None,
@@ -104,7 +106,7 @@ def compress_cmd(
     report = compress(
         source, out, rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds,
         ranks=ranks, align=align, target_size=target_size, target_of=target_of,
-        svd=svd, dtype=dtype, seed=seed, calib=calib,
+        svd=svd, dtype=dtype, quantize=quantize, group_size=group_size, seed=seed, calib=calib,
         calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
                                  gram_dir=gram_dir),
         config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, distill=distill,
@@ -128,13 +130,16 @@ def eval_cmd(
     samples: Annotated[Optional[int], typer.Option("--samples", help="Use the data's first N samples (perplexity: its first N x --max-length tokens).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample (perplexity: the window).")] = 128,
+    quantize: Annotated[str, typer.Option("--quantize", help="The quantization-only baseline: score MODEL (an original) with its layer stacks round-to-nearest int8 (per row) or int4 (per --group-size values of a row).")] = "none",
+    group_size: Annotated[int, typer.Option("--group-size", help="int4: values per scale.")] = 128,
     report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
     """Score a model on local data next to its reference: each metric with the drop (+ = worse)."""
     folder = config_dir or (model if model.is_dir() else (reference if reference is not None and reference.is_dir() else model))
-    config = EvalConfig(task=task or default_task(folder), batch_size=batch_size, max_length=max_length, samples=samples)
+    config = EvalConfig(task=task or default_task(folder), batch_size=batch_size, max_length=max_length, samples=samples,
+                        quantize=quantize, group_size=group_size)
     result = evaluate(model, data, config, reference=reference, config_dir=config_dir,
                       progress=not quiet and not as_json)
     if report_file is not None:

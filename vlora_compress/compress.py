@@ -43,6 +43,8 @@ def compress(
     target_of: str = "model",
     svd: str = "auto",
     dtype: str | None = None,
+    quantize: str = "none",
+    group_size: int = 128,
     seed: int = 0,
     calib: str | Path | None = None,
     calib_config: CalibConfig = CalibConfig(),
@@ -64,9 +66,10 @@ def compress(
     factorisation with input Grams from the original model, found through ``config_dir`` (default:
     the source's folder). ``distill`` (a text file) heals the written file by distillation from the
     original (``heal_config``). ``eval_data`` scores the final file against the original.
+    ``quantize`` (int8 or int4, with ``group_size``) stores bases and factors as integers and scales.
     """
     config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
-                            svd=svd, dtype=dtype, seed=seed)
+                            svd=svd, dtype=dtype, seed=seed, quantize=quantize, group_size=group_size)
     if target_of not in TARGETS_OF:
         raise VloraError(f"--target-of must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
     started = time.perf_counter()
@@ -111,7 +114,7 @@ def compress(
         )
     if distill is not None:
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
-                                                        heal_config, progress))
+                                                        heal_config, progress, eval_data, eval_config))
     if eval_data is not None:
         cfg = eval_config or EvalConfig(task=default_task(config_dir or source))
         result = evaluate(out, eval_data, cfg, reference=config_folder(config_dir or source),
@@ -120,13 +123,18 @@ def compress(
     return report
 
 
-def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool) -> dict:
-    """Distil the teacher into the file just written, then put the healed file in its place."""
+def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool, eval_data, eval_config) -> dict:
+    """Distil the teacher into the file just written, then put the healed file in its place.
+
+    With eval data, healing scores before and after on it (``healing.before``/``after``)."""
     from .heal import HealConfig, heal, state_path  # torch.distributed and friends only when healing
 
+    heal_config = heal_config or HealConfig()
+    if eval_data is not None and eval_config is not None and eval_config.samples:
+        heal_config = replace(heal_config, eval_samples=eval_config.samples)
     healed = out.with_name(out.name + ".healing")
     try:
-        result = heal(out, teacher, data, healed, heal_config or HealConfig(), force=True, progress=progress)
+        result = heal(out, teacher, data, healed, heal_config, force=True, progress=progress, eval_data=eval_data)
     except BaseException as e:
         healed.unlink(missing_ok=True)
         state_path(healed).unlink(missing_ok=True)

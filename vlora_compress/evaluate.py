@@ -47,6 +47,7 @@ class EvalReport:
     reference: str | None
     samples: int
     metrics: list[Metric] = field(default_factory=list)
+    quantized: dict | None = None  # the quantization-only baseline: scheme, group_size, stack_bytes
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -62,16 +63,24 @@ class EvalReport:
 
 def markdown_eval(report: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"**{report['task']}** on `{Path(report['data']).name}` ({report['samples']} samples)", "",
+    lines = [f"**{report['task']}** on `{Path(report['data']).name}` ({report['samples']} samples){_rtn(report)}", "",
              "| metric | model | reference | drop (+ = worse) |", "|---|---:|---:|---:|"]
     lines += [f"| {m['name']} | {fmt(m['model'])} | {fmt(m['reference'])} | {fmt(m['drop'])} |"
               for m in report["metrics"]]
     return "\n".join(lines) + "\n"
 
 
+def _rtn(report: dict) -> str:
+    q = report.get("quantized")
+    if not q:
+        return ""
+    group = f" groups of {q['group_size']}" if q["group_size"] else " per row"
+    return f"; model = the original, stacks {q['scheme']}{group} round-to-nearest ({q['stack_bytes']:,} stack bytes)"
+
+
 def render_eval(report: dict, console: Console) -> None:
     """The compressed model beside its reference, with the drop; from a report dict (as in JSON)."""
-    table = Table(title=f"{report['task']} on {Path(report['data']).name} ({report['samples']} samples)")
+    table = Table(title=f"{report['task']} on {Path(report['data']).name} ({report['samples']} samples){_rtn(report)}")
     for col in ("metric", "model", "reference", "drop (+ = worse)"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
@@ -86,12 +95,17 @@ class EvalConfig:
     batch_size: int = 32
     max_length: int = 128
     samples: int | None = None  # the file's first N samples; None = all
+    quantize: str = "none"  # int8 | int4: score the model with its layer stacks round-to-nearest quantized
+    group_size: int = 128
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise VloraError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.batch_size < 1 or self.max_length < 2 or (self.samples is not None and self.samples < 1):
             raise VloraError("--batch-size and --samples must be at least 1, --max-length at least 2")
+        from .quantize import check_scheme
+
+        check_scheme(self.quantize, self.group_size)
 
 
 def default_task(config_dir: str | Path) -> str:
@@ -117,11 +131,43 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     if config.task == "perplexity":
         head = "causal-lm"
     models = [load_model(model, None if model.is_dir() else config_dir, head)]
+    quantized = None
+    if config.quantize != "none":
+        stack_bytes = quantize_stacks(models[0], model, config.quantize, config.group_size)
+        quantized = {"scheme": config.quantize, "group_size": config.group_size if config.quantize == "int4" else None,
+                     "stack_bytes": stack_bytes}
     if reference is not None:
         ref = Path(reference)
         models.append(load_model(ref, None if ref.is_dir() else config_dir, head))
     samples, metrics = evaluate_models(models, preprocessor, data, config, progress)
-    return EvalReport(config.task, str(data), str(model), str(reference) if reference else None, samples, metrics)
+    return EvalReport(config.task, str(data), str(model), str(reference) if reference else None, samples, metrics,
+                      quantized)
+
+
+def quantize_stacks(loaded, path: Path, scheme: str, group_size: int) -> int:
+    """The quantization-only baseline, in place: every matrix that compress would factorise,
+    round-to-nearest at ``scheme`` (rows of the stored matrix as the channels). Returns the stack's
+    bytes so stored, scales included."""
+    from .models import param_for_key
+    from .quantize import fake_quantize, nbytes
+    from .stacks import find_stacks
+
+    with open_checkpoint(path) as ckpt:
+        if ckpt.is_vlora:
+            raise VloraError(f"{path}: --quantize scores an original model; this is a VLoRA file")
+        stacks = find_stacks(ckpt.infos)
+        total = 0
+        for stack in stacks:
+            for fam in stack.families:
+                for layer in fam.layers:
+                    key = fam.key(layer)
+                    param = param_for_key(loaded, key, ckpt.read)
+                    if param is None:
+                        raise VloraError(f"{path}: cannot find {key} in the model")
+                    with torch.no_grad():
+                        param.copy_(fake_quantize(param.detach(), scheme, group_size).reshape(param.shape))
+                    total += nbytes(fam.shape, scheme, group_size)
+    return total
 
 
 def evaluate_models(models: list, preprocessor, data: str | Path, config: EvalConfig,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VloraError
-from .fileformat import VloraFile, factorised_keys, family_layout, increment_keys
+from .fileformat import VloraFile, factorised_keys, family_matrices, increment_keys
 from .plan import FamilyPlan, Plan
 
 
@@ -168,7 +168,7 @@ def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, 
     for key, _, _ in vfile.source.tensors:
         state[key] = placeholders[key] if key in factorised else vfile.get(key)
     model = load_state_dict_model(vfile.path, config_dir, head, state)
-    stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _, _ in family_layout(fp)}
+    stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _ in family_matrices(fp)}
     if dtype is not None:
         stored = {k: v.to(dtype) for k, v in stored.items()}
     attach(model, vfile.plan, FactoredStore(stored), read=placeholders.__getitem__)

@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import DTYPES
 from .fileformat import increment_keys
+from .quantize import SCALE_SUFFIX, dequantize, quantize
 from .plan import CompressConfig, FamilyPlan
 
 # Below this size a float64 LAPACK SVD costs well under a second on a laptop core.
@@ -135,15 +136,13 @@ def fit_family(
     orig = DTYPES[plan.dtype]
     for ci, chunk in enumerate(plan.chunks):
         if chunk.base == "synthetic":
-            base = synthetic_base(plan, chunk, read, whitener).to(store)
-            yield plan.synthetic_base_key(ci), base
-            base_hat = base.float()
+            entries, base_hat = encode(plan, plan.synthetic_base_key(ci), synthetic_base(plan, chunk, read, whitener))
+            yield from entries
         elif chunk.base_layer is not None:
             key = plan.key(chunk.base)
             w = read(key)
-            stored = w.to(store)
-            yield key, stored
-            base_hat = stored.float()
+            entries, base_hat = encode(plan, key, w)
+            yield from entries
             wh = whitener(key)
             yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)),
                            wh.output_error(w, base_hat.to(orig)) if wh else None)
@@ -163,15 +162,30 @@ def fit_family(
                 b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter)
             else:
                 b, a = truncated_svd(delta, rank, method, config.seed, config.niter)
-            b, a = b.to(store), a.to(store)
             if rank:
                 kb, ka = increment_keys(key)
-                yield kb, b
-                yield ka, a
+                entries_b, b = encode(plan, kb, b)
+                entries_a, a = encode(plan, ka, a)
+                yield from entries_b
+                yield from entries_a
+            else:
+                b, a = b.to(store), a.to(store)
             last_hat = apply_increment(ref_hat, b, a)
             w_hat = last_hat.to(orig)
             yield LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat),
                            wh.output_error(w, w_hat) if wh else None)
+
+
+def encode(plan: FamilyPlan, name: str, t: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+    """(stored entries, what they read back as in float32): the closed loop fits from the latter,
+    so rounding to the store dtype or to integers never compounds down a chain."""
+    store = DTYPES[plan.store_dtype]
+    if plan.quant == "none":
+        stored = t.to(store)
+        return [(name, stored)], stored.float()
+    q, s = quantize(t, plan.quant, plan.group_size)
+    back = dequantize(q, s, tuple(t.shape), plan.quant, plan.group_size).to(store)
+    return [(name, q), (name + SCALE_SUFFIX, s)], back.float()
 
 
 def synthetic_base(plan: FamilyPlan, chunk, read, whitener) -> torch.Tensor:

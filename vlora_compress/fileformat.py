@@ -18,9 +18,12 @@ import torch
 from .checkpoint import DTYPES, Checkpoint, open_checkpoint
 from .errors import VloraError
 from .plan import FamilyPlan, Plan
+from .quantize import SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
 
 FORMAT_NAME = "vlora"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # files without quantized storage
+QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.md, section 9)
+READS = (str(FORMAT_VERSION), str(QUANTIZED_VERSION))
 INCREMENT_SUFFIXES = (".vlora_B", ".vlora_A")
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
@@ -53,19 +56,38 @@ class SourceInfo:
         return info
 
 
-def family_layout(fp: FamilyPlan) -> list[Entry]:
-    """Stored tensors of one family, in the order factorise.fit_family yields them."""
+def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
+    """The family's bases and factors as matrices, (name, shape), in the order fit_family writes them."""
     m, n = fp.shape
-    out: list[Entry] = []
+    out = []
     for ci, chunk in enumerate(fp.chunks):
         base_key = fp.base_key(ci)
         if base_key is not None:
-            out.append((base_key, fp.store_dtype, (m, n)))
+            out.append((base_key, (m, n)))
         for layer, _ in chunk.steps():
             r = chunk.rank_of(layer)
             if r:
                 kb, ka = increment_keys(fp.key(layer))
-                out += [(kb, fp.store_dtype, (m, r)), (ka, fp.store_dtype, (r, n))]
+                out += [(kb, (m, r)), (ka, (r, n))]
+    return out
+
+
+def read_matrix(fp: FamilyPlan, shape: tuple[int, int], name: str, raw, where: str | None = None) -> torch.Tensor:
+    """A base or factor as stored entries ``raw(name)`` hold it: dequantized when quantized."""
+    if fp.quant == "none":
+        return raw(name)
+    q, s = raw(name), raw(name + SCALE_SUFFIX)
+    return dequantize(q, s, shape, fp.quant, fp.group_size, where or name).to(DTYPES[fp.store_dtype])
+
+
+def family_layout(fp: FamilyPlan) -> list[Entry]:
+    """Stored tensors of one family: each matrix, or when quantized its integers and then its scales."""
+    if fp.quant == "none":
+        return [(name, fp.store_dtype, shape) for name, shape in family_matrices(fp)]
+    out: list[Entry] = []
+    for name, shape in family_matrices(fp):
+        out.append((name, storage_tag(fp.quant), packed_shape(shape, fp.quant)))
+        out.append((name + SCALE_SUFFIX, SCALE_TAG, scale_shape(shape, fp.quant, fp.group_size)))
     return out
 
 
@@ -86,7 +108,7 @@ def header_metadata(plan: Plan, source: SourceInfo, config: dict) -> dict[str, s
     dump = lambda obj: json.dumps(obj, sort_keys=True, separators=(",", ":"))  # noqa: E731
     return {
         "vlora.format": FORMAT_NAME,
-        "vlora.version": str(FORMAT_VERSION),
+        "vlora.version": str(QUANTIZED_VERSION if any(fp.quant != "none" for fp in plan.families) else FORMAT_VERSION),
         "vlora.config": dump(config),
         "vlora.source": dump(asdict(source)),
         "vlora.plan": dump(plan.to_dict()),
@@ -105,8 +127,8 @@ class VloraFile:
         if meta.get("vlora.format") != FORMAT_NAME:
             raise VloraError(f"{self.path}: is not a VLoRA file (no 'vlora.format' in its metadata)")
         version = meta.get("vlora.version")
-        if version != str(FORMAT_VERSION):
-            raise VloraError(f"{self.path}: has VLoRA format version {version!r}; this tool reads version {FORMAT_VERSION}")
+        if version not in READS:
+            raise VloraError(f"{self.path}: has VLoRA format version {version!r}; this tool reads versions {', '.join(READS)}")
         try:
             self.config = json.loads(meta["vlora.config"])
             source = json.loads(meta["vlora.source"])
@@ -118,7 +140,12 @@ class VloraFile:
             self.plan = Plan.from_dict(plan)
         except VloraError as e:
             raise VloraError(f"{self.path}: {e}") from None
+        if version == str(FORMAT_VERSION) and any(fp.quant != "none" for fp in self.plan.families):
+            raise VloraError(f"{self.path}: corrupted plan: a version 1 file cannot hold quantized families")
         self._check_layout()
+        # quantized matrices read back as floats: name -> (family plan, logical shape)
+        self.quantized = {name: (fp, shape) for fp in self.plan.families if fp.quant != "none"
+                          for name, shape in family_matrices(fp)}
 
     def _check_layout(self) -> None:
         infos = self.checkpoint.infos
@@ -143,6 +170,10 @@ class VloraFile:
                     raise VloraError(f"{self.path}: corrupted plan: {fp.key(layer)!r} does not match its source record")
 
     def get(self, name: str) -> torch.Tensor:
+        """A stored tensor; a quantized base or factor comes back dequantized, in its store dtype."""
+        if name in self.quantized:
+            fp, shape = self.quantized[name]
+            return read_matrix(fp, shape, name, self.checkpoint.read, f"{self.path}: {name}")
         return self.checkpoint.read(name)
 
     @property

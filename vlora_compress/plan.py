@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from .checkpoint import FLOAT_DTYPES
 from .errors import VloraError
+from .quantize import check_scheme
 from .stacks import Family, Stack, layer_key
 
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -40,6 +41,8 @@ class CompressConfig:
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
     niter: int = 4  # power iterations of the randomised SVD
+    quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py)
+    group_size: int = 128  # int4: values per scale along a row
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -64,6 +67,7 @@ class CompressConfig:
             raise VloraError(f"--dtype must be one of fp32, fp16, bf16, not {self.dtype!r}")
         if self.niter < 0:
             raise VloraError(f"niter must be at least 0, not {self.niter}")
+        check_scheme(self.quantize, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,10 @@ class FamilyPlan:
     suffix: str
     shape: tuple[int, int]
     dtype: str  # original dtype
-    store_dtype: str  # dtype of the stored base and factors
+    store_dtype: str  # dtype of the stored base and factors (after dequantizing, when quantized)
     chunks: tuple[ChunkPlan, ...]
+    quant: str = "none"  # none | int8 | int4
+    group_size: int = 128  # int4 only
 
     def key(self, layer: int) -> str:
         return layer_key(self.stack, layer, self.suffix)
@@ -128,7 +134,7 @@ class FamilyPlan:
     def summary(self) -> dict:
         """The identifying fields every report of a family starts with."""
         return {"family": self.name, "stack": self.stack, "suffix": self.suffix, "shape": list(self.shape),
-                "dtype": self.dtype, "store_dtype": self.store_dtype}
+                "dtype": self.dtype, "store_dtype": self.store_dtype, "quant": self.quant}
 
     def synthetic_base_key(self, chunk: int) -> str:
         return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
@@ -181,6 +187,8 @@ class Plan:
                         ChunkPlan(_ints(c["layers"]), _ints(c["ranks"]), c["base"], c.get("topology", "chain"))
                         for c in f["chunks"]
                     ),
+                    str(f.get("quant", "none")),
+                    int(f.get("group_size", 128)),
                 )
                 for f in data["families"]
             )
@@ -198,6 +206,10 @@ class Plan:
                 raise VloraError(f"corrupted plan: {f.name} has shape {f.shape}")
             if f.dtype not in FLOAT_DTYPES or f.store_dtype not in FLOAT_DTYPES:
                 raise VloraError(f"corrupted plan: {f.name} has dtype {f.dtype}/{f.store_dtype}")
+            try:
+                check_scheme(f.quant, f.group_size)
+            except VloraError as e:
+                raise VloraError(f"corrupted plan: {f.name}: {e}") from None
             for c in f.chunks:
                 if not c.layers or len(c.ranks) != len(c.layers) or len(set(c.layers)) != len(c.layers):
                     raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
@@ -278,7 +290,7 @@ def parse_size(text: str | float) -> tuple[str, float]:
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
     chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,))
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,), config.quantize, config.group_size)
 
 
 def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: CompressConfig) -> FamilyPlan:
@@ -290,5 +302,6 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
             topology = "star" if config.topology == "star" else "chain"
             chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks))
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks), config.quantize,
+                      config.group_size)
 

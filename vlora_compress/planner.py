@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import ITEMSIZE
+from .quantize import element_bytes
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family
-from .fileformat import family_layout
+from .fileformat import family_layout, family_matrices, read_matrix
 from .plan import STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
 from .stacks import Family, Stack
 
@@ -246,7 +247,7 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
 def _cost_terms(fam: Family, cand: Candidate, config: CompressConfig) -> tuple[int, int]:
     """(bytes of dense bases, bytes per unit of rank) of ``fam`` stored as ``cand``."""
     m, n = fam.shape
-    item = ITEMSIZE[_store(fam, config)]
+    item = element_bytes(config.quantize, config.group_size) or ITEMSIZE[_store(fam, config)]
     if cand.base == "none":
         return 0, item * len(fam.layers) * (m + n)
     chunks = min(cand.chunks, len(fam.layers))
@@ -301,7 +302,8 @@ def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig)
     by_key = {fp.key(layer): weights[layer] for c in fp.chunks for layer in c.layers}
     stored = {item[0]: item[1] for item in fit_family(fp, by_key.__getitem__, config, whitener)
               if isinstance(item, tuple)}
-    return dict(rebuild_family(fp, stored.__getitem__))
+    shapes = dict(family_matrices(fp))
+    return dict(rebuild_family(fp, lambda name: read_matrix(fp, shapes[name], name, stored.__getitem__)))
 
 
 def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitener) -> float:
@@ -334,7 +336,8 @@ def _best_base(fam, layers, rank, topology, weights, whitener, config) -> ChunkP
 
 
 def _family_plan(fam: Family, config: CompressConfig, chunks) -> FamilyPlan:
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, _store(fam, config), tuple(chunks))
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, _store(fam, config), tuple(chunks),
+                      config.quantize, config.group_size)
 
 
 def _store(fam: Family, config: CompressConfig) -> str:

@@ -1,0 +1,132 @@
+import json
+
+import pytest
+import torch
+
+from conftest import CORE, tiny_model
+from vlora_compress import VloraError, compress, expand, synthetic
+from vlora_compress.cli import expand_main
+from vlora_compress.factored import load_factored
+from vlora_compress.fileformat import VloraFile
+from vlora_compress.models import load_model
+from vlora_compress.quantize import dequantize, pack_int4, quantize, unpack_int4
+
+SPECS = [(f"h.{i}.mlp.weight", (48, 40)) for i in range(8)]
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 16), ("int4", 128)])
+def test_round_trip_error_is_within_half_a_step(scheme, group):
+    x = torch.randn(37, 75) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different size
+    q, s = quantize(x, scheme, group)
+    back = dequantize(q, s, tuple(x.shape), scheme, group)
+    step = s.float().repeat_interleave(75 if scheme == "int8" else group, 1)[:, :75]
+    assert ((x - back).abs() <= step / 2 * (1 + 1e-3) + 1e-7).all()
+    assert q.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
+    assert q.shape == ((37, 75) if scheme == "int8" else (37, 38))  # an odd row is padded by one nibble
+
+
+def test_int4_packing_is_exact_for_every_value():
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    grid = torch.stack(torch.meshgrid(values, values, indexing="ij"), -1).reshape(-1, 2)  # every pair
+    q = torch.cat([grid.reshape(1, -1), grid.flip(0).reshape(1, -1)])
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, q.shape[1] // 2)
+    assert torch.equal(unpack_int4(packed, q.shape[1]), q)
+    assert torch.equal(unpack_int4(pack_int4(q[:, :-1]), q.shape[1] - 1), q[:, :-1])  # odd length
+    assert int(pack_int4(torch.tensor([[-8, 7]], dtype=torch.int8))[0, 0]) == 0xF0  # low nibble first
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_chain_does_not_compound_its_error(tmp_path, scheme):
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", SPECS, synthetic.planted_chain(4, 3, {0}))
+    out = tmp_path / "c.vlora.safetensors"
+    report = compress(src, out, rank=3, chunks=1, quantize=scheme, group_size=8, **CORE)
+    errors = [t["rel_error"] for t in report.tensors if t["role"] == "increment"]
+    assert len(errors) == 7
+    # the base's own rounding (~0.4% at int8, ~8% at int4) sets the level; 7 links on it has not grown
+    assert max(errors) < {"int8": 0.01, "int4": 0.12}[scheme] and errors[-1] < 1.25 * errors[0]
+    dense = expand(out)
+    for key, shape in SPECS:
+        assert dense[key].dtype == torch.float32 and dense[key].shape == shape
+    assert VloraFile(out).nbytes < VloraFile(compress(src, tmp_path / "f.vlora.safetensors", rank=3, chunks=1,
+                                                      **CORE).output).nbytes
+
+
+def test_quantized_files_expand_and_load_into_transformers(tmp_path):
+    folder = tiny_model(tmp_path / "gpt2", "gpt2")
+    x = {"input_ids": torch.randint(5, 250, (2, 9), generator=torch.Generator().manual_seed(0))}
+    ref = load_model(folder)(**x).logits
+    outs = {}
+    for scheme in ("none", "int8", "int4"):
+        path = tmp_path / f"{scheme}.vlora.safetensors"
+        compress(folder, path, rank=16, chunks=1, quantize=scheme, group_size=32, **CORE)
+        with torch.no_grad():
+            expanded = load_model(path, folder)(**x).logits
+            factored = load_factored(path, folder)(**x).logits
+        assert (expanded - factored).abs().max() < 1e-4
+        outs[scheme] = (expanded - ref).abs().mean().item()
+        infos = VloraFile(path).checkpoint.infos
+        kinds = {i.dtype for n, i in infos.items() if n.endswith(".vlora_A")}
+        assert kinds == {"none": {"F32"}, "int8": {"I8"}, "int4": {"U8"}}[scheme]
+    assert outs["none"] <= outs["int8"] * 1.05 and outs["int8"] < outs["int4"]  # bits cost what they should
+
+
+def _rewrite(path, change):
+    """Rewrite a safetensors file with one tensor changed, the header metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda t, k: t.__setitem__(k + ".scale", torch.zeros_like(t[k + ".scale"])), "corrupted scales"),
+    (lambda t, k: t.__setitem__(k + ".scale", -t[k + ".scale"]), "corrupted scales"),
+    (lambda t, k: t.__setitem__(k + ".scale", torch.full_like(t[k + ".scale"], float("nan"))), "holds NaN or Inf"),
+    (lambda t, k: t.__setitem__(k, t[k][:, :-1].contiguous()), "corrupted plan"),
+])
+def test_damaged_quantized_files_are_refused_in_one_line(tmp_path, capsys, damage, words):
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", SPECS, synthetic.planted_chain(4, 3, {0}))
+    out = tmp_path / "c.vlora.safetensors"
+    compress(src, out, rank=3, chunks=1, quantize="int4", group_size=8, **CORE)
+    _rewrite(out, lambda t: damage(t, "h.3.mlp.weight.vlora_A"))
+    with pytest.raises(VloraError, match=words):
+        expand(out)
+    with pytest.raises(SystemExit) as exc:
+        expand_main([str(out), "-o", str(tmp_path / "d.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_plan_records_the_scheme_and_bad_options_are_refused(tmp_path):
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", SPECS, synthetic.planted_chain(4, 3, {0}))
+    out = tmp_path / "c.vlora.safetensors"
+    compress(src, out, rank=3, chunks=1, quantize="int4", group_size=8, **CORE)
+    plan = json.loads(VloraFile(out).checkpoint.metadata["vlora.plan"])
+    assert {(f["quant"], f["group_size"]) for f in plan["families"]} == {("int4", 8)}
+    for bad in (dict(quantize="int3"), dict(quantize="int4", group_size=7)):
+        with pytest.raises(VloraError):
+            compress(src, tmp_path / "x.vlora.safetensors", rank=3, chunks=1, **bad, **CORE)
+
+
+def test_quantization_only_baseline_in_vlora_eval(minilm_dir, tmp_path):
+    from conftest import EVAL
+    from vlora_compress.evaluate import EvalConfig, evaluate
+
+    scores = {}
+    for scheme in ("int8", "int4"):
+        r = evaluate(minilm_dir, EVAL, EvalConfig(samples=32, quantize=scheme, group_size=128), reference=minilm_dir)
+        scores[scheme] = r.metric("cosine_to_reference").model
+        assert r.quantized["scheme"] == scheme
+    assert scores["int8"] > 0.99 and 0.5 < scores["int4"] < scores["int8"]  # the yardstick behaves as measured
+    stack = 6 * 4 * (4 * 384 * 384 + 2 * 384 * 1536)  # fp32 bytes of the six layers' matrices
+    assert r.quantized["stack_bytes"] == pytest.approx(stack / 8 * (1 + 4 / 128), rel=0.01)  # 4 bits + fp16 scales
+    path = tmp_path / "m.vlora.safetensors"
+    compress(minilm_dir, path, rank=4, chunks=2, **CORE)
+    with pytest.raises(VloraError, match="scores an original model"):
+        evaluate(path, EVAL, EvalConfig(samples=4, quantize="int8"), reference=minilm_dir)
