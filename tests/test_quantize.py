@@ -130,3 +130,12 @@ def test_quantization_only_baseline_in_vlora_eval(minilm_dir, tmp_path):
     compress(minilm_dir, path, rank=4, chunks=2, **CORE)
     with pytest.raises(VloraError, match="scores an original model"):
         evaluate(path, EVAL, EvalConfig(samples=4, quantize="int8"), reference=minilm_dir)
+
+
+def test_planning_at_a_target_counts_the_quantized_bytes(tmp_path):
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", SPECS, synthetic.planted_chain(4, 3, {0}))
+    for scheme, target in (("int8", 0.2), ("int4", 0.1)):
+        report = compress(src, tmp_path / f"{scheme}.vlora.safetensors", target_size=str(target), target_of="stack",
+                          quantize=scheme, group_size=8)
+        assert 0.5 * target < report.stack_size_ratio <= target, scheme  # real bytes, scales included
+        assert report.families[0]["quant"] == scheme

@@ -333,7 +333,11 @@ def _train_mode(student, checkpointing: bool) -> None:
         return
     if not getattr(student, "supports_gradient_checkpointing", False):
         raise VloraError(f"{type(student).__name__} does not support gradient checkpointing")
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     student.train()
     for m in student.modules():
         if isinstance(m, torch.nn.Dropout):

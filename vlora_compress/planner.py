@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import ITEMSIZE
 from .quantize import element_bytes
+from .quantize import nbytes as quantized_bytes
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family
 from .fileformat import family_layout, family_matrices, read_matrix
@@ -190,15 +191,43 @@ def reference(config: CompressConfig, n_layers: int) -> Candidate:
 
 
 def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
-    dense, per_rank = _cost_terms(fam, cand, config)
-    return dense + min(rank, *fam.shape) * per_rank
+    """Exact stored bytes of ``fam`` as ``cand`` at a uniform ``rank``, quantization scales included."""
+    m, n = fam.shape
+    r = min(rank, m, n)
+    bases, increments = _counts(fam, cand)
+    return bases * _matrix_bytes((m, n), fam, config) + increments * (
+        _matrix_bytes((m, r), fam, config) + _matrix_bytes((r, n), fam, config))
+
+
+def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
+    """(dense bases, increments): a mean base is stored once and every layer is an increment; a
+    layer base is a layer; a zero base is stored nowhere."""
+    if cand.base == "none":
+        return 0, len(fam.layers)
+    chunks = min(cand.chunks, len(fam.layers))
+    return chunks, len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
+
+
+def _matrix_bytes(shape: tuple[int, int], fam: Family, config: CompressConfig) -> int:
+    if config.quantize != "none":
+        return quantized_bytes(shape, config.quantize, config.group_size)
+    return ITEMSIZE[_store(fam, config)] * shape[0] * shape[1]
+
+
+def _fit_rank(estimate: int, fits: Callable[[int], bool]) -> int:
+    """The affine estimate, lowered until the exact bytes fit (int4 scales make bytes step in rank)."""
+    rank = estimate
+    while rank >= 1 and not fits(rank):
+        rank -= 1
+    return rank
 
 
 def rank_for_budget(stacks: list[Stack], config: CompressConfig, stack_budget: int) -> int:
     """The largest uniform rank at which the reference form stores every family in ``stack_budget``.
 
-    Bytes are affine in the rank (dense bases + rank x Σ(m + n) per increment), so this is one
-    division; ranks later clipped to a matrix's full rank only make the file smaller.
+    Bytes are nearly affine in the rank (dense bases + rank x Σ(m + n) per increment), so this is
+    one division, lowered while the exact bytes (int4 scales step with the rank) do not fit; ranks
+    later clipped to a matrix's full rank only make the file smaller.
     """
     fixed = per_rank = 0
     for stack in stacks:
@@ -208,11 +237,14 @@ def rank_for_budget(stacks: list[Stack], config: CompressConfig, stack_budget: i
         for fam in stack.families:
             dense, per = _cost_terms(fam, reference(config, len(fam.layers)), config)
             fixed, per_rank = fixed + dense, per_rank + per
-    rank = (stack_budget - fixed) // per_rank if per_rank else 0
+    rank = int((stack_budget - fixed) // per_rank) if per_rank else 0
+    families = [fam for stack in stacks for fam in stack.families]
+    rank = _fit_rank(rank, lambda r: sum(candidate_bytes(f, reference(config, len(f.layers)), r, config)
+                                         for f in families) <= stack_budget)
     if rank < 1:
         raise VloraError(f"the target leaves {max(stack_budget, 0):,} bytes for the layer stacks; with "
                          f"--chunks {config.chunks or 1} the bases and rank-1 increments need at least "
-                         f"{fixed + per_rank:,}")
+                         f"{int(fixed + per_rank):,}")
     return int(rank)
 
 
@@ -223,7 +255,8 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     if cand.chunks > n_layers:
         return None
     dense, per_rank = _cost_terms(fam, cand, config)
-    rank = min((budget - dense) // per_rank, *fam.shape) if per_rank else 0
+    rank = int(min((budget - dense) // per_rank, *fam.shape)) if per_rank else 0
+    rank = _fit_rank(rank, lambda r: candidate_bytes(fam, cand, r, config) <= budget)
     if rank < 1:
         return None
     if cand.base == "none":
@@ -244,16 +277,12 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     return _family_plan(fam, config, chunks)
 
 
-def _cost_terms(fam: Family, cand: Candidate, config: CompressConfig) -> tuple[int, int]:
+def _cost_terms(fam: Family, cand: Candidate, config: CompressConfig) -> tuple[float, float]:
     """(bytes of dense bases, bytes per unit of rank) of ``fam`` stored as ``cand``."""
     m, n = fam.shape
     item = element_bytes(config.quantize, config.group_size) or ITEMSIZE[_store(fam, config)]
-    if cand.base == "none":
-        return 0, item * len(fam.layers) * (m + n)
-    chunks = min(cand.chunks, len(fam.layers))
-    # a mean base is stored once and every layer is an increment; a layer base is a layer
-    increments = len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
-    return item * chunks * m * n, item * increments * (m + n)
+    bases, increments = _counts(fam, cand)
+    return item * bases * m * n, item * increments * (m + n)
 
 
 def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[int, int], ...]:
