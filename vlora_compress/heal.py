@@ -27,7 +27,7 @@ from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate_models, pooled_embedding
 from .factored import load_factored
 from .factorise import encode
-from .fileformat import VloraFile, factorised_keys, family_matrices, header_metadata, layout
+from .fileformat import INCREMENT_SUFFIXES, VloraFile, factorised_keys, family_matrices, header_metadata, layout
 from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
 from .models import takes_text, token_limit
 from .progress import Progress
@@ -178,7 +178,7 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
     # float32 master weights whatever the file stores; autocast does the low precision on CUDA
     student = load_factored(vfile.path, teacher, head).float().to(device)
     trainable = _trainable(student, vfile, config)
-    stored = stored_names(vfile)
+    stored = set(student.vlora_store.names)  # bases and factors; the rest are 1-D stack parameters
     groups = [{"params": [p for n, p in trainable.items() if n in stored], "lr": config.lr},
               {"params": [p for n, p in trainable.items() if n not in stored], "lr": config.lr_dense or config.lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
@@ -275,11 +275,6 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
     )
 
 
-def stored_names(vfile: VloraFile) -> set[str]:
-    """The bases and factors (not the pass-through tensors), as the factored model's store names them."""
-    return {name for fp in vfile.plan.families for name, _ in family_matrices(fp)}
-
-
 def _distributed(device_name: str) -> tuple[int, int]:
     """(rank, world size); joins the process group that torchrun describes in the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -299,7 +294,7 @@ def _trainable(student, vfile: VloraFile, config: HealConfig) -> dict[str, torch
         p.requires_grad_(False)
     out = {}
     for name, p in student.vlora_store.items():
-        is_increment = name.endswith((".vlora_A", ".vlora_B"))
+        is_increment = name.endswith(INCREMENT_SUFFIXES)
         if ("increments" if is_increment else "bases") in config.train:
             out[name] = p
     if "dense" in config.train:

@@ -86,13 +86,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], sch
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise VloraError(f"{name}: corrupted scales (not finite and positive)")
     values = q.float() if scheme == "int8" else unpack_int4(q, cols).float()
-    if scheme == "int8":
-        return values * s
-    g = group_size
-    n_groups = s.shape[1]
-    padded = torch.zeros(rows, n_groups * g)
-    padded[:, :cols] = values
-    return (padded.reshape(rows, n_groups, g) * s[..., None]).reshape(rows, -1)[:, :cols]
+    return (_grouped(values, scheme, group_size) * s[..., None]).reshape(rows, -1)[:, :cols]
 
 
 def fake_quantize(x: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
