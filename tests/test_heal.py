@@ -202,3 +202,24 @@ def test_gradient_checkpointing_trains_the_same_tensors(minilm_dir, small_start,
     assert not torch.equal(a[name], start[name])
     for key in a:  # recomputing layers in backward changes no gradient beyond float noise
         assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_a_quantized_file_heals_and_reports_what_it_wrote(tiny_gpt2, tmp_path, aware):
+    start = tmp_path / "q.vlora.safetensors"
+    compress(tiny_gpt2, start, rank=4, chunks=2, quantize="int4", group_size=16, **CORE)
+    out = tmp_path / "h.vlora.safetensors"
+    report = heal(start, tiny_gpt2, CALIB, out, HealConfig(steps=12, batch_size=16, lr=3e-3, max_length=32,
+                                                             eval_samples=16, quantization_aware=aware),
+                  eval_data=EVAL)
+    before, after = VloraFile(start), VloraFile(out)
+    assert after.plan == before.plan and after.nbytes == before.nbytes
+    raw = [n for n, i in after.checkpoint.infos.items() if i.dtype == "U8"]
+    moved = any(not torch.equal(after.checkpoint.read(n), before.checkpoint.read(n)) for n in raw)
+    if aware:  # perplexity falls, and the integers moved
+        assert report.after < report.before and moved
+    else:  # small float steps can round back to the start; the start is then written as it was
+        assert report.after <= report.before and (moved or report.best_step == 0)
+    # the figure healing reports is the written file's, trained through the quantizer or not
+    scored = evaluate(out, EVAL, EvalConfig(task="perplexity", samples=16), config_dir=tiny_gpt2)
+    assert scored.metrics[0].model == pytest.approx(report.after, rel=1e-4)

@@ -21,20 +21,36 @@ import torch.nn.functional as F
 from .errors import VloraError
 from .fileformat import VloraFile, factorised_keys, family_matrices, increment_keys
 from .plan import FamilyPlan, Plan
+from .quantize import straight_through
 
 
 class FactoredStore(torch.nn.Module):
-    """Every stored base and factor of a VLoRA file, once, under its file name."""
+    """Every stored base and factor of a VLoRA file, once, under its file name.
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    ``quant`` maps a name to its (scheme, group size) where the file stores integers. With
+    ``quantization_aware`` set, modules read such a tensor through a straight-through quantizer,
+    so training sees exactly the values the file will hold; loaded from a file the values are
+    already on the grid and the flag is left off.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, tuple[str, int]] | None = None):
         super().__init__()
         self.names = list(tensors)
         self._index = {name: i for i, name in enumerate(self.names)}
         # ParameterDict keys cannot hold dots; the file names stay in ``names``
         self.tensors = torch.nn.ParameterList([torch.nn.Parameter(t) for t in tensors.values()])
+        self.quant = dict(quant or {})
+        self.quantization_aware = False
 
     def __getitem__(self, name: str) -> torch.nn.Parameter:
         return self.tensors[self._index[name]]
+
+    def value(self, name: str) -> torch.Tensor:
+        """The tensor as a forward pass uses it."""
+        p = self[name]
+        if self.quantization_aware and name in self.quant:
+            return straight_through(p, *self.quant[name])
+        return p
 
     def items(self):
         return ((name, self.tensors[i]) for i, name in enumerate(self.names))
@@ -67,14 +83,14 @@ class VloraLinear(torch.nn.Module):
         if not self.terms:
             return None
         s = self.store
-        return torch.cat([s[b] for b, _ in self.terms], 1), torch.cat([s[a] for _, a in self.terms], 0)
+        return torch.cat([s.value(b) for b, _ in self.terms], 1), torch.cat([s.value(a) for _, a in self.terms], 0)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, formed on demand (float32 sums, as expand does), in the stored dtype."""
         s = self.store
         dtype = s[self.base].dtype if self.base else s[self.terms[0][0]].dtype
-        w = s[self.base].float() if self.base else None
+        w = s.value(self.base).float() if self.base else None
         bf = self.factors()
         if bf is not None:
             delta = bf[0].float() @ bf[1].float()
@@ -91,7 +107,7 @@ class VloraLinear(torch.nn.Module):
         else:
             y = None
             if self.base:
-                w = self.store[self.base].to(x.dtype)
+                w = self.store.value(self.base).to(x.dtype)
                 y = x @ w if self.conv1d else F.linear(x, w)
             bf = self.factors()
             if bf is not None:
@@ -171,7 +187,8 @@ def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, 
     stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _ in family_matrices(fp)}
     if dtype is not None:
         stored = {k: v.to(dtype) for k, v in stored.items()}
-    attach(model, vfile.plan, FactoredStore(stored), read=placeholders.__getitem__)
+    quant = {name: (q.scheme, q.group_size) for name, q in vfile.quantized.items() if name in stored}
+    attach(model, vfile.plan, FactoredStore(stored, quant), read=placeholders.__getitem__)
     return model.eval()
 
 

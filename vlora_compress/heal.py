@@ -57,6 +57,8 @@ class HealConfig:
     save_every: int = 25  # steps between saves of the resumable state
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     checkpointing: bool = False  # gradient checkpointing: recompute layers in backward to save memory
+    quantization_aware: bool = True  # integer-stored tensors train through a straight-through
+    # quantizer; off: train in float and round once when writing
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present
 
@@ -177,6 +179,8 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
 
     # float32 master weights whatever the file stores; autocast does the low precision on CUDA
     student = load_factored(vfile.path, teacher, head).float().to(device)
+    # integer-stored tensors train through a straight-through quantizer: the loss is the file's
+    student.vlora_store.quantization_aware = config.quantization_aware
     trainable = _trainable(student, vfile, config)
     stored = set(student.vlora_store.names)  # bases and factors; the rest are 1-D stack parameters
     groups = [{"params": [p for n, p in trainable.items() if n in stored], "lr": config.lr},
@@ -446,10 +450,15 @@ class _Evaluator:
         self.name, self.higher_is_better = None, True
 
     def __call__(self) -> float:
-        was_training = self.student.training
+        was_training, store = self.student.training, self.student.vlora_store
+        was_aware = store.quantization_aware
         self.student.eval()
-        _, metrics = evaluate_models([self.student, self.teacher], self.tok, self.data, self.config)
-        self.student.train(was_training)
+        store.quantization_aware = True  # score what would be written, even when training in float
+        try:
+            _, metrics = evaluate_models([self.student, self.teacher], self.tok, self.data, self.config)
+        finally:
+            self.student.train(was_training)
+            store.quantization_aware = was_aware
         self.name, self.higher_is_better = metrics[0].name, metrics[0].higher_is_better
         return metrics[0].model
 
@@ -522,8 +531,8 @@ def _check_match(vfile: VloraFile, teacher) -> None:
 
 
 def _write(vfile: VloraFile, trained: dict[str, torch.Tensor], out: Path) -> None:
-    """The same plan and layout; trained tensors in the stored dtype (quantized again where the file
-    is quantized: post-training, the training itself ran in float32), the rest byte for byte."""
+    """The same plan and layout; trained tensors in the stored dtype (quantized where the file is:
+    with quantization-aware training, the values the forward trained against), the rest byte for byte."""
     entries = layout(vfile.plan, vfile.source)
     meta = header_metadata(vfile.plan, vfile.source, vfile.config)
     encoded = {}

@@ -97,6 +97,16 @@ def fake_quantize(x: torch.Tensor, scheme: str, group_size: int = 128) -> torch.
     return dequantize(q, s, tuple(x.shape), scheme, group_size)
 
 
+def straight_through(x: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
+    """Forward: the stored (quantized) values; backward: the identity, so float master weights train
+    against exactly what the file will hold (quantization-aware healing)."""
+    if scheme == "none":
+        return x
+    with torch.no_grad():
+        target = fake_quantize(x.detach(), scheme, group_size).to(x.dtype)
+    return x + (target - x).detach()
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7] -> uint8, two per byte (even column low nibble)."""
     rows, cols = q.shape
@@ -116,8 +126,10 @@ def _grouped(x: torch.Tensor, scheme: str, group_size: int) -> torch.Tensor:
     rows, cols = x.shape
     if scheme == "int8":
         return x[:, None, :]
+    if cols % group_size == 0:
+        return x.reshape(rows, cols // group_size, group_size)
     n_groups = math.ceil(cols / group_size)
-    padded = torch.zeros(rows, n_groups * group_size)
+    padded = x.new_zeros(rows, n_groups * group_size)
     padded[:, :cols] = x
     return padded.reshape(rows, n_groups, group_size)
 
