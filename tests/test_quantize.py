@@ -139,3 +139,106 @@ def test_planning_at_a_target_counts_the_quantized_bytes(tmp_path):
                           quantize=scheme, group_size=8)
         assert 0.5 * target < report.stack_size_ratio <= target, scheme  # real bytes, scales included
         assert report.families[0]["quant"] == scheme
+
+
+def test_straight_through_reads_the_grid_and_passes_the_gradient():
+    from vlora_compress.quantize import fake_quantize, straight_through
+
+    x = torch.randn(6, 20, requires_grad=True)
+    y = straight_through(x, "int4", 8)
+    assert torch.equal(y.detach(), fake_quantize(x.detach(), "int4", 8)) and not torch.equal(y.detach(), x.detach())
+    (y * torch.arange(20.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(20.0).expand(6, 20))  # the identity's gradient
+    assert straight_through(x, "none") is x
+
+
+def test_passthrough_matrices_are_quantized_and_given_back_in_their_dtype(tmp_path, capsys):
+    from vlora_compress.cli import compress_main
+    from vlora_compress.inspection import inspect_vlora
+    from vlora_compress.plan import PASSTHROUGH_MIN
+
+    specs = synthetic.llama_keys(vocab=1100)  # embed and head: 1100 x 64 = 70,400 values each
+    src = synthetic.write_checkpoint(tmp_path / "l.safetensors", specs, dtype=torch.bfloat16)
+    big = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all((k in big) == (len(s) == 2 and s[0] * s[1] >= PASSTHROUGH_MIN) for k, s in specs
+               if "layers" not in k)
+    plain, packed = tmp_path / "plain.vlora.safetensors", tmp_path / "packed.vlora.safetensors"
+    compress(src, plain, rank=4, chunks=2, quantize="int8", **CORE)
+    report = compress(src, packed, rank=4, chunks=2, quantize="int8", quantize_passthrough=True, **CORE)
+    infos = VloraFile(packed).checkpoint.infos
+    for key in big:
+        assert infos[key].dtype == "I8" and infos[key + ".scale"].shape == (1100, 1)
+    assert infos["model.norm.weight"].dtype == "BF16"  # small and 1-D tensors stay as they were
+    assert report.passthrough["tensors"] == sorted(big)
+    saved = report.passthrough["original_bytes"] - report.passthrough["stored_bytes"]
+    assert saved == 2 * (1100 * 64 * 2 - 1100 * 64 - 1100 * 2)  # bf16 -> int8 + one fp16 scale a row
+    assert VloraFile(plain).nbytes - VloraFile(packed).nbytes == saved
+    assert report.compressed_bytes == sum(i.nbytes for i in infos.values())  # reports count real bytes
+    roles = inspect_vlora(packed)["bytes_by_role"]
+    assert sum(roles.values()) == report.compressed_bytes
+    a, b = expand(plain), expand(packed)
+    for key in big:
+        assert b[key].dtype == torch.bfloat16 and b[key].shape == a[key].shape
+        err = (b[key].float() - a[key].float()).norm() / a[key].float().norm()
+        assert 0 < err < 0.01  # int8 per row of a Gaussian: ~0.4%
+    for key in a.keys() - big:
+        assert torch.equal(a[key], b[key]), key
+    # refused: passthrough alone, in one line with exit 2
+    with pytest.raises(SystemExit) as exc:
+        compress_main([str(src), "-o", str(tmp_path / "x.vlora.safetensors"), "--quantize-passthrough"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--quantize-passthrough needs --quantize" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantized_embeddings_load_into_transformers_and_damage_is_refused(minilm_dir, tmp_path, capsys):
+    from conftest import EVAL
+    from vlora_compress.evaluate import EvalConfig, evaluate
+
+    path, same = tmp_path / "m.vlora.safetensors", tmp_path / "same.vlora.safetensors"
+    # the float embeddings alone are 52% of the model: the target is reachable only at their int8 size
+    report = compress(minilm_dir, path, chunks=2, quantize="int8", quantize_passthrough=True,
+                      target_size="0.35", target_of="model", **CORE)
+    assert "embeddings.word_embeddings.weight" in report.passthrough["tensors"]
+    assert 0.25 < report.size_ratio <= 0.35
+    compress(minilm_dir, same, rank=report.rank, chunks=2, quantize="int8", **CORE)
+    cfg = EvalConfig(samples=16)
+    cos = [evaluate(p, EVAL, cfg, reference=minilm_dir, config_dir=minilm_dir).metrics[0].model for p in (path, same)]
+    assert abs(cos[0] - cos[1]) < 0.01  # int8 embeddings cost next to nothing
+    with torch.no_grad():
+        model = load_model(path, minilm_dir)
+        factored = load_factored(path, minilm_dir)
+    emb = model.embeddings.word_embeddings.weight
+    assert emb.dtype == torch.float32 and torch.equal(emb, factored.embeddings.word_embeddings.weight)
+    _rewrite(path, lambda t: t.__setitem__("embeddings.word_embeddings.weight.scale",
+                                           torch.zeros_like(t["embeddings.word_embeddings.weight.scale"])))
+    with pytest.raises(SystemExit) as exc:
+        expand_main([str(path), "-o", str(tmp_path / "d.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "word_embeddings.weight: corrupted scales" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d.safetensors").exists()
+
+
+def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
+    from vlora_compress.inspection import inspect_vlora
+
+    def make(key, shape):
+        g = torch.Generator().manual_seed(sum(map(ord, key)))
+        if ".noise." in key:  # full rank, flat spectrum: no low rank holds it, eight bits do
+            return torch.randn(shape, generator=g)
+        return torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)  # exactly rank 3
+
+    specs = [(f"h.{i}.{kind}.weight", (48, 40)) for i in range(4) for kind in ("noise", "thin")]
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", specs, make)
+    out = tmp_path / "c.vlora.safetensors"
+    report = compress(src, out, target_size="0.3", target_of="stack", quantize="auto", group_size=8)
+    got = {f["suffix"]: f for f in report.families}
+    assert got["noise.weight"]["storage"] == "int8" and got["noise.weight"]["ranks"] == []  # dense int8
+    assert got["thin.weight"]["storage"] == "F32" and min(got["thin.weight"]["ranks"]) >= 3  # exact in float
+    assert got["thin.weight"]["max_rel_error"] < 1e-5 and got["noise.weight"]["max_rel_error"] < 0.01
+    assert report.rank is None and report.stack_size_ratio <= 0.3
+    assert any("noise.weight: dense, int8" in n and "int4" in n for n in report.notes)  # what was weighed
+    assert "auto: " in report.to_markdown() and "int8" in report.to_markdown()
+    families = {f["suffix"]: f for f in inspect_vlora(out)["families"]}
+    assert families["noise.weight"]["quant"] == "int8" and families["thin.weight"]["quant"] == "none"
+    dense = expand(out)
+    assert dense["h.2.thin.weight"].dtype == torch.float32

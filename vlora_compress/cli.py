@@ -87,8 +87,9 @@ def compress_cmd(
     device: Annotated[str, typer.Option("--device", help="With --distill: where healing runs: auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
-    quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row) or int4 (per group of a row, two a byte); each increment is fitted against the quantized layer before it.")] = "none",
+    quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row) or int4 (per group of a row, two a byte); each increment is fitted against the quantized layer before it. auto: the planner picks per family, by measured error at equal bytes, between more rank in fewer bits and less rank in the store dtype.")] = "none",
     group_size: Annotated[int, typer.Option("--group-size", help="int4: values per float16 scale along a row.")] = 128,
+    quantize_passthrough: Annotated[bool, typer.Option("--quantize-passthrough", help="Also store large pass-through matrices (2-D, at least 65,536 values: embeddings, a head) with the --quantize scheme (int8 under auto); expand gives them back in their own dtype.")] = False,
     svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; the same input and options give the same bytes.")] = 0,
     report_file: ReportFlag = None,
@@ -106,7 +107,8 @@ def compress_cmd(
     report = compress(
         source, out, rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds,
         ranks=ranks, align=align, target_size=target_size, target_of=target_of,
-        svd=svd, dtype=dtype, quantize=quantize, group_size=group_size, seed=seed, calib=calib,
+        svd=svd, dtype=dtype, quantize=quantize, group_size=group_size,
+        quantize_passthrough=quantize_passthrough, seed=seed, calib=calib,
         calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
                                  gram_dir=gram_dir),
         config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, distill=distill,
@@ -294,6 +296,7 @@ def heal_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.state, left by an interrupted run.")] = False,
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA.")] = True,
     checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute layers in the backward pass: less memory, more time.")] = False,
+    quantization_aware: Annotated[bool, typer.Option("--quantization-aware/--no-quantization-aware", help="Quantized files: train through a straight-through quantizer, so the loss is that of the integers written (default), or train in float and round once at the end.")] = True,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the order of batches.")] = 0,
     force: ForceFlag = False,
@@ -315,7 +318,7 @@ def heal_cmd(
         max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in loss or ()),
         temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher,
         eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, bf16=bf16,
-        checkpointing=checkpointing, seed=seed, device=device,
+        checkpointing=checkpointing, quantization_aware=quantization_aware, seed=seed, device=device,
     )
     result = heal(path, teacher, data, out, config, force=force, progress=not quiet and not as_json,
                   eval_data=eval_data, resume=resume).to_dict()

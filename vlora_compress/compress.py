@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, replace
@@ -16,8 +17,11 @@ from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
 from .models import config_folder, load_model, load_preprocessor, set_tensors
-from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal
-from .planner import plan_measured, rank_for_budget
+from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal, quantized_passthrough
+from .planner import plan_measured, rank_for_budget, share_budget
+from .quantize import SCALE_SUFFIX
+from .quantize import nbytes as quantized_nbytes
+from .quantize import quantize as to_integers
 from .progress import Progress
 from .report import CompressReport
 from .stacks import find_stacks
@@ -45,6 +49,7 @@ def compress(
     dtype: str | None = None,
     quantize: str = "none",
     group_size: int = 128,
+    quantize_passthrough: bool = False,
     seed: int = 0,
     calib: str | Path | None = None,
     calib_config: CalibConfig = CalibConfig(),
@@ -66,10 +71,13 @@ def compress(
     factorisation with input Grams from the original model, found through ``config_dir`` (default:
     the source's folder). ``distill`` (a text file) heals the written file by distillation from the
     original (``heal_config``). ``eval_data`` scores the final file against the original.
-    ``quantize`` (int8 or int4, with ``group_size``) stores bases and factors as integers and scales.
+    ``quantize`` (int8 or int4, with ``group_size``) stores bases and factors as integers and scales;
+    ``auto`` lets the planner choose per family between more rank and fewer bits at equal bytes.
+    ``quantize_passthrough`` stores large pass-through matrices (embeddings) quantized too.
     """
     config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
-                            svd=svd, dtype=dtype, seed=seed, quantize=quantize, group_size=group_size)
+                            svd=svd, dtype=dtype, seed=seed, quantize=quantize, group_size=group_size,
+                            quantize_passthrough=quantize_passthrough)
     if target_of not in TARGETS_OF:
         raise VloraError(f"--target-of must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
     started = time.perf_counter()
@@ -86,10 +94,13 @@ def compress(
                 f"{ckpt.source}: no repeated layer stack found (need 2-D tensors named like "
                 "'layers.N.<name>' in two or more layers)"
             )
-        target = None
+        target = budgets = None
         if target_size is not None:
             target = _target(ckpt, stacks, config, target_size, target_of)
-            config = replace(config, rank=target["rank"])
+            if config.quantize == "auto":
+                budgets = share_budget(stacks, target["stack_budget_bytes"])
+            else:
+                config = replace(config, rank=target["rank"])
         read, aligned, align_notes = ckpt.read, {}, []
         if align:
             aligned, align_notes = _align(stacks, ckpt.read, config_dir or source)
@@ -100,11 +111,12 @@ def compress(
             grams, meter = _calibrate(source, config_dir, calib, keys, calib_config, progress, ckpt.read, aligned)
         whitener = grams.whitener if grams is not None else (lambda key: None)
         if _needs_search(config) or (meter is not None and config.ranks == "measured"):
-            plan = plan_measured(stacks, config, read, whitener, meter)
+            plan = plan_measured(stacks, config, read, whitener, meter, budgets)
         else:
             plan = plan_equal(stacks, config)
-        plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes)
         record = source_info(ckpt)
+        plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes,
+                       passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
         entries = layout(plan, record)
         fits = _write(read, plan, config, record, entries, out, grams, progress)
         report = CompressReport.build(
@@ -151,14 +163,36 @@ def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -
     stack_bytes = sum(ITEMSIZE[f.dtype] * f.shape[0] * f.shape[1] * len(f.layers) for s in stacks for f in s.families)
     whole = ckpt.nbytes if target_of == "model" else stack_bytes
     budget = int(value * whole) if kind == "fraction" else int(value)
-    stack_budget = budget - (ckpt.nbytes - stack_bytes) if target_of == "model" else budget
-    rank = rank_for_budget(stacks, config, stack_budget)
-    return {"size": str(target_size), "of": target_of, "budget_bytes": budget, "rank": rank}
+    stack_budget = budget - _rest_bytes(ckpt, stacks, config) if target_of == "model" else budget
+    if config.quantize == "auto":  # the planner shares the budget out; no one rank is chosen here
+        if stack_budget < 1:
+            raise VloraError(f"the target leaves {max(stack_budget, 0):,} bytes for the layer stacks")
+        rank = None
+    else:
+        rank = rank_for_budget(stacks, config, stack_budget)
+    return {"size": str(target_size), "of": target_of, "budget_bytes": budget, "stack_budget_bytes": stack_budget,
+            "rank": rank}
+
+
+def _rest_bytes(ckpt, stacks, config: CompressConfig) -> int:
+    """Stored bytes of everything outside the stacks' families: pass-through tensors, some quantized."""
+    tensors = [(i.key, i.dtype, i.shape) for i in ckpt.infos.values()]
+    factorised = {f.key(layer) for s in stacks for f in s.families for layer in f.layers}
+    quantized = {q.key: q for q in quantized_passthrough(tensors, factorised, config)}
+    total = 0
+    for key, dt, shape in tensors:
+        if key in quantized:
+            total += quantized_nbytes(shape, quantized[key].quant, quantized[key].group_size)
+        elif key not in factorised:
+            total += ITEMSIZE[dt] * math.prod(shape)
+    return total
 
 
 def _needs_search(config: CompressConfig) -> bool:
     """Whether the plan needs the weights: a form to choose, chunk bounds to place or a base to pick."""
     base = "none" if config.method == "svd" else config.base
+    if config.quantize == "auto":
+        return True
     if base == "none":
         return False
     if "auto" in (base, config.topology) or config.chunks is None or base in ("mean", "best"):
@@ -238,8 +272,13 @@ def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries
     with SafetensorsWriter(out, entries, header_metadata(plan, source, asdict(config))) as writer, Progress(
         "factorising", total, enabled=progress
     ) as bar:
+        passthrough = {q.key: q for q in plan.passthrough}
         for key, _, _ in source.tensors:
-            if key not in factorised:
+            if key in passthrough:
+                q, scale = to_integers(read(key), passthrough[key].quant, passthrough[key].group_size)
+                writer.write(key, q)
+                writer.write(key + SCALE_SUFFIX, scale)
+            elif key not in factorised:
                 writer.write(key, read(key))
         for fp in plan.families:
             bar.describe(fp.name)

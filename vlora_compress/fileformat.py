@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, Checkpoint, open_checkpoint
+from .checkpoint import DTYPES, FLOAT_DTYPES, Checkpoint, open_checkpoint
 from .errors import VloraError
 from .plan import FamilyPlan, Plan
 from .quantize import SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
@@ -72,23 +72,39 @@ def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
     return out
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """How a matrix the file holds as integers reads back: logical shape and the dtype to give."""
+
+    scheme: str
+    group_size: int
+    shape: tuple[int, int]
+    dtype: str
+
+
 def read_matrix(fp: FamilyPlan, shape: tuple[int, int], name: str, raw, where: str | None = None) -> torch.Tensor:
     """A base or factor as stored entries ``raw(name)`` hold it: dequantized when quantized."""
     if fp.quant == "none":
         return raw(name)
+    return read_quantized(Quantized(fp.quant, fp.group_size, shape, fp.store_dtype), name, raw, where)
+
+
+def read_quantized(spec: Quantized, name: str, raw, where: str | None = None) -> torch.Tensor:
     q, s = raw(name), raw(name + SCALE_SUFFIX)
-    return dequantize(q, s, shape, fp.quant, fp.group_size, where or name).to(DTYPES[fp.store_dtype])
+    return dequantize(q, s, spec.shape, spec.scheme, spec.group_size, where or name).to(DTYPES[spec.dtype])
+
+
+def quantized_entries(name: str, shape: tuple[int, int], scheme: str, group_size: int) -> list[Entry]:
+    """The integers, then the scales."""
+    return [(name, storage_tag(scheme), packed_shape(shape, scheme)),
+            (name + SCALE_SUFFIX, SCALE_TAG, scale_shape(shape, scheme, group_size))]
 
 
 def family_layout(fp: FamilyPlan) -> list[Entry]:
     """Stored tensors of one family: each matrix, or when quantized its integers and then its scales."""
     if fp.quant == "none":
         return [(name, fp.store_dtype, shape) for name, shape in family_matrices(fp)]
-    out: list[Entry] = []
-    for name, shape in family_matrices(fp):
-        out.append((name, storage_tag(fp.quant), packed_shape(shape, fp.quant)))
-        out.append((name + SCALE_SUFFIX, SCALE_TAG, scale_shape(shape, fp.quant, fp.group_size)))
-    return out
+    return [e for name, shape in family_matrices(fp) for e in quantized_entries(name, shape, fp.quant, fp.group_size)]
 
 
 def factorised_keys(plan: Plan) -> set[str]:
@@ -98,7 +114,13 @@ def factorised_keys(plan: Plan) -> set[str]:
 def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
     """Every stored tensor: pass-through tensors in original order, then each family."""
     factorised = factorised_keys(plan)
-    out = [e for e in source.tensors if e[0] not in factorised]
+    quantized = {q.key: q for q in plan.passthrough}
+    out: list[Entry] = []
+    for key, dt, shape in source.tensors:
+        if key in quantized:
+            out += quantized_entries(key, shape, quantized[key].quant, quantized[key].group_size)
+        elif key not in factorised:
+            out.append((key, dt, shape))
     for fp in plan.families:
         out += family_layout(fp)
     return out
@@ -108,7 +130,7 @@ def header_metadata(plan: Plan, source: SourceInfo, config: dict) -> dict[str, s
     dump = lambda obj: json.dumps(obj, sort_keys=True, separators=(",", ":"))  # noqa: E731
     return {
         "vlora.format": FORMAT_NAME,
-        "vlora.version": str(QUANTIZED_VERSION if any(fp.quant != "none" for fp in plan.families) else FORMAT_VERSION),
+        "vlora.version": str(QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION),
         "vlora.config": dump(config),
         "vlora.source": dump(asdict(source)),
         "vlora.plan": dump(plan.to_dict()),
@@ -140,12 +162,26 @@ class VloraFile:
             self.plan = Plan.from_dict(plan)
         except VloraError as e:
             raise VloraError(f"{self.path}: {e}") from None
-        if version == str(FORMAT_VERSION) and any(fp.quant != "none" for fp in self.plan.families):
-            raise VloraError(f"{self.path}: corrupted plan: a version 1 file cannot hold quantized families")
+        if version == str(FORMAT_VERSION) and self.plan.quantized:
+            raise VloraError(f"{self.path}: corrupted plan: a version 1 file cannot hold quantized tensors")
+        self._check_passthrough()
         self._check_layout()
-        # quantized matrices read back as floats: name -> (family plan, logical shape)
-        self.quantized = {name: (fp, shape) for fp in self.plan.families if fp.quant != "none"
-                          for name, shape in family_matrices(fp)}
+        # what reads back as floats: name -> how
+        self.quantized = {name: Quantized(fp.quant, fp.group_size, shape, fp.store_dtype)
+                          for fp in self.plan.families if fp.quant != "none" for name, shape in family_matrices(fp)}
+        source = {k: (dt, shape) for k, dt, shape in self.source.tensors}
+        for q in self.plan.passthrough:
+            dt, shape = source[q.key]
+            self.quantized[q.key] = Quantized(q.quant, q.group_size, shape, dt)
+
+    def _check_passthrough(self) -> None:
+        source = {k: (dt, shape) for k, dt, shape in self.source.tensors}
+        factorised = factorised_keys(self.plan)
+        for q in self.plan.passthrough:
+            dt, shape = source.get(q.key, (None, ()))
+            if dt is None or q.key in factorised or len(shape) != 2 or dt not in FLOAT_DTYPES:
+                raise VloraError(f"{self.path}: corrupted plan: quantized pass-through {q.key!r} is not a "
+                                 "pass-through floating-point matrix of the source")
 
     def _check_layout(self) -> None:
         infos = self.checkpoint.infos
@@ -170,10 +206,10 @@ class VloraFile:
                     raise VloraError(f"{self.path}: corrupted plan: {fp.key(layer)!r} does not match its source record")
 
     def get(self, name: str) -> torch.Tensor:
-        """A stored tensor; a quantized base or factor comes back dequantized, in its store dtype."""
+        """A stored tensor; a quantized one comes back dequantized: a base or factor in its store
+        dtype, a pass-through tensor in its original dtype."""
         if name in self.quantized:
-            fp, shape = self.quantized[name]
-            return read_matrix(fp, shape, name, self.checkpoint.read, f"{self.path}: {name}")
+            return read_quantized(self.quantized[name], name, self.checkpoint.read, f"{self.path}: {name}")
         return self.checkpoint.read(name)
 
     @property

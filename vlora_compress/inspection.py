@@ -16,8 +16,9 @@ from rich.table import Table
 
 from .checkpoint import open_checkpoint
 from .errors import VloraError
-from .fileformat import VloraFile, factorised_keys, family_layout
+from .fileformat import INCREMENT_SUFFIXES, VloraFile, family_layout, layout
 from .progress import Progress
+from .quantize import SCALE_SUFFIX
 from .report import human_bytes, nbytes
 from .stacks import find_stacks
 
@@ -126,13 +127,13 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
 def inspect_vlora(path: str | Path) -> dict:
     vfile = VloraFile(path)
     plan = vfile.plan
-    factorised = factorised_keys(plan)
-    passthrough = sum(nbytes(dt, shape) for key, dt, shape in vfile.source.tensors if key not in factorised)
+    family_entries = {name for fp in plan.families for name, _, _ in family_layout(fp)}
+    passthrough = sum(nbytes(dt, shape) for name, dt, shape in layout(plan, vfile.source) if name not in family_entries)
     bases = increments = 0
     families = []
     for fp in plan.families:
         for name, dt, shape in family_layout(fp):
-            if name.endswith((".vlora_A", ".vlora_B")):
+            if name.removesuffix(SCALE_SUFFIX).endswith(INCREMENT_SUFFIXES):
                 increments += nbytes(dt, shape)
             else:
                 bases += nbytes(dt, shape)
@@ -161,6 +162,8 @@ def inspect_vlora(path: str | Path) -> dict:
             for s in plan.stacks
         ],
         "families": families,
+        "passthrough_quantized": [{"key": q.key, "quant": q.quant, "group_size": q.group_size}
+                                  for q in plan.passthrough],
         "notes": list(plan.notes),
     }
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from .checkpoint import FLOAT_DTYPES
 from .errors import VloraError
-from .quantize import check_scheme
+from .quantize import SCALE_SUFFIX, SCHEMES, check_scheme
 from .stacks import Family, Stack, layer_key
 
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -22,6 +22,8 @@ RANK_CHOICES = ("measured", "uniform")
 TARGETS_OF = ("model", "stack")
 TOPOLOGIES = ("chain", "star")
 BASE_KINDS = ("synthetic", "none")
+QUANTIZE_CHOICES = SCHEMES + ("auto",)
+PASSTHROUGH_MIN = 1 << 16  # --quantize-passthrough takes 2-D pass-through tensors of at least this many values
 STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
 
 
@@ -41,8 +43,10 @@ class CompressConfig:
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
     niter: int = 4  # power iterations of the randomised SVD
-    quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py)
+    quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py);
+    # auto: the planner chooses per family, by measurement, at the bytes of the float plan
     group_size: int = 128  # int4: values per scale along a row
+    quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -67,7 +71,22 @@ class CompressConfig:
             raise VloraError(f"--dtype must be one of fp32, fp16, bf16, not {self.dtype!r}")
         if self.niter < 0:
             raise VloraError(f"niter must be at least 0, not {self.niter}")
-        check_scheme(self.quantize, self.group_size)
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise VloraError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
+        check_scheme(self.family_scheme, self.group_size)
+        if self.quantize_passthrough and self.quantize == "none":
+            raise VloraError("--quantize-passthrough needs --quantize int8, int4 or auto")
+
+    @property
+    def passthrough_scheme(self) -> str:
+        if not self.quantize_passthrough:
+            return "none"
+        return "int8" if self.quantize == "auto" else self.quantize
+
+    @property
+    def family_scheme(self) -> str:
+        """The scheme of every family when it is fixed; under ``auto`` the float one is the reference."""
+        return "none" if self.quantize == "auto" else self.quantize
 
 
 @dataclass(frozen=True)
@@ -152,6 +171,15 @@ class FamilyPlan:
 
 
 @dataclass(frozen=True)
+class QuantizedTensor:
+    """A pass-through tensor stored as integers and scales; expand gives it back in its own dtype."""
+
+    key: str
+    quant: str
+    group_size: int = 128
+
+
+@dataclass(frozen=True)
 class StackPlan:
     prefix: str
     layers: tuple[int, ...]
@@ -164,6 +192,11 @@ class Plan:
     families: tuple[FamilyPlan, ...]
     notes: tuple[str, ...] = field(default=())
     aligned: bool = False  # the stored weights are the layer-aligned (function-equivalent) ones
+    passthrough: tuple[QuantizedTensor, ...] = ()  # pass-through tensors stored quantized
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.passthrough) or any(f.quant != "none" for f in self.families)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,13 +225,25 @@ class Plan:
                 )
                 for f in data["families"]
             )
-            plan = cls(stacks, families, tuple(str(n) for n in data.get("notes", ())), bool(data.get("aligned", False)))
+            passthrough = tuple(QuantizedTensor(str(q["key"]), str(q["quant"]), int(q.get("group_size", 128)))
+                                for q in data.get("passthrough", ()))
+            plan = cls(stacks, families, tuple(str(n) for n in data.get("notes", ())), bool(data.get("aligned", False)),
+                       passthrough)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise VloraError(f"corrupted plan ({type(e).__name__}: {e})") from None
         plan.validate()
         return plan
 
     def validate(self) -> None:
+        for q in self.passthrough:
+            if q.quant == "none":
+                raise VloraError(f"corrupted plan: pass-through {q.key!r} is listed as quantized with scheme none")
+            try:
+                check_scheme(q.quant, q.group_size)
+            except VloraError as e:
+                raise VloraError(f"corrupted plan: {q.key}: {e}") from None
+        if len({q.key for q in self.passthrough}) != len(self.passthrough):
+            raise VloraError("corrupted plan: a pass-through tensor is listed twice")
         for f in self.families:
             if not isinstance(f.stack, str) or not isinstance(f.suffix, str):
                 raise VloraError("corrupted plan: family names must be strings")
@@ -231,6 +276,24 @@ def _ints(values) -> tuple[int, ...]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"expected whole numbers, got {values!r}")
     return tuple(values)
+
+
+def quantized_passthrough(tensors, factorised: set[str], config: CompressConfig) -> tuple[QuantizedTensor, ...]:
+    """The pass-through tensors ``--quantize-passthrough`` stores as integers: 2-D floating-point
+    matrices of at least PASSTHROUGH_MIN values (embeddings, a language-model head), and not one
+    whose scale name would clash with a tensor already in the checkpoint.
+
+    ``tensors`` is (key, dtype, shape) in checkpoint order."""
+    scheme = config.passthrough_scheme
+    if scheme == "none":
+        return ()
+    names = {key for key, _, _ in tensors}
+    return tuple(
+        QuantizedTensor(key, scheme, config.group_size)
+        for key, dt, shape in tensors
+        if key not in factorised and dt in FLOAT_DTYPES and len(shape) == 2
+        and shape[0] * shape[1] >= PASSTHROUGH_MIN and key + SCALE_SUFFIX not in names
+    )
 
 
 def split_equal(n_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:
@@ -290,7 +353,8 @@ def parse_size(text: str | float) -> tuple[str, float]:
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
     chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,), config.quantize, config.group_size)
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,), config.family_scheme,
+                      config.group_size)
 
 
 def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: CompressConfig) -> FamilyPlan:
@@ -302,6 +366,6 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
             topology = "star" if config.topology == "star" else "chain"
             chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks), config.quantize,
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks), config.family_scheme,
                       config.group_size)
 

@@ -11,11 +11,15 @@ then fitted at that same budget, closed loop and whitened when calibrated:
   count allowed. Chunk bounds come from dynamic programming over contiguous partitions, minimising
   the energy of the consecutive-layer deltas that a rank-r increment cannot hold.
 
+With ``--quantize auto`` every form is also tried in int8 and int4 at the same bytes (a higher
+rank in fewer bits against a lower rank in the store dtype), so the storage is chosen by the same
+measurement.
+
 The candidate with the least error wins: the model's final hidden-state error on held-back
 calibration samples when a meter is given, else the summed (whitened when calibrated) squared
 output error of the family's layers, else their weight error. The search is bounded: ``auto``
 tries at most 3 chunk counts x 2 bases (first, mean) x 2 topologies + per-layer SVD = 13 fits per
-family; ``best`` is tried only when asked for, since it fits every layer of a chunk as the base.
+family (x 3 storages, plus every layer dense in int8 and in int4, under ``--quantize auto``); ``best`` is tried only when asked for, since it fits every layer of a chunk as the base.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .plan import STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, Sta
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
+QUANT_CHOICES = ("none", "int8", "int4")  # what --quantize auto weighs: more rank, or fewer bits
 AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
 
 
@@ -43,12 +48,17 @@ class Candidate:
     base: str  # first | mean | best | none
     topology: str  # chain | star
     chunks: int
+    quant: str = "none"  # none (the store dtype) | int8 | int4
+    dense: bool = False  # every layer its own base, nothing low rank: quantization alone
 
     @property
     def label(self) -> str:
+        bits = "" if self.quant == "none" else f", {self.quant}"
         if self.base == "none":
-            return "per-layer SVD"
-        return f"{self.base} base, {self.topology}, {self.chunks} chunk{'s' if self.chunks > 1 else ''}"
+            return "per-layer SVD" + bits
+        if self.dense:
+            return "dense" + bits
+        return f"{self.base} base, {self.topology}, {self.chunks} chunk{'s' if self.chunks > 1 else ''}" + bits
 
 
 def plan_measured(
@@ -57,11 +67,13 @@ def plan_measured(
     read: Callable[[str], torch.Tensor],
     whitener: Callable[[str], Whitener | None] = lambda key: None,
     meter: Callable[[dict[str, torch.Tensor]], float] | None = None,
+    budgets: dict[str, int] | None = None,
 ) -> Plan:
     """A plan whose every family took the least-error candidate at its byte budget.
 
-    ``meter(replacements)`` measures the model's output error with some weights replaced. Only
-    one family's layers are held in memory at a time.
+    ``meter(replacements)`` measures the model's output error with some weights replaced.
+    ``budgets`` (family name -> bytes) overrides the budget the reference form sets. Only one
+    family's layers are held in memory at a time.
     """
     stack_plans, family_plans, notes, chosen = [], [], [], []
     for stack in stacks:
@@ -70,7 +82,8 @@ def plan_measured(
             raise VloraError(f"--chunks {k_ref} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}")
         stack_plans.append(StackPlan(stack.prefix, stack.layers, split_equal(len(stack.layers), k_ref)))
         for fam in stack.families:
-            budget = candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config)
+            budget = (budgets[fam.name] if budgets is not None
+                      else candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config))
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
             cands = candidates(config, len(fam.layers))
             best, tried = None, []
@@ -92,7 +105,7 @@ def plan_measured(
             rank = max((r for c in fp.chunks for r in c.ranks), default=0)
             if tried:
                 others = "; ".join(f"{c.label} {s:.4g}" for c, s in tried if c != cand)
-                notes.append(f"{fam.name}: {cand.label} at rank {rank}, error {score:.4g}"
+                notes.append(f"{fam.name}: {cand.label}{'' if cand.dense else f' at rank {rank}'}, error {score:.4g}"
                              + (f" (also tried: {others})" if others else ""))
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
@@ -172,12 +185,16 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     bases = list(AUTO_BASES) if base == "auto" else [base]
     topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
     counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
+    schemes = QUANT_CHOICES if config.quantize == "auto" else (config.quantize,)
     out = []
-    for b in bases:
-        if b == "none":
-            out.append(Candidate("none", "star", 1))
-            continue
-        out += [Candidate(b, t, k) for t in topologies for k in counts if k <= n_layers]
+    for q in schemes:
+        for b in bases:
+            if b == "none":
+                out.append(Candidate("none", "star", 1, q))
+                continue
+            out += [Candidate(b, t, k, q) for t in topologies for k in counts if k <= n_layers]
+        if base == "auto" and not config.chunks and q != "none":
+            out.append(Candidate("first", "chain", n_layers, q, dense=True))  # the yardstick, as a choice
     return out
 
 
@@ -187,7 +204,7 @@ def reference(config: CompressConfig, n_layers: int) -> Candidate:
     base = "none" if config.method == "svd" else config.base
     base = "first" if base == "auto" else base
     topology = "chain" if config.topology == "auto" else config.topology
-    return Candidate(base, topology, 1 if base == "none" else min(config.chunks or 1, n_layers))
+    return Candidate(base, topology, 1 if base == "none" else min(config.chunks or 1, n_layers), config.family_scheme)
 
 
 def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
@@ -195,8 +212,8 @@ def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressCon
     m, n = fam.shape
     r = min(rank, m, n)
     bases, increments = _counts(fam, cand)
-    return bases * _matrix_bytes((m, n), fam, config) + increments * (
-        _matrix_bytes((m, r), fam, config) + _matrix_bytes((r, n), fam, config))
+    return bases * _matrix_bytes((m, n), fam, config, cand.quant) + increments * (
+        _matrix_bytes((m, r), fam, config, cand.quant) + _matrix_bytes((r, n), fam, config, cand.quant))
 
 
 def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
@@ -208,9 +225,9 @@ def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
     return chunks, len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
 
 
-def _matrix_bytes(shape: tuple[int, int], fam: Family, config: CompressConfig) -> int:
-    if config.quantize != "none":
-        return quantized_bytes(shape, config.quantize, config.group_size)
+def _matrix_bytes(shape: tuple[int, int], fam: Family, config: CompressConfig, quant: str) -> int:
+    if quant != "none":
+        return quantized_bytes(shape, quant, config.group_size)
     return ITEMSIZE[_store(fam, config)] * shape[0] * shape[1]
 
 
@@ -248,6 +265,16 @@ def rank_for_budget(stacks: list[Stack], config: CompressConfig, stack_budget: i
     return int(rank)
 
 
+def share_budget(stacks: list[Stack], stack_budget: int) -> dict[str, int]:
+    """Each family's share of a stack budget, in proportion to its original bytes.
+
+    ``--quantize auto`` under ``--target-size`` splits the budget this way: no single float form
+    need fit it (a dense fp32 base alone can be more than 12.5% of a stack)."""
+    sizes = {f.name: ITEMSIZE[f.dtype] * f.shape[0] * f.shape[1] * len(f.layers) for s in stacks for f in s.families}
+    total = sum(sizes.values())
+    return {name: int(stack_budget * size / total) for name, size in sizes.items()}
+
+
 def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: CompressConfig,
                   budget: int) -> FamilyPlan | None:
     """The candidate's plan at the largest uniform rank within ``budget``; None if none fits."""
@@ -255,12 +282,17 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     if cand.chunks > n_layers:
         return None
     dense, per_rank = _cost_terms(fam, cand, config)
+    if cand.dense:
+        if candidate_bytes(fam, cand, 0, config) > budget:
+            return None
+        return _family_plan(fam, config, [ChunkPlan((layer,), (0,), layer, "chain") for layer in fam.layers],
+                            cand.quant)
     rank = int(min((budget - dense) // per_rank, *fam.shape)) if per_rank else 0
     rank = _fit_rank(rank, lambda r: candidate_bytes(fam, cand, r, config) <= budget)
     if rank < 1:
         return None
     if cand.base == "none":
-        return _family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")])
+        return _family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")], cand.quant)
     if config.bounds == "equal":
         bounds = split_equal(n_layers, cand.chunks)
     else:
@@ -273,14 +305,14 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
         elif cand.base in ("first", "mean") or len(layers) == 1:
             chunks.append(ChunkPlan(layers, (0,) + (rank,) * (len(layers) - 1), layers[0], cand.topology))
         else:
-            chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config))
-    return _family_plan(fam, config, chunks)
+            chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant))
+    return _family_plan(fam, config, chunks, cand.quant)
 
 
 def _cost_terms(fam: Family, cand: Candidate, config: CompressConfig) -> tuple[float, float]:
     """(bytes of dense bases, bytes per unit of rank) of ``fam`` stored as ``cand``."""
     m, n = fam.shape
-    item = element_bytes(config.quantize, config.group_size) or ITEMSIZE[_store(fam, config)]
+    item = element_bytes(cand.quant, config.group_size) or ITEMSIZE[_store(fam, config)]
     bases, increments = _counts(fam, cand)
     return item * bases * m * n, item * increments * (m + n)
 
@@ -352,21 +384,21 @@ def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitene
     return err / total if total > 0 else err
 
 
-def _best_base(fam, layers, rank, topology, weights, whitener, config) -> ChunkPlan:
+def _best_base(fam, layers, rank, topology, weights, whitener, config, quant: str) -> ChunkPlan:
     """The chunk's layer that, as its base, leaves the least residual over the chunk."""
     best = None
     for b in layers:
         chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, topology)
-        fp = _family_plan(fam, config, [chunk])
+        fp = _family_plan(fam, config, [chunk], quant)
         err = family_error(fam, weights, rebuild_in_memory(fp, weights, whitener, config), whitener)
         if best is None or err < best[0]:
             best = (err, chunk)
     return best[1]
 
 
-def _family_plan(fam: Family, config: CompressConfig, chunks) -> FamilyPlan:
+def _family_plan(fam: Family, config: CompressConfig, chunks, quant: str) -> FamilyPlan:
     return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, _store(fam, config), tuple(chunks),
-                      config.quantize, config.group_size)
+                      quant, config.group_size)
 
 
 def _store(fam: Family, config: CompressConfig) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .checkpoint import ITEMSIZE
 from .fileformat import family_layout
+from .quantize import SCALE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,8 @@ class CompressReport:
     source: str
     output: str
     method: str
-    rank: int
-    chunks: int
+    rank: int | None  # None: chosen per family (--quantize auto under --target-size)
+    chunks: int | None
     svd: str
     store_dtype: str | None
     original_bytes: int  # tensor data of the source
@@ -44,6 +45,8 @@ class CompressReport:
     calibration: dict | None = None  # what whitened the fit, when calibrated
     evaluation: dict | None = None  # vlora-eval's report on the result, when asked for
     healing: dict | None = None  # the distillation run, when --distill healed the file
+    passthrough: dict | None = None  # pass-through tensors stored quantized: count, scheme, bytes
+    quantize: str = "none"  # what was asked for: none | int8 | int4 | auto (families say what was chosen)
 
     @classmethod
     def build(cls, *, output, source_path, source, entries, plan, config, fits, file_bytes, seconds,
@@ -65,6 +68,7 @@ class CompressReport:
                     "bases": [c.base for c in fp.chunks],
                     "topologies": [c.topology for c in fp.chunks],
                     "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
+                    "storage": storage_label(fp.quant, fp.group_size, fp.store_dtype),
                     "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
                     "compressed_bytes": sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)),
                     "mean_rel_error": sum(errs) / len(errs),
@@ -79,7 +83,7 @@ class CompressReport:
             source=str(source_path),
             output=str(output),
             method=config.method,
-            rank=config.rank,
+            rank=None if target and target.get("rank") is None else config.rank,
             chunks=config.chunks,
             svd=config.svd,
             store_dtype=config.dtype,
@@ -107,6 +111,8 @@ class CompressReport:
             notes=list(plan.notes),
             target=target,
             calibration=calibration,
+            passthrough=_passthrough_summary(plan, source, entries),
+            quantize=config.quantize,
         )
 
     def to_dict(self) -> dict:
@@ -127,12 +133,16 @@ class CompressReport:
         if self.calibration:
             lines.append(f"| calibration | {self.calibration['samples']} samples, "
                          f"{self.calibration['tokens']:,} tokens |")
-        lines += ["", "| family | shape | bases | ranks | stored | weight err mean/max | output err mean/max |",
-                  "|---|---|---|---|---:|---:|---:|"]
+        if self.quantize != "none":
+            lines.append(f"| quantize | {storage_summary(self.quantize, self.families)} |")
+        if self.passthrough:
+            lines.append(f"| pass-through quantized | {passthrough_line(self.passthrough)} |")
+        lines += ["", "| family | shape | bases | ranks | storage | stored | weight err mean/max | output err mean/max |",
+                  "|---|---|---|---|---|---:|---:|---:|"]
         for f in self.families:
             out = (f"{f['mean_out_error']:.3f}/{f['max_out_error']:.3f}" if f["mean_out_error"] is not None else "-")
             lines.append(f"| {f['family']} | {'x'.join(map(str, f['shape']))} | {','.join(map(str, f['bases']))} | "
-                         f"{','.join(map(str, f['ranks'])) or '-'} | {human_bytes(f['compressed_bytes'])} | "
+                         f"{','.join(map(str, f['ranks'])) or '-'} | {f['storage']} | {human_bytes(f['compressed_bytes'])} | "
                          f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f} | {out} |")
         if self.healing:
             lines.append(f"| healing | {healing_line(self.healing)} |")
@@ -149,8 +159,11 @@ class CompressReport:
         summary = Table(title=f"{title}: {Path(self.source).name} -> {Path(self.output).name}", show_header=False)
         summary.add_column(style="bold")
         summary.add_column(justify="right")
+        rank = "per family" if self.rank is None else str(self.rank)
         summary.add_row("rank / chunks" if self.method == "vlora" else "rank",
-                        f"{self.rank} / {self.chunks}" if self.method == "vlora" else str(self.rank))
+                        f"{rank} / {self.chunks or 'auto'}" if self.method == "vlora" else rank)
+        if self.quantize != "none":
+            summary.add_row("quantize", storage_summary(self.quantize, self.families))
         if self.target:
             summary.add_row("target", f"{self.target['size']} of the {self.target['of']} = "
                                       f"{human_bytes(self.target['budget_bytes'])}")
@@ -162,6 +175,8 @@ class CompressReport:
             f"{human_bytes(self.stack_original_bytes)} -> {human_bytes(self.stack_compressed_bytes)}"
             f" ({self.stack_size_ratio:.3f})",
         )
+        if self.passthrough:
+            summary.add_row("pass-through quantized", passthrough_line(self.passthrough))
         if self.calibration:
             c = self.calibration
             summary.add_row("calibration", f"{c['samples']} samples, {c['tokens']:,} tokens, "
@@ -174,7 +189,7 @@ class CompressReport:
         whitened = self.calibration is not None
         fams = Table(title="Error per family: weight ||W - Ŵ||/||W||" + ("; output ||(W - Ŵ)S||/||WS||" if whitened else ""))
         many = len(self.stacks) > 1
-        cols = (["stack"] if many else []) + ["family", "shape", "rank", "stored", "weight mean/max"]
+        cols = (["stack"] if many else []) + ["family", "shape", "rank", "storage", "stored", "weight mean/max"]
         cols += ["output mean/max"] if whitened else []
         for col in cols:
             fams.add_column(col, justify="left" if col in ("stack", "family") else "right", overflow="fold")
@@ -182,7 +197,7 @@ class CompressReport:
             out = f"{f['mean_out_error']:.3f}/{f['max_out_error']:.3f}" if f["mean_out_error"] is not None else "-"
             fams.add_row(
                 *([f["stack"]] if many else []), f["suffix"], "x".join(map(str, f["shape"])),
-                ",".join(map(str, f["ranks"])) or "-", human_bytes(f["compressed_bytes"]),
+                ",".join(map(str, f["ranks"])) or "-", f["storage"], human_bytes(f["compressed_bytes"]),
                 f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f}", *([out] if whitened else []),
             )
         console.print(fams)
@@ -192,6 +207,37 @@ class CompressReport:
             render_eval(self.evaluation, console)
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}")
+
+
+def storage_label(quant: str, group_size: int, store_dtype: str) -> str:
+    """``int4/g128``, ``int8`` or the float dtype, e.g. ``F32``."""
+    return {"none": store_dtype, "int8": "int8"}.get(quant, f"{quant}/g{group_size}")
+
+
+def storage_summary(asked: str, families: list[dict]) -> str:
+    """What was asked and what the families got, e.g. ``auto: int4/g128 x4, int8 x2``."""
+    counts: dict[str, int] = {}
+    for f in families:
+        counts[f["storage"]] = counts.get(f["storage"], 0) + 1
+    return f"{asked}: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _passthrough_summary(plan, source, entries) -> dict | None:
+    if not plan.passthrough:
+        return None
+    keys = {q.key for q in plan.passthrough}
+    stored = {name: nbytes(dt, shape) for name, dt, shape in entries}
+    return {
+        "tensors": sorted(keys),
+        "schemes": sorted({storage_label(q.quant, q.group_size, "") for q in plan.passthrough}),
+        "original_bytes": sum(nbytes(dt, shape) for k, dt, shape in source.tensors if k in keys),
+        "stored_bytes": sum(stored[k] + stored[k + SCALE_SUFFIX] for k in keys),
+    }
+
+
+def passthrough_line(p: dict) -> str:
+    return (f"{len(p['tensors'])} tensors as {', '.join(p['schemes'])}: {human_bytes(p['original_bytes'])} -> "
+            f"{human_bytes(p['stored_bytes'])}")
 
 
 def healing_line(h: dict) -> str:
