@@ -33,7 +33,7 @@ def expand_to_file(path: str | Path, out: str | Path, *, force: bool = False, pr
     if out.resolve() == vfile.path.resolve():
         raise VloraError(f"{out}: is the VLoRA file itself; choose another output")
     order = expand_order(vfile)
-    info = {key: (dt, shape) for key, dt, shape in vfile.source.tensors}
+    info = vfile.source.by_key()
     entries = [(key, *info[key]) for key in order]
     with SafetensorsWriter(out, entries, vfile.source.metadata or None) as writer, Progress(
         "expanding", len(entries), enabled=progress

@@ -55,6 +55,10 @@ class SourceInfo:
                 raise VloraError(f"corrupted plan: tensor {key!r} has unknown dtype {dt!r}")
         return info
 
+    def by_key(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """key -> (dtype, shape)."""
+        return {key: (dt, shape) for key, dt, shape in self.tensors}
+
 
 def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
     """The family's bases and factors as matrices, (name, shape), in the order fit_family writes them."""
@@ -169,13 +173,13 @@ class VloraFile:
         # what reads back as floats: name -> how
         self.quantized = {name: Quantized(fp.quant, fp.group_size, shape, fp.store_dtype)
                           for fp in self.plan.families if fp.quant != "none" for name, shape in family_matrices(fp)}
-        source = {k: (dt, shape) for k, dt, shape in self.source.tensors}
+        source = self.source.by_key()
         for q in self.plan.passthrough:
             dt, shape = source[q.key]
             self.quantized[q.key] = Quantized(q.quant, q.group_size, shape, dt)
 
     def _check_passthrough(self) -> None:
-        source = {k: (dt, shape) for k, dt, shape in self.source.tensors}
+        source = self.source.by_key()
         factorised = factorised_keys(self.plan)
         for q in self.plan.passthrough:
             dt, shape = source.get(q.key, (None, ()))
@@ -199,7 +203,7 @@ class VloraFile:
         extra = set(infos) - names
         if extra:
             raise VloraError(f"{self.path}: corrupted plan: tensor {sorted(extra)[0]!r} is not in the plan")
-        source = {k: (dt, shape) for k, dt, shape in self.source.tensors}
+        source = self.source.by_key()
         for fp in self.plan.families:
             for layer in fp.layers:
                 if source.get(fp.key(layer)) != (fp.dtype, fp.shape):

@@ -44,7 +44,7 @@ class CompressConfig:
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
     niter: int = 4  # power iterations of the randomised SVD
     quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py);
-    # auto: the planner chooses per family, by measurement, at the bytes of the float plan
+    # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
     group_size: int = 128  # int4: values per scale along a row
     quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
 

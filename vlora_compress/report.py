@@ -7,6 +7,7 @@ averaged away without the maximum beside it.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,10 +217,8 @@ def storage_label(quant: str, group_size: int, store_dtype: str) -> str:
 
 def storage_summary(asked: str, families: list[dict]) -> str:
     """What was asked and what the families got, e.g. ``auto: int4/g128 x4, int8 x2``."""
-    counts: dict[str, int] = {}
-    for f in families:
-        counts[f["storage"]] = counts.get(f["storage"], 0) + 1
-    return f"{asked}: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    counts = Counter(f["storage"] for f in families)
+    return f"{asked}: " + ", ".join(f"{k} x{n}" for k, n in counts.most_common())
 
 
 def _passthrough_summary(plan, source, entries) -> dict | None:
