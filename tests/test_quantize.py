@@ -174,8 +174,9 @@ def test_passthrough_matrices_are_quantized_and_given_back_in_their_dtype(tmp_pa
     assert saved == 2 * (1100 * 64 * 2 - 1100 * 64 - 1100 * 2)  # bf16 -> int8 + one fp16 scale a row
     assert VloraFile(plain).nbytes - VloraFile(packed).nbytes == saved
     assert report.compressed_bytes == sum(i.nbytes for i in infos.values())  # reports count real bytes
-    roles = inspect_vlora(packed)["bytes_by_role"]
-    assert sum(roles.values()) == report.compressed_bytes
+    info = inspect_vlora(packed)
+    assert sum(info["bytes_by_role"].values()) == report.compressed_bytes
+    assert {q["key"] for q in info["passthrough_quantized"]} == big
     a, b = expand(plain), expand(packed)
     for key in big:
         assert b[key].dtype == torch.bfloat16 and b[key].shape == a[key].shape

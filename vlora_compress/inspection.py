@@ -19,7 +19,7 @@ from .errors import VloraError
 from .fileformat import INCREMENT_SUFFIXES, VloraFile, family_layout, layout
 from .progress import Progress
 from .quantize import SCALE_SUFFIX
-from .report import human_bytes, nbytes
+from .report import human_bytes, nbytes, storage_label
 from .stacks import find_stacks
 
 SPECTRUM_HEAD = 64  # leading singular values kept per pair in JSON
@@ -259,6 +259,7 @@ def render_vlora(info: dict, console: Console) -> None:
     console.print(
         f"bases {human_bytes(roles['bases'])}, increments {human_bytes(roles['increments'])}, "
         f"pass-through {human_bytes(roles['passthrough'])}"
+        + (f", of which {len(info['passthrough_quantized'])} tensors quantized" if info["passthrough_quantized"] else "")
     )
     for s in info["stacks"]:
         console.print(f"stack {s['prefix'] or '(top level)'}: chunks " + ", ".join(f"{a}..{b}" for a, b in s["chunks"]))
@@ -269,7 +270,8 @@ def render_vlora(info: dict, console: Console) -> None:
     for f in info["families"]:
         for i, c in enumerate(f["chunks"]):
             table.add_row((f["suffix"] if one_stack else f["family"]) if i == 0 else "", "x".join(map(str, f["shape"])) if i == 0 else "",
-                          f["store_dtype"] if i == 0 else "", _span(c["layers"]),
+                          storage_label(f["quant"], f["group_size"], f["store_dtype"]) if i == 0 else "",
+                          _span(c["layers"]),
                           str(c["base"]), c["topology"],
                           ",".join(map(str, c["ranks"])))
     console.print(table)

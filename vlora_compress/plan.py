@@ -153,7 +153,7 @@ class FamilyPlan:
     def summary(self) -> dict:
         """The identifying fields every report of a family starts with."""
         return {"family": self.name, "stack": self.stack, "suffix": self.suffix, "shape": list(self.shape),
-                "dtype": self.dtype, "store_dtype": self.store_dtype, "quant": self.quant}
+                "dtype": self.dtype, "store_dtype": self.store_dtype, "quant": self.quant, "group_size": self.group_size}
 
     def synthetic_base_key(self, chunk: int) -> str:
         return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
