@@ -160,7 +160,7 @@ def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool, 
 
 def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -> dict:
     kind, value = parse_size(target_size)
-    stack_bytes = sum(ITEMSIZE[f.dtype] * f.shape[0] * f.shape[1] * len(f.layers) for s in stacks for f in s.families)
+    stack_bytes = sum(f.nbytes for s in stacks for f in s.families)
     whole = ckpt.nbytes if target_of == "model" else stack_bytes
     budget = int(value * whole) if kind == "fraction" else int(value)
     stack_budget = budget - _rest_bytes(ckpt, stacks, config) if target_of == "model" else budget

@@ -47,7 +47,7 @@ def inspect_checkpoint(source: str | Path) -> dict:
                     "shape": list(f.shape),
                     "dtype": f.dtype,
                     "layers": list(f.layers),
-                    "bytes": nbytes(f.dtype, f.shape) * len(f.layers),
+                    "bytes": f.nbytes,
                 }
                 for f in s.families
             ]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import ITEMSIZE
-from .quantize import element_bytes
+from .quantize import SCHEMES, element_bytes
 from .quantize import nbytes as quantized_bytes
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family
@@ -39,7 +39,6 @@ from .plan import STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, Sta
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
-QUANT_CHOICES = ("none", "int8", "int4")  # what --quantize auto weighs: more rank, or fewer bits
 AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
 
 
@@ -185,7 +184,7 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     bases = list(AUTO_BASES) if base == "auto" else [base]
     topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
     counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
-    schemes = QUANT_CHOICES if config.quantize == "auto" else (config.quantize,)
+    schemes = SCHEMES if config.quantize == "auto" else (config.quantize,)  # auto: more rank, or fewer bits
     out = []
     for q in schemes:
         for b in bases:
@@ -270,7 +269,7 @@ def share_budget(stacks: list[Stack], stack_budget: int) -> dict[str, int]:
 
     ``--quantize auto`` under ``--target-size`` splits the budget this way: no single float form
     need fit it (a dense fp32 base alone can be more than 12.5% of a stack)."""
-    sizes = {f.name: ITEMSIZE[f.dtype] * f.shape[0] * f.shape[1] * len(f.layers) for s in stacks for f in s.families}
+    sizes = {f.name: f.nbytes for s in stacks for f in s.families}
     total = sum(sizes.values())
     return {name: int(stack_budget * size / total) for name, size in sizes.items()}
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .checkpoint import FLOAT_DTYPES, TensorInfo
+from .checkpoint import FLOAT_DTYPES, ITEMSIZE, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class Family:
     @property
     def name(self) -> str:
         return layer_key(self.stack, "*", self.suffix)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's tensor in the source."""
+        return ITEMSIZE[self.dtype] * self.shape[0] * self.shape[1] * len(self.layers)
 
 
 @dataclass(frozen=True)
