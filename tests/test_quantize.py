@@ -243,3 +243,19 @@ def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
     assert families["noise.weight"]["quant"] == "int8" and families["thin.weight"]["quant"] == "none"
     dense = expand(out)
     assert dense["h.2.thin.weight"].dtype == torch.float32
+
+
+def test_auto_on_minilm_takes_quantization_alone_where_it_fits(minilm_dir, tmp_path):
+    from conftest import EVAL
+    from vlora_compress.evaluate import EvalConfig, evaluate
+
+    path = tmp_path / "auto.vlora.safetensors"
+    report = compress(minilm_dir, path, target_size="0.14", target_of="stack", quantize="auto",
+                      topology="chain", bounds="equal", ranks="uniform")
+    # data-free at 14%: int4 everywhere (12.9%) leaves far less weight error than any low-rank form
+    assert {(f["storage"], tuple(f["ranks"])) for f in report.families} == {("int4/g128", ())}
+    assert report.stack_size_ratio <= 0.14 and "auto: int4/g128 x6" in report.to_markdown()
+    cfg = EvalConfig(samples=16)
+    stored = evaluate(path, EVAL, cfg, reference=minilm_dir, config_dir=minilm_dir).metrics[0].model
+    rtn = evaluate(minilm_dir, EVAL, EvalConfig(samples=16, quantize="int4"), reference=minilm_dir).metrics[0].model
+    assert stored == pytest.approx(rtn, abs=1e-4)  # the file holds exactly the round-to-nearest yardstick
