@@ -65,6 +65,16 @@ def tiny_model(folder: Path, arch: str, **overrides) -> Path:
                                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                                     max_position_embeddings=64), **overrides})
         model = transformers.LlamaForCausalLM(config)
+    elif arch in ("stablelm", "qwen3", "cohere"):  # Llama's tensor names, other attention
+        config_class, model_class = {
+            "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM),
+            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+            "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
+        }[arch]
+        config = config_class(**{**dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                        max_position_embeddings=64, pad_token_id=0), **overrides})
+        model = model_class(config)
     elif arch == "bert-classifier":
         config = transformers.BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
                                          num_attention_heads=4, vocab_size=256, max_position_embeddings=64,

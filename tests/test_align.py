@@ -34,20 +34,48 @@ def _mean_delta(stack, read):
     return sum(rel) / len(rel)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-mha"])
+ARCHS = {  # arch: (overrides, heads aligned, rotary dims of the 16-dim heads)
+    "gpt2": ({}, True, 0),
+    "llama": ({}, True, 16),
+    "llama-mha": ({"num_key_value_heads": 4}, True, 16),
+    "llama-yarn": ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 32}}, True, 16),
+    "stablelm": ({"partial_rotary_factor": 0.25}, True, 4),  # rotates 4 dims of 16; 12 pass through
+    "stablelm-qk-norm": ({"partial_rotary_factor": 0.5, "qk_layernorm": True}, False, 8),
+    "qwen3": ({"head_dim": 16}, False, 16),  # RMSNorm on queries and keys
+    "cohere": ({}, False, 16),  # interleaved rotary pairs
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_alignment_preserves_outputs(tmp_path, arch):
-    folder = tiny_model(tmp_path / arch, "llama" if arch.startswith("llama") else arch,
-                        **({"num_key_value_heads": 4} if arch == "llama-mha" else {}))
+    """Every layout alignment accepts computes what the original does, heads rotated or not."""
+    overrides, heads, rotary = ARCHS[arch]
+    folder = tiny_model(tmp_path / arch, arch.split("-")[0] if arch.startswith(("stablelm", "llama")) else arch,
+                        **overrides)
     stack, layout, aligned, original = _aligned(folder)
-    assert layout.rope == arch.startswith("llama") and layout.conv1d == (arch == "gpt2")
+    assert (layout.align_heads, layout.rotary_dim, layout.conv1d) == (heads, rotary, arch == "gpt2")
     changed = [k for k in aligned if not torch.equal(aligned[k], original[k])]
-    assert any("mlp" in k for k in changed) and any(("attn" in k) for k in changed)
+    assert any("mlp" in k for k in changed)
+    assert any("attn" in k for k in changed) == heads
     model, tok = load_model(folder, head="base"), load_preprocessor(folder)
     ref = _outputs(model, tok)
     from vlora_compress.models import set_tensors
 
     set_tensors(model, aligned)
     assert torch.allclose(_outputs(model, tok), ref, atol=1e-4)
+
+
+def test_partial_rotary_the_model_cannot_take_leaves_heads_alone(tmp_path):
+    """A Llama config with a partial rotary factor: no proof that pair rotations commute, so none."""
+    folder = tiny_model(tmp_path / "llama", "llama")
+    config = read_config(folder)
+    config["rope_parameters"] = {**config["rope_parameters"], "partial_rotary_factor": 0.5}
+    with open_checkpoint(folder) as ckpt:
+        (stack,) = find_stacks(ckpt.infos)
+    layout, note = detect_layout(stack, config)
+    assert not layout.align_heads
+    assert note == "model.layers: aligned as llama, MLP neurons only: partial rotary embeddings (factor 0.5) in a 'llama' model"
 
 
 def test_alignment_preserves_minilm_and_shrinks_its_deltas(minilm_dir):

@@ -9,8 +9,10 @@ Here each layer, in order, is mapped onto its (already aligned) predecessor:
   and up move together in gated MLPs);
 - heads by an assignment on how well their QK and VO maps match after the best orthogonal rotation
   (Procrustes), then rotated by it. Under RoPE only rotations that commute with it are allowed: a
-  2-D rotation in each frequency pair of the query/key head space. With grouped-query attention
-  whole key/value groups move, their query heads with them.
+  2-D rotation in each frequency pair of the query/key head space (and any rotation of the dims
+  partial rotary leaves alone). With grouped-query attention whole key/value groups move, their
+  query heads with them. Where a model's attention holds anything that could break this (norms
+  on queries or keys, sinks, an unknown rotary variant), heads stay put and only MLP neurons move.
 
 Biases move with their rows; the residual stream is never touched. The aligned checkpoint computes
 the same outputs as the original to float tolerance (tests check BERT, GPT-2 and Llama).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ class Layout:
     heads: int = 0
     kv_heads: int = 0
     head_dim: int = 0
+    rotary_dim: int = 0  # with rope: the leading dims of a head that rotate, in pairs (i, i + rotary_dim/2)
+    align_heads: bool = True  # False: only MLP neurons move (heads could not be proved safe to rotate)
 
 
 LAYOUTS = {
@@ -55,10 +59,21 @@ LAYOUTS = {
     "llama": dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
                   mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj", rope=True),
 }
+# Models with Llama's tensor names whose attention rotates each head's pairs (i, i + d/2) with
+# rotate_half, over the whole head, or with a partial factor over its leading dims (the rest pass
+# through). Any rope_type (linear, dynamic, yarn, llama3, longrope) keeps those pairs; other
+# models with these names (interleaved pairs, as Cohere's) get their MLP aligned and heads left.
+ROTATE_HALF = {"llama", "mistral", "qwen2", "gemma", "olmo", "granite", "stablelm", "persimmon"}
+PARTIAL_ROTARY = {"stablelm", "persimmon"}  # rotate only the leading partial_rotary_factor of a head
+GPT2_BUFFERS = {"attn.bias", "attn.masked_bias"}  # causal masks older GPT-2 checkpoints store
 
 
 def detect_layout(stack: Stack, config: dict | None) -> tuple[Layout | None, str]:
-    """The stack's layout and head geometry, or None with the reason alignment is skipped."""
+    """The stack's layout and head geometry, or None with the reason alignment is skipped.
+
+    Heads are aligned only where every rotation used provably leaves the attention unchanged; where
+    it cannot be proved (an unknown rotary variant, norms on queries or keys, per-head tensors such
+    as attention sinks) the layout says so and only MLP neurons are permuted, which is always safe."""
     suffixes = {f.suffix for f in stack.families}
     for name, spec in LAYOUTS.items():
         needed = {spec["q"], spec["k"], spec["v"], spec["o"], *spec["mlp_in"], spec["mlp_out"]}
@@ -73,9 +88,41 @@ def detect_layout(stack: Stack, config: dict | None) -> tuple[Layout | None, str
     kv = config.get("num_key_value_heads") or heads
     hidden = config.get("hidden_size") or config.get("n_embd")
     head_dim = config.get("head_dim") or hidden // heads
-    if name == "llama" and config.get("rope_scaling") not in (None, {}) and config.get("partial_rotary_factor", 1) != 1:
-        return None, f"{stack.prefix}: partial rotary embeddings are not aligned"
-    return Layout(**spec, heads=heads, kv_heads=kv, head_dim=head_dim), f"{stack.prefix}: aligned as {name}"
+    factor = _partial_rotary_factor(config) if spec.get("rope") else 0
+    layout = Layout(**spec, heads=heads, kv_heads=kv, head_dim=head_dim, rotary_dim=int(head_dim * factor))
+    why_not = _heads_unsafe(stack, layout, config)
+    if why_not is None and factor != 1 and layout.rope:
+        if config.get("model_type") not in PARTIAL_ROTARY:
+            why_not = f"partial rotary embeddings (factor {factor}) in a {config.get('model_type')!r} model"
+        elif layout.rotary_dim % 2:
+            why_not = f"an odd number of rotary dimensions ({layout.rotary_dim})"
+    if why_not is not None:
+        return replace(layout, align_heads=False), f"{stack.prefix}: aligned as {name}, MLP neurons only: {why_not}"
+    rotary = f", rotary over {layout.rotary_dim} of {head_dim} head dims" if 0 < layout.rotary_dim < head_dim else ""
+    return layout, f"{stack.prefix}: aligned as {name}{rotary}"
+
+
+def _heads_unsafe(stack: Stack, layout: Layout, config: dict) -> str | None:
+    """Why rotating and permuting heads might change this model, or None when it provably does not."""
+    if layout.rope and config.get("model_type") not in ROTATE_HALF:
+        return f"rotary embeddings of a {config.get('model_type')!r} model are not known to pair dims as Llama's"
+    module = layout.q.rpartition(".")[0] + "."
+    allowed = {f"{n}.{part}" for n in (layout.q, layout.k, layout.v, layout.o) for part in ("weight", "bias")}
+    allowed |= GPT2_BUFFERS if layout.conv1d else set()
+    prefix = f"{stack.prefix}.{stack.layers[0]}." if stack.prefix else f"{stack.layers[0]}."
+    for key in stack.keys:
+        suffix = key[len(prefix):] if key.startswith(prefix) else None
+        if suffix is not None and suffix.startswith(module) and suffix not in allowed:
+            return f"the attention also holds {suffix!r} (a query/key norm or a per-head tensor)"
+    return None
+
+
+def _partial_rotary_factor(config: dict) -> float:
+    """transformers 5 keeps it in rope_parameters; older configs at the top level or in rope_scaling."""
+    for where in (config.get("rope_parameters"), config, config.get("rope_scaling")):
+        if isinstance(where, dict) and where.get("partial_rotary_factor") is not None:
+            return float(where["partial_rotary_factor"])
+    return 1.0
 
 
 def read_config(folder: str | Path | None) -> dict | None:
@@ -93,7 +140,8 @@ def align_stack(stack: Stack, layout: Layout, read: Callable[[str], torch.Tensor
         block = _Block.load(stack.prefix, layer, layout, read)
         if prev is not None:
             block.align_mlp(prev)
-            block.align_heads(prev)
+            if layout.align_heads:
+                block.align_heads(prev)
         out.update(block.tensors())
         prev = block
     return out
@@ -187,7 +235,7 @@ class _Block:
         for g in range(n):
             for h in range(n):
                 m_qk, m_vo = maps(g, h)
-                score[g, h] = _procrustes(m_qk, lay.rope)[1] + _procrustes(m_vo, False)[1]
+                score[g, h] = _procrustes(m_qk, lay.rotary_dim)[1] + _procrustes(m_vo)[1]
         rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
         mine_for = rows[cols.argsort()]  # my kv group that goes where their group h is
         qb, kb, vb = self.qkv("q", "bias"), self.qkv("k", "bias"), self.qkv("v", "bias")
@@ -195,8 +243,8 @@ class _Block:
         for h in range(n):
             g = int(mine_for[h])
             m_qk, m_vo = maps(g, h)
-            r_qk, _ = _procrustes(m_qk, lay.rope)  # shared by the group's key head and its query heads
-            r_vo, _ = _procrustes(m_vo, False)
+            r_qk, _ = _procrustes(m_qk, lay.rotary_dim)  # shared by the group's key head and its query heads
+            r_vo, _ = _procrustes(m_vo)
             new["k"].append(r_qk @ row(k, g))
             new["v"].append(r_vo @ row(v, g))
             if kb is not None:
@@ -223,19 +271,19 @@ class _Block:
         return out
 
 
-def _procrustes(m: torch.Tensor, rope: bool) -> tuple[torch.Tensor, float]:
+def _procrustes(m: torch.Tensor, rotary_dim: int = 0) -> tuple[torch.Tensor, float]:
     """The orthogonal R maximising tr(Rᵀ M), and that maximum.
 
-    With ``rope``, R is restricted to a 2-D rotation in each frequency pair (i, i + d/2), the only
-    rotations of a query/key head that commute with rotary position embeddings.
+    With ``rotary_dim``, R is restricted to what commutes with rotary position embeddings over a
+    head's leading ``rotary_dim`` dims: a 2-D rotation in each frequency pair (i, i + rotary_dim/2),
+    and any rotation of the dims past them, which pass through unrotated (partial rotary).
     """
-    if not rope:
+    if not rotary_dim:
         u, s, vh = torch.linalg.svd(m)
         return u @ vh, float(s.sum())
-    d = m.shape[0]
-    half = d // 2
     r = torch.zeros_like(m)
     total = 0.0
+    half = rotary_dim // 2
     for i in range(half):
         a, b = i, i + half
         c = m[a, a] + m[b, b]
@@ -244,4 +292,7 @@ def _procrustes(m: torch.Tensor, rope: bool) -> tuple[torch.Tensor, float]:
         cos, sin = (c / norm, s_ / norm) if norm > 0 else (1.0, 0.0)
         r[a, a], r[a, b], r[b, a], r[b, b] = cos, -sin, sin, cos
         total += norm
+    if rotary_dim < m.shape[0]:
+        r[rotary_dim:, rotary_dim:], rest = _procrustes(m[rotary_dim:, rotary_dim:])
+        total += rest
     return r, total
