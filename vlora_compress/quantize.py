@@ -49,16 +49,6 @@ def nbytes(shape: tuple[int, int], scheme: str, group_size: int) -> int:
     return p[0] * p[1] + 2 * s[0] * s[1]
 
 
-def element_bytes(scheme: str, group_size: int) -> float | None:
-    """Bytes per stored value, scales included, rounded up a little; None when not quantized.
-
-    The planner sizes ranks with it; file sizes in reports are the real ones.
-    """
-    if scheme == "none":
-        return None
-    return 1 + 1 / 16 if scheme == "int8" else 0.5 + 2 / group_size + 1 / 32
-
-
 def quantize(x: torch.Tensor, scheme: str, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(integers, float16 scales) of a 2-D tensor."""
     x = x.float()
@@ -136,6 +126,6 @@ def _grouped(x: torch.Tensor, scheme: str, group_size: int) -> torch.Tensor:
 
 def check_scheme(scheme: str, group_size: int) -> None:
     if scheme not in SCHEMES:
-        raise VloraError(f"--quantize must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+        raise VloraError(f"`quantize` must be one of {', '.join(SCHEMES)}, not {scheme!r}")
     if group_size < 2 or group_size % 2:
-        raise VloraError(f"--group-size must be an even number of at least 2, not {group_size}")
+        raise VloraError(f"`group_size` must be an even number of at least 2, not {group_size}")
