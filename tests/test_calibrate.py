@@ -117,5 +117,5 @@ def test_grams_in_fp32_or_on_disk_match_fp64_in_memory(tiny_llama, tmp_path):
         assert torch.allclose(small.gram(k).double(), ref.gram(k), rtol=1e-5, atol=1e-6 * float(ref.gram(k).abs().max()))
         assert torch.equal(disk.gram(k), ref.gram(k))
     assert ref.nbytes == 2 * small.nbytes
-    with pytest.raises(VloraError, match="--gram-dtype"):
+    with pytest.raises(VloraError, match="`calib.gram_dtype`"):
         CalibConfig(gram_dtype="fp8")

@@ -287,3 +287,63 @@ def test_planning_flags(gpt2_file, tmp_path, capsys):
     code, o, err = run(compress_main, [gpt2_file, "-o", tmp_path / "x.vlora.safetensors", "--method", "svd",
                                        "--base", "first"], capsys)
     assert_one_line_error(code, o, err, "--method svd stores every layer alone")
+
+
+def test_a_source_named_like_a_sub_command_compresses(gpt2_file, tmp_path, capsys, monkeypatch):
+    """`heal` is the heal command; a checkpoint named heal is compressed with the command named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "heal").write_bytes(gpt2_file.read_bytes())
+    code, out, err = run(compress_main, ["heal", "-r", 2], capsys)
+    assert_one_line_error(code, out, err, "vlora-compress heal: error:", "taken as the heal command", "write ./heal")
+    assert not (tmp_path / "heal.vlora.safetensors").exists()
+    for args in (["compress", "heal", "-r", 2, "-o", "a.vlora.safetensors", "--json"],
+                 ["-r", 2, "-o", "b.vlora.safetensors", "--json", "--", "heal"],
+                 ["./heal", "-r", 2, "-o", "c.vlora.safetensors", "--json"]):
+        code, out, _ = run(compress_main, args, capsys)
+        assert code == 0 and json.loads(out)["rank"] == 2
+    assert (tmp_path / "a.vlora.safetensors").read_bytes() == (tmp_path / "c.vlora.safetensors").read_bytes()
+    code, out, _ = run(compress_main, ["--help"], capsys)
+    assert code == 0 and "--rank" in out and "vlora-compress heal" in out
+    code, out, _ = run(compress_main, ["heal", "--help"], capsys)
+    assert code == 0 and "--teacher" in out
+
+
+def test_inspect_sub_commands_and_a_file_named_check(gpt2_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    v = tmp_path / "g.vlora.safetensors"
+    run(compress_main, [gpt2_file, "-o", v, "-r", 2], capsys)
+    (tmp_path / "check").write_bytes(v.read_bytes())
+    code, out, _ = run(inspect_main, ["check", "check", "--max-bytes", "1GB", "--json"], capsys)
+    assert code == 0 and json.loads(out)["ok"]
+    code, out, _ = run(inspect_main, ["--json", "--", "check"], capsys)
+    assert code == 0 and json.loads(out)["kind"] == "vlora"
+    code, out, _ = run(inspect_main, ["check", "check", "--max-bytes", "1KB", "--json"], capsys)
+    assert code == 1 and not json.loads(out)["ok"]
+
+
+@pytest.mark.parametrize("main, args, flag", [
+    (inspect_main, ["check", "{v}", "--max-bytes", "lots"], "--max-bytes must be"),
+    (compress_main, ["{src}", "--calib-samples", 0, "--calib", "{src}"], "--calib-samples must be at least 1"),
+    (compress_main, ["{src}", "--quantize", "int4", "--group-size", 3], "--group-size must be an even number"),
+    (compress_main, ["{src}", "--quantize-passthrough"], "--quantize-passthrough needs --quantize int8"),
+    (compress_main, ["{src}", "--target-size", "big"], "--target-size must be a fraction"),
+    (compress_main, ["heal", "{v}", "--teacher", "{src}", "--data", "{src}", "-o", "{o}", "--steps", 0],
+     "--steps and --batch-size must be at least 1"),
+])
+def test_library_errors_name_fields_and_the_cli_names_its_flags(gpt2_file, tmp_path, capsys, main, args, flag):
+    v = tmp_path / "g.vlora.safetensors"
+    run(compress_main, [gpt2_file, "-o", v, "-r", 2], capsys)
+    fill = {"{v}": v, "{src}": gpt2_file, "{o}": tmp_path / "o.vlora.safetensors"}
+    code, out, err = run(main, [fill.get(a, a) if isinstance(a, str) else a for a in args], capsys)
+    assert_one_line_error(code, out, err, flag)
+    assert "`" not in err
+
+
+def test_the_python_api_names_fields_not_flags(gpt2_file, tmp_path):
+    from vlora_compress import compress
+    from vlora_compress.errors import VloraError
+
+    with pytest.raises(VloraError, match="`rank` must be a whole number"):
+        compress(gpt2_file, tmp_path / "o.vlora.safetensors", rank=0)
+    with pytest.raises(VloraError, match="`target_size` must be a fraction"):
+        compress(gpt2_file, tmp_path / "o.vlora.safetensors", target_size="big")

@@ -190,5 +190,5 @@ def test_target_below_what_the_bases_take_is_refused(gpt2_file, tmp_path):
 
     with pytest.raises(VloraError, match="need at least"):
         compress(gpt2_file, tmp_path / "t.vlora.safetensors", chunks=2, target_size=0.4, target_of="stack", **CORE)
-    with pytest.raises(VloraError, match="--target-size must be"):
+    with pytest.raises(VloraError, match="`target_size` must be"):
         compress(gpt2_file, tmp_path / "t.vlora.safetensors", target_size="lots")

@@ -64,7 +64,7 @@ def test_logits_kl_and_agreement(tiny_gpt2, tmp_path):
     same = evaluate(tiny_gpt2, EVAL, cfg, reference=tiny_gpt2)
     assert same.metric("kl_to_reference").model == pytest.approx(0.0, abs=1e-6)
     assert same.metric("top1_agreement").model == 1.0
-    with pytest.raises(VloraError, match="add --reference"):
+    with pytest.raises(VloraError, match="add `reference`"):
         evaluate(out, EVAL, cfg, config_dir=tiny_gpt2)
 
 
@@ -106,7 +106,7 @@ def test_bad_eval_input(minilm_dir, gpt2_file, tmp_path):
     compress(gpt2_file, other, rank=2)
     with pytest.raises(VloraError, match="does not match the config"):
         evaluate(other, EVAL, EvalConfig(samples=4), reference=minilm_dir, config_dir=minilm_dir)
-    with pytest.raises(VloraError, match="--task must be one of"):
+    with pytest.raises(VloraError, match="`eval.task` must be one of"):
         EvalConfig(task="bleu")
 
 

@@ -116,7 +116,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(minilm_dir,
             raise KeyboardInterrupt
 
     cut = tmp_path / "cut.vlora.safetensors"
-    with pytest.raises(Interrupted, match="--resume"):
+    with pytest.raises(Interrupted, match="`resume`"):
         heal(small_start, minilm_dir, tiny_texts, cut, cfg, on_step=stop_at_3)
     assert state_path(cut).is_file() and not cut.exists()
     with pytest.raises(VloraError, match="other settings"):

@@ -37,16 +37,16 @@ class CalibConfig:
 
     def __post_init__(self):
         if self.gram_dtype not in GRAM_DTYPES:
-            raise VloraError(f"--gram-dtype must be fp64 or fp32, not {self.gram_dtype!r}")
+            raise VloraError(f"`calib.gram_dtype` must be fp64 or fp32, not {self.gram_dtype!r}")
         if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
-            raise VloraError(f"{self.gram_dir}: --gram-dir must be an existing folder")
+            raise VloraError(f"{self.gram_dir}: `calib.gram_dir` must be an existing folder")
         if self.holdout < 0:
-            raise VloraError(f"holdout must be at least 0, not {self.holdout}")
+            raise VloraError(f"`calib.holdout` must be at least 0, not {self.holdout}")
         for name in ("samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
-                raise VloraError(f"--calib-{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+                raise VloraError(f"`calib.{name}` must be at least 1, not {getattr(self, name)}")
         if not self.damping > 0:
-            raise VloraError(f"damping must be positive, not {self.damping}")
+            raise VloraError(f"`calib.damping` must be positive, not {self.damping}")
 
 
 GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}

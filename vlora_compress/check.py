@@ -115,7 +115,7 @@ def check(subject: str | Path, budgets: Budgets) -> Verdict:
         rules.append(_le("parameters", facts["params"], budgets.max_params))
     if budgets.max_eval_drop is not None:
         if not facts["metrics"]:
-            raise VloraError(f"{subject}: --max-eval-drop needs a report with an evaluation (compress --eval)")
+            raise VloraError(f"{subject}: `max_eval_drop` needs a report with an evaluation (vlora-compress --eval)")
         limits = budgets.max_eval_drop
         for name, m in facts["metrics"].items():
             limit = limits.get(name) if isinstance(limits, dict) else limits
@@ -166,7 +166,7 @@ def parse_eval_drop(text: str | None) -> float | dict[str, float] | None:
             return float(text)
         return {k.strip(): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
     except ValueError:
-        raise VloraError(f"--max-eval-drop must be a number or NAME=NUMBER[,NAME=NUMBER], not {text!r}") from None
+        raise VloraError(f"`max_eval_drop` must be a number or NAME=NUMBER[,NAME=NUMBER], not {text!r}") from None
 
 
 def _le(name: str, value: float, budget: float) -> Rule:

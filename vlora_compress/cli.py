@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,20 +47,33 @@ QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.
 ReportFlag = Annotated[Optional[Path], typer.Option("--report", help="Also write the report to FILE.json or FILE.md.")]
 
 
-def _app(help_text: str) -> typer.Typer:
-    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=help_text)
+class DefaultGroup(typer.core.TyperGroup):
+    """Sub-commands with a default: the first command runs unless the first argument names another.
+
+    ``vlora-compress SOURCE`` is ``vlora-compress compress SOURCE`` and ``vlora-compress heal ...`` the
+    heal command; a source named like a command is given after ``--`` (``vlora-compress -- heal``) or
+    with the command named (``vlora-compress compress heal``). ``--help`` shows the default command's.
+    """
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
 
 
-compress_app = _app("Compress a checkpoint into a VLoRA file.")
+def _app(help_text: str, group: bool = False) -> typer.Typer:
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=help_text,
+                       **({"cls": DefaultGroup} if group else {}))
+
+
+compress_app = _app("Compress a checkpoint into a VLoRA file, or heal one.", group=True)
 expand_app = _app("Expand a VLoRA file back into a dense safetensors checkpoint.")
-inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint or a VLoRA file.")
+inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint or a VLoRA file.", group=True)
 eval_app = _app("Evaluate a model on local data, side by side with the original.")
 heal_app = _app("Heal a VLoRA file by distillation from the original model, keeping its structure and size.")
-check_app = _app("Check a VLoRA file or a compress report against size and accuracy budgets (exit 1 if one fails).")
-plot_app = _app("Draw a report: spectra, bytes, ranks, errors or tradeoff, to .png or .svg.")
 
 
-@compress_app.command()
+@compress_app.command("compress")
 def compress_cmd(
     source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
     rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
@@ -97,7 +111,11 @@ def compress_cmd(
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Store each chunk of every layer stack as a dense base plus rank-r increments (W_l = W_l-1 + B_l A_l)."""
+    """Store each chunk of every layer stack as a dense base plus rank-r increments (W_l = W_l-1 + B_l A_l).
+
+    `vlora-compress heal FILE ...` heals a VLoRA file instead (see `vlora-compress heal --help`); a
+    source named `heal` is given as `vlora-compress -- heal`.
+    """
     show = not quiet and not as_json
     eval_config = None
     if eval_data is not None and eval_task is not None:
@@ -170,7 +188,7 @@ def expand_cmd(
         stdout.print(f"wrote {written} ({written.stat().st_size:,} bytes)")
 
 
-@inspect_app.command()
+@inspect_app.command("inspect")
 def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="A checkpoint (file, index or folder) or a VLoRA file.")],
     spectra: Annotated[bool, typer.Option("--spectra", help="Singular-value spectra of every consecutive-layer delta.")] = False,
@@ -180,9 +198,13 @@ def inspect_cmd(
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Layer stacks, families, shapes and bytes; with --spectra how much a rank-r increment keeps."""
+    """Layer stacks, families, shapes and bytes; with --spectra how much a rank-r increment keeps.
+
+    Sub-commands: `vlora-inspect check ...` (budgets for CI) and `vlora-inspect plot ...` (pictures);
+    a path named `check` or `plot` is given as `vlora-inspect -- check`.
+    """
     if plot is not None and not spectra:
-        raise VloraError("--plot draws the spectra; add --spectra")
+        raise VloraError("`plot` draws the spectra; add `spectra`")
     if spectra:
         rows = delta_spectra(path, rank, progress=not quiet and not as_json)
         if plot is not None:
@@ -208,7 +230,7 @@ def inspect_cmd(
         render_checkpoint(info, stdout)
 
 
-@check_app.command()
+@inspect_app.command("check")
 def check_cmd(
     subject: Annotated[Path, typer.Argument(help="A VLoRA file (sizes) or a compress report .json (sizes and eval metrics).")],
     max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", help="Largest file size allowed, e.g. 40MB.")] = None,
@@ -243,7 +265,7 @@ def check_cmd(
     raise typer.Exit(0 if verdict.ok else 1)
 
 
-@plot_app.command()
+@inspect_app.command("plot")
 def plot_cmd(
     kind: Annotated[str, typer.Argument(help="spectra (a checkpoint), bytes (a VLoRA file), ranks or errors (a compress report .json), tradeoff (several reports).")],
     inputs: Annotated[list[Path], typer.Argument(help="What to draw from.")],
@@ -255,7 +277,7 @@ def plot_cmd(
     from . import plots
 
     if kind not in plots.PLOTS:
-        raise VloraError(f"plot kind must be one of {', '.join(plots.PLOTS)}, not {kind!r}")
+        raise VloraError(f"`kind` must be one of {', '.join(plots.PLOTS)}, not {kind!r}")
     if kind != "tradeoff" and len(inputs) != 1:
         raise VloraError(f"{kind} draws one input, not {len(inputs)}")
     if kind == "spectra":
@@ -271,7 +293,7 @@ def plot_cmd(
     stdout.print(f"wrote {out}")
 
 
-@heal_app.command()
+@compress_app.command("heal")
 def heal_cmd(
     path: Annotated[Path, typer.Argument(help="The VLoRA file to heal.")],
     teacher: Annotated[Path, typer.Option("--teacher", help="The original model folder (config, weights, tokenizer).")],
@@ -285,7 +307,7 @@ def heal_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step, over all processes.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample.")] = 128,
     warmup: Annotated[int, typer.Option("--warmup", help="Steps of linear warm-up.")] = 10,
-    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="hidden (per-layer hidden states), cosine (pooled embedding) or kl (logits), as NAME or NAME:WEIGHT; repeat to combine. Default: hidden + cosine for encoders, hidden + kl for models with a head.")] = None,
+    losses: Annotated[Optional[list[str]], typer.Option("--loss", help="hidden (per-layer hidden states), cosine (pooled embedding) or kl (logits), as NAME or NAME:WEIGHT; repeat to combine. Default: hidden + cosine for encoders, hidden + kl for models with a head.")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the kl loss.")] = 2.0,
     freeze: Annotated[Optional[str], typer.Option("--freeze", help="Comma-separated: increments, bases, dense.")] = None,
     cache_teacher: Annotated[bool, typer.Option("--cache-teacher/--no-cache-teacher", help="Keep the teacher's outputs per batch (memory) or rerun it every step (time).")] = True,
@@ -312,10 +334,10 @@ def heal_cmd(
 
     frozen = {f.strip() for f in freeze.split(",")} if freeze else set()
     if frozen - set(TRAINABLE):
-        raise VloraError(f"--freeze takes some of {', '.join(TRAINABLE)}, not {sorted(frozen - set(TRAINABLE))[0]!r}")
+        raise VloraError(f"`freeze` takes some of {', '.join(TRAINABLE)}, not {sorted(frozen - set(TRAINABLE))[0]!r}")
     config = HealConfig(
         steps=steps, tokens=tokens, minutes=minutes, lr=lr, lr_dense=lr_dense, batch_size=batch_size,
-        max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in loss or ()),
+        max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in losses or ()),
         temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher,
         eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, bf16=bf16,
         checkpointing=checkpointing, quantization_aware=quantization_aware, seed=seed, device=device,
@@ -341,7 +363,7 @@ def _loss_spec(text: str) -> tuple[str, float]:
     try:
         return name.strip(), float(weight) if weight else 1.0
     except ValueError:
-        raise VloraError(f"--loss takes NAME or NAME:WEIGHT, not {text!r}") from None
+        raise VloraError(f"`losses` takes NAME or NAME:WEIGHT, not {text!r}") from None
 
 
 def _heal_config(steps: int, minutes: float | None, device: str):
@@ -364,28 +386,33 @@ def _report_json(path: Path) -> dict:
 def _size(text: str | None) -> float | None:
     if text is None:
         return None
-    kind, value = parse_size(text)
+    kind, value = parse_size(text, "max_bytes")
     if kind != "bytes":
-        raise VloraError(f"--max-bytes must be a size such as 40MB, not {text!r}")
+        raise VloraError(f"`max_bytes` must be a size such as 40MB, not {text!r}")
     return value
 
 
 def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
-    """Run a Typer app so that every user mistake is one line on stderr with exit code 2."""
+    """Run a Typer app so that every user mistake is one line on stderr with exit code 2.
+
+    The library names options by their config fields in backquotes (`rank`, `calib.samples`); here
+    each becomes the flag that sets it (--rank, --calib-samples)."""
     command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        rv = command.main(args=argv, prog_name=prog, standalone_mode=False)
+        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except _CLICK_ERROR as e:
-        print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else prog
+        print(f"{where}: error: {e.format_message()}{_named_like_a_command(command, args)}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {_flags(command, str(e))}", file=sys.stderr)
         return 130
     except VloraError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_flags(command, str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
@@ -394,16 +421,41 @@ def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def _flags(command, message: str) -> str:
+    """Each backquoted config field of ``message`` as the command's flag for it.
+
+    ``calib.samples`` is the flag of a parameter named ``calib_samples``, else of one named
+    ``samples``; a field no parameter sets keeps its name."""
+    params = {}
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        for p in cmd.params:
+            flags = [o for o in p.opts if o.startswith("--")]
+            params.setdefault(p.name, max(flags, key=len) if flags else p.name.upper())
+
+    def flag(m: re.Match) -> str:
+        path = m.group(1)
+        for name in (path.replace(".", "_"), path.rpartition(".")[2]):
+            if name in params:
+                return params[name]
+        return path
+
+    return re.sub(r"`([a-z_][a-z0-9_.]*)`", flag, message)
+
+
+def _named_like_a_command(command, args: list[str]) -> str:
+    """A hint when a mistaken sub-command may have been meant as a path (a source named ``heal``)."""
+    if args and args[0] in getattr(command, "commands", {}) and Path(args[0]).exists():
+        return f" ({args[0]!r} is taken as the {args[0]} command; for the path of that name write ./{args[0]})"
+    return ""
+
+
 def compress_main(argv: list[str] | None = None) -> None:
     """``vlora-compress SOURCE ...``, or ``vlora-compress heal VLORA_FILE ...``."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == "heal":
-        sys.exit(_run(heal_app, "vlora-compress heal", args[1:]))
-    sys.exit(_run(compress_app, "vlora-compress", args))
+    sys.exit(_run(compress_app, "vlora-compress", argv))
 
 
 def heal_main(argv: list[str] | None = None) -> None:
-    """``python -m vlora_compress.heal ...``: the heal command, for torchrun."""
+    """``python -m vlora_compress.heal ...``: the heal command alone, for torchrun."""
     sys.exit(_run(heal_app, "vlora_compress.heal", argv))
 
 
@@ -413,11 +465,7 @@ def expand_main(argv: list[str] | None = None) -> None:
 
 def inspect_main(argv: list[str] | None = None) -> None:
     """``vlora-inspect PATH``, or its sub-commands ``vlora-inspect check ...`` and ``vlora-inspect plot ...``."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    sub = {"check": check_app, "plot": plot_app}
-    if args and args[0] in sub:
-        sys.exit(_run(sub[args[0]], f"vlora-inspect {args[0]}", args[1:]))
-    sys.exit(_run(inspect_app, "vlora-inspect", args))
+    sys.exit(_run(inspect_app, "vlora-inspect", argv))
 
 
 def eval_main(argv: list[str] | None = None) -> None:

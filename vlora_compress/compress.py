@@ -79,7 +79,7 @@ def compress(
                             svd=svd, dtype=dtype, seed=seed, quantize=quantize, group_size=group_size,
                             quantize_passthrough=quantize_passthrough)
     if target_of not in TARGETS_OF:
-        raise VloraError(f"--target-of must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
+        raise VloraError(f"`target_of` must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
     started = time.perf_counter()
     with open_checkpoint(source) as ckpt:
         if ckpt.is_vlora:

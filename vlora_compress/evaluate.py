@@ -100,9 +100,9 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise VloraError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+            raise VloraError(f"`eval.task` must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.batch_size < 1 or self.max_length < 2 or (self.samples is not None and self.samples < 1):
-            raise VloraError("--batch-size and --samples must be at least 1, --max-length at least 2")
+            raise VloraError("`eval.batch_size` and `eval.samples` must be at least 1, `eval.max_length` at least 2")
         from .quantize import check_scheme
 
         check_scheme(self.quantize, self.group_size)
@@ -123,7 +123,7 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     """Score ``model`` (a dense folder, or a file beside or with ``config_dir``) and its reference."""
     torch.manual_seed(0)
     if config.task == "logits" and reference is None:
-        raise VloraError("--task logits compares against the original: add --reference")
+        raise VloraError("`eval.task` logits compares against the original: add `reference`")
     model = Path(model)
     config_dir = _config_dir(model, reference, config_dir)
     preprocessor = load_preprocessor(config_dir)
@@ -154,7 +154,7 @@ def quantize_stacks(loaded, path: Path, scheme: str, group_size: int) -> int:
 
     with open_checkpoint(path) as ckpt:
         if ckpt.is_vlora:
-            raise VloraError(f"{path}: --quantize scores an original model; this is a VLoRA file")
+            raise VloraError(f"{path}: `eval.quantize` scores an original model; this is a VLoRA file")
         stacks = find_stacks(ckpt.infos)
         total = 0
         for stack in stacks:
@@ -195,7 +195,7 @@ def _config_dir(model: Path, reference, config_dir) -> Path:
         return config_folder(reference)
     with open_checkpoint(model):  # a damaged file is the better message
         pass
-    raise VloraError(f"{model}: no config.json beside it; name the original model folder with --config")
+    raise VloraError(f"{model}: no config.json beside it; name the original model folder with `config_dir`")
 
 
 def _texts(preprocessor, data, what: str):
@@ -248,7 +248,7 @@ def _embedding(models, preprocessor, data, config, progress):
         rho = [float(spearmanr((e[0::2] * e[1::2]).sum(-1).numpy(), gold).statistic) for e in embs]
         metrics.append(Metric("spearman", rho[0], rho[1] if len(rho) > 1 else None))
     if not metrics:
-        raise VloraError(f"{data}: embedding needs --reference, or sentence pairs with gold scores")
+        raise VloraError(f"{data}: embedding needs `reference`, or sentence pairs with gold scores")
     return len(pairs) if pairs is not None else len(texts), metrics
 
 
@@ -323,7 +323,7 @@ def _logits(models, preprocessor, data, config, progress):
         return logits
 
     if not hasattr(models[0], "config") or head_of(models[0].config) == "base":
-        raise VloraError("--task logits needs a model with a head (a causal LM or a classifier)")
+        raise VloraError("`eval.task` logits needs a model with a head (a causal LM or a classifier)")
     out = [torch.cat(x) for x in _forward_all(models, preprocessor, samples, config, progress, per_position)]
     logp, logq = torch.log_softmax(out[1], -1), torch.log_softmax(out[0], -1)
     kl = float((logp.exp() * (logp - logq)).sum(-1).mean())

@@ -64,17 +64,17 @@ class HealConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_length < 2:
-            raise VloraError("--steps and --batch-size must be at least 1, --lr positive, --max-length at least 2")
+            raise VloraError("`heal.steps` and `heal.batch_size` must be at least 1, `heal.lr` positive, `heal.max_length` at least 2")
         if (self.tokens is not None and self.tokens < 1) or (self.minutes is not None and not self.minutes > 0):
-            raise VloraError("--tokens and --minutes must be positive")
+            raise VloraError("`heal.tokens` and `heal.minutes` must be positive")
         unknown = set(self.train) - set(TRAINABLE)
         if unknown or not self.train:
-            raise VloraError(f"--train takes some of {', '.join(TRAINABLE)}, not {sorted(unknown) or 'nothing'}")
+            raise VloraError(f"`heal.train` takes some of {', '.join(TRAINABLE)}, not {sorted(unknown) or 'nothing'}")
         for name, weight in self.losses:
             if name not in LOSSES or not weight > 0:
-                raise VloraError(f"--loss takes {', '.join(LOSSES)} with a positive weight (name:weight), not {name}:{weight}")
+                raise VloraError(f"`heal.losses` takes {', '.join(LOSSES)} with a positive weight (name:weight), not {name}:{weight}")
         if self.eval_every < 0 or self.save_every < 1 or self.eval_samples < 1 or not self.temperature > 0:
-            raise VloraError("--eval-every must be >= 0, --save-every and --eval-samples >= 1, --temperature positive")
+            raise VloraError("`heal.eval_every` must be >= 0, `heal.save_every` and `heal.eval_samples` >= 1, `heal.temperature` positive")
         resolve_device(self.device)
 
     def budget_fields(self) -> set[str]:
@@ -173,9 +173,9 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
     head = head_of(teacher_model.config)
     losses = dict(config.losses or default_losses(head))
     if "kl" in losses and head == "base":
-        raise VloraError(f"{teacher}: --loss kl needs a model with a head; this one gives hidden states only")
+        raise VloraError(f"{teacher}: `heal.losses` kl needs a model with a head; this one gives hidden states only")
     if config.batch_size % world:
-        raise VloraError(f"--batch-size {config.batch_size} does not split evenly over {world} processes")
+        raise VloraError(f"`heal.batch_size` {config.batch_size} does not split evenly over {world} processes")
 
     # float32 master weights whatever the file stores; autocast does the low precision on CUDA
     student = load_factored(vfile.path, teacher, head).float().to(device)
@@ -253,7 +253,7 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
             _save_state(state_path(out), state, vfile, config, trainable, opt)
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted(f"interrupted at step {state.step}; state saved to {state_path(out)}: "
-                              "run the same command with --resume to continue") from None
+                              "run the same command with `resume` to continue") from None
         raise
     if state.window:
         state.losses.append(sum(state.window) / len(state.window))

@@ -82,11 +82,11 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
     data-free rank-r increment can store. ``rank_for`` gives the rank needed for 50/90/99%.
     """
     if not isinstance(rank, int) or rank < 1:
-        raise VloraError(f"--rank must be a whole number of at least 1, not {rank!r}")
+        raise VloraError(f"`rank` must be a whole number of at least 1, not {rank!r}")
     out = []
     with open_checkpoint(source) as ckpt:
         if ckpt.is_vlora:
-            raise VloraError(f"{ckpt.source}: --spectra needs a dense checkpoint, not a VLoRA file")
+            raise VloraError(f"{ckpt.source}: `spectra` needs a dense checkpoint, not a VLoRA file")
         stacks = find_stacks(ckpt.infos)
         if not stacks:
             raise VloraError(f"{ckpt.source}: no repeated layer stack found")

@@ -41,7 +41,7 @@ def config_folder(path: str | Path) -> Path:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if not (folder / "config.json").is_file():
-        raise VloraError(f"{folder}: has no config.json; name the original model folder with --config")
+        raise VloraError(f"{folder}: has no config.json; name the original model folder with `config_dir`")
     return folder
 
 

@@ -50,32 +50,32 @@ class CompressConfig:
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise VloraError(f"--rank must be a whole number of at least 1, not {self.rank!r}")
+            raise VloraError(f"`rank` must be a whole number of at least 1, not {self.rank!r}")
         if self.chunks is not None and (not isinstance(self.chunks, int) or self.chunks < 1):
-            raise VloraError(f"--chunks must be a whole number of at least 1, not {self.chunks!r}")
+            raise VloraError(f"`chunks` must be a whole number of at least 1, not {self.chunks!r}")
         if self.method not in METHODS:
-            raise VloraError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise VloraError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.base not in BASES:
-            raise VloraError(f"--base must be one of {', '.join(BASES)}, not {self.base!r}")
+            raise VloraError(f"`base` must be one of {', '.join(BASES)}, not {self.base!r}")
         if self.topology not in TOPOLOGY_CHOICES:
-            raise VloraError(f"--topology must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
+            raise VloraError(f"`topology` must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
         if self.ranks not in RANK_CHOICES:
-            raise VloraError(f"--ranks must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
+            raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
         if self.bounds not in BOUNDS:
-            raise VloraError(f"--bounds must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
+            raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
         if self.method == "svd" and self.base not in ("auto", "none"):
-            raise VloraError(f"--method svd stores every layer alone; it takes no --base {self.base}")
+            raise VloraError(f"`method` svd stores every layer alone; it takes no `base` {self.base}")
         if self.svd not in SVD_METHODS:
-            raise VloraError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
+            raise VloraError(f"`svd` must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
         if self.dtype is not None and self.dtype not in STORE_DTYPES:
-            raise VloraError(f"--dtype must be one of fp32, fp16, bf16, not {self.dtype!r}")
+            raise VloraError(f"`dtype` must be one of fp32, fp16, bf16, not {self.dtype!r}")
         if self.niter < 0:
-            raise VloraError(f"niter must be at least 0, not {self.niter}")
+            raise VloraError(f"`niter` must be at least 0, not {self.niter}")
         if self.quantize not in QUANTIZE_CHOICES:
-            raise VloraError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
+            raise VloraError(f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
         check_scheme(self.family_scheme, self.group_size)
         if self.quantize_passthrough and self.quantize == "none":
-            raise VloraError("--quantize-passthrough needs --quantize int8, int4 or auto")
+            raise VloraError("`quantize_passthrough` needs `quantize` int8, int4 or auto")
 
     @property
     def passthrough_scheme(self) -> str:
@@ -318,7 +318,7 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
         chunks = 1 if config.method == "svd" or config.base == "none" else (config.chunks or 1)
         if chunks > len(stack.layers):
             raise VloraError(
-                f"--chunks {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
+                f"`chunks` {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
             )
         bounds = split_equal(len(stack.layers), chunks)
         stack_plans.append(StackPlan(stack.prefix, stack.layers, bounds))
@@ -333,8 +333,10 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
 
 
-def parse_size(text: str | float) -> tuple[str, float]:
-    """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n)."""
+def parse_size(text: str | float, field: str = "target_size") -> tuple[str, float]:
+    """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n).
+
+    ``field`` names the option in errors."""
     units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
     raw = str(text).strip().upper().replace(" ", "")
     num = raw.rstrip("KMGIB")
@@ -344,7 +346,7 @@ def parse_size(text: str | float) -> tuple[str, float]:
     except ValueError:
         value = -1.0
     if unit not in units or value <= 0:
-        raise VloraError(f"--target-size must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
+        raise VloraError(f"`{field}` must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
     if unit == "" and value <= 1:
         return "fraction", value
     return "bytes", value * units[unit]

@@ -267,7 +267,7 @@ def write_report(path: str | Path, data: dict, markdown: str) -> Path:
 
     path = Path(path)
     if path.suffix not in (".json", ".md"):
-        raise VloraError(f"{path}: --report writes .json or .md")
+        raise VloraError(f"{path}: a report is written as .json or .md")
     if not path.parent.is_dir():
         raise VloraError(f"{path.parent}: output folder does not exist")
     text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else markdown

@@ -29,7 +29,7 @@ def check_output(out: Path, force: bool) -> None:
     if out.is_dir():
         raise VloraError(f"{out}: is a folder; name an output file")
     if out.exists() and not force:
-        raise VloraError(f"{out}: already exists; pass --force to overwrite it")
+        raise VloraError(f"{out}: already exists; pass `force` to overwrite it")
     if not parent.exists():
         raise VloraError(f"{parent}: output folder does not exist")
     if not parent.is_dir():
