@@ -92,7 +92,7 @@ def main() -> None:
             path = args.work / (f"{stem}.vlora.safetensors" if start in NO_BUDGET else f"{stem}-{budget:g}.vlora.safetensors")
             if not path.exists():
                 target = {} if start in NO_BUDGET else dict(target_size=str(budget), target_of="stack", calib=CALIB,
-                                                            calib_config=CalibConfig(samples=512))
+                                                            calibration=CalibConfig(samples=512))
                 compress(source, path, **target, **starts[start])
             share = stack_share(path)
             before = evaluate(path, EVAL, cfg, reference=source, config_dir=source).metrics[0].model

@@ -92,7 +92,7 @@ def main() -> None:
                 t = time.perf_counter()
                 try:
                     report = compress(source, out, target_size=budget, target_of="stack", calib=calib,
-                                      calib_config=CalibConfig(samples=args.calib_samples), force=True, **opts)
+                                      calibration=CalibConfig(samples=args.calib_samples), force=True, **opts)
                 except Exception as e:  # a budget the bases alone exceed: say so, do not hide the row
                     print(f"{label:51} {budget:6.0%} {'-':>5} {'-':>11} {'-':>7}  ({e})")
                     continue

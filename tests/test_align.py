@@ -119,6 +119,6 @@ def test_calibrated_aligned_compression_runs(tiny_llama, tmp_path):
     from vlora_compress.calibrate import CalibConfig
 
     report = compress(tiny_llama, tmp_path / "l.vlora.safetensors", rank=8, chunks=2, align=True, calib=CALIB,
-                      calib_config=CalibConfig(samples=24, holdout=8))
+                      calibration=CalibConfig(samples=24, holdout=8))
     assert report.calibration["whitened_layers"] == 28
     assert report.notes[0] == "model.layers: aligned as llama"

@@ -69,7 +69,7 @@ def test_calibrated_vlora_beats_data_free_on_the_real_model(minilm_dir, tmp_path
     scores = {}
     for name, calib in (("plain", None), ("whitened", CALIB)):
         out = tmp_path / f"{name}.vlora.safetensors"
-        report = compress(minilm_dir, out, rank=64, chunks=2, calib=calib, calib_config=CalibConfig(samples=64), **CORE)
+        report = compress(minilm_dir, out, rank=64, chunks=2, calib=calib, calibration=CalibConfig(samples=64), **CORE)
         if calib:
             assert report.calibration["whitened_layers"] == 36 and report.calibration["data_free_layers"] == []
             assert all(t["out_error"] is not None for t in report.tensors)
@@ -117,5 +117,5 @@ def test_grams_in_fp32_or_on_disk_match_fp64_in_memory(tiny_llama, tmp_path):
         assert torch.allclose(small.gram(k).double(), ref.gram(k), rtol=1e-5, atol=1e-6 * float(ref.gram(k).abs().max()))
         assert torch.equal(disk.gram(k), ref.gram(k))
     assert ref.nbytes == 2 * small.nbytes
-    with pytest.raises(VloraError, match="`calib.gram_dtype`"):
+    with pytest.raises(VloraError, match="`calibration.gram_dtype`"):
         CalibConfig(gram_dtype="fp8")

@@ -192,3 +192,26 @@ def test_target_below_what_the_bases_take_is_refused(gpt2_file, tmp_path):
         compress(gpt2_file, tmp_path / "t.vlora.safetensors", chunks=2, target_size=0.4, target_of="stack", **CORE)
     with pytest.raises(VloraError, match="`target_size` must be"):
         compress(gpt2_file, tmp_path / "t.vlora.safetensors", target_size="lots")
+
+
+def test_one_config_carries_every_option_and_the_file_records_it_whole(gpt2_file, tmp_path):
+    """compress(source, out, config) and compress(source, out, **fields) write the same bytes, and
+    the header's vlora.config reads back as the config that was asked for (target, align, calibration)."""
+    from vlora_compress import CalibConfig, CompressConfig
+    from vlora_compress.fileformat import VloraFile
+
+    config = CompressConfig(rank=3, chunks=2, base="first", topology="chain", bounds="equal", ranks="uniform",
+                            target_size="0.6", target_of="stack", align=True, quantize="int8",
+                            calibration=CalibConfig(samples=7, max_length=33))
+    a, b = tmp_path / "a.vlora.safetensors", tmp_path / "b.vlora.safetensors"
+    report = compress(gpt2_file, a, config)
+    compress(gpt2_file, b, CompressConfig(rank=3), chunks=2, base="first", topology="chain", bounds="equal",
+             ranks="uniform", target_size=0.6, target_of="stack", align=True, quantize="int8",
+             calibration=CalibConfig(samples=7, max_length=33))
+    assert a.read_bytes() == b.read_bytes()
+    recorded = VloraFile(a).config
+    assert CompressConfig.from_dict(recorded) == config
+    assert recorded["target_size"] == "0.6" and recorded["calibration"]["samples"] == 7 and recorded["align"]
+    assert report.rank != 3  # the target chose the rank; the plan holds it, the config what was asked
+    with pytest.raises(TypeError):
+        compress(gpt2_file, tmp_path / "c.vlora.safetensors", no_such_option=1)

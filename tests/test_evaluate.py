@@ -127,7 +127,7 @@ def test_vlora_eval_cli_json_and_one_line_errors(minilm_dir, tmp_path, capsys):
 
 def test_compress_eval_puts_figures_in_the_report(minilm_dir, tmp_path):
     report = compress(minilm_dir, tmp_path / "m.vlora.safetensors", method="svd", ranks="uniform", target_size=0.5,
-                      target_of="stack", calib=CALIB, calib_config=CalibConfig(samples=64), eval_data=EVAL,
+                      target_of="stack", calib=CALIB, calibration=CalibConfig(samples=64), eval_data=EVAL,
                       eval_config=EvalConfig(task="embedding", samples=16))
     assert report.rank == 128 and report.stack_size_ratio == pytest.approx(0.5, abs=0.01)
     assert report.evaluation["metrics"][0]["name"] == "cosine_to_reference"
@@ -155,7 +155,7 @@ def test_image_classifier_calibrates_and_evaluates_on_an_image_folder(tmp_path):
     npz = tmp_path / "calib.npz"
     np.savez(npz, images=np.stack([np.full((16, 16, 3), v, dtype=np.uint8) for v in range(0, 240, 10)]))
     out = tmp_path / "v.vlora.safetensors"
-    report = compress(model_dir, out, rank=4, chunks=1, calib=npz, calib_config=CalibConfig(holdout=4))
+    report = compress(model_dir, out, rank=4, chunks=1, calib=npz, calibration=CalibConfig(holdout=4))
     assert report.calibration["samples"] == 20 and report.calibration["whitened_layers"] > 0
     r = evaluate(out, images, EvalConfig(task="classification"), reference=model_dir)
     assert r.samples == 12 and 0 <= r.metric("accuracy").model <= 1

@@ -37,8 +37,9 @@ def test_plan_round_trips_through_a_dict():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"rank": 0}, "--rank"), ({"rank": 2.5}, "--rank"), ({"chunks": 0}, "--chunks"),
-    ({"svd": "qr"}, "--svd"), ({"dtype": "fp8"}, "--dtype"),
+    ({"rank": 0}, "`rank`"), ({"rank": 2.5}, "`rank`"), ({"chunks": 0}, "`chunks`"),
+    ({"svd": "qr"}, "`svd`"), ({"dtype": "fp8"}, "`dtype`"), ({"target_of": "layers"}, "`target_of`"),
+    ({"target_size": "lots"}, "`target_size`"), ({"calibration": {"samples": 3}}, "`calibration`"),
 ])
 def test_config_refuses_bad_values(kwargs, match):
     with pytest.raises(VloraError, match=match):

@@ -101,7 +101,7 @@ def test_calibrated_auto_plan_ties_or_beats_per_layer_svd_on_the_real_model(mini
     scores, reports = {}, {}
     for name, opts in (("auto", {"chunks": 2}), ("svd", {"method": "svd", "ranks": "uniform"})):
         out = tmp_path / f"{name}.vlora.safetensors"
-        r = compress(minilm_dir, out, target_size=0.5, target_of="stack", calib=CALIB, calib_config=cfg, **opts)
+        r = compress(minilm_dir, out, target_size=0.5, target_of="stack", calib=CALIB, calibration=cfg, **opts)
         assert r.stack_size_ratio <= 0.5
         reports[name] = r
         scores[name] = evaluate(out, EVAL, EvalConfig(samples=48), reference=minilm_dir).metric(

@@ -52,7 +52,7 @@ def test_every_plot_kind_renders_a_real_picture(minilm_dir, tmp_path, capsys):
     reports = []
     for i, size in enumerate((0.5, 0.7)):
         r = compress(minilm_dir, tmp_path / f"m{i}.vlora.safetensors", method="svd", ranks="uniform",
-                     target_size=size, target_of="stack", calib=CALIB, calib_config=CalibConfig(samples=32),
+                     target_size=size, target_of="stack", calib=CALIB, calibration=CalibConfig(samples=32),
                      eval_data=EVAL, eval_config=EvalConfig(samples=8))
         path = tmp_path / f"m{i}.json"
         path.write_text(r.to_json())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .config import CalibConfig
 from .data import read_images, read_texts
 from .errors import VloraError
 from .factorise import Whitener
@@ -25,31 +26,7 @@ from .models import batches, module_for_key, takes_text, token_limit
 from .progress import Progress
 
 
-@dataclass(frozen=True)
-class CalibConfig:
-    samples: int = 512  # calibration samples read from the file (its first ones)
-    max_length: int = 128  # tokens per text sample
-    batch_size: int = 32
-    damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
-    holdout: int = 32  # further samples kept back from the Grams, to measure plans on
-    gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
-    gram_dir: str | Path | None = None  # keep the Grams in memory-mapped files here, not in RAM
-
-    def __post_init__(self):
-        if self.gram_dtype not in GRAM_DTYPES:
-            raise VloraError(f"`calib.gram_dtype` must be fp64 or fp32, not {self.gram_dtype!r}")
-        if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
-            raise VloraError(f"{self.gram_dir}: `calib.gram_dir` must be an existing folder")
-        if self.holdout < 0:
-            raise VloraError(f"`calib.holdout` must be at least 0, not {self.holdout}")
-        for name in ("samples", "max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise VloraError(f"`calib.{name}` must be at least 1, not {getattr(self, name)}")
-        if not self.damping > 0:
-            raise VloraError(f"`calib.damping` must be positive, not {self.damping}")
-
-
-GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}  # config.GRAM_DTYPE_NAMES
 WHITENER_CACHE = 64  # eigendecompositions kept: a family's layers, several times over
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .calibrate import CalibConfig
+from .config import CalibConfig, CompressConfig
 from .compress import compress
 from .evaluate import EvalConfig, default_task, evaluate
 from .errors import Interrupted, VloraError
@@ -87,8 +87,8 @@ def compress_cmd(
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="Choose the largest uniform rank that fits: a fraction such as 0.35, or a size such as 40MB. Overrides --rank.")] = None,
     target_of: Annotated[str, typer.Option("--target-of", help="What --target-size is a fraction of: model (the whole checkpoint) or stack (the factorised layers).")] = "model",
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N).")] = 512,
-    calib_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration text.")] = 128,
+    calibration_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N).")] = 512,
+    calibration_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration text.")] = 128,
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="Store calibration Grams as fp64 or fp32 (half the memory).")] = "fp64",
     gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
     config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
@@ -114,7 +114,7 @@ def compress_cmd(
     """Store each chunk of every layer stack as a dense base plus rank-r increments (W_l = W_l-1 + B_l A_l).
 
     `vlora-compress heal FILE ...` heals a VLoRA file instead (see `vlora-compress heal --help`); a
-    source named `heal` is given as `vlora-compress -- heal`.
+    source named `heal` is given as `./heal` or `vlora-compress compress heal`.
     """
     show = not quiet and not as_json
     eval_config = None
@@ -122,15 +122,17 @@ def compress_cmd(
         eval_config = EvalConfig(task=eval_task, samples=eval_samples)
     elif eval_data is not None and eval_samples is not None:
         eval_config = EvalConfig(task=default_task(config_dir or source), samples=eval_samples)
+    config = CompressConfig(
+        rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
+        align=align, target_size=target_size, target_of=target_of, svd=svd, dtype=dtype, quantize=quantize,
+        group_size=group_size, quantize_passthrough=quantize_passthrough, seed=seed,
+        calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length,
+                                gram_dtype=gram_dtype, gram_dir=gram_dir),
+    )
     report = compress(
-        source, out, rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds,
-        ranks=ranks, align=align, target_size=target_size, target_of=target_of,
-        svd=svd, dtype=dtype, quantize=quantize, group_size=group_size,
-        quantize_passthrough=quantize_passthrough, seed=seed, calib=calib,
-        calib_config=CalibConfig(samples=calib_samples, max_length=calib_max_length, gram_dtype=gram_dtype,
-                                 gram_dir=gram_dir),
-        config_dir=config_dir, eval_data=eval_data, eval_config=eval_config, distill=distill,
-        heal_config=_heal_config(steps, minutes, device) if distill else None, force=force, progress=show,
+        source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,
+        distill=distill, heal_config=_heal_config(steps, minutes, device) if distill else None, force=force,
+        progress=show,
     )
     if report_file is not None:
         write_report(report_file, report.to_dict(), report.to_markdown())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,8 @@ from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
 from .models import config_folder, load_model, load_preprocessor, set_tensors
-from .plan import TARGETS_OF, CompressConfig, Plan, parse_size, plan_equal, quantized_passthrough
+from .config import CompressConfig, parse_size
+from .plan import Plan, plan_equal, quantized_passthrough
 from .planner import plan_measured, rank_for_budget, share_budget
 from .quantize import SCALE_SUFFIX
 from .quantize import nbytes as quantized_nbytes
@@ -34,25 +35,9 @@ if TYPE_CHECKING:
 def compress(
     source: str | Path,
     out: str | Path | None = None,
+    config: CompressConfig | None = None,
     *,
-    rank: int = 4,
-    chunks: int | None = None,
-    method: str = "vlora",
-    base: str = "auto",
-    topology: str = "auto",
-    bounds: str = "dp",
-    ranks: str = "measured",
-    align: bool = False,
-    target_size: str | float | None = None,
-    target_of: str = "model",
-    svd: str = "auto",
-    dtype: str | None = None,
-    quantize: str = "none",
-    group_size: int = 128,
-    quantize_passthrough: bool = False,
-    seed: int = 0,
     calib: str | Path | None = None,
-    calib_config: CalibConfig = CalibConfig(),
     config_dir: str | Path | None = None,
     eval_data: str | Path | None = None,
     eval_config: EvalConfig | None = None,
@@ -60,26 +45,20 @@ def compress(
     heal_config: HealConfig | None = None,
     force: bool = False,
     progress: bool = False,
+    **options,
 ) -> CompressReport:
     """Compress a checkpoint into one VLoRA file and report its size and reconstruction error.
 
     ``source`` is a .safetensors file, a sharded ``*.safetensors.index.json`` or a model folder;
-    ``out`` defaults to ``<source stem>.vlora.safetensors`` beside it. ``method="svd"`` writes the
-    per-layer SVD baseline instead. ``target_size`` (a fraction, or bytes such as ``"40MB"``, of the
-    whole checkpoint or, with ``target_of="stack"``, of the layer stacks) picks the largest uniform
-    rank that fits, overriding ``rank``. ``calib`` (a text or image file) whitens every
-    factorisation with input Grams from the original model, found through ``config_dir`` (default:
-    the source's folder). ``distill`` (a text file) heals the written file by distillation from the
-    original (``heal_config``). ``eval_data`` scores the final file against the original.
-    ``quantize`` (int8 or int4, with ``group_size``) stores bases and factors as integers and scales;
-    ``auto`` lets the planner choose per family between more rank and fewer bits at equal bytes.
-    ``quantize_passthrough`` stores large pass-through matrices (embeddings) quantized too.
+    ``out`` defaults to ``<source stem>.vlora.safetensors`` beside it. ``config`` holds every option
+    (config.CompressConfig; ``options`` are its fields as keywords, applied over it): the method,
+    plan, target size, storage and how calibration is read. ``calib`` (a text or image file)
+    whitens every factorisation with input Grams from the original model, found through
+    ``config_dir`` (default: the source's folder). ``distill`` (a text file) heals the written file
+    by distillation from the original (``heal_config``). ``eval_data`` scores the final file against
+    the original.
     """
-    config = CompressConfig(rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
-                            svd=svd, dtype=dtype, seed=seed, quantize=quantize, group_size=group_size,
-                            quantize_passthrough=quantize_passthrough)
-    if target_of not in TARGETS_OF:
-        raise VloraError(f"`target_of` must be one of {', '.join(TARGETS_OF)}, not {target_of!r}")
+    config = asked = replace(config or CompressConfig(), **options)  # the file records what was asked
     started = time.perf_counter()
     with open_checkpoint(source) as ckpt:
         if ckpt.is_vlora:
@@ -95,20 +74,20 @@ def compress(
                 "'layers.N.<name>' in two or more layers)"
             )
         target = budgets = None
-        if target_size is not None:
-            target = _target(ckpt, stacks, config, target_size, target_of)
+        if config.target_size is not None:
+            target = _target(ckpt, stacks, config)
             if config.quantize == "auto":
                 budgets = share_budget(stacks, target["stack_budget_bytes"])
             else:
                 config = replace(config, rank=target["rank"])
         read, aligned, align_notes = ckpt.read, {}, []
-        if align:
+        if config.align:
             aligned, align_notes = _align(stacks, ckpt.read, config_dir or source)
             read = lambda key: aligned[key] if key in aligned else ckpt.read(key)  # noqa: E731
         grams = meter = None
         if calib is not None:
             keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
-            grams, meter = _calibrate(source, config_dir, calib, keys, calib_config, progress, ckpt.read, aligned)
+            grams, meter = _calibrate(source, config_dir, calib, keys, config.calibration, progress, ckpt.read, aligned)
         whitener = grams.whitener if grams is not None else (lambda key: None)
         if _needs_search(config) or (meter is not None and config.ranks == "measured"):
             plan = plan_measured(stacks, config, read, whitener, meter, budgets)
@@ -118,11 +97,11 @@ def compress(
         plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes,
                        passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
         entries = layout(plan, record)
-        fits = _write(read, plan, config, record, entries, out, grams, progress)
+        fits = _write(read, plan, config, record, entries, out, grams, progress, asked)
         report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
-            target=target, calibration=_calibration_summary(grams, calib, calib_config, plan),
+            target=target, calibration=_calibration_summary(grams, calib, config.calibration, plan),
         )
     if distill is not None:
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
@@ -158,7 +137,8 @@ def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool, 
     return {"data": str(data), **result.to_dict(), "output": str(out)}
 
 
-def _target(ckpt, stacks, config: CompressConfig, target_size, target_of: str) -> dict:
+def _target(ckpt, stacks, config: CompressConfig) -> dict:
+    target_size, target_of = config.target_size, config.target_of
     kind, value = parse_size(target_size)
     stack_bytes = sum(f.nbytes for s in stacks for f in s.families)
     whole = ckpt.nbytes if target_of == "model" else stack_bytes
@@ -265,11 +245,12 @@ def source_info(ckpt: Checkpoint) -> SourceInfo:
     )
 
 
-def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool):
+def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool,
+           asked: CompressConfig):
     factorised = factorised_keys(plan)
     fits: list[LayerFit] = []
     total = sum(len(fp.layers) for fp in plan.families)
-    with SafetensorsWriter(out, entries, header_metadata(plan, source, asdict(config))) as writer, Progress(
+    with SafetensorsWriter(out, entries, header_metadata(plan, source, asked.to_dict())) as writer, Progress(
         "factorising", total, enabled=progress
     ) as bar:
         passthrough = {q.key: q for q in plan.passthrough}

@@ -54,7 +54,7 @@ def run(out_dir: Path, target_size: str, calib_samples: int, eval_samples: int) 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "minilm.vlora.safetensors"
     common = dict(target_size=target_size, target_of="stack", calib=CALIB,
-                  calib_config=CalibConfig(samples=calib_samples),
+                  calibration=CalibConfig(samples=calib_samples),
                   eval_data=EVAL, eval_config=EvalConfig(task="embedding", samples=eval_samples), force=True)
     console.rule(f"vlora-compress all-MiniLM-L6-v2 --target-size {target_size} --target-of stack "
                  f"--calib {CALIB.name} --eval {EVAL.name}")

@@ -9,84 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .checkpoint import FLOAT_DTYPES
+from .config import STORE_DTYPES, TARGETS_OF, CompressConfig, parse_size  # noqa: F401 - the plan's inputs, re-exported
 from .errors import VloraError
-from .quantize import SCALE_SUFFIX, SCHEMES, check_scheme
+from .quantize import SCALE_SUFFIX, check_scheme
 from .stacks import Family, Stack, layer_key
 
-SVD_METHODS = ("auto", "exact", "randomized")
-METHODS = ("vlora", "svd")
-BASES = ("auto", "first", "mean", "best", "none")
-TOPOLOGY_CHOICES = ("auto", "chain", "star")
-BOUNDS = ("dp", "equal")
-RANK_CHOICES = ("measured", "uniform")
-TARGETS_OF = ("model", "stack")
 TOPOLOGIES = ("chain", "star")
 BASE_KINDS = ("synthetic", "none")
-QUANTIZE_CHOICES = SCHEMES + ("auto",)
-PASSTHROUGH_MIN = 1 << 16  # --quantize-passthrough takes 2-D pass-through tensors of at least this many values
-STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """What the user chose. Everything else in a plan follows from this and the checkpoint."""
-
-    rank: int = 4
-    chunks: int | None = None  # None: 1 for the budget, and the planner tries 1..4
-    method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors
-    base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
-    topology: str = "auto"  # chain | star | auto
-    bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
-    ranks: str = "measured"  # measured: move bytes between families by measured output error
-    # (needs calibration); uniform: one rank everywhere
-    svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
-    dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
-    seed: int = 0  # seeds the randomised SVD, so one input gives one output
-    niter: int = 4  # power iterations of the randomised SVD
-    quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py);
-    # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
-    group_size: int = 128  # int4: values per scale along a row
-    quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise VloraError(f"`rank` must be a whole number of at least 1, not {self.rank!r}")
-        if self.chunks is not None and (not isinstance(self.chunks, int) or self.chunks < 1):
-            raise VloraError(f"`chunks` must be a whole number of at least 1, not {self.chunks!r}")
-        if self.method not in METHODS:
-            raise VloraError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.base not in BASES:
-            raise VloraError(f"`base` must be one of {', '.join(BASES)}, not {self.base!r}")
-        if self.topology not in TOPOLOGY_CHOICES:
-            raise VloraError(f"`topology` must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
-        if self.ranks not in RANK_CHOICES:
-            raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
-        if self.bounds not in BOUNDS:
-            raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
-        if self.method == "svd" and self.base not in ("auto", "none"):
-            raise VloraError(f"`method` svd stores every layer alone; it takes no `base` {self.base}")
-        if self.svd not in SVD_METHODS:
-            raise VloraError(f"`svd` must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
-        if self.dtype is not None and self.dtype not in STORE_DTYPES:
-            raise VloraError(f"`dtype` must be one of fp32, fp16, bf16, not {self.dtype!r}")
-        if self.niter < 0:
-            raise VloraError(f"`niter` must be at least 0, not {self.niter}")
-        if self.quantize not in QUANTIZE_CHOICES:
-            raise VloraError(f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
-        check_scheme(self.family_scheme, self.group_size)
-        if self.quantize_passthrough and self.quantize == "none":
-            raise VloraError("`quantize_passthrough` needs `quantize` int8, int4 or auto")
-
-    @property
-    def passthrough_scheme(self) -> str:
-        if not self.quantize_passthrough:
-            return "none"
-        return "int8" if self.quantize == "auto" else self.quantize
-
-    @property
-    def family_scheme(self) -> str:
-        """The scheme of every family when it is fixed; under ``auto`` the float one is the reference."""
-        return "none" if self.quantize == "auto" else self.quantize
+PASSTHROUGH_MIN = 1 << 16  # quantize_passthrough takes 2-D pass-through tensors of at least this many values
 
 
 @dataclass(frozen=True)
@@ -331,25 +261,6 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
             else:
                 family_plans.append(_chain_family(fam, stack.layers, bounds, rank, config))
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
-
-
-def parse_size(text: str | float, field: str = "target_size") -> tuple[str, float]:
-    """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n).
-
-    ``field`` names the option in errors."""
-    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-    raw = str(text).strip().upper().replace(" ", "")
-    num = raw.rstrip("KMGIB")
-    unit = raw[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise VloraError(f"`{field}` must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
-    if unit == "" and value <= 1:
-        return "fraction", value
-    return "bytes", value * units[unit]
 
 
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:

@@ -1,0 +1,160 @@
+"""Every option of a compression, declared once: frozen dataclasses that validate themselves.
+
+The CLI builds a ``CompressConfig`` from its flags, the Python API takes one (or its fields as
+keywords), and the VLoRA file records it whole (``vlora.config``), so a file says how it was made.
+Errors name the fields in backquotes (`rank`, `calibration.samples`); the CLI turns each into the
+flag that sets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import VloraError
+from .quantize import SCHEMES, check_scheme
+
+SVD_METHODS = ("auto", "exact", "randomized")
+METHODS = ("vlora", "svd")
+BASES = ("auto", "first", "mean", "best", "none")
+TOPOLOGY_CHOICES = ("auto", "chain", "star")
+BOUNDS = ("dp", "equal")
+RANK_CHOICES = ("measured", "uniform")
+TARGETS_OF = ("model", "stack")
+QUANTIZE_CHOICES = SCHEMES + ("auto",)
+STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
+GRAM_DTYPE_NAMES = ("fp64", "fp32")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How calibration data is read and its Grams kept (calibrate.py)."""
+
+    samples: int = 512  # calibration samples read from the file (its first ones)
+    max_length: int = 128  # tokens per text sample
+    batch_size: int = 32
+    damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
+    holdout: int = 32  # further samples kept back from the Grams, to measure plans on
+    gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
+    gram_dir: str | None = None  # keep the Grams in memory-mapped files here, not in RAM
+
+    def __post_init__(self):
+        if self.gram_dir is not None:
+            object.__setattr__(self, "gram_dir", str(self.gram_dir))  # a path, recorded as text
+        if self.gram_dtype not in GRAM_DTYPE_NAMES:
+            raise VloraError(f"`calibration.gram_dtype` must be fp64 or fp32, not {self.gram_dtype!r}")
+        if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
+            raise VloraError(f"{self.gram_dir}: `calibration.gram_dir` must be an existing folder")
+        if self.holdout < 0:
+            raise VloraError(f"`calibration.holdout` must be at least 0, not {self.holdout}")
+        for name in ("samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise VloraError(f"`calibration.{name}` must be at least 1, not {getattr(self, name)}")
+        if not self.damping > 0:
+            raise VloraError(f"`calibration.damping` must be positive, not {self.damping}")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What the user chose. Everything else in a plan follows from this and the checkpoint."""
+
+    rank: int = 4
+    chunks: int | None = None  # None: 1 for the budget, and the planner tries 1..4
+    method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors
+    base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
+    topology: str = "auto"  # chain | star | auto
+    bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
+    ranks: str = "measured"  # measured: move bytes between families by measured output error
+    # (needs calibration); uniform: one rank everywhere
+    align: bool = False  # align each layer's neurons and heads to the layer before first (align.py)
+    target_size: str | None = None  # a fraction ("0.35") or a size ("40MB"): the largest rank that fits
+    target_of: str = "model"  # what target_size is a share of: model | stack
+    svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
+    dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
+    seed: int = 0  # seeds the randomised SVD, so one input gives one output
+    niter: int = 4  # power iterations of the randomised SVD
+    quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py);
+    # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
+    group_size: int = 128  # int4: values per scale along a row
+    quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
+    calibration: CalibConfig = field(default_factory=CalibConfig)  # used when calibration data is given
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise VloraError(f"`rank` must be a whole number of at least 1, not {self.rank!r}")
+        if self.chunks is not None and (not isinstance(self.chunks, int) or self.chunks < 1):
+            raise VloraError(f"`chunks` must be a whole number of at least 1, not {self.chunks!r}")
+        if self.method not in METHODS:
+            raise VloraError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.base not in BASES:
+            raise VloraError(f"`base` must be one of {', '.join(BASES)}, not {self.base!r}")
+        if self.topology not in TOPOLOGY_CHOICES:
+            raise VloraError(f"`topology` must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
+        if self.ranks not in RANK_CHOICES:
+            raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
+        if self.bounds not in BOUNDS:
+            raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
+        if self.method == "svd" and self.base not in ("auto", "none"):
+            raise VloraError(f"`method` svd stores every layer alone; it takes no `base` {self.base}")
+        if self.target_size is not None:
+            object.__setattr__(self, "target_size", str(self.target_size))  # 0.35 and "0.35" alike
+            parse_size(self.target_size)
+        if self.target_of not in TARGETS_OF:
+            raise VloraError(f"`target_of` must be one of {', '.join(TARGETS_OF)}, not {self.target_of!r}")
+        if self.svd not in SVD_METHODS:
+            raise VloraError(f"`svd` must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
+        if self.dtype is not None and self.dtype not in STORE_DTYPES:
+            raise VloraError(f"`dtype` must be one of fp32, fp16, bf16, not {self.dtype!r}")
+        if self.niter < 0:
+            raise VloraError(f"`niter` must be at least 0, not {self.niter}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise VloraError(f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
+        check_scheme(self.family_scheme, self.group_size)
+        if self.quantize_passthrough and self.quantize == "none":
+            raise VloraError("`quantize_passthrough` needs `quantize` int8, int4 or auto")
+        if not isinstance(self.calibration, CalibConfig):
+            raise VloraError("`calibration` must be a CalibConfig")
+
+    def to_dict(self) -> dict:
+        """Every field, nested ones as dicts: what the file records in ``vlora.config``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        """The config a file records (fields it lacks, from older files, take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("calibration"), dict):
+            calib_known = {f.name for f in fields(CalibConfig)}
+            values["calibration"] = CalibConfig(**{k: v for k, v in values["calibration"].items() if k in calib_known})
+        return cls(**values)
+
+    @property
+    def passthrough_scheme(self) -> str:
+        if not self.quantize_passthrough:
+            return "none"
+        return "int8" if self.quantize == "auto" else self.quantize
+
+    @property
+    def family_scheme(self) -> str:
+        """The scheme of every family when it is fixed; under ``auto`` the float one is the reference."""
+        return "none" if self.quantize == "auto" else self.quantize
+
+
+def parse_size(text: str | float, field: str = "target_size") -> tuple[str, float]:
+    """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n).
+
+    ``field`` names the option in errors."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    raw = str(text).strip().upper().replace(" ", "")
+    num = raw.rstrip("KMGIB")
+    unit = raw[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise VloraError(f"`{field}` must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
+    if unit == "" and value <= 1:
+        return "fraction", value
+    return "bytes", value * units[unit]
