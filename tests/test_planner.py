@@ -112,3 +112,23 @@ def test_calibrated_auto_plan_ties_or_beats_per_layer_svd_on_the_real_model(mini
     mine, other = (float(x) for x in last.split("output error ")[1].replace(" uniform", "").replace(
         " allocated", "").split(" vs "))
     assert mine <= other
+
+
+def test_ranks_past_the_break_even_store_the_matrix_dense(tmp_path):
+    """Factors of rank r cost r (m + n): from mn/(m + n) on (21.8 for 48 x 40) the dense matrix is
+    exact and no larger, so a plan never stores factors there (SmolLM2's k_proj once got
+    192 x 192 + 192 x 576 factors, a third more than the matrix)."""
+    from vlora_compress.fileformat import VloraFile
+
+    specs = [(f"h.{i}.mlp.weight", (48, 40)) for i in range(4)]
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", specs)
+    for i, kwargs in enumerate(({"method": "svd", "rank": 30}, {"rank": 30, "chunks": 2})):
+        out = tmp_path / f"{i}.vlora.safetensors"
+        report = compress(src, out, **kwargs)
+        (fp,) = VloraFile(out).plan.families
+        assert all(c.ranks == (0,) and c.base == c.layers[0] for c in fp.chunks), kwargs
+        assert max(t["rel_error"] for t in report.tensors) == 0.0
+        assert report.compressed_bytes <= src.stat().st_size
+    out = tmp_path / "below.vlora.safetensors"
+    compress(src, out, method="svd", rank=21)  # 21 x 88 = 1848 < 1920: factors still pay
+    assert VloraFile(out).plan.families[0].chunks[0].ranks == (21,) * 4

@@ -264,9 +264,15 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
 
 
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
-    chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
+    """Every layer its own rank-``rank`` factors, or, at a rank where factors cost at least the
+    matrix (r (m + n) >= m n), every layer dense: exact and no larger."""
+    m, n = fam.shape
+    if rank * (m + n) >= m * n:
+        chunks = tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fam.layers)
+    else:
+        chunks = (ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star"),)
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,), config.family_scheme,
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, chunks, config.family_scheme,
                       config.group_size)
 
 

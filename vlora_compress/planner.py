@@ -104,7 +104,8 @@ def plan_measured(
             rank = max((r for c in fp.chunks for r in c.ranks), default=0)
             if tried:
                 others = "; ".join(f"{c.label} {s:.4g}" for c, s in tried if c != cand)
-                notes.append(f"{fam.name}: {cand.label}{'' if cand.dense else f' at rank {rank}'}, error {score:.4g}"
+                label = cand.label if rank else Candidate("first", "chain", 1, cand.quant, dense=True).label
+                notes.append(f"{fam.name}: {label}{f' at rank {rank}' if rank else ''}, error {score:.4g}"
                              + (f" (also tried: {others})" if others else ""))
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
@@ -287,6 +288,10 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     rank = _fit_rank(min(fam.shape), lambda r: candidate_bytes(fam, cand, r, config) <= budget) if _counts(fam, cand)[1] else 0
     if rank < 1:
         return None
+    dense = Candidate("first", "chain", n_layers, cand.quant, dense=True)
+    if candidate_bytes(fam, dense, 0, config) <= candidate_bytes(fam, cand, rank, config):
+        # at a rank of mn/(m + n) or more, factors cost more than the matrices: dense is exact and smaller
+        return fit_candidate(fam, dense, weights, whitener, config, budget)
     if cand.base == "none":
         return _family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")], cand.quant)
     if config.bounds == "equal":
