@@ -9,6 +9,8 @@ or raise ``VloraError`` naming the file in one line, and a refused expand leaves
 
 ``VLORA_FUZZ_CASES`` sets the number of cases (default 300), ``VLORA_FUZZ_SEED`` the seed and
 ``VLORA_FUZZ_FIRST`` the first case, so a failing case of a long run can be replayed alone.
+Beside the fuzz, ``REFUSALS`` damages one field per check of the plan and source record, so each
+check is known to fire, with its own words, whatever the fuzz happens to draw.
 """
 
 import copy
@@ -16,6 +18,7 @@ import io
 import json
 import os
 import random
+import re
 import struct
 import traceback
 from pathlib import Path
@@ -35,8 +38,8 @@ SEED = int(os.environ.get("VLORA_FUZZ_SEED", "0"))
 FIRST = int(os.environ.get("VLORA_FUZZ_FIRST", "0"))
 
 VALUES = [None, True, False, 0, 1, -1, 2, 3, 7, 8, 128, 2**31, 2**63, 10**30, -(10**30), 0.5, 1.0, -0.0,
-          float("nan"), float("inf"), "", "x", "0", "-1", "é", [], {}, [0], [0, 1], [-1, 2], [[0, 1]], [[0, 2], [2, 4]],
-          [[]], [[[0]]], [0, 1, 2], ["a", "b"], {"a": 1}, {"prefix": "x"}]
+          float("nan"), float("inf"), "", "x", "0", "-1", "é", [], {}, [0], [0, 1], [-1, 2], [[0, 1]],
+          [[0, 2], [2, 4]], [[]], [[[0]]], [0, 1, 2], ["a", "b"], {"a": 1}, {"prefix": "x"}]
 WORDS = ["", "x", "F64", "F32", "F16", "BF16", "I64", "I8", "U8", "BOOL", "F8_E4M3", "none", "int8", "int4",
          "int2", "synthetic", "chain", "star", "first", "model.layers", "layers", "model", "0", "1", "a.b.0.c"]
 FIELDS = ("stacks", "families", "chunks", "prefix", "layers", "bounds", "stack", "suffix", "shape", "dtype",
@@ -146,6 +149,113 @@ def _show(info: dict) -> None:
     markdown_inspect(info)
     console = Console(file=io.StringIO(), width=120)
     (render_vlora if info["kind"] == "vlora" else render_checkpoint)(info, console)
+
+
+class Text(str):
+    """Metadata text written as it is, not as JSON."""
+
+
+def _source_tensor(m: dict, key: str) -> list:
+    return next(t for t in m["source"]["tensors"] if t[0] == key)
+
+
+Q0 = "model.layers.1.self_attn.q_proj.weight"
+# (file, change to the parsed plan/source/config, the words of the refusal): one case per check
+REFUSALS = [
+    ("chain", lambda m: m["source"].update(nbytes=0), "nbytes 0 is not a positive whole number"),
+    ("chain", lambda m: m["source"].update(nbytes="83200"), "nbytes '83200' is not a positive whole number"),
+    ("chain", lambda m: m["source"].update(nbytes=m["source"]["nbytes"] + 4), "is not the"),
+    ("chain", lambda m: m["source"].pop("sha256"), "the source record has no 'sha256'"),
+    ("chain", lambda m: m["source"].update(sha256=None), "sha256 is not a string"),
+    ("chain", lambda m: m["source"].update(files=[1.0]), "files are not a list of names"),
+    ("chain", lambda m: m["source"].update(metadata={"format": 1}), "metadata is not a map of strings to strings"),
+    ("chain", lambda m: m["source"].update(tensors={}), "tensors are not a list"),
+    ("chain", lambda m: _source_tensor(m, "model.norm.weight").__setitem__(2, ["16"]), "is not [key, dtype, shape]"),
+    ("chain", lambda m: _source_tensor(m, "model.norm.weight").__setitem__(2, [-16]), "is not [key, dtype, shape]"),
+    ("chain", lambda m: _source_tensor(m, "model.norm.weight").__setitem__(2, [2**64]), "is not [key, dtype, shape]"),
+    ("chain", lambda m: _source_tensor(m, "model.norm.weight").pop(), "is not [key, dtype, shape]"),
+    ("chain", lambda m: m["source"]["tensors"].append(m["source"]["tensors"][0]), "is listed twice"),
+    ("chain", lambda m: m["source"]["tensors"][0].__setitem__(1, "F8"), "unknown dtype 'F8'"),
+    ("chain", lambda m: m.update(plan=[]), "the plan is [], not a JSON object"),
+    ("chain", lambda m: m["plan"].pop("families"), "field 'families' is missing"),
+    ("chain", lambda m: m["plan"].update(stacks="model.layers"), "stacks is 'model.layers', not a list"),
+    ("chain", lambda m: m["plan"]["stacks"][0]["bounds"].__setitem__(1, [2, 5]), "not contiguous non-empty chunks"),
+    ("chain", lambda m: m["plan"]["stacks"][0]["bounds"].__setitem__(1, [2]), "not contiguous non-empty chunks"),
+    ("chain", lambda m: m["plan"]["stacks"][0]["bounds"].__setitem__(1, [3, 4]), "not contiguous non-empty chunks"),
+    ("chain", lambda m: m["plan"]["stacks"][0]["bounds"].insert(1, [2, 2]), "not contiguous non-empty chunks"),
+    ("chain", lambda m: m["plan"]["stacks"][0]["bounds"].__setitem__(1, 2), "a chunk's bounds is 2, not a list"),
+    ("chain", lambda m: m["plan"]["stacks"][0].update(layers=[0, 1, 1, 3]), "not one or more distinct whole numbers"),
+    ("chain", lambda m: m["plan"]["stacks"][0].update(prefix=0), "stack prefix 0 is not a string"),
+    ("chain", lambda m: m["plan"]["stacks"].append(m["plan"]["stacks"][0]), "is listed twice"),
+    ("chain", lambda m: m["plan"]["stacks"][0].update(layers=[0, 1, 2, 5]), "layer 3 of model.layers.*.self_attn"),
+    ("chain", lambda m: m["plan"]["families"][0].update(stack="model"), "names stack 'model', which the plan does"),
+    ("chain", lambda m: m["plan"]["families"][0].update(dtype=["F32"]), "has dtype ['F32']/'F32'"),
+    ("chain", lambda m: m["plan"]["families"][0].update(shape=[2**64, 16]), "has shape"),
+    ("chain", lambda m: m["plan"]["families"][0].update(group_size="128"), "with group size '128'"),
+    ("chain", lambda m: m["plan"]["families"][0].update(chunks=[]), "has no chunks"),
+    ("chain", lambda m: m["plan"]["families"][0]["chunks"][0].update(ranks=[0, True]), "mismatched layers and ranks"),
+    ("chain", lambda m: m["plan"]["families"][0]["chunks"].append(m["plan"]["families"][0]["chunks"][0]),
+     "'model.layers.0.self_attn.q_proj.weight' is planned twice"),
+    ("chain", lambda m: m["plan"].update(notes=[None]), "notes are not all text"),
+    ("chain", lambda m: m["plan"].update(aligned="no"), "'aligned' is 'no', not true or false"),
+    ("chain", lambda m: _source_tensor(m, "model.norm.weight").__setitem__(0, Q0 + ".vlora_B"),
+     f"tensor '{Q0}.vlora_B' has two places in the layout"),
+    ("chain", lambda m: m.update(config=[]), "vlora.config is not a JSON object"),
+    ("chain", lambda m: m.update(plan=Text('{"stacks": [' + "1" * 5000 + "]}")), "corrupted plan (ValueError"),
+    ("chain", lambda m: m.update(source=Text("[" * 100_000)), "corrupted plan (RecursionError"),
+    ("mean", lambda m: m["plan"]["families"][0]["chunks"][0].update(base=True), "base True of"),
+    ("mean", lambda m: m["plan"]["families"][0]["chunks"][0].update(topology=None), "unknown topology None"),
+    ("int4", lambda m: m["plan"]["families"][0].update(quant=4), "has quantization 4"),
+    ("int4", lambda m: m["plan"]["passthrough"][0].update(group_size=8.0), "with group size 8.0"),
+    ("int4", lambda m: m["plan"]["passthrough"][0].update(key=["lm_head.weight"]), "pass-through key ['lm_head"),
+    ("int4", lambda m: m["plan"].update(passthrough={}), "passthrough is {}, not a list"),
+]
+
+
+@pytest.mark.parametrize("name,change,words", REFUSALS, ids=[f"{n}-{w[:40]}" for n, _, w in REFUSALS])
+def test_each_check_refuses_the_damage_it_is_for(files, tmp_path, name, change, words):
+    """Each check of the plan and source record, alone: the refusal names the file and the problem,
+    and expand refuses before it writes anything."""
+    header, body = unpack(files[name].read_bytes())
+    meta = header["__metadata__"]
+    docs = {k: json.loads(meta[f"vlora.{k}"]) for k in ("plan", "source", "config")}
+    change(docs)
+    for k, v in docs.items():
+        meta[f"vlora.{k}"] = v if isinstance(v, Text) else json.dumps(v)
+    path = tmp_path / "damaged.vlora.safetensors"
+    path.write_bytes(pack(header, body))
+    with pytest.raises(VloraError) as refused:
+        inspect_source(path)
+    assert words in str(refused.value) and str(refused.value).startswith(f"{path}: ")
+    with pytest.raises(VloraError, match=re.escape(words)):
+        expand_to_file(path, tmp_path / "expanded.safetensors")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_family_that_stores_nothing_is_refused(files, tmp_path):
+    """Zero bases at rank 0 store no tensor, so no stored shape confirms the family's: without the
+    check, expand went to torch.zeros of whatever shape the header claimed (here [2**40, 2**40])."""
+    header, body = unpack(files["svd"].read_bytes())
+    plan, source = (json.loads(header["__metadata__"][k]) for k in ("vlora.plan", "vlora.source"))
+    family = plan["families"][0]
+    family["chunks"][0]["ranks"] = [0, 0, 0, 0]
+    family["shape"] = [2**40, 2**40]
+    keys = [f"{family['stack']}.{layer}.{family['suffix']}" for layer in family["chunks"][0]["layers"]]
+    for key in keys:
+        body = drop_entry(header, body, key + ".vlora_A")
+        body = drop_entry(header, body, key + ".vlora_B")
+        t = next(t for t in source["tensors"] if t[0] == key)
+        source["nbytes"] += 4 * (2**80 - t[2][0] * t[2][1])
+        t[2] = [2**40, 2**40]
+    header["__metadata__"].update({"vlora.plan": json.dumps(plan), "vlora.source": json.dumps(source)})
+    path = tmp_path / "empty.vlora.safetensors"
+    path.write_bytes(pack(header, body))
+    words = f"{path}: corrupted plan: {family['stack']}.*.{family['suffix']} stores no tensor"
+    with pytest.raises(VloraError, match=re.escape(words)):
+        inspect_source(path)
+    with pytest.raises(VloraError, match=re.escape(words)):
+        expand_to_file(path, tmp_path / "expanded.safetensors")
+    assert list(tmp_path.iterdir()) == [path]
 
 
 # --- damage ---------------------------------------------------------------------------------------
@@ -322,15 +432,12 @@ def damage_entries(rng: random.Random, header: dict, body: bytes, what: list[str
             other = header[rng.choice(same)]
             entry["data_offsets"], other["data_offsets"] = other["data_offsets"], entry["data_offsets"]
     elif op == "rename":
-        new = rng.choice([name + "x", name + ".scale", name + ".vlora_A", rng.choice(names) + "2", name.replace(".1.", ".7.")])
+        new = rng.choice([name + "x", name + ".scale", name + ".vlora_A", rng.choice(names) + "2",
+                          name.replace(".1.", ".7.")])
         if new not in header:
             header[new] = header.pop(name)
-    elif op == "drop":  # and close the gap, so the file is a valid safetensors file without it
-        a, b = header.pop(name)["data_offsets"]
-        body = body[:a] + body[b:]
-        for k in names:
-            if k != name and header[k]["data_offsets"][0] >= b:
-                header[k]["data_offsets"] = [x - (b - a) for x in header[k]["data_offsets"]]
+    elif op == "drop":
+        body = drop_entry(header, body, name)
     else:  # a copy of the entry under a new name, its data appended
         a, b = entry["data_offsets"]
         new = rng.choice(["stray", name + ".vlora_B", name.replace(".0.", ".9."), name + ".scale"])
@@ -339,6 +446,15 @@ def damage_entries(rng: random.Random, header: dict, body: bytes, what: list[str
             body = body + body[a:b]
     what.append(f"entry {op} {name!r}")
     return body
+
+
+def drop_entry(header: dict, body: bytes, name: str) -> bytes:
+    """Remove a tensor and close the gap, so the file is a valid safetensors file without it."""
+    a, b = header.pop(name)["data_offsets"]
+    for entry in header.values():
+        if _sound(entry) and entry["data_offsets"][0] >= b:
+            entry["data_offsets"] = [x - (b - a) for x in entry["data_offsets"]]
+    return body[:a] + body[b:]
 
 
 def damage_bytes(rng: random.Random, data: bytes, what: list[str]) -> bytes:
