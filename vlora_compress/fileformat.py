@@ -10,14 +10,16 @@ docs/format.md is the specification; this module is its reference implementation
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, FLOAT_DTYPES, Checkpoint, open_checkpoint
+from .checkpoint import DTYPES, FLOAT_DTYPES, ITEMSIZE, Checkpoint, open_checkpoint
 from .errors import VloraError
-from .plan import FamilyPlan, Plan
+from .plan import DIM_LIMIT, FamilyPlan, Plan, is_whole
 from .quantize import SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
 
 FORMAT_NAME = "vlora"
@@ -45,15 +47,43 @@ class SourceInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SourceInfo":
-        try:
-            tensors = tuple((str(k), str(dt), tuple(int(x) for x in shape)) for k, dt, shape in d["tensors"])
-            info = cls(tuple(d["files"]), str(d["sha256"]), int(d["nbytes"]), dict(d["metadata"]), tensors)
-        except (KeyError, TypeError, ValueError) as e:
-            raise VloraError(f"corrupted plan: source record is damaged ({type(e).__name__}: {e})") from None
-        for key, dt, _ in info.tensors:
+        """Parse and check a source record: expand writes exactly these tensors and this metadata,
+        and sizes are reported against ``nbytes``, so every field is checked, types included."""
+        if not isinstance(d, dict):
+            raise VloraError("corrupted plan: the source record is not a JSON object")
+        missing = [k for k in ("files", "sha256", "nbytes", "metadata", "tensors") if k not in d]
+        if missing:
+            raise VloraError(f"corrupted plan: the source record has no {missing[0]!r}")
+        files, sha256, nbytes, metadata, tensors = d["files"], d["sha256"], d["nbytes"], d["metadata"], d["tensors"]
+        if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) for f in files):
+            raise VloraError("corrupted plan: the source record's files are not a list of names")
+        if not isinstance(sha256, str):
+            raise VloraError("corrupted plan: the source record's sha256 is not a string")
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise VloraError("corrupted plan: the source record's metadata is not a map of strings to strings")
+        if not isinstance(tensors, (list, tuple)):
+            raise VloraError("corrupted plan: the source record's tensors are not a list")
+        entries, seen = [], set()
+        for t in tensors:
+            if not (isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], str) and isinstance(t[1], str)
+                    and isinstance(t[2], (list, tuple)) and all(is_whole(x) and 0 <= x < DIM_LIMIT for x in t[2])):
+                raise VloraError(f"corrupted plan: source tensor {reprlib.repr(t)} is not [key, dtype, shape]")
+            key, dt, shape = t
             if dt not in DTYPES:
                 raise VloraError(f"corrupted plan: tensor {key!r} has unknown dtype {dt!r}")
-        return info
+            if key in seen:  # expand would write it twice
+                raise VloraError(f"corrupted plan: source tensor {key!r} is listed twice")
+            seen.add(key)
+            entries.append((key, dt, tuple(shape)))
+        if not is_whole(nbytes) or nbytes < 1:
+            raise VloraError(f"corrupted plan: the source record's nbytes {reprlib.repr(nbytes)} is not a positive "
+                             "whole number")
+        held = sum(ITEMSIZE[dt] * math.prod(shape) for _, dt, shape in entries)
+        if nbytes != held:
+            raise VloraError(f"corrupted plan: the source record's nbytes {nbytes:,} is not the {held:,} bytes "
+                             "of the tensors it lists")
+        return cls(tuple(files), sha256, nbytes, dict(metadata), tuple(entries))
 
     def by_key(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """key -> (dtype, shape)."""
@@ -159,8 +189,12 @@ class VloraFile:
             self.config = json.loads(meta["vlora.config"])
             source = json.loads(meta["vlora.source"])
             plan = json.loads(meta["vlora.plan"])
-        except (KeyError, json.JSONDecodeError) as e:
+        except KeyError as e:
+            raise VloraError(f"{self.path}: corrupted plan: no {e.args[0]!r} in its metadata") from None
+        except (ValueError, RecursionError) as e:  # not JSON, an integer of over 4,300 digits, nesting too deep
             raise VloraError(f"{self.path}: corrupted plan ({type(e).__name__}: {e})") from None
+        if not isinstance(self.config, dict):
+            raise VloraError(f"{self.path}: corrupted plan: vlora.config is not a JSON object")
         try:
             self.source = SourceInfo.from_dict(source)
             self.plan = Plan.from_dict(plan)
@@ -190,7 +224,11 @@ class VloraFile:
     def _check_layout(self) -> None:
         infos = self.checkpoint.infos
         expected = layout(self.plan, self.source)
-        names = {name for name, _, _ in expected}
+        names = set()
+        for name, _, _ in expected:  # a synthetic base or a factor's name can be a source key
+            if name in names:
+                raise VloraError(f"{self.path}: corrupted plan: tensor {name!r} has two places in the layout")
+            names.add(name)
         for name, dtype, shape in expected:
             info = infos.get(name)
             if info is None:

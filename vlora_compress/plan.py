@@ -6,6 +6,7 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, dataclass, field
 
 from .checkpoint import FLOAT_DTYPES
@@ -17,6 +18,7 @@ from .stacks import Family, Stack, layer_key
 TOPOLOGIES = ("chain", "star")
 BASE_KINDS = ("synthetic", "none")
 PASSTHROUGH_MIN = 1 << 16  # quantize_passthrough takes 2-D pass-through tensors of at least this many values
+DIM_LIMIT = 1 << 64  # safetensors stores dimensions as unsigned 64-bit integers
 
 
 @dataclass(frozen=True)
@@ -133,79 +135,161 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        """Rebuild and validate a plan read from a file header; any defect is a VloraError."""
+        """Rebuild and validate a plan read from a file header; any defect is a VloraError.
+
+        JSON lists become tuples and nothing else is converted: ``validate`` refuses a value of the
+        wrong type in a sentence, where ``int()`` or ``str()`` would accept ``"3"`` or ``None``.
+        """
         try:
-            stacks = tuple(
-                StackPlan(s["prefix"], _ints(s["layers"]), tuple(tuple(_ints(b)) for b in s["bounds"]))
-                for s in data["stacks"]
-            )
-            families = tuple(
-                FamilyPlan(
-                    f["stack"],
-                    f["suffix"],
-                    tuple(_ints(f["shape"])),
-                    f["dtype"],
-                    f["store_dtype"],
-                    tuple(
-                        ChunkPlan(_ints(c["layers"]), _ints(c["ranks"]), c["base"], c.get("topology", "chain"))
-                        for c in f["chunks"]
-                    ),
-                    str(f.get("quant", "none")),
-                    int(f.get("group_size", 128)),
-                )
-                for f in data["families"]
-            )
-            passthrough = tuple(QuantizedTensor(str(q["key"]), str(q["quant"]), int(q.get("group_size", 128)))
-                                for q in data.get("passthrough", ()))
-            plan = cls(stacks, families, tuple(str(n) for n in data.get("notes", ())), bool(data.get("aligned", False)),
-                       passthrough)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise VloraError(f"corrupted plan ({type(e).__name__}: {e})") from None
+            data = _object(data, "the plan")
+            stacks = tuple(_stack_plan(s) for s in _list(data["stacks"], "stacks"))
+            families = tuple(_family_plan(f) for f in _list(data["families"], "families"))
+            passthrough = tuple(_quantized_tensor(q) for q in _list(data.get("passthrough", ()), "passthrough"))
+            plan = cls(stacks, families, _list(data.get("notes", ()), "notes"), data.get("aligned", False), passthrough)
+        except KeyError as e:
+            raise VloraError(f"corrupted plan: field {e} is missing") from None
         plan.validate()
         return plan
 
     def validate(self) -> None:
+        """Every rule docs/format.md sets for a plan alone, types first: after this, code may index
+        and do arithmetic on the plan without meeting a value it did not expect."""
+        if not all(isinstance(n, str) for n in self.notes):
+            raise VloraError("corrupted plan: the notes are not all text")
+        if not isinstance(self.aligned, bool):
+            raise VloraError(f"corrupted plan: 'aligned' is {_brief(self.aligned)}, not true or false")
+        stacks = {}
+        for s in self.stacks:
+            _check_stack(s)
+            if s.prefix in stacks:
+                raise VloraError(f"corrupted plan: stack {s.prefix!r} is listed twice")
+            stacks[s.prefix] = set(s.layers)
         for q in self.passthrough:
+            if not isinstance(q.key, str):
+                raise VloraError(f"corrupted plan: pass-through key {_brief(q.key)} is not a string")
+            _check_storage(q.quant, q.group_size, repr(q.key))
             if q.quant == "none":
                 raise VloraError(f"corrupted plan: pass-through {q.key!r} is listed as quantized with scheme none")
-            try:
-                check_scheme(q.quant, q.group_size)
-            except VloraError as e:
-                raise VloraError(f"corrupted plan: {q.key}: {e}") from None
         if len({q.key for q in self.passthrough}) != len(self.passthrough):
             raise VloraError("corrupted plan: a pass-through tensor is listed twice")
+        planned = set()
         for f in self.families:
-            if not isinstance(f.stack, str) or not isinstance(f.suffix, str):
-                raise VloraError("corrupted plan: family names must be strings")
-            if len(f.shape) != 2 or min(f.shape) < 1:
-                raise VloraError(f"corrupted plan: {f.name} has shape {f.shape}")
-            if f.dtype not in FLOAT_DTYPES or f.store_dtype not in FLOAT_DTYPES:
-                raise VloraError(f"corrupted plan: {f.name} has dtype {f.dtype}/{f.store_dtype}")
-            try:
-                check_scheme(f.quant, f.group_size)
-            except VloraError as e:
-                raise VloraError(f"corrupted plan: {f.name}: {e}") from None
-            for c in f.chunks:
-                if not c.layers or len(c.ranks) != len(c.layers) or len(set(c.layers)) != len(c.layers):
-                    raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
-                if c.topology not in TOPOLOGIES:
-                    raise VloraError(f"corrupted plan: {f.name} has unknown topology {c.topology!r}")
-                if isinstance(c.base, bool) or not isinstance(c.base, (int, str)):
-                    raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not a layer or a kind")
-                if isinstance(c.base, str) and c.base not in BASE_KINDS:
-                    raise VloraError(f"corrupted plan: {f.name} has unknown base kind {c.base!r}")
-                if isinstance(c.base, int) and c.base not in c.layers:
-                    raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not in its chunk")
-                if isinstance(c.base, int) and c.rank_of(c.base) != 0:
-                    raise VloraError(f"corrupted plan: base layer {c.base} of {f.name} has a rank")
-                if any(r < 0 or r > min(f.shape) for r in c.ranks):
-                    raise VloraError(f"corrupted plan: {f.name} has a rank outside 0..{min(f.shape)}")
+            _check_family(f, stacks)
+            for layer in f.layers:
+                if f.key(layer) in planned:  # expand would write it twice
+                    raise VloraError(f"corrupted plan: {f.key(layer)!r} is planned twice")
+                planned.add(f.key(layer))
 
 
-def _ints(values) -> tuple[int, ...]:
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"expected whole numbers, got {values!r}")
-    return tuple(values)
+def is_whole(value) -> bool:
+    """An int that is not a bool: JSON's true would pass ``isinstance(value, int)``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _brief(value) -> str:
+    """A value for a one-line message, however large or deep the JSON it came from."""
+    return reprlib.repr(value)
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise VloraError(f"corrupted plan: {what} is {_brief(value)}, not a JSON object")
+    return value
+
+
+def _list(value, what: str) -> tuple:
+    if not isinstance(value, (list, tuple)):  # tuples: a plan's own to_dict()
+        raise VloraError(f"corrupted plan: {what} is {_brief(value)}, not a list")
+    return tuple(value)
+
+
+def _stack_plan(data) -> StackPlan:
+    s = _object(data, "a stack")
+    return StackPlan(s["prefix"], _list(s["layers"], "stack layers"),
+                     tuple(_list(b, "a chunk's bounds") for b in _list(s["bounds"], "stack bounds")))
+
+
+def _family_plan(data) -> FamilyPlan:
+    f = _object(data, "a family")
+    chunks = []
+    for c in _list(f["chunks"], "chunks"):
+        c = _object(c, "a chunk")
+        chunks.append(ChunkPlan(_list(c["layers"], "chunk layers"), _list(c["ranks"], "chunk ranks"), c["base"],
+                                c.get("topology", "chain")))
+    return FamilyPlan(f["stack"], f["suffix"], _list(f["shape"], "a family's shape"), f["dtype"], f["store_dtype"],
+                      tuple(chunks), f.get("quant", "none"), f.get("group_size", 128))
+
+
+def _quantized_tensor(data) -> QuantizedTensor:
+    q = _object(data, "a pass-through entry")
+    return QuantizedTensor(q["key"], q["quant"], q.get("group_size", 128))
+
+
+def _check_stack(s: StackPlan) -> None:
+    """Layers distinct whole numbers; bounds contiguous non-empty [start, end) pairs covering them."""
+    if not isinstance(s.prefix, str):
+        raise VloraError(f"corrupted plan: stack prefix {_brief(s.prefix)} is not a string")
+    layers = s.layers
+    if not layers or not all(is_whole(layer) and layer >= 0 for layer in layers) or len(set(layers)) != len(layers):
+        raise VloraError(f"corrupted plan: stack {s.prefix!r} has layers {_brief(list(s.layers))}, "
+                         "not one or more distinct whole numbers")
+    end = 0
+    for b in s.bounds:
+        if len(b) != 2 or not all(is_whole(x) for x in b) or b[0] != end or b[1] <= b[0]:
+            end = -1
+            break
+        end = b[1]
+    if end != len(s.layers):
+        raise VloraError(f"corrupted plan: stack {s.prefix!r} has bounds {_brief([list(b) for b in s.bounds])}, "
+                         f"not contiguous non-empty chunks covering its {len(s.layers)} layers")
+
+
+def _check_storage(scheme, group_size, what: str) -> None:
+    if not isinstance(scheme, str) or not is_whole(group_size):
+        raise VloraError(f"corrupted plan: {what} has quantization {_brief(scheme)} "
+                         f"with group size {_brief(group_size)}")
+    try:
+        check_scheme(scheme, group_size)
+    except VloraError as e:
+        raise VloraError(f"corrupted plan: {what}: {e}") from None
+
+
+def _check_family(f: FamilyPlan, stacks: dict[str, set[int]]) -> None:
+    """Types and rules of one family; ``stacks`` maps each stack's prefix to its layers."""
+    if not isinstance(f.stack, str) or not isinstance(f.suffix, str):
+        raise VloraError("corrupted plan: family names must be strings")
+    if len(f.shape) != 2 or not all(is_whole(d) and 1 <= d < DIM_LIMIT for d in f.shape):
+        raise VloraError(f"corrupted plan: {f.name} has shape {_brief(list(f.shape))}")
+    if not all(isinstance(dt, str) and dt in FLOAT_DTYPES for dt in (f.dtype, f.store_dtype)):
+        raise VloraError(f"corrupted plan: {f.name} has dtype {_brief(f.dtype)}/{_brief(f.store_dtype)}")
+    _check_storage(f.quant, f.group_size, f.name)
+    if f.stack not in stacks:
+        raise VloraError(f"corrupted plan: {f.name} names stack {f.stack!r}, which the plan does not list")
+    if not f.chunks:
+        raise VloraError(f"corrupted plan: {f.name} has no chunks")
+    for c in f.chunks:
+        if (not c.layers or not all(is_whole(layer) for layer in c.layers) or not all(is_whole(r) for r in c.ranks)
+                or len(c.ranks) != len(c.layers) or len(set(c.layers)) != len(c.layers)):
+            raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
+        if not isinstance(c.topology, str) or c.topology not in TOPOLOGIES:
+            raise VloraError(f"corrupted plan: {f.name} has unknown topology {_brief(c.topology)}")
+        if not (is_whole(c.base) or isinstance(c.base, str)):
+            raise VloraError(f"corrupted plan: base {_brief(c.base)} of {f.name} is not a layer or a kind")
+        if isinstance(c.base, str) and c.base not in BASE_KINDS:
+            raise VloraError(f"corrupted plan: {f.name} has unknown base kind {c.base!r}")
+        if isinstance(c.base, int) and c.base not in c.layers:
+            raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not in its chunk")
+        if isinstance(c.base, int) and c.rank_of(c.base) != 0:
+            raise VloraError(f"corrupted plan: base layer {c.base} of {f.name} has a rank")
+        if any(r < 0 or r > min(f.shape) for r in c.ranks):
+            raise VloraError(f"corrupted plan: {f.name} has a rank outside 0..{min(f.shape)}")
+        outside = [layer for layer in c.layers if layer not in stacks[f.stack]]
+        if outside:
+            raise VloraError(f"corrupted plan: layer {outside[0]} of {f.name} is not a layer of stack {f.stack!r}")
+    # a family that stores nothing (zero bases at rank 0) has a shape no stored tensor confirms, and
+    # expand would allocate whatever the header claims; compress never writes one
+    if all(c.base == "none" and not any(c.ranks) for c in f.chunks):
+        raise VloraError(f"corrupted plan: {f.name} stores no tensor")
 
 
 def quantized_passthrough(tensors, factorised: set[str], config: CompressConfig) -> tuple[QuantizedTensor, ...]:
