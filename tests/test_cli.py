@@ -347,3 +347,11 @@ def test_the_python_api_names_fields_not_flags(gpt2_file, tmp_path):
         compress(gpt2_file, tmp_path / "o.vlora.safetensors", rank=0)
     with pytest.raises(VloraError, match="`target_size` must be a fraction"):
         compress(gpt2_file, tmp_path / "o.vlora.safetensors", target_size="big")
+
+
+def test_the_heal_module_runs_the_heal_command_alone(capsys):
+    """`python -m vlora_compress.heal` (what torchrun launches) is the heal command itself."""
+    from vlora_compress.cli import heal_main
+
+    code, out, _ = run(heal_main, ["--help"], capsys)
+    assert code == 0 and "--teacher" in out and "--rank" not in out

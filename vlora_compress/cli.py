@@ -33,7 +33,7 @@ from .inspection import (
     render_spectra,
     render_vlora,
 )
-from .plan import parse_size
+from .config import parse_size
 from .report import markdown_heal, write_report
 
 stdout = Console()
@@ -449,6 +449,9 @@ def _named_like_a_command(command, args: list[str]) -> str:
     if args and args[0] in getattr(command, "commands", {}) and Path(args[0]).exists():
         return f" ({args[0]!r} is taken as the {args[0]} command; for the path of that name write ./{args[0]})"
     return ""
+
+
+heal_app.command()(heal_cmd)  # the same command alone, for torchrun
 
 
 def compress_main(argv: list[str] | None = None) -> None:
