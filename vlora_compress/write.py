@@ -39,21 +39,26 @@ def check_output(out: Path, force: bool) -> None:
 
 
 class SafetensorsWriter:
-    """Context manager: declare the layout, then ``write`` each tensor in that order."""
+    """Context manager: declare the layout, then ``write`` each tensor once, in any order.
+
+    The header (and so every tensor's offset) is fixed by the layout, so a tensor is written at its
+    place whenever it is ready: the sequential compressor fits layer by layer while the layout is
+    family by family, and nothing has to wait in memory for its turn."""
 
     def __init__(self, path: str | Path, entries: list[Entry], metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.entries = list(entries)
-        self._next = 0
+        self.entries = {}
+        self._written: set[str] = set()
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
-        for name, dtype, shape in self.entries:
+        for name, dtype, shape in entries:
             if name in header:
                 raise ValueError(f"duplicate tensor name {name!r}")
             n = ITEMSIZE[dtype]
             for d in shape:
                 n *= d
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.entries[name] = (dtype, tuple(shape), offset)
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
@@ -64,22 +69,25 @@ class SafetensorsWriter:
         fd, self._tmp = _temp_beside(self.path)
         self._file = os.fdopen(fd, "wb")
         self._file.write(self._header)
+        self._file.truncate(self.nbytes)
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, dtype, shape = self.entries[self._next]
-        if name != want_name or tensor.dtype != DTYPES[dtype] or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(
-                f"writer expected {want_name} {dtype}{list(shape)}, got {name} {tensor.dtype}{list(tensor.shape)}"
-            )
-        self._next += 1
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        dtype, shape, offset = self.entries.get(name, (None, None, None))
+        if dtype is None or name in self._written or tensor.dtype != DTYPES[dtype] or tuple(tensor.shape) != shape:
+            want = f"{dtype}{list(shape)}" if dtype else "nothing of that name"
+            raise ValueError(f"writer expected {want} for {name}{' once' if name in self._written else ''}, "
+                             f"got {tensor.dtype}{list(tensor.shape)}")
+        self._written.add(name)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # the CPU only here
+        self._file.seek(len(self._header) + offset)
         self._file.write(memoryview(data))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None and self._next != len(self.entries):
-                raise ValueError(f"writer got {self._next} of {len(self.entries)} tensors")
+            if exc_type is None and len(self._written) != len(self.entries):
+                missing = next(n for n in self.entries if n not in self._written)
+                raise ValueError(f"writer got {len(self._written)} of {len(self.entries)} tensors ({missing!r} missing)")
             if exc_type is None:
                 self._file.flush()
                 os.fsync(self._file.fileno())
