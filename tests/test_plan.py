@@ -24,8 +24,11 @@ def test_chain_steps_walk_outward_from_the_base():
 def test_plan_equal_clips_rank_and_notes_it():
     fam = Family("h", "w", (0, 1, 2, 3), (6, 10), "F32")
     plan = plan_equal([Stack("h", (0, 1, 2, 3), (fam,), ())], CompressConfig(rank=8, chunks=2))
-    assert [c.ranks for c in plan.families[0].chunks] == [(0, 6), (0, 6)]
-    assert plan.notes == ("h.*.w: rank 8 clipped to 6, the full rank of [6, 10]",)
+    assert [c.ranks for c in plan.families[0].chunks] == [(0,)] * 4  # full-rank factors cost more than dense
+    assert plan.notes == ("h.*.w: rank 8 clipped to 6, the full rank of [6, 10]",
+                          "h.*.w: stored dense: rank-6 factors would cost more than the matrices")
+    plan = plan_equal([Stack("h", (0, 1, 2, 3), (fam,), ())], CompressConfig(rank=3, chunks=2))
+    assert [c.ranks for c in plan.families[0].chunks] == [(0, 3), (0, 3)] and not plan.notes
 
 
 def test_plan_round_trips_through_a_dict():

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import VloraError
-from .plan import parse_size
+from .config import parse_size
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 from __future__ import annotations
 
 import reprlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from .checkpoint import FLOAT_DTYPES
-from .config import STORE_DTYPES, TARGETS_OF, CompressConfig, parse_size  # noqa: F401 - the plan's inputs, re-exported
+from .checkpoint import FLOAT_DTYPES, ITEMSIZE
+from .config import STORE_DTYPES, CompressConfig  # noqa: F401 - the plan's inputs, re-exported
 from .errors import VloraError
 from .quantize import SCALE_SUFFIX, check_scheme
+from .quantize import nbytes as quantized_nbytes
 from .stacks import Family, Stack, layer_key
 
 TOPOLOGIES = ("chain", "star")
@@ -341,23 +342,42 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
             if rank < config.rank:
                 notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
             if config.method == "svd" or config.base == "none":
-                family_plans.append(_per_layer_family(fam, rank, config))
+                fp = _per_layer_family(fam, rank, config)
             else:
-                family_plans.append(_chain_family(fam, stack.layers, bounds, rank, config))
+                fp = _chain_family(fam, stack.layers, bounds, rank, config)
+            if all(r == 0 for c in fp.chunks for r in c.ranks) and len(fp.chunks) == len(fam.layers) > 1:
+                notes.append(f"{fam.name}: stored dense: rank-{rank} factors would cost more than the matrices")
+            family_plans.append(fp)
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
 
 
+def matrix_bytes(shape: tuple[int, int], store_dtype: str, quant: str = "none", group_size: int = 128) -> int:
+    """Stored bytes of one matrix: its values in the store dtype, or integers and scales."""
+    if quant != "none":
+        return quantized_nbytes(shape, quant, group_size)
+    return ITEMSIZE[store_dtype] * shape[0] * shape[1]
+
+
+def family_bytes(fp: FamilyPlan) -> int:
+    """Stored bytes of a family plan: its bases and its factors (fileformat.family_layout's sum)."""
+    m, n = fp.shape
+    size = lambda shape: matrix_bytes(shape, fp.store_dtype, fp.quant, fp.group_size)  # noqa: E731
+    return sum((size((m, n)) if c.base != "none" else 0) + sum(size((m, r)) + size((r, n)) for r in c.ranks if r)
+               for c in fp.chunks)
+
+
+def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:
+    """The plan, or every layer dense when its factors would cost at least that: at a rank of
+    mn/(m + n) or more, factors are larger than the matrix and dense is exact."""
+    dense = replace(fp, chunks=tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fp.layers))
+    return dense if family_bytes(dense) <= family_bytes(fp) else fp
+
+
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
-    """Every layer its own rank-``rank`` factors, or, at a rank where factors cost at least the
-    matrix (r (m + n) >= m n), every layer dense: exact and no larger."""
-    m, n = fam.shape
-    if rank * (m + n) >= m * n:
-        chunks = tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fam.layers)
-    else:
-        chunks = (ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star"),)
+    chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, chunks, config.family_scheme,
-                      config.group_size)
+    return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,),
+                                       config.family_scheme, config.group_size))
 
 
 def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: CompressConfig) -> FamilyPlan:
@@ -369,6 +389,6 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
             topology = "star" if config.topology == "star" else "chain"
             chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks), config.family_scheme,
-                      config.group_size)
+    return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks),
+                                       config.family_scheme, config.group_size))
 

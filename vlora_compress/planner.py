@@ -29,13 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import ITEMSIZE
 from .quantize import SCHEMES
-from .quantize import nbytes as quantized_bytes
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family
-from .fileformat import family_layout, family_matrices, read_matrix
-from .plan import STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
+from .fileformat import family_matrices, read_matrix
+from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper,
+                   family_bytes, matrix_bytes, split_equal)
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
@@ -130,13 +129,13 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     total = 0
     for (fam, cand, budget), fp in zip(chosen, uniform):
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-        opts = [(stored_bytes(fp), meter(rebuild_in_memory(fp, weights, whitener, config)), fp)]
+        opts = [(family_bytes(fp), meter(rebuild_in_memory(fp, weights, whitener, config)), fp)]
         for scale in RANK_SCALES:
             alt = fit_candidate(fam, cand, weights, whitener, config, int(budget * scale))
-            if alt is not None and stored_bytes(alt) != opts[0][0]:
-                opts.append((stored_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config)), alt))
+            if alt is not None and family_bytes(alt) != opts[0][0]:
+                opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config)), alt))
         options.append(opts)
-        total += stored_bytes(fp)
+        total += family_bytes(fp)
     picked = _lagrangian(options, total)
     allocated = [opts[i][2] for opts, i in zip(options, picked)]
     if allocated == list(uniform):
@@ -176,8 +175,7 @@ def _rebuild_all(chosen, plans, config, read, whitener) -> dict[str, torch.Tenso
     return out
 
 
-def stored_bytes(fp: FamilyPlan) -> int:
-    return sum(ITEMSIZE[dt] * shape[0] * shape[1] for _, dt, shape in family_layout(fp))
+
 
 
 def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
@@ -208,12 +206,14 @@ def reference(config: CompressConfig, n_layers: int) -> Candidate:
 
 
 def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
-    """Exact stored bytes of ``fam`` as ``cand`` at a uniform ``rank``, quantization scales included."""
+    """Exact stored bytes of ``fam`` as ``cand`` at a uniform ``rank``, quantization scales included:
+    at most every layer dense, which is what fit_candidate stores where factors would cost more."""
     m, n = fam.shape
     r = min(rank, m, n)
+    size = lambda shape: matrix_bytes(shape, _store(fam, config), cand.quant, config.group_size)  # noqa: E731
     bases, increments = _counts(fam, cand)
-    return bases * _matrix_bytes((m, n), fam, config, cand.quant) + increments * (
-        _matrix_bytes((m, r), fam, config, cand.quant) + _matrix_bytes((r, n), fam, config, cand.quant))
+    factored = bases * size((m, n)) + increments * (size((m, r)) + size((r, n)))
+    return factored if cand.dense else min(factored, len(fam.layers) * size((m, n)))
 
 
 def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
@@ -223,12 +223,6 @@ def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
         return 0, len(fam.layers)
     chunks = min(cand.chunks, len(fam.layers))
     return chunks, len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
-
-
-def _matrix_bytes(shape: tuple[int, int], fam: Family, config: CompressConfig, quant: str) -> int:
-    if quant != "none":
-        return quantized_bytes(shape, quant, config.group_size)
-    return ITEMSIZE[_store(fam, config)] * shape[0] * shape[1]
 
 
 def _fit_rank(cap: int, fits: Callable[[int], bool]) -> int:
@@ -288,12 +282,9 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     rank = _fit_rank(min(fam.shape), lambda r: candidate_bytes(fam, cand, r, config) <= budget) if _counts(fam, cand)[1] else 0
     if rank < 1:
         return None
-    dense = Candidate("first", "chain", n_layers, cand.quant, dense=True)
-    if candidate_bytes(fam, dense, 0, config) <= candidate_bytes(fam, cand, rank, config):
-        # at a rank of mn/(m + n) or more, factors cost more than the matrices: dense is exact and smaller
-        return fit_candidate(fam, dense, weights, whitener, config, budget)
     if cand.base == "none":
-        return _family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")], cand.quant)
+        return dense_if_cheaper(_family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")],
+                                             cand.quant))
     if config.bounds == "equal":
         bounds = split_equal(n_layers, cand.chunks)
     else:
@@ -307,7 +298,7 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
             chunks.append(ChunkPlan(layers, (0,) + (rank,) * (len(layers) - 1), layers[0], cand.topology))
         else:
             chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant))
-    return _family_plan(fam, config, chunks, cand.quant)
+    return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant))
 
 
 def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[int, int], ...]:
