@@ -89,6 +89,7 @@ class Whitener:
     root: torch.Tensor
     inv: torch.Tensor
     side: int
+    damping: float = 0.0  # the δ added to every eigenvalue
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, side: int, damping: float = 1e-2) -> "Whitener | None":
@@ -100,7 +101,7 @@ class Whitener:
         if not scale > 0 or not torch.isfinite(lam).all():
             return None  # no usable signal: the caller falls back to plain SVD
         lam = lam + damping * scale
-        return cls(q * lam.sqrt(), (q / lam.sqrt()).T.contiguous(), side)
+        return cls(q * lam.sqrt(), (q / lam.sqrt()).T.contiguous(), side, damping * scale)
 
     def output_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
         """||(W - Ŵ) S|| / ||W S||: relative error of the layer's output on calibration inputs."""
@@ -126,11 +127,15 @@ def fit_family(
     read: Callable[[str], torch.Tensor],
     config: CompressConfig,
     whitener: Callable[[str], Whitener | None] = lambda key: None,
+    rebuilt: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor] | LayerFit]:
     """Yield stored tensors ``(name, tensor)`` in layout order, and a LayerFit after each layer.
 
     ``whitener(key)`` gives the layer's whitening from calibration, or None for data-free SVD.
-    Only the base and the last rebuilt layer are held, so memory stays at a few copies of one tensor.
+    ``rebuilt(key, Ŵ)`` is told each layer as expand will rebuild it. The walk reads a layer when it
+    reaches it, so a caller may drive it a layer at a time (sequential.py) for chunks whose base is
+    their first layer or none. Only the base and the last rebuilt layer are held, so memory stays at
+    a few copies of one tensor; everything is made on the device of the weights read.
     """
     store = DTYPES[plan.store_dtype]
     orig = DTYPES[plan.dtype]
@@ -144,16 +149,20 @@ def fit_family(
             entries, base_hat = encode(plan, key, w)
             yield from entries
             wh = whitener(key)
+            if rebuilt is not None:
+                rebuilt(key, base_hat.to(orig))
             yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)),
                            wh.output_error(w, base_hat.to(orig)) if wh else None)
         else:  # a zero base: every layer is its own low-rank factors
-            base_hat = torch.zeros(plan.shape, dtype=torch.float32)
+            base_hat = None  # zeros, made on the first layer's device
         last_hat = base_hat
         for layer, ref in chunk.steps():
             # steps() guarantees a reference is the base or the layer rebuilt just before
-            ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
             key = plan.key(layer)
             w = read(key)
+            if base_hat is None:
+                base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
+            ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
             rank = chunk.rank_of(layer)
             method = choose_svd(plan.shape, rank, config.svd)
             wh = whitener(key)
@@ -165,6 +174,8 @@ def fit_family(
             if rank:
                 kb, ka = increment_keys(key)
                 entries_b, b = encode(plan, kb, b)
+                if plan.quant != "none":  # B as stored is not the B the SVD gave: refit A to it
+                    a = refit_right(b, delta, wh)
                 entries_a, a = encode(plan, ka, a)
                 yield from entries_b
                 yield from entries_a
@@ -172,8 +183,20 @@ def fit_family(
                 b, a = b.to(store), a.to(store)
             last_hat = apply_increment(ref_hat, b, a)
             w_hat = last_hat.to(orig)
+            if rebuilt is not None:
+                rebuilt(key, w_hat)
             yield LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat),
                            wh.output_error(w, w_hat) if wh else None)
+
+
+def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
+    """The A that best completes a fixed B: argmin ||(Δ - B A) S|| (rows whitened, ||Sᵀ(Δ - B A)||,
+    for Conv1D), by least squares in float64. After B is rounded to integers, the SVD's A is no
+    longer the best partner for it; this one is (SVD-LLM's closed-form parameter update)."""
+    b64, d64 = b.double(), delta.double()
+    if wh is not None and wh.side == 0:
+        b64, d64 = wh.root.T.to(b64) @ b64, wh.root.T.to(d64) @ d64
+    return torch.linalg.lstsq(b64, d64).solution.float()
 
 
 def encode(plan: FamilyPlan, name: str, t: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
