@@ -91,6 +91,8 @@ def compress_cmd(
     calibration_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration text.")] = 128,
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="Store calibration Grams as fp64 or fp32 (half the memory).")] = "fp64",
     gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="With --calib: collect Grams and fit one layer at a time, one layer's Grams in memory (default); or every Gram from the original model at once.")] = True,
+    feedback: Annotated[str, typer.Option("--feedback", help="Sequential: inputs (each layer whitened by what the layers compressed before it feed it; default), none (the original activations throughout) or outputs (and fitted to give the original's outputs from those inputs; needs much calibration data).")] = "inputs",
     config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
     eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
@@ -128,6 +130,7 @@ def compress_cmd(
         group_size=group_size, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length,
                                 gram_dtype=gram_dtype, gram_dir=gram_dir),
+        sequential=sequential, feedback=feedback,
     )
     report = compress(
         source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,

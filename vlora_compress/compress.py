@@ -25,6 +25,7 @@ from .quantize import nbytes as quantized_nbytes
 from .quantize import quantize as to_integers
 from .progress import Progress
 from .report import CompressReport
+from .sequential import SequentialFit
 from .stacks import find_stacks
 from .write import SafetensorsWriter, check_output
 
@@ -84,24 +85,29 @@ def compress(
         if config.align:
             aligned, align_notes = _align(stacks, ckpt.read, config_dir or source)
             read = lambda key: aligned[key] if key in aligned else ckpt.read(key)  # noqa: E731
-        grams = meter = None
+        grams = meter = model = None
+        planned = _needs_search(config) or (calib is not None and config.ranks == "measured")
         if calib is not None:
-            keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
-            grams, meter = _calibrate(source, config_dir, calib, keys, config.calibration, progress, ckpt.read, aligned)
+            model, preprocessor, samples, held = _calibration_model(source, config_dir, calib, config.calibration,
+                                                                    ckpt.read, aligned)
+            if planned or not config.sequential:  # the original model's Grams: to plan by, or to fit by
+                keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
+                grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
+                meter = OutputMeter(model, preprocessor, held, config.calibration.max_length, ckpt.read) if held else None
         whitener = grams.whitener if grams is not None else (lambda key: None)
-        if _needs_search(config) or (meter is not None and config.ranks == "measured"):
-            plan = plan_measured(stacks, config, read, whitener, meter, budgets)
-        else:
-            plan = plan_equal(stacks, config)
+        plan = plan_measured(stacks, config, read, whitener, meter, budgets) if planned else plan_equal(stacks, config)
         record = source_info(ckpt)
         plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes,
                        passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
         entries = layout(plan, record)
-        fits = _write(read, plan, config, record, entries, out, grams, progress, asked)
+        sequential = None
+        if calib is not None and config.sequential:
+            sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read)
+        fits = _write(read, plan, config, record, entries, out, grams, progress, asked, sequential)
         report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
-            target=target, calibration=_calibration_summary(grams, calib, config.calibration, plan),
+            target=target, calibration=_calibration_summary(grams, sequential, calib, config.calibration, plan),
         )
     if distill is not None:
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
@@ -195,8 +201,8 @@ def _align(stacks, read, config_source) -> tuple[dict, list[str]]:
     return aligned, notes
 
 
-def _calibrate(source, config_dir, calib, keys, calib_config: CalibConfig, progress: bool, read, aligned):
-    """The Grams, and a meter of the model's output error on the held-back samples.
+def _calibration_model(source, config_dir, calib, calib_config: CalibConfig, read, aligned):
+    """(model, preprocessor, samples for the Grams, held-back samples) of the original model.
 
     With aligned weights the model runs aligned too: the same function, but the inputs of the
     output projections arrive permuted and rotated as the aligned weights expect them.
@@ -207,24 +213,27 @@ def _calibrate(source, config_dir, calib, keys, calib_config: CalibConfig, progr
         set_tensors(model, aligned, read)
     preprocessor = load_preprocessor(folder)
     samples, held = read_calibration(preprocessor, calib, calib_config)
-    grams = calibrate(model, preprocessor, samples, keys, calib_config, progress, read)
-    meter = OutputMeter(model, preprocessor, held, calib_config.max_length, read) if held else None
-    return grams, meter
+    return model, preprocessor, samples, held
 
 
-def _calibration_summary(grams: Grams | None, calib, calib_config: CalibConfig, plan: Plan) -> dict | None:
-    if grams is None:
+def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, calib, calib_config: CalibConfig,
+                         plan: Plan) -> dict | None:
+    if grams is None and sequential is None:
         return None
     keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
+    fitted = set(sequential.fitted) if sequential is not None else set()
+    whitened = {k for k in keys if k in fitted or (grams is not None and k in grams)}
     return {
         "data": str(calib),
-        "samples": grams.samples,
-        "tokens": grams.tokens,
+        "samples": sequential.samples if sequential is not None else grams.samples,
+        "tokens": sequential.tokens if sequential is not None else grams.tokens,
         "damping": calib_config.damping,
-        "gram_bytes": grams.nbytes,
+        "gram_bytes": max(grams.nbytes if grams is not None else 0, sequential.gram_bytes if sequential else 0),
         "holdout_samples": calib_config.holdout,
-        "whitened_layers": sum(k in grams for k in keys),
-        "data_free_layers": [k for k in keys if k not in grams],
+        "sequential_layers": len(fitted),
+        "feedback": sequential.feedback if sequential is not None else None,
+        "whitened_layers": len(whitened),
+        "data_free_layers": [k for k in keys if k not in whitened],
     }
 
 
@@ -246,13 +255,21 @@ def source_info(ckpt: Checkpoint) -> SourceInfo:
 
 
 def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool,
-           asked: CompressConfig):
+           asked: CompressConfig, sequential: SequentialFit | None = None):
     factorised = factorised_keys(plan)
     fits: list[LayerFit] = []
     total = sum(len(fp.layers) for fp in plan.families)
-    with SafetensorsWriter(out, entries, header_metadata(plan, source, asked.to_dict())) as writer, Progress(
-        "factorising", total, enabled=progress
-    ) as bar:
+    with SafetensorsWriter(out, entries, header_metadata(plan, source, asked.to_dict())) as writer:
+        if sequential is not None:  # layer by layer, writing each tensor at its place as it is made
+            fits += sequential.run(writer.write, progress)
+        done = {fit.key for fit in fits}
+        _write_rest(read, plan, config, source, writer, grams, progress, fits, done, total, factorised)
+    return fits
+
+
+def _write_rest(read, plan, config, source, writer, grams, progress, fits, done, total, factorised) -> None:
+    """Pass-through tensors, and every family the sequential fit did not take, fitted family by family."""
+    with Progress("factorising", total - len(done), enabled=progress) as bar:
         passthrough = {q.key: q for q in plan.passthrough}
         for key, _, _ in source.tensors:
             if key in passthrough:
@@ -262,6 +279,8 @@ def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries
             elif key not in factorised:
                 writer.write(key, read(key))
         for fp in plan.families:
+            if fp.key(fp.layers[0]) in done:
+                continue
             bar.describe(fp.name)
             whitener = grams.whitener if grams is not None else (lambda key: None)
             for item in fit_family(fp, read, config, whitener):
@@ -270,4 +289,3 @@ def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries
                     bar.advance()
                 else:
                     writer.write(*item)
-    return fits

@@ -24,6 +24,7 @@ TARGETS_OF = ("model", "stack")
 QUANTIZE_CHOICES = SCHEMES + ("auto",)
 STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
 GRAM_DTYPE_NAMES = ("fp64", "fp32")
+FEEDBACK = ("none", "inputs", "outputs")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class CompressConfig:
     group_size: int = 128  # int4: values per scale along a row
     quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
     calibration: CalibConfig = field(default_factory=CalibConfig)  # used when calibration data is given
+    sequential: bool = True  # calibrated: Grams and fits a layer at a time (sequential.py), one layer's
+    # Grams in memory; off: every Gram from the original model at once
+    feedback: str = "inputs"  # sequential: none (original activations) | inputs (each layer's Grams from
+    # what the compressed layers before it feed it) | outputs (and fitted to the original's outputs)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -112,6 +117,8 @@ class CompressConfig:
         check_scheme(self.family_scheme, self.group_size)
         if self.quantize_passthrough and self.quantize == "none":
             raise VloraError("`quantize_passthrough` needs `quantize` int8, int4 or auto")
+        if self.feedback not in FEEDBACK:
+            raise VloraError(f"`feedback` must be one of {', '.join(FEEDBACK)}, not {self.feedback!r}")
         if not isinstance(self.calibration, CalibConfig):
             raise VloraError("`calibration` must be a CalibConfig")
 

