@@ -51,7 +51,7 @@ def word_tokenizer(folder: Path):
     return fast
 
 
-def tiny_model(folder: Path, arch: str, **overrides) -> Path:
+def tiny_model(folder: Path, arch: str, dtype: torch.dtype | None = None, **overrides) -> Path:
     """Save a seeded tiny transformers model with its tokenizer: a real model folder to load offline."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -92,6 +92,8 @@ def tiny_model(folder: Path, arch: str, **overrides) -> Path:
         return folder
     else:
         raise ValueError(arch)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(folder)
     word_tokenizer(folder)
     return folder

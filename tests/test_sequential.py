@@ -82,3 +82,31 @@ def test_bad_feedback_is_refused_naming_the_flag(tiny_llama, tmp_path, capsys):
         compress_main([str(tiny_llama), "--feedback", "sideways", "-o", str(tmp_path / "o.vlora.safetensors")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--feedback must be one of none, inputs, outputs" in err
+
+
+def test_device_cpu_runs_every_stage_and_bf16_stays_bf16(tmp_path, capsys):
+    """--device cpu through alignment, calibration, planning by measurement, the sequential fit and
+    the eval; a bf16 model is calibrated in bf16 and its file stores bf16."""
+    from safetensors import safe_open
+
+    from vlora_compress.cli import compress_main
+
+    folder = tiny_model(tmp_path / "llama", "llama", dtype=torch.bfloat16)
+    model = load_model(folder, head="base")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    out = tmp_path / "o.vlora.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        compress_main([str(folder), "-o", str(out), "--device", "cpu", "--align", "--calib", str(CALIB),
+                       "--calib-samples", "24", "--target-size", "0.6", "--eval", str(EVAL), "--eval-samples", "8",
+                       "--eval-task", "perplexity", "--json"])
+    assert exc.value.code == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"]["whitened_layers"] == 28 and report["evaluation"]["metrics"][0]["model"] > 0
+    with safe_open(str(out), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if "layers" in k} == {"BF16"}
+    with pytest.raises(SystemExit) as exc:
+        compress_main([str(folder), "-o", str(tmp_path / "x.vlora.safetensors"), "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--device 'tpu'" in err and not (tmp_path / "x.vlora.safetensors").exists()

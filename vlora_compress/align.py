@@ -206,8 +206,8 @@ class _Block:
         lay = self.layout
         feats = lambda b: torch.cat([b.get(n) for n in lay.mlp_in] + [b.get(lay.mlp_out).T], dim=1)  # noqa: E731
         sim = feats(self) @ feats(prev).T  # [mine, theirs]
-        rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
-        perm = torch.as_tensor(rows[torch.as_tensor(cols).argsort().numpy()])  # my neuron for each of theirs
+        rows, cols = linear_sum_assignment(sim.cpu().numpy(), maximize=True)  # scipy: the CPU's
+        perm = torch.as_tensor(rows[cols.argsort()], device=sim.device)  # my neuron for each of theirs
         for name in lay.mlp_in:
             for part in ("weight", "bias"):
                 if self.get(name, part) is not None:
@@ -231,7 +231,7 @@ class _Block:
             return m_qk, m_vo
 
         n = lay.kv_heads
-        score = torch.zeros(n, n, dtype=torch.float64)
+        score = torch.zeros(n, n, dtype=torch.float64)  # on the CPU: scipy's assignment reads it
         for g in range(n):
             for h in range(n):
                 m_qk, m_vo = maps(g, h)

@@ -22,7 +22,7 @@ from .config import CalibConfig
 from .data import read_images, read_texts
 from .errors import VloraError
 from .factorise import Whitener
-from .models import batches, module_for_key, takes_text, token_limit
+from .models import batches, model_device, module_for_key, takes_text, token_limit
 from .progress import Progress
 
 
@@ -61,10 +61,11 @@ class Grams:
             self._whiteners[group] = Whitener.from_gram(self.gram(key), self.side[key], self.damping)
         return self._whiteners[group]
 
-    def new(self, key: str, n: int) -> torch.Tensor:
-        """A zero n x n Gram, in memory or, with a folder, in a memory-mapped file the kernel pages."""
+    def new(self, key: str, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """A zero n x n Gram, in memory on ``device`` or, with a folder, in a memory-mapped file the
+        kernel pages (on the CPU)."""
         if self.folder is None:
-            return torch.zeros(n, n, dtype=self.dtype)
+            return torch.zeros(n, n, dtype=self.dtype, device=device)
         path = self.folder / (key.replace("/", "_") + ".gram")
         size = n * n * torch.empty(0, dtype=self.dtype).element_size()
         with open(path, "wb") as f:
@@ -105,7 +106,8 @@ class OutputMeter:
             for key, w in replacements.items():
                 module = self._module(key)
                 saved.append((module, module.weight.data))
-                module.weight.data = w.to(module.weight.dtype).reshape(module.weight.shape)
+                module.weight.data = w.to(device=module.weight.device, dtype=module.weight.dtype).reshape(
+                    module.weight.shape)
             err = total = 0.0
             for (inputs, mask, _), ref in zip(self.batches, self.reference):
                 h = self._hidden(inputs, mask)
@@ -125,9 +127,10 @@ class OutputMeter:
         return self._modules[key]
 
     def _hidden(self, inputs, mask) -> torch.Tensor:
+        device = model_device(self.model)
         with torch.no_grad():
-            h = self.model(**inputs).last_hidden_state.double()
-        return h[mask] if mask is not None else h
+            h = self.model(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state.double()
+        return h[mask.to(device)] if mask is not None else h
 
 
 def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, keys: list[str],
@@ -161,10 +164,11 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, key
         samples = data if isinstance(data, list) else read_calibration(preprocessor, data, replace(config, holdout=0))[0]
         work = list(batches(preprocessor, samples, config.batch_size, token_limit(model, config.max_length)))
         with torch.no_grad(), Progress("calibrating", len(work), enabled=progress) as bar:
+            device = model_device(model)
             for inputs, mask, n in work:
                 batch_state.clear()
-                batch_state["mask"] = mask
-                model(**inputs)
+                batch_state["mask"] = mask.to(device) if mask is not None else None
+                model(**{k: v.to(device) for k, v in inputs.items()})
                 grams.samples += n
                 grams.tokens += int(mask.sum()) if mask is not None else n
                 bar.advance()
@@ -189,9 +193,10 @@ def _hook(key: str, grams: Grams, batch_state: dict):
         mask = batch_state.get("mask")
         if mask is not None and rows.shape[0] == mask.numel():
             rows = rows[mask.reshape(-1)]  # padding tokens are not real inputs
-        rows = rows.double()
+        rows = rows.float()  # each batch's product in float32, summed in the Gram's float64
         if key not in grams.grams:
-            grams.grams[key] = grams.new(key, rows.shape[1])
-        grams.grams[key] += (rows.T @ rows).to(grams.dtype)
+            grams.grams[key] = grams.new(key, rows.shape[1], rows.device)
+        gram = grams.grams[key]
+        gram += (rows.T @ rows).to(device=gram.device, dtype=grams.dtype)
 
     return hook

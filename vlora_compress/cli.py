@@ -100,7 +100,7 @@ def compress_cmd(
     distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.")] = 150,
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="With --distill: stop healing after this much wall time.")] = None,
-    device: Annotated[str, typer.Option("--device", help="With --distill: where healing runs: auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="Where every stage runs (calibration, whitening, decompositions, alignment, planning, eval and --distill): auto (CUDA when present), cpu, cuda or cuda:N. Weights keep their dtype; only the writer is on the CPU.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
     quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row) or int4 (per group of a row, two a byte); each increment is fitted against the quantized layer before it. auto: the planner picks per family, by measured error at equal bytes, between more rank in fewer bits and less rank in the store dtype.")] = "none",
@@ -120,17 +120,16 @@ def compress_cmd(
     """
     show = not quiet and not as_json
     eval_config = None
-    if eval_data is not None and eval_task is not None:
-        eval_config = EvalConfig(task=eval_task, samples=eval_samples)
-    elif eval_data is not None and eval_samples is not None:
-        eval_config = EvalConfig(task=default_task(config_dir or source), samples=eval_samples)
+    if eval_data is not None:
+        eval_config = EvalConfig(task=eval_task or default_task(config_dir or source), samples=eval_samples,
+                                 device=device)
     config = CompressConfig(
         rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
         align=align, target_size=target_size, target_of=target_of, svd=svd, dtype=dtype, quantize=quantize,
         group_size=group_size, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length,
                                 gram_dtype=gram_dtype, gram_dir=gram_dir),
-        sequential=sequential, feedback=feedback,
+        sequential=sequential, feedback=feedback, device=device,
     )
     report = compress(
         source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,
@@ -157,6 +156,7 @@ def eval_cmd(
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample (perplexity: the window).")] = 128,
     quantize: Annotated[str, typer.Option("--quantize", help="The quantization-only baseline: score MODEL (an original) with its layer stacks round-to-nearest int8 (per row) or int4 (per --group-size values of a row).")] = "none",
     group_size: Annotated[int, typer.Option("--group-size", help="int4: values per scale.")] = 128,
+    device: Annotated[str, typer.Option("--device", help="Where the models run: auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -164,7 +164,7 @@ def eval_cmd(
     """Score a model on local data next to its reference: each metric with the drop (+ = worse)."""
     folder = config_dir or (model if model.is_dir() else (reference if reference is not None and reference.is_dir() else model))
     config = EvalConfig(task=task or default_task(folder), batch_size=batch_size, max_length=max_length, samples=samples,
-                        quantize=quantize, group_size=group_size)
+                        quantize=quantize, group_size=group_size, device=device)
     result = evaluate(model, data, config, reference=reference, config_dir=config_dir,
                       progress=not quiet and not as_json)
     if report_file is not None:

@@ -16,7 +16,7 @@ from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .models import config_folder, load_model, load_preprocessor, set_tensors
+from .models import config_folder, load_model, load_preprocessor, resolve_device, set_tensors
 from .config import CompressConfig, parse_size
 from .plan import Plan, plan_equal, quantized_passthrough
 from .planner import plan_measured, rank_for_budget, share_budget
@@ -81,15 +81,18 @@ def compress(
                 budgets = share_budget(stacks, target["stack_budget_bytes"])
             else:
                 config = replace(config, rank=target["rank"])
-        read, aligned, align_notes = ckpt.read, {}, []
+        device = resolve_device(config.device)
+        read = ckpt.read if device.type == "cpu" else (lambda key: ckpt.read(key).to(device))
+        aligned, align_notes = {}, []
         if config.align:
-            aligned, align_notes = _align(stacks, ckpt.read, config_dir or source)
-            read = lambda key: aligned[key] if key in aligned else ckpt.read(key)  # noqa: E731
+            aligned, align_notes = _align(stacks, read, config_dir or source)
+            unaligned = read
+            read = lambda key: aligned[key] if key in aligned else unaligned(key)  # noqa: E731
         grams = meter = model = None
         planned = _needs_search(config) or (calib is not None and config.ranks == "measured")
         if calib is not None:
             model, preprocessor, samples, held = _calibration_model(source, config_dir, calib, config.calibration,
-                                                                    ckpt.read, aligned)
+                                                                    ckpt.read, aligned, device)
             if planned or not config.sequential:  # the original model's Grams: to plan by, or to fit by
                 keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
@@ -113,7 +116,7 @@ def compress(
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
                                                         heal_config, progress, eval_data, eval_config))
     if eval_data is not None:
-        cfg = eval_config or EvalConfig(task=default_task(config_dir or source))
+        cfg = eval_config or EvalConfig(task=default_task(config_dir or source), device=config.device)
         result = evaluate(out, eval_data, cfg, reference=config_folder(config_dir or source),
                           config_dir=config_dir or config_folder(source), progress=progress)
         report = replace(report, evaluation=result.to_dict())
@@ -201,7 +204,7 @@ def _align(stacks, read, config_source) -> tuple[dict, list[str]]:
     return aligned, notes
 
 
-def _calibration_model(source, config_dir, calib, calib_config: CalibConfig, read, aligned):
+def _calibration_model(source, config_dir, calib, calib_config: CalibConfig, read, aligned, device):
     """(model, preprocessor, samples for the Grams, held-back samples) of the original model.
 
     With aligned weights the model runs aligned too: the same function, but the inputs of the
@@ -209,6 +212,7 @@ def _calibration_model(source, config_dir, calib, calib_config: CalibConfig, rea
     """
     folder = config_folder(config_dir or source)
     model = load_model(Path(source) if config_dir is None else source, folder if config_dir else None, "base")
+    model.to(device)
     if aligned:
         set_tensors(model, aligned, read)
     preprocessor = load_preprocessor(folder)

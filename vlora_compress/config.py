@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from .errors import VloraError
 from .quantize import SCHEMES, check_scheme
 
@@ -81,6 +83,8 @@ class CompressConfig:
     calibration: CalibConfig = field(default_factory=CalibConfig)  # used when calibration data is given
     sequential: bool = True  # calibrated: Grams and fits a layer at a time (sequential.py), one layer's
     # Grams in memory; off: every Gram from the original model at once
+    device: str = "auto"  # where calibration, whitening, decompositions, alignment and planning run:
+    # auto (CUDA when present) | cpu | cuda | cuda:N; weights stay in their dtype, the CPU only at the writer
     feedback: str = "inputs"  # sequential: none (original activations) | inputs (each layer's Grams from
     # what the compressed layers before it feed it) | outputs (and fitted to the original's outputs)
 
@@ -117,6 +121,10 @@ class CompressConfig:
         check_scheme(self.family_scheme, self.group_size)
         if self.quantize_passthrough and self.quantize == "none":
             raise VloraError("`quantize_passthrough` needs `quantize` int8, int4 or auto")
+        try:
+            torch.device(self.device if self.device != "auto" else "cpu")
+        except (RuntimeError, TypeError):
+            raise VloraError(f"`device` {self.device!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
         if self.feedback not in FEEDBACK:
             raise VloraError(f"`feedback` must be one of {', '.join(FEEDBACK)}, not {self.feedback!r}")
         if not isinstance(self.calibration, CalibConfig):

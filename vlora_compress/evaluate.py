@@ -19,7 +19,7 @@ from rich.table import Table
 from .checkpoint import open_checkpoint
 from .data import read_corpus, read_labelled, read_pairs, read_texts
 from .errors import VloraError
-from .models import batches, config_folder, head_of, load_model, load_preprocessor, takes_text, token_limit
+from .models import batches, config_folder, head_of, load_model, load_preprocessor, model_device, resolve_device, takes_text, token_limit
 from .progress import Progress
 
 TASKS = ("embedding", "perplexity", "classification", "logits")
@@ -97,6 +97,7 @@ class EvalConfig:
     samples: int | None = None  # the file's first N samples; None = all
     quantize: str = "none"  # int8 | int4: score the model with its layer stacks round-to-nearest quantized
     group_size: int = 128
+    device: str = "auto"  # where the models run: auto (CUDA when present), cpu, cuda or cuda:N
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -130,7 +131,8 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     head = "base" if config.task == "embedding" else None
     if config.task == "perplexity":
         head = "causal-lm"
-    models = [load_model(model, None if model.is_dir() else config_dir, head)]
+    device = resolve_device(config.device)
+    models = [load_model(model, None if model.is_dir() else config_dir, head).to(device)]
     quantized = None
     if config.quantize != "none":
         stack_bytes = quantize_stacks(models[0], model, config.quantize, config.group_size)
@@ -138,7 +140,7 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
                      "stack_bytes": stack_bytes}
     if reference is not None:
         ref = Path(reference)
-        models.append(load_model(ref, None if ref.is_dir() else config_dir, head))
+        models.append(load_model(ref, None if ref.is_dir() else config_dir, head).to(device))
     samples, metrics = evaluate_models(models, preprocessor, data, config, progress)
     return EvalReport(config.task, str(data), str(model), str(reference) if reference else None, samples, metrics,
                       quantized)
@@ -211,15 +213,13 @@ def _forward_all(models, preprocessor, samples, config, progress, fn):
         limit = token_limit(models[0], config.max_length)
         for inputs, mask, _ in batches(preprocessor, samples, config.batch_size, limit):
             for i, m in enumerate(models):
-                dev = _device(m)
+                dev = model_device(m)
                 result = fn(m(**{k: v.to(dev) for k, v in inputs.items()}), None if mask is None else mask.to(dev))
                 out[i].append(result.cpu())
                 bar.advance()
     return out
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def pooled_embedding(outputs, mask):
@@ -271,7 +271,7 @@ def _perplexity(models, preprocessor, data, config, progress):
                 chunk = ids[begin:end][None]
                 labels = chunk.clone()
                 labels[:, : chunk.shape[1] - target] = -100
-                logits = m(input_ids=chunk.to(_device(m))).logits[:, :-1].float().cpu()
+                logits = m(input_ids=chunk.to(model_device(m))).logits[:, :-1].float().cpu()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                          labels[:, 1:].reshape(-1), reduction="sum",
                                                          ignore_index=-100)

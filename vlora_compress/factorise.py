@@ -61,7 +61,7 @@ def truncated_svd(delta: torch.Tensor, rank: int, method: str = "exact", seed: i
     else:
         raise ValueError(f"unknown SVD method {method!r}")
     idx = u.abs().argmax(dim=0)
-    sign = torch.sign(u[idx, torch.arange(u.shape[1])])
+    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])
     sign[sign == 0] = 1
     root = s.sqrt()
     b = (u * (sign * root)).float()
@@ -235,16 +235,18 @@ def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iter
     orig = DTYPES[plan.dtype]
     for ci, chunk in enumerate(plan.chunks):
         base_key = plan.base_key(ci)
-        base_hat = get(base_key).float() if base_key is not None else torch.zeros(plan.shape)
+        base_hat = get(base_key).float() if base_key is not None else None  # None: zeros, made below
         if chunk.base_layer is not None:
             yield base_key, base_hat.to(orig)
         last_hat = base_hat
         for layer, ref in chunk.steps():
-            ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
             key = plan.key(layer)
-            if chunk.rank_of(layer):
-                kb, ka = increment_keys(key)
-                last_hat = apply_increment(ref_hat, get(kb), get(ka))
+            factors = (get(increment_keys(key)[0]), get(increment_keys(key)[1])) if chunk.rank_of(layer) else None
+            if base_hat is None:  # on the factors' device (a zero base has a rank at every layer)
+                base_hat = last_hat = torch.zeros(plan.shape, device=factors[0].device if factors else None)
+            ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
+            if factors is not None:
+                last_hat = apply_increment(ref_hat, *factors)
             else:
                 last_hat = ref_hat.clone()
             yield key, last_hat.to(orig)

@@ -29,7 +29,7 @@ from .factored import load_factored
 from .factorise import encode
 from .fileformat import INCREMENT_SUFFIXES, VloraFile, factorised_keys, family_matrices, header_metadata, layout
 from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
-from .models import takes_text, token_limit
+from .models import resolve_device, takes_text, token_limit
 from .progress import Progress
 from .write import SafetensorsWriter, atomic_output, check_output
 
@@ -80,22 +80,6 @@ class HealConfig:
     def budget_fields(self) -> set[str]:
         """Fields a resumed run may change: budgets and where it runs, not what it computes."""
         return {"steps", "tokens", "minutes", "device", "eval_every", "eval_samples", "save_every"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VloraError(f"device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise VloraError(f"device {name!r} is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise VloraError(f"device {name!r}: healing runs on cpu or cuda")
-    return device
 
 
 def default_losses(head: str) -> tuple[tuple[str, float], ...]:

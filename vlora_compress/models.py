@@ -118,6 +118,27 @@ def load_preprocessor(folder: str | Path):
         raise VloraError(f"{folder}: has no tokenizer or image processor ({str(e).splitlines()[0]})") from None
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, this process's GPU under torchrun), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VloraError(f"`device` {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise VloraError(f"`device` {name!r} is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise VloraError(f"`device` {name!r}: this tool runs on cpu or cuda")
+    return device
+
+
 def token_limit(model, requested: int) -> int:
     """``requested``, capped at the positions the model has (GPT-2's n_positions, BERT's 512, ...)."""
     cfg = getattr(model, "config", None)

@@ -102,7 +102,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     rows, cols = q.shape
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     if cols % 2:
-        u = torch.cat([u, torch.full((rows, 1), 8, dtype=torch.uint8)], 1)
+        u = torch.cat([u, u.new_full((rows, 1), 8)], 1)
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 

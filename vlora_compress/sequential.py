@@ -37,7 +37,7 @@ import torch
 
 from .errors import VloraError
 from .factorise import LayerFit, Whitener, fit_family
-from .models import batches, module_for_key, token_limit
+from .models import batches, model_device, module_for_key, token_limit
 from .plan import CompressConfig, FamilyPlan, Plan
 from .progress import Progress
 
@@ -85,7 +85,7 @@ class SequentialFit:
             mine = [fp for fp in families if fp.stack == stack.prefix]
             if not mine:
                 continue
-            blocks = _layer_list(self.model, stack.prefix)
+            blocks = _layer_list(self.model, max(mine, key=lambda fp: len(fp.layers)), self.read)
             streams = self._capture(blocks[stack.layers[0]])
             targets: dict[str, torch.Tensor] = {}
             whiteners: dict[str, Whitener | None] = {}
@@ -93,8 +93,10 @@ class SequentialFit:
                                          rebuilt=self._set) for fp in mine}
             with Progress(f"sequential {stack.prefix}", len(stack.layers), enabled=progress) as bar:
                 for layer in stack.layers:
-                    block = blocks[layer]
                     keys = [fp.key(layer) for fp in mine if layer in fp.layers]
+                    block = blocks.get(layer)
+                    if block is None:
+                        raise VloraError(f"cannot find layer {layer} of stack {stack.prefix!r} in the model")
                     for key, (target, wh) in self._targets(block, keys, streams).items():
                         targets[key], whiteners[key] = target, wh
                     for fp in mine:
@@ -125,7 +127,7 @@ class SequentialFit:
             raise _Stop
 
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        device = _device(self.model)
+        device = model_device(self.model)
         # decoders would fill a KV cache nobody reads; encoders and vision models take no such flag
         extra = {"use_cache": False} if getattr(self.model.config, "use_cache", None) is not None else {}
         streams = []
@@ -245,21 +247,17 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _layer_list(model, prefix: str):
-    """The ModuleList of a stack, by its checkpoint prefix (with or without the base-model prefix)."""
-    base = getattr(model, "base_model_prefix", "")
-    names = [prefix, f"{base}.{prefix}", prefix[len(base) + 1:] if prefix.startswith(base + ".") else None]
-    for name in names:
-        if not name:
-            continue
-        try:
-            found = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(found, torch.nn.ModuleList):
-            return found
-    raise VloraError(f"cannot find the layers of stack {prefix!r} in the model")
+def _layer_list(model, fp: FamilyPlan, read) -> dict[int, torch.nn.Module]:
+    """The stack's layer modules by checkpoint layer number, found through one family's weight:
+    transformers may rename modules (ViT's ``encoder.layer`` is ``layers`` in version 5), so the
+    ModuleList is the one that holds the module of that weight."""
+    first = fp.layers[0]
+    found = module_for_key(model, fp.key(first), read)
+    if found is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and found[0].startswith(name + "."):
+                index = found[0][len(name) + 1:].split(".")[0]
+                if index.isdigit():
+                    offset = int(index) - first
+                    return {layer: module[layer + offset] for layer in fp.layers if 0 <= layer + offset < len(module)}
+    raise VloraError(f"cannot find the layers of stack {fp.stack!r} in the model")
