@@ -28,8 +28,8 @@ DATA = Path(__file__).resolve().parent.parent / "vlora_compress" / "data"
 CALIB, EVAL = DATA / "austen-calibration.txt", DATA / "austen-evaluation.txt"
 
 VARIANTS = [  # (label, options): every one at every share removed
-    ("per-layer SVD, uniform ranks", dict(method="svd", ranks="uniform")),
-    ("per-layer SVD, uniform ranks, feedback inputs", dict(method="svd", ranks="uniform", feedback="inputs")),
+    ("per-layer SVD, uniform ranks, feedback none", dict(method="svd", ranks="uniform", feedback="none")),
+    ("per-layer SVD, uniform ranks, feedback inputs (default)", dict(method="svd", ranks="uniform")),
     ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
     ("default plan", dict()),
 ]
