@@ -178,22 +178,30 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, key
     return grams
 
 
+def sibling_input(seen: dict, x: torch.Tensor, key: str) -> str | None:
+    """The key whose module was fed this very tensor earlier in the batch (q, k and v; gate and up
+    share one Gram), or None, and then ``key`` is remembered as its first reader. A weak reference,
+    not the address: a freed activation's memory is reused by the next layer's input."""
+    earlier = seen.get(id(x))
+    if earlier is not None and earlier[0]() is x:
+        return earlier[1]
+    seen[id(x)] = (weakref.ref(x), key)
+    return None
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A module input as (tokens, features) rows, padding tokens left out: they are not real inputs."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows[mask.reshape(-1)] if mask is not None and rows.shape[0] == mask.numel() else rows
+
+
 def _hook(key: str, grams: Grams, batch_state: dict):
     def hook(module, args):
-        x = args[0]
-        # Siblings fed the very same tensor object (q, k and v) share a Gram. A weak reference, not
-        # the address: a freed activation's memory is reused by the next layer's input.
-        seen = batch_state.setdefault("seen", {})
-        earlier = seen.get(id(x))
-        if earlier is not None and earlier[0]() is x:
-            grams.alias[key] = earlier[1]
+        first = sibling_input(batch_state.setdefault("seen", {}), args[0], key)
+        if first is not None:
+            grams.alias[key] = first
             return
-        seen[id(x)] = (weakref.ref(x), key)
-        rows = x.reshape(-1, x.shape[-1])
-        mask = batch_state.get("mask")
-        if mask is not None and rows.shape[0] == mask.numel():
-            rows = rows[mask.reshape(-1)]  # padding tokens are not real inputs
-        rows = rows.float()  # each batch's product in float32, summed in the Gram's float64
+        rows = token_rows(args[0], batch_state.get("mask")).float()  # each product in float32, summed in float64
         if key not in grams.grams:
             grams.grams[key] = grams.new(key, rows.shape[1], rows.device)
         gram = grams.grams[key]

@@ -30,12 +30,12 @@ boundary, and one layer's Grams.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .calibrate import sibling_input, token_rows
 from .errors import VloraError
 from .factorise import LayerFit, Whitener, fit_family
 from .models import batches, model_device, module_for_key, token_limit
@@ -78,6 +78,7 @@ class SequentialFit:
         self.tokens = sum(int(m.sum()) if m is not None else n for _, m, n in self.batches)
         self.gram_bytes = 0  # the most Grams held at once, one layer's
         self.fitted: list[str] = []  # keys fitted layer by layer
+        self._modules: dict[str, torch.nn.Module] = {}
 
     def run(self, write: Callable[[str, torch.Tensor], None], progress: bool = False) -> Iterator[LayerFit]:
         """Fit every sequential family, ``write`` each stored tensor as it is made; yield LayerFits."""
@@ -111,12 +112,18 @@ class SequentialFit:
                     self._advance_streams(block, streams)
                     bar.advance()
 
+    def _module(self, key: str) -> torch.nn.Module:
+        """The linear layer (nn.Linear or GPT-2's Conv1D) whose weight is checkpoint tensor ``key``."""
+        if key not in self._modules:
+            found = module_for_key(self.model, key, self.read)
+            if found is None or not (isinstance(found[1], torch.nn.Linear) or type(found[1]).__name__ == "Conv1D"):
+                raise VloraError(f"{key}: the sequential fit needs it to be a linear layer's weight")
+            self._modules[key] = found[1]
+        return self._modules[key]
+
     def _set(self, key: str, w_hat: torch.Tensor) -> None:
         """Put a fitted layer into the model, so the compressed stream runs through it."""
-        found = module_for_key(self.model, key, self.read)
-        if found is None:
-            raise VloraError(f"cannot find the module of {key} in the model")
-        w = found[1].weight
+        w = self._module(key).weight
         w.data = w_hat.to(device=w.device, dtype=w.dtype).reshape(w.shape)
 
     def _capture(self, first) -> list[Stream]:
@@ -151,13 +158,7 @@ class SequentialFit:
 
     def _targets(self, block, keys: list[str], streams: list[Stream]) -> dict[str, tuple[torch.Tensor, Whitener | None]]:
         """(feedback target, whitening) of every key of one layer, from both streams' inputs."""
-        modules = {}
-        for key in keys:
-            found = module_for_key(self.model, key, self.read)
-            kind = type(found[1]).__name__ if found else None
-            if found is None or not (isinstance(found[1], torch.nn.Linear) or kind == "Conv1D"):
-                raise VloraError(f"{key}: the sequential fit needs it to be a linear layer's weight")
-            modules[key] = (found[1], 1 if isinstance(found[1], torch.nn.Linear) else 0)
+        modules = {key: (self._module(key), 1 if isinstance(self._module(key), torch.nn.Linear) else 0) for key in keys}
         grams: dict[str, torch.Tensor] = {}
         cross: dict[str, torch.Tensor] = {}
         alias: dict[str, str] = {}
@@ -212,17 +213,8 @@ def _inputs(block, modules: dict, s: Stream, hidden: torch.Tensor) -> tuple[dict
     handles = []
     for key, (module, _) in modules.items():
         def hook(mod, args, key=key):
-            x = args[0]
-            # siblings fed the very same tensor (q, k and v; gate and up) share one Gram
-            earlier = seen.get(id(x))
-            if earlier is not None and earlier[0]() is x:
-                rows[key] = (rows[earlier[1]][0], earlier[1])
-                return
-            seen[id(x)] = (weakref.ref(x), key)
-            r = x.reshape(-1, x.shape[-1])
-            if s.mask is not None and r.shape[0] == s.mask.numel():
-                r = r[s.mask.reshape(-1)]  # padding tokens are not real inputs
-            rows[key] = (r, key)
+            first = sibling_input(seen, args[0], key)
+            rows[key] = (rows[first][0], first) if first is not None else (token_rows(args[0], s.mask), key)
         handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
