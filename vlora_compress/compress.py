@@ -260,20 +260,19 @@ def source_info(ckpt: Checkpoint) -> SourceInfo:
 
 def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool,
            asked: CompressConfig, sequential: SequentialFit | None = None):
-    factorised = factorised_keys(plan)
     fits: list[LayerFit] = []
-    total = sum(len(fp.layers) for fp in plan.families)
     with SafetensorsWriter(out, entries, header_metadata(plan, source, asked.to_dict())) as writer:
         if sequential is not None:  # layer by layer, writing each tensor at its place as it is made
             fits += sequential.run(writer.write, progress)
-        done = {fit.key for fit in fits}
-        _write_rest(read, plan, config, source, writer, grams, progress, fits, done, total, factorised)
+        _write_rest(read, plan, config, source, writer, grams, progress, fits)
     return fits
 
 
-def _write_rest(read, plan, config, source, writer, grams, progress, fits, done, total, factorised) -> None:
+def _write_rest(read, plan: Plan, config, source: SourceInfo, writer, grams, progress: bool, fits: list) -> None:
     """Pass-through tensors, and every family the sequential fit did not take, fitted family by family."""
-    with Progress("factorising", total - len(done), enabled=progress) as bar:
+    factorised = factorised_keys(plan)
+    done = {fit.key for fit in fits}
+    with Progress("factorising", len(factorised) - len(done), enabled=progress) as bar:
         passthrough = {q.key: q for q in plan.passthrough}
         for key, _, _ in source.tensors:
             if key in passthrough:

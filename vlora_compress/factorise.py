@@ -241,7 +241,7 @@ def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iter
         last_hat = base_hat
         for layer, ref in chunk.steps():
             key = plan.key(layer)
-            factors = (get(increment_keys(key)[0]), get(increment_keys(key)[1])) if chunk.rank_of(layer) else None
+            factors = tuple(map(get, increment_keys(key))) if chunk.rank_of(layer) else None
             if base_hat is None:  # on the factors' device (a zero base has a rank at every layer)
                 base_hat = last_hat = torch.zeros(plan.shape, device=factors[0].device if factors else None)
             ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
