@@ -53,3 +53,17 @@ def test_more_chunks_than_layers_names_the_stack():
     fam = Family("enc", "w", (0, 1), (4, 4), "F32")
     with pytest.raises(VloraError, match="more than the 2 layers of stack 'enc'"):
         plan_equal([Stack("enc", (0, 1), (fam,), ())], CompressConfig(chunks=3))
+
+
+@pytest.mark.parametrize("options", [dict(method="svd", rank=3), dict(rank=3, chunks=2, quantize="int4", group_size=4),
+                                     dict(rank=2, chunks=2, quantize="int8", dtype="fp16"), dict(method="svd", rank=9)])
+def test_family_bytes_is_the_layout_a_file_stores(options):
+    """plan.family_bytes (what planning and the dense rule count) equals fileformat's stored layout."""
+    from vlora_compress.fileformat import family_layout
+    from vlora_compress.plan import family_bytes
+    from vlora_compress.report import nbytes
+
+    fam = Family("h", "w", (0, 1, 2, 3), (6, 10), "F32")
+    plan = plan_equal([Stack("h", (0, 1, 2, 3), (fam,), ())], CompressConfig(**options))
+    (fp,) = plan.families
+    assert family_bytes(fp) == sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)) > 0
