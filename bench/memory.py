@@ -1,11 +1,13 @@
-"""Peak memory of compress and expand on a synthetic checkpoint of over 1 GB, against its size.
+"""Peak memory of compress and expand on a synthetic bf16 Llama of over 2 GB, against its size.
 
-Each measurement runs in a fresh process that reports its own peak RSS (ru_maxrss). Side by side:
-the import floor, loading the whole checkpoint with safetensors.torch.load_file (what a naive tool
-does), and vlora's streaming compress (a fixed plan: the planner's search holds one family's layers
-at a time on top of this) and expand.
+Each measurement runs in a fresh process that reports its own peak RSS. Side by side: the import
+floor, loading the whole checkpoint with safetensors.torch.load_file (what a naive tool does),
+loading it as a transformers model, vlora's streaming compress with a fixed plan (data-free: the
+planner's search holds one family's layers at a time on top of this), a calibrated compress
+(whitened per-layer SVD, 20% of the model's parameters removed, block-sequential: the model loaded
+by layer), and expand.
 
-    python bench/memory.py [--layers 8] [--keep DIR]
+    python bench/memory.py [--layers 20] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 
 from vlora_compress import synthetic
+
+CALIB = Path(__file__).resolve().parent.parent / "vlora_compress" / "data" / "austen-calibration.txt"
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would include this parent.
 # Peak RSS counts the pages of the memory-mapped input (safe_open reads through mmap), which the
@@ -51,18 +55,21 @@ def measure(body: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--keep", type=Path, help="write the files here instead of a temp folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        src = folder / "llama-synthetic.safetensors"
+        model_dir = folder / "llama-synthetic"
+        src = model_dir / "model.safetensors"
         vl = folder / "llama-synthetic.vlora.safetensors"
+        calibrated = folder / "llama-synthetic.calibrated.vlora.safetensors"
         dense = folder / "llama-synthetic.expanded.safetensors"
-        specs = synthetic.llama_keys(layers=args.layers, d=2048, ffn=5632, heads=16, kv_heads=16, vocab=32000)
+        shape = dict(layers=args.layers, d=2048, ffn=5632, heads=16, kv_heads=16, vocab=32000)
+        specs = synthetic.llama_keys(**shape)
         t = time.perf_counter()
-        synthetic.write_checkpoint(src, specs, dtype=torch.bfloat16)
+        synthetic.llama_folder(model_dir, **shape, dtype=torch.bfloat16)
         size = src.stat().st_size
         largest = max(2 * s[0] * s[-1] for _, s in specs)
         print(f"synthetic Llama layout, bf16, {args.layers} layers: {size / 1e9:.2f} GB "
@@ -71,9 +78,16 @@ def main() -> None:
             ("import torch + vlora_compress", measure("import torch, vlora_compress")),
             ("safetensors load_file, every tensor in memory",
              measure(f"from safetensors.torch import load_file; sd = {{k: v.clone() for k, v in load_file({str(src)!r}).items()}}")),
+            ("transformers from_pretrained (bf16)",
+             measure(f"from vlora_compress.models import load_model; m = load_model({str(model_dir)!r}, head='base')")),
             ("vlora compress --rank 4 --chunks 2 (fixed plan)",
              measure(f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, "
                      "base='first', topology='chain', bounds='equal', force=True)")),
+            ("vlora compress --method svd --target-size 0.8 --calib",
+             measure(f"from vlora_compress import compress, CalibConfig; r = compress({str(model_dir)!r}, "
+                     f"{str(calibrated)!r}, method='svd', ranks='uniform', target_size='0.8', target_of='model', "
+                     f"calib={str(CALIB)!r}, calibration=CalibConfig(samples=32, max_length=128), force=True); "
+                     "assert r.calibration['model_loaded'] == 'by layer'")),
             ("vlora expand to file",
              measure(f"from vlora_compress import expand_to_file; expand_to_file({str(vl)!r}, {str(dense)!r}, force=True)")),
         ]
@@ -84,9 +98,11 @@ def main() -> None:
             above = r["peak_anon"] - floor
             print(f"{name:46} {r['peak_rss'] / 1e9:8.2f}G {r['peak_anon'] / 1e9:9.2f}G {above / 1e9:16.2f}G "
                   f"{above / size:7.2f} {above / largest:17.1f} {r['seconds']:6.1f}s")
-        comp, naive = rows[2][1]["peak_anon"] - floor, rows[1][1]["peak_anon"] - floor
-        print(f"\ncompress holds {comp / naive:.2f}x the anonymous memory of loading the model whole "
-              f"({comp / size:.2f}x the file size)")
+        naive = rows[1][1]["peak_anon"] - floor
+        for i, what in ((3, "compress"), (4, "calibrated compress")):
+            held = rows[i][1]["peak_anon"] - floor
+            print(f"{what} holds {held / naive:.2f}x the anonymous memory of loading the model whole "
+                  f"({held / size:.2f}x the file size; {rows[i][1]['peak_anon'] / size:.2f}x with the import floor)")
 
 
 if __name__ == "__main__":

@@ -40,15 +40,8 @@ EVAL = Path(__file__).resolve().parent.parent / "vlora_compress" / "data" / "aus
 
 def word_tokenizer(folder: Path):
     """A small word-level tokenizer built offline from the shipped text, saved beside a tiny model."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(CALIB)], trainers.WordLevelTrainer(vocab_size=250, special_tokens=["[PAD]", "[UNK]"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-    fast.save_pretrained(folder)
-    return fast
+    pytest.importorskip("transformers")
+    return synthetic.word_tokenizer(folder, CALIB)
 
 
 def tiny_model(folder: Path, arch: str, dtype: torch.dtype | None = None, **overrides) -> Path:

@@ -167,7 +167,6 @@ REFUSALS = [
     ("chain", lambda m: m["source"].update(nbytes=m["source"]["nbytes"] + 4), "is not the"),
     ("chain", lambda m: m["source"].pop("sha256"), "the source record has no 'sha256'"),
     ("chain", lambda m: m["source"].update(sha256=None), "sha256 is not a string"),
-    ("chain", lambda m: m["source"].update(files=[1.0]), "files are not a list of names"),
     ("chain", lambda m: m["source"].update(metadata={"format": 1}), "metadata is not a map of strings to strings"),
     ("chain", lambda m: m["source"].update(tensors={}), "tensors are not a list"),
     ("chain", lambda m: _source_tensor(m, "model.norm.weight").__setitem__(2, ["16"]), "is not [key, dtype, shape]"),

@@ -77,13 +77,17 @@ class Grams:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
 
 
-def read_calibration(preprocessor, data: str | Path, config: CalibConfig) -> tuple[list, list]:
-    """(samples for the Grams, held-back samples): the file's first ``samples``, then ``holdout`` more.
-
-    A file too short for both keeps at least half for the Grams.
+def read_calibration(preprocessor, data: str | Path | list, config: CalibConfig) -> tuple[list, list]:
+    """(samples for the Grams, held-back samples): the file's (or list's) first ``samples``, then
+    ``holdout`` more. A file too short for both keeps at least half for the Grams.
     """
-    reader = read_texts if takes_text(preprocessor) else read_images
-    items = reader(data, config.samples + config.holdout)
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise VloraError("`calib` is an empty list of samples")
+        items = list(data[: config.samples + config.holdout])
+    else:
+        reader = read_texts if takes_text(preprocessor) else read_images
+        items = reader(data, config.samples + config.holdout)
     held = min(config.holdout, len(items) // 2)
     return items[: len(items) - held][: config.samples], items[len(items) - held:]
 

@@ -1,7 +1,10 @@
-"""Read checkpoints: a .safetensors file, a sharded index, or a Hugging Face model folder.
+"""Read checkpoints: a .safetensors file, a sharded index, a Hugging Face model folder, or a model
+already in memory.
 
-Everything is read lazily through ``safe_open``: listing a checkpoint touches only headers, and a
-tensor is loaded when it is asked for, so compressing never holds the whole model in memory.
+Files are read lazily through ``safe_open``: listing a checkpoint touches only headers, and a
+tensor is loaded when it is asked for, so compressing never holds the whole model in memory. A
+model in memory (ModelCheckpoint) is seen as the file ``save_pretrained`` would write for it: the
+same tensor names, order and metadata, so that compressing it gives the file its folder would give.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .errors import VloraError
 
@@ -111,13 +115,8 @@ class Checkpoint:
         return t
 
     def sha256(self) -> str:
-        """Checksum of the source files' bytes, concatenated in ``self.files`` order."""
-        h = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-        return h.hexdigest()
+        """Digest of the tensors (tensor_digest): the same weights give the same digest, sharded or not."""
+        return tensor_digest(self.infos.values(), lambda key: self._handles[self.infos[key].file].get_tensor(key))
 
     def close(self) -> None:
         self._handles.clear()
@@ -127,6 +126,88 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ModelCheckpoint:
+    """A model in memory (a torch module, e.g. a transformers model) seen as the checkpoint that
+    ``save_pretrained`` would write for it: its state dict without tied duplicates, in the order
+    safetensors stores tensors, with safetensors' ``{"format": "pt"}`` metadata. Reading a tensor
+    gives the module's own (detached, not copied) tensor, on the device where it lives."""
+
+    is_vlora = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.source = f"<{type(model).__name__} in memory>"
+        self.files: list[Path] = []
+        state, seen = {}, {}
+        for key, t in model.state_dict(keep_vars=False).items():
+            if t.device.type == "meta":
+                raise VloraError(f"{self.source}: tensor {key!r} is on the meta device (not loaded)")
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+            if ident is not None and ident in seen:  # a tied weight: save_pretrained stores it once
+                continue
+            if t.dtype not in DTYPE_NAMES:
+                raise VloraError(f"{self.source}: tensor {key!r} has dtype {t.dtype}, which safetensors cannot hold")
+            seen[ident] = key
+            state[key] = t.detach()
+        if not state:
+            raise VloraError(f"{self.source}: holds no tensors")
+        self._state = state
+        self.infos = {key: TensorInfo(key, DTYPE_NAMES[state[key].dtype], tuple(state[key].shape), Path(self.source))
+                      for key in _stored_order(state)}
+
+    metadata = property(lambda self: {"format": "pt"})  # what transformers' save_pretrained writes
+    nbytes = Checkpoint.nbytes
+
+    def read(self, key: str) -> torch.Tensor:
+        t = self._state[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise VloraError(f"{self.source}: tensor {key!r} holds NaN or Inf")
+        return t
+
+    def sha256(self) -> str:
+        return tensor_digest(self.infos.values(), self._state.__getitem__)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "ModelCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _stored_order(state: dict[str, torch.Tensor]) -> list[str]:
+    """The order safetensors' serialiser stores these tensors in, asked of the library itself with
+    one-element stand-ins (it sorts by dtype, then name)."""
+    header = safetensors_header(save({k: torch.zeros(1, dtype=t.dtype) for k, t in state.items()}))
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def safetensors_header(blob: bytes) -> dict:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + n])
+
+
+def tensor_digest(infos, read) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: a digest of the
+    weights themselves, the same for a model in memory, one file or any sharding of it."""
+    h = hashlib.sha256()
+    for info in sorted(infos, key=lambda i: i.key):
+        h.update(json.dumps([info.key, info.dtype, list(info.shape)]).encode())
+        t = read(info.key).detach().contiguous()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
+    return h.hexdigest()
+
+
+def open_source(source) -> "Checkpoint | ModelCheckpoint":
+    """A checkpoint path (open_checkpoint), or a model in memory (ModelCheckpoint)."""
+    if isinstance(source, torch.nn.Module):
+        return ModelCheckpoint(source)
+    return open_checkpoint(source)
 
 
 def open_checkpoint(source: str | Path) -> Checkpoint:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .align import align_stack, detect_layout, read_config
 from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, read_calibration
-from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, open_checkpoint
+from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .models import config_folder, load_model, load_preprocessor, resolve_device, set_tensors
+from .models import (config_folder, load_by_layer, load_model, load_preprocessor, model_device, resolve_device,
+                     set_tensors)
 from .config import CompressConfig, parse_size
 from .plan import Plan, plan_equal, quantized_passthrough
 from .planner import plan_measured, rank_for_budget, share_budget
@@ -34,11 +38,12 @@ if TYPE_CHECKING:
 
 
 def compress(
-    source: str | Path,
+    source: str | Path | torch.nn.Module,
     out: str | Path | None = None,
     config: CompressConfig | None = None,
     *,
-    calib: str | Path | None = None,
+    calib: str | Path | list | None = None,
+    tokenizer=None,
     config_dir: str | Path | None = None,
     eval_data: str | Path | None = None,
     eval_config: EvalConfig | None = None,
@@ -50,18 +55,25 @@ def compress(
 ) -> CompressReport:
     """Compress a checkpoint into one VLoRA file and report its size and reconstruction error.
 
-    ``source`` is a .safetensors file, a sharded ``*.safetensors.index.json`` or a model folder;
-    ``out`` defaults to ``<source stem>.vlora.safetensors`` beside it. ``config`` holds every option
-    (config.CompressConfig; ``options`` are its fields as keywords, applied over it): the method,
-    plan, target size, storage and how calibration is read. ``calib`` (a text or image file)
-    whitens every factorisation with input Grams from the original model, found through
-    ``config_dir`` (default: the source's folder). ``distill`` (a text file) heals the written file
-    by distillation from the original (``heal_config``). ``eval_data`` scores the final file against
-    the original.
+    ``source`` is a .safetensors file, a sharded ``*.safetensors.index.json``, a model folder, or a
+    model in memory (a ``transformers`` model: the file is the one its saved folder would give, and
+    the model is left as it was). ``out`` defaults to ``<source stem>.vlora.safetensors`` beside a
+    path. ``config`` holds every option (config.CompressConfig; ``options`` are its fields as
+    keywords, applied over it): the method, plan, target size, storage, device and how calibration
+    is read. ``calib`` (a text or image file, or a list of samples) whitens every factorisation with
+    input Grams from the original model, found through ``config_dir`` (default: the source's
+    folder) or, for a model in memory, run with ``tokenizer``. ``distill`` (a text file) heals the
+    written file by distillation from the original (``heal_config``). ``eval_data`` scores the final
+    file against the original; both need the original's folder.
     """
     config = asked = replace(config or CompressConfig(), **options)  # the file records what was asked
     started = time.perf_counter()
-    with open_checkpoint(source) as ckpt:
+    in_memory = isinstance(source, torch.nn.Module)
+    if in_memory and out is None:
+        raise VloraError("compressing a model in memory needs `out`, the file to write")
+    if in_memory and (distill is not None or eval_data is not None) and config_dir is None:
+        raise VloraError("healing or evaluating a model in memory needs its saved folder as `config_dir`")
+    with open_source(source) as ckpt, _left_as_found(source if in_memory else None):
         if ckpt.is_vlora:
             raise VloraError(f"{ckpt.source}: is already a VLoRA file; expand it first")
         out = Path(out) if out is not None else default_output(Path(source))
@@ -81,18 +93,22 @@ def compress(
                 budgets = share_budget(stacks, target["stack_budget_bytes"])
             else:
                 config = replace(config, rank=target["rank"])
-        device = resolve_device(config.device)
+        device = _device(config.device, source if in_memory else None)
         read = ckpt.read if device.type == "cpu" else (lambda key: ckpt.read(key).to(device))
         aligned, align_notes = {}, []
         if config.align:
-            aligned, align_notes = _align(stacks, read, config_dir or source)
+            aligned, align_notes = _align(stacks, read, _model_config(source, config_dir))
             unaligned = read
             read = lambda key: aligned[key] if key in aligned else unaligned(key)  # noqa: E731
-        grams = meter = model = None
+        grams = meter = model = by_layer = None
         planned = _needs_search(config) or (calib is not None and config.ranks == "measured")
         if calib is not None:
-            model, preprocessor, samples, held = _calibration_model(source, config_dir, calib, config.calibration,
-                                                                    ckpt.read, aligned, device)
+            # the whole model's Grams (planning, or fitting not sequential) need every layer loaded;
+            # the sequential fit alone loads one layer at a time where it can (one stack)
+            one_at_a_time = config.sequential and not planned and len(stacks) == 1
+            model, preprocessor, samples, held, by_layer = _calibration_model(
+                source, config_dir, calib, tokenizer, config.calibration, ckpt, aligned, device,
+                {f.key(layer) for f in stacks[0].families for layer in f.layers} if one_at_a_time else set())
             if planned or not config.sequential:  # the original model's Grams: to plan by, or to fit by
                 keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
@@ -105,12 +121,14 @@ def compress(
         entries = layout(plan, record)
         sequential = None
         if calib is not None and config.sequential:
-            sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read)
+            sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read,
+                                       onload=(read, by_layer) if by_layer is not None else None)
         fits = _write(read, plan, config, record, entries, out, grams, progress, asked, sequential)
         report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
-            target=target, calibration=_calibration_summary(grams, sequential, calib, config.calibration, plan),
+            target=target, calibration=_calibration_summary(grams, sequential, calib, config.calibration, plan,
+                                                            by_layer is not None),
         )
     if distill is not None:
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
@@ -189,12 +207,42 @@ def _needs_search(config: CompressConfig) -> bool:
     return config.bounds == "dp" and config.chunks > 1
 
 
-def _align(stacks, read, config_source) -> tuple[dict, list[str]]:
-    """Aligned weights of every stack whose architecture is known, and a note for each stack."""
+def _model_config(source, config_dir) -> dict | None:
+    """The model's config.json as a dict: a model in memory's own, else the one beside the source."""
+    if isinstance(source, torch.nn.Module) and config_dir is None:
+        config = getattr(source, "config", None)
+        return config.to_dict() if hasattr(config, "to_dict") else None
     try:
-        config = read_config(config_folder(config_source))
+        return read_config(config_folder(config_dir or source))
     except VloraError:
-        config = None
+        return None
+
+
+def _device(name: str, model: torch.nn.Module | None) -> torch.device:
+    """Where the work runs: ``name`` resolved; a model in memory runs where it is (``auto``), and is
+    not moved (another device is an error)."""
+    if model is None:
+        return resolve_device(name)
+    here = model_device(model)
+    if name != "auto" and resolve_device(name) != here:
+        raise VloraError(f"`device` {name!r}: the model in memory is on {here}; move it there first, or use auto")
+    return here
+
+
+@contextmanager
+def _left_as_found(model: torch.nn.Module | None):
+    """Whatever the pipeline puts into a model in memory (aligned weights, fitted layers) is undone
+    on the way out: each parameter gets its own tensor back (references, not copies)."""
+    saved = [(p, p.data) for p in model.parameters()] if model is not None else []
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def _align(stacks, read, config: dict | None) -> tuple[dict, list[str]]:
+    """Aligned weights of every stack whose architecture is known, and a note for each stack."""
     aligned, notes = {}, []
     for stack in stacks:
         layout, note = detect_layout(stack, config)
@@ -204,31 +252,50 @@ def _align(stacks, read, config_source) -> tuple[dict, list[str]]:
     return aligned, notes
 
 
-def _calibration_model(source, config_dir, calib, calib_config: CalibConfig, read, aligned, device):
-    """(model, preprocessor, samples for the Grams, held-back samples) of the original model.
+def _calibration_model(source, config_dir, calib, tokenizer, calib_config: CalibConfig, ckpt, aligned, device,
+                       by_layer_keys: set[str]):
+    """(model, preprocessor, samples for the Grams, held-back samples, weights loaded by layer) of
+    the original model.
 
-    With aligned weights the model runs aligned too: the same function, but the inputs of the
-    output projections arrive permuted and rotated as the aligned weights expect them.
+    A model in memory is used as it is, with ``tokenizer`` (or the preprocessor in ``config_dir``).
+    From a path, the weights in ``by_layer_keys`` are not loaded but left to the sequential fit,
+    which loads each layer's when it gets there (models.load_by_layer: the model never whole in
+    memory); the last item maps those keys to their parameters, or is None when the model was
+    loaded whole. With aligned weights the model runs aligned too: the same function, but the
+    inputs of the output projections arrive permuted and rotated as the aligned weights expect them.
     """
-    folder = config_folder(config_dir or source)
-    model = load_model(Path(source) if config_dir is None else source, folder if config_dir else None, "base")
-    model.to(device)
-    if aligned:
-        set_tensors(model, aligned, read)
-    preprocessor = load_preprocessor(folder)
+    by_layer = None
+    if isinstance(source, torch.nn.Module):
+        model = getattr(source, "base_model", source)  # the hidden states, as the "base" head gives them
+        preprocessor = tokenizer if tokenizer is not None else \
+            load_preprocessor(config_dir) if config_dir is not None else None
+        if preprocessor is None:
+            raise VloraError("calibrating a model in memory needs its `tokenizer` (or image processor)")
+    else:
+        folder = config_folder(config_dir or source)
+        path, cdir = (Path(source), None) if config_dir is None else (source, folder)
+        loaded = load_by_layer(path, cdir, "base", ckpt, by_layer_keys, device) if by_layer_keys else None
+        if loaded is not None:
+            model, by_layer = loaded
+        else:
+            model = load_model(path, cdir, "base").to(device)
+        preprocessor = tokenizer if tokenizer is not None else load_preprocessor(folder)
+    if aligned:  # weights loaded by layer are read aligned when they are loaded
+        set_tensors(model, {k: v for k, v in aligned.items() if not (by_layer and k in by_layer)}, ckpt.read)
     samples, held = read_calibration(preprocessor, calib, calib_config)
-    return model, preprocessor, samples, held
+    return model, preprocessor, samples, held, by_layer
 
 
 def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, calib, calib_config: CalibConfig,
-                         plan: Plan) -> dict | None:
+                         plan: Plan, by_layer: bool) -> dict | None:
     if grams is None and sequential is None:
         return None
     keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
     fitted = set(sequential.fitted) if sequential is not None else set()
     whitened = {k for k in keys if k in fitted or (grams is not None and k in grams)}
     return {
-        "data": str(calib),
+        "data": str(calib) if not isinstance(calib, (list, tuple)) else f"{len(calib)} samples given in memory",
+        "model_loaded": "by layer" if by_layer else "whole",
         "samples": sequential.samples if sequential is not None else grams.samples,
         "tokens": sequential.tokens if sequential is not None else grams.tokens,
         "damping": calib_config.damping,
@@ -248,9 +315,8 @@ def default_output(source: Path) -> Path:
     return source.parent / (stem + VLORA_SUFFIX)
 
 
-def source_info(ckpt: Checkpoint) -> SourceInfo:
+def source_info(ckpt: Checkpoint | ModelCheckpoint) -> SourceInfo:
     return SourceInfo(
-        files=tuple(f.name for f in ckpt.files),
         sha256=ckpt.sha256(),
         nbytes=ckpt.nbytes,
         metadata=ckpt.metadata,

@@ -37,9 +37,12 @@ def increment_keys(key: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What expand needs to give back the original: keys in order, dtypes, shapes, metadata."""
+    """What expand needs to give back the original: keys in order, dtypes, shapes, metadata.
 
-    files: tuple[str, ...]
+    It describes the weights, not where they were kept (no file names, which files written by
+    earlier versions carry and readers ignore): a model in memory and its saved folder give the
+    same record, and ``sha256`` is checkpoint.tensor_digest, a digest of the tensors themselves."""
+
     sha256: str
     nbytes: int
     metadata: dict[str, str]
@@ -51,12 +54,10 @@ class SourceInfo:
         and sizes are reported against ``nbytes``, so every field is checked, types included."""
         if not isinstance(d, dict):
             raise VloraError("corrupted plan: the source record is not a JSON object")
-        missing = [k for k in ("files", "sha256", "nbytes", "metadata", "tensors") if k not in d]
+        missing = [k for k in ("sha256", "nbytes", "metadata", "tensors") if k not in d]
         if missing:
             raise VloraError(f"corrupted plan: the source record has no {missing[0]!r}")
-        files, sha256, nbytes, metadata, tensors = d["files"], d["sha256"], d["nbytes"], d["metadata"], d["tensors"]
-        if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) for f in files):
-            raise VloraError("corrupted plan: the source record's files are not a list of names")
+        sha256, nbytes, metadata, tensors = d["sha256"], d["nbytes"], d["metadata"], d["tensors"]
         if not isinstance(sha256, str):
             raise VloraError("corrupted plan: the source record's sha256 is not a string")
         if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -83,7 +84,7 @@ class SourceInfo:
         if nbytes != held:
             raise VloraError(f"corrupted plan: the source record's nbytes {nbytes:,} is not the {held:,} bytes "
                              "of the tensors it lists")
-        return cls(tuple(files), sha256, nbytes, dict(metadata), tuple(entries))
+        return cls(sha256, nbytes, dict(metadata), tuple(entries))
 
     def by_key(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """key -> (dtype, shape)."""

@@ -152,7 +152,7 @@ def inspect_vlora(path: str | Path) -> dict:
         "path": str(vfile.path),
         "format_version": int(vfile.checkpoint.metadata["vlora.version"]),
         "config": vfile.config,
-        "source": {"files": list(vfile.source.files), "sha256": vfile.source.sha256, "bytes": vfile.source.nbytes},
+        "source": {"sha256": vfile.source.sha256, "bytes": vfile.source.nbytes},
         "bytes": total,
         "params": sum(i.numel for i in vfile.checkpoint.infos.values()),
         "size_ratio": total / vfile.source.nbytes,
@@ -253,8 +253,8 @@ def render_vlora(info: dict, console: Console) -> None:
     roles = info["bytes_by_role"]
     console.print(
         f"[bold]{info['path']}[/]: VLoRA format v{info['format_version']}, {human_bytes(info['bytes'])} "
-        f"= {info['size_ratio']:.3f} of the source ({', '.join(info['source']['files'])}, "
-        f"{human_bytes(info['source']['bytes'])})"
+        f"= {info['size_ratio']:.3f} of the source ({human_bytes(info['source']['bytes'])}, "
+        f"sha256 {info['source']['sha256'][:12]})"
     )
     console.print(
         f"bases {human_bytes(roles['bases'])}, increments {human_bytes(roles['increments'])}, "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import open_checkpoint
+from .checkpoint import DTYPES, open_checkpoint
 from .errors import VloraError
 from .expand import expand
 
@@ -99,6 +99,48 @@ def load_state_dict_model(path: str | Path, config_dir: str | Path | None, head:
     if mismatched:
         raise VloraError(f"{path}: does not match the config in {folder}: {list(mismatched)[0]} has another shape")
     return model.eval()
+
+
+def load_by_layer(path: str | Path, config_dir: str | Path | None, head: str | None, ckpt,
+                  held_back: set[str], device: torch.device):
+    """A model whose ``held_back`` weights are not loaded, and how to load them one layer at a time.
+
+    Returns ``(model, params)``, ``params`` mapping each held-back checkpoint key to its parameter,
+    which holds a one-element placeholder broadcast to the weight's shape (it costs no memory; the
+    caller puts the real tensor in before the layer runs and the placeholder back after). Everything
+    else is loaded by transformers as usual and moved to ``device``. None when some held-back key
+    does not name a parameter of the model by name (transformers renamed it): the caller loads the
+    model whole instead. Only transformers 5 keeps the placeholders as they are (4.x copies them
+    into full tensors: correct, but no memory saved).
+    """
+    state = {key: _placeholder(ckpt.infos[key].shape, DTYPES[ckpt.infos[key].dtype])
+             if key in held_back else ckpt.read(key) for key in ckpt.infos}
+    model = load_state_dict_model(path, config_dir, head, state)
+    del state
+    params = {}
+    for key in held_back:
+        param = param_for_key(model, key)  # by name only: placeholders have no values to match
+        if param is None:
+            return None
+        params[key] = param
+    placeholders = {id(p) for p in params.values()}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                p.data = _placeholder(p.shape, p.dtype, device) if id(p) in placeholders else p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+    return model, params
+
+
+def _placeholder(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One zero broadcast to ``shape``: a stand-in for a weight that is not loaded (stride 0)."""
+    return torch.zeros((), dtype=dtype, device=device).expand(tuple(shape))
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
 def vlora_model(vlora_path: str | Path, config_dir: str | Path, head: str | None = None):

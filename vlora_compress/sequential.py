@@ -24,8 +24,8 @@ GPTQ, SVD-LLM and llm-compressor's sequential pipeline work this way, and so doe
 The fitting is fit_family's walk, driven a layer at a time, so what is written is what expand
 rebuilds. It needs every chunk's base to be its first layer or none (per-layer factors); a family
 planned otherwise (a whitened-mean base) is fitted after the pass from the Grams of the original
-stream, as without this stage. Memory: the model, the two streams' activations at one layer
-boundary, and one layer's Grams.
+stream, as without this stage. Memory: the model (or, loaded by layer, all but its stack, and
+one layer of that), the two streams' activations at one layer boundary, and one layer's Grams.
 """
 
 from __future__ import annotations
@@ -68,10 +68,17 @@ class SequentialFit:
     """Drive the fit of every sequential family a layer at a time while the activations flow."""
 
     def __init__(self, model, preprocessor, samples: list, plan: Plan, config: CompressConfig,
-                 read: Callable[[str], torch.Tensor] | None = None):
+                 read: Callable[[str], torch.Tensor] | None = None,
+                 onload: tuple[Callable[[str], torch.Tensor], dict[str, torch.nn.Parameter]] | None = None):
+        """``read`` gives checkpoint tensors (to find modules transformers renamed). ``onload`` is
+        ``(read, params)`` for a model loaded by layer (models.load_by_layer): each layer's
+        parameters in ``params`` get ``read(key)`` before the layer runs and their placeholders back
+        once the stream has passed it."""
         self.model, self.plan, self.config = model, plan, config
         self.feedback = config.feedback
         self.read = read
+        self.onload = onload
+        self._onload_keys = {p: key for key, p in onload[1].items()} if onload is not None else {}
         cal = config.calibration
         self.batches = list(batches(preprocessor, samples, cal.batch_size, token_limit(model, cal.max_length)))
         self.samples = len(samples)
@@ -99,6 +106,7 @@ class SequentialFit:
                     block = blocks.get(layer)
                     if block is None:
                         raise VloraError(f"cannot find layer {layer} of stack {stack.prefix!r} in the model")
+                    placeholders = self._load(block)
                     for key, (target, wh) in self._targets(block, keys, streams).items():
                         targets[key], whiteners[key] = target, wh
                     for fp in mine:
@@ -110,7 +118,19 @@ class SequentialFit:
                         targets.pop(key, None)
                         whiteners.pop(key, None)
                     self._advance_streams(block, streams)
+                    for p, data in placeholders:  # the stream has passed: the layer's memory goes
+                        p.data = data
                     bar.advance()
+
+    def _load(self, block: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Put the real weights into a layer loaded by layer; (parameter, placeholder) pairs to undo it."""
+        undo = []
+        for p in block.parameters():
+            key = self._onload_keys.get(p)
+            if key is not None:
+                undo.append((p, p.data))
+                p.data = self.onload[0](key).to(device=p.device, dtype=p.dtype)
+        return undo
 
     def _module(self, key: str) -> torch.nn.Module:
         """The linear layer (nn.Linear or GPT-2's Conv1D) whose weight is checkpoint tensor ``key``."""

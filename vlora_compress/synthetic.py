@@ -161,3 +161,39 @@ def _write(path: Path, specs: list[Spec], make, dtype, name: str, metadata) -> N
 def _made(specs: list[Spec], make, dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for key, shape in specs:
         yield key, make(key, shape).to(dtype).contiguous()
+
+
+def llama_folder(folder: str | Path, layers: int = 4, d: int = 64, ffn: int = 172, heads: int = 4,
+                 kv_heads: int = 2, vocab: int = 256, dtype: torch.dtype = torch.float32,
+                 tokenizer_text: str | Path | None = None) -> Path:
+    """A Llama model folder transformers loads offline: ``llama_keys`` weights (written one tensor
+    at a time, so it may be larger than memory), its config.json and a word-level tokenizer
+    trained on ``tokenizer_text`` (default: the shipped calibration text). Needs the ``hf`` extra."""
+    from .models import hf
+
+    t = hf()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(folder / "model.safetensors", llama_keys(layers, d, ffn, heads, kv_heads, vocab), dtype=dtype)
+    t.LlamaConfig(num_hidden_layers=layers, hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=2048,
+                  tie_word_embeddings=False, dtype=str(dtype).removeprefix("torch."),
+                  architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    word_tokenizer(folder, tokenizer_text)
+    return folder
+
+
+def word_tokenizer(folder: str | Path, text: str | Path | None = None, vocab: int = 250):
+    """A small word-level tokenizer trained offline on ``text`` (default: the shipped calibration
+    text), saved in ``folder`` as transformers saves a fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from .models import hf
+
+    text = text or Path(__file__).resolve().parent / "data" / "austen-calibration.txt"
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(text)], trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
+    fast = hf().PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(folder)
+    return fast
