@@ -132,3 +132,30 @@ def test_ranks_past_the_break_even_store_the_matrix_dense(tmp_path):
     out = tmp_path / "below.vlora.safetensors"
     compress(src, out, method="svd", rank=21)  # 21 x 88 = 1848 < 1920: factors still pay
     assert VloraFile(out).plan.families[0].chunks[0].ranks == (21,) * 4
+
+
+def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_file):
+    """13 candidates a family are fitted and ranked by the family's own output error; only the
+    best few and per-layer SVD cost a forward pass of the model; the rest are still reported."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.planner import SHORT_LIST, candidates, plan_measured
+    from vlora_compress.stacks import find_stacks
+
+    calls = []
+
+    def meter(rebuilt):  # any score will do: the first measured candidate wins
+        calls.append(sorted(rebuilt))
+        return 1.0 + len(calls)
+
+    config = CompressConfig(rank=8, ranks="uniform")
+    with open_checkpoint(gpt2_file) as ckpt:
+        stacks = find_stacks(ckpt.infos)
+        plan = plan_measured(stacks, config, ckpt.read, meter=meter)
+    families = [f for s in stacks for f in s.families]
+    assert len(candidates(config, len(families[0].layers))) == 13
+    assert len(families) * SHORT_LIST <= len(calls) <= len(families) * (SHORT_LIST + 1)
+    for note in plan.notes:
+        measured = note.split(" (not measured")[0]
+        assert "per-layer SVD" in measured
+        ranked_out = note.split("by the family's own output error: ")[1].rstrip(")").split("; ")
+        assert len(ranked_out) + measured.count(";") + 2 == 13  # every candidate is in the note

@@ -40,17 +40,26 @@ def choose_svd(shape: tuple[int, int], rank: int, method: str) -> str:
     return "exact" if small <= EXACT_SVD_MAX_DIM or 4 * rank >= small else "randomized"
 
 
-def truncated_svd(delta: torch.Tensor, rank: int, method: str = "exact", seed: int = 0, niter: int = 4):
+def truncated_svd(delta: torch.Tensor, rank: int, method: str = "exact", seed: int = 0, niter: int = 4,
+                  memo: tuple[dict, str] | None = None):
     """Best rank-``rank`` factors (B, A) of ``delta`` in float32, the singular values split evenly.
 
     Signs are fixed (each column of B has a positive largest entry) so the output does not depend on
-    LAPACK's arbitrary sign choice.
+    LAPACK's arbitrary sign choice. ``memo`` = (cache, name) keeps the exact decomposition of the
+    matrix called ``name`` in ``cache``, so that fitting it again at another rank truncates it
+    instead of decomposing it again (the planner weighing one family's ranks).
     """
     m, n = delta.shape
     if rank == 0:
         return delta.new_zeros((m, 0), dtype=torch.float32), delta.new_zeros((0, n), dtype=torch.float32)
     if method == "exact":
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        if memo is None:
+            u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        else:
+            cache, name = memo
+            if name not in cache:
+                cache[name] = torch.linalg.svd(delta.double(), full_matrices=False)
+            u, s, vh = cache[name]
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     elif method == "randomized":
         q = min(rank + max(10, rank // 2), m, n)
@@ -114,10 +123,10 @@ class Whitener:
 
 
 def whitened_svd(delta: torch.Tensor, rank: int, whitener: Whitener, method: str = "exact", seed: int = 0,
-                 niter: int = 4):
+                 niter: int = 4, memo: tuple[dict, str] | None = None):
     """Rank-``rank`` factors (B, A) minimising the output error ||(ΔW - BA) S||, not ||ΔW - BA||."""
     d = delta if whitener.side == 1 else delta.T
-    b, a = truncated_svd(d.double() @ whitener.root, rank, method, seed, niter)
+    b, a = truncated_svd(d.double() @ whitener.root, rank, method, seed, niter, memo)
     a = (a.double() @ whitener.inv).float()
     return (b, a) if whitener.side == 1 else (a.T.contiguous(), b.T.contiguous())
 
@@ -128,6 +137,7 @@ def fit_family(
     config: CompressConfig,
     whitener: Callable[[str], Whitener | None] = lambda key: None,
     rebuilt: Callable[[str, torch.Tensor], None] | None = None,
+    svd_cache: dict | None = None,
 ) -> Iterator[tuple[str, torch.Tensor] | LayerFit]:
     """Yield stored tensors ``(name, tensor)`` in layout order, and a LayerFit after each layer.
 
@@ -136,6 +146,8 @@ def fit_family(
     reaches it, so a caller may drive it a layer at a time (sequential.py) for chunks whose base is
     their first layer or none. Only the base and the last rebuilt layer are held, so memory stays at
     a few copies of one tensor; everything is made on the device of the weights read.
+    ``svd_cache`` keeps the decomposition of every layer fitted on a zero base (per-layer factors,
+    which do not depend on the rank) for a later fit of the same weights at another rank.
     """
     store = DTYPES[plan.store_dtype]
     orig = DTYPES[plan.dtype]
@@ -167,10 +179,11 @@ def fit_family(
             method = choose_svd(plan.shape, rank, config.svd)
             wh = whitener(key)
             delta = w.float() - ref_hat
+            memo = (svd_cache, key) if svd_cache is not None and chunk.base == "none" else None
             if wh is not None:
-                b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter)
+                b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
             else:
-                b, a = truncated_svd(delta, rank, method, config.seed, config.niter)
+                b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
             if rank:
                 kb, ka = increment_keys(key)
                 entries_b, b = encode(plan, kb, b)

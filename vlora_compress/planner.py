@@ -83,35 +83,64 @@ def plan_measured(
             budget = (budgets[fam.name] if budgets is not None
                       else candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config))
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-            cands = candidates(config, len(fam.layers))
-            best, tried = None, []
-            for cand in cands:
-                fp = fit_candidate(fam, cand, weights, whitener, config, budget)
-                if fp is None:
-                    continue
-                if len(cands) == 1:  # nothing to choose between: no need to measure
-                    best = (cand, fp, float("nan"))
-                    break
-                rebuilt = rebuild_in_memory(fp, weights, whitener, config)
-                score = meter(rebuilt) if meter else family_error(fam, weights, rebuilt, whitener)
-                tried.append((cand, score))
-                if best is None or score < best[2] * (1 - 1e-9):
-                    best = (cand, fp, score)
+            best, tried, ranked_out = _choose(fam, candidates(config, len(fam.layers)), weights, whitener, config,
+                                              budget, meter)
             if best is None:
                 raise VloraError(f"{fam.name}: no candidate fits its budget of {budget:,} bytes")
             cand, fp, score = best
             rank = max((r for c in fp.chunks for r in c.ranks), default=0)
             if tried:
                 others = "; ".join(f"{c.label} {s:.4g}" for c, s in tried if c != cand)
+                out = "; ".join(f"{c.label} {s:.4g}" for c, s in ranked_out)
                 label = cand.label if rank else Candidate("first", "chain", 1, cand.quant, dense=True).label
                 notes.append(f"{fam.name}: {label}{f' at rank {rank}' if rank else ''}, error {score:.4g}"
-                             + (f" (also tried: {others})" if others else ""))
+                             + (f" (also tried: {others})" if others else "")
+                             + (f" (not measured in the model, by the family's own output error: {out})" if out else ""))
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         family_plans, note = allocate_ranks(chosen, family_plans, config, read, whitener, meter)
         notes.append(note)
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
+
+
+SHORT_LIST = 3  # candidates, best by the family's own output error, that the model's error decides between
+
+
+def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter):
+    """(best (candidate, plan, score) or None, [(candidate, score)] of those measured, [(candidate,
+    family error)] of those the short list left out)
+
+    Every candidate is fitted and scored by the family's summed (whitened) output error, which
+    costs a rebuild; with a meter, the model's output error then decides among the ``SHORT_LIST``
+    best by that score and per-layer SVD (the baseline is always measured), since a forward pass
+    of the whole model costs far more than a family's rebuild. Only the short list's rebuilt
+    weights are held."""
+    fitted, short = [], []  # short: (family error, index, candidate, plan, rebuilt)
+    for i, cand in enumerate(cands):
+        fp = fit_candidate(fam, cand, weights, whitener, config, budget)
+        if fp is None:
+            continue
+        if len(cands) == 1:  # nothing to choose between: no need to measure
+            return (cand, fp, float("nan")), [], []
+        rebuilt = rebuild_in_memory(fp, weights, whitener, config)
+        proxy = family_error(fam, weights, rebuilt, whitener)
+        fitted.append((cand, proxy))
+        short.append((proxy, i, cand, fp, rebuilt if meter else None))
+        short.sort(key=lambda t: (t[0], t[1]))
+        baseline = [t for t in short[SHORT_LIST:] if t[2].base == "none"]
+        short = short[:SHORT_LIST] + baseline
+    if meter is None:
+        best = short[0] if short else None
+        return ((best[2], best[3], best[0]) if best else None), fitted, []
+    best, tried = None, []
+    for proxy, i, cand, fp, rebuilt in sorted(short, key=lambda t: t[1]):
+        score = meter(rebuilt)
+        tried.append((cand, score))
+        if best is None or score < best[2] * (1 - 1e-9):
+            best = (cand, fp, score)
+    measured = {c for c, _ in tried}
+    return best, tried, [(c, e) for c, e in fitted if c not in measured]
 
 
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity
@@ -129,11 +158,13 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     total = 0
     for (fam, cand, budget), fp in zip(chosen, uniform):
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-        opts = [(family_bytes(fp), meter(rebuild_in_memory(fp, weights, whitener, config)), fp)]
+        cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
+        opts = [(family_bytes(fp), meter(rebuild_in_memory(fp, weights, whitener, config, cache)), fp)]
         for scale in RANK_SCALES:
             alt = fit_candidate(fam, cand, weights, whitener, config, int(budget * scale))
             if alt is not None and family_bytes(alt) != opts[0][0]:
-                opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config)), alt))
+                opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config, cache)), alt))
+        del cache
         options.append(opts)
         total += family_bytes(fp)
     picked = _lagrangian(options, total)
@@ -342,10 +373,11 @@ def chain_cost(fam: Family, weights, whitener, rank: int) -> Callable[[int, int]
     return lambda start, end: prefix[end] - prefix[start + 1]
 
 
-def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig) -> dict[str, torch.Tensor]:
+def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig,
+                      svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
     """Fit ``fp`` and rebuild its layers exactly as compress and expand would, without writing."""
     by_key = {fp.key(layer): weights[layer] for c in fp.chunks for layer in c.layers}
-    stored = {item[0]: item[1] for item in fit_family(fp, by_key.__getitem__, config, whitener)
+    stored = {item[0]: item[1] for item in fit_family(fp, by_key.__getitem__, config, whitener, svd_cache=svd_cache)
               if isinstance(item, tuple)}
     shapes = dict(family_matrices(fp))
     return dict(rebuild_family(fp, lambda name: read_matrix(fp, shapes[name], name, stored.__getitem__)))
