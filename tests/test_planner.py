@@ -152,10 +152,14 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
         stacks = find_stacks(ckpt.infos)
         plan = plan_measured(stacks, config, ckpt.read, meter=meter)
     families = [f for s in stacks for f in s.families]
-    assert len(candidates(config, len(families[0].layers))) == 13
-    assert len(families) * SHORT_LIST <= len(calls) <= len(families) * (SHORT_LIST + 1)
+    assert len(candidates(config, len(families[0].layers))) == 13  # some do not fit the budget
+    assert len(plan.notes) == len(families)
+    n_measured = 0
     for note in plan.notes:
         measured = note.split(" (not measured")[0]
         assert "per-layer SVD" in measured
         ranked_out = note.split("by the family's own output error: ")[1].rstrip(")").split("; ")
-        assert len(ranked_out) + measured.count(";") + 2 == 13  # every candidate is in the note
+        n = measured.count(";") + 2  # the chosen one and the others tried
+        assert n in (SHORT_LIST, SHORT_LIST + 1) and len(ranked_out) >= 1
+        n_measured += n
+    assert len(calls) == n_measured

@@ -198,8 +198,10 @@ def fit_family(
             w_hat = last_hat.to(orig)
             if rebuilt is not None:
                 rebuilt(key, w_hat)
-            yield LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat),
-                           wh.output_error(w, w_hat) if wh else None)
+            fit = LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat), wh.output_error(w, w_hat) if wh else None)
+            # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
+            del w, w_hat, delta, wh, b, a
+            yield fit
 
 
 def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> torch.Tensor:

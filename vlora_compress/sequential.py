@@ -30,6 +30,7 @@ one layer of that), the two streams' activations at one layer boundary, and one 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -96,10 +97,9 @@ class SequentialFit:
                 continue
             blocks = _layer_list(self.model, max(mine, key=lambda fp: len(fp.layers)), self.read)
             streams = self._capture(blocks[stack.layers[0]])
-            targets: dict[str, torch.Tensor] = {}
-            whiteners: dict[str, Whitener | None] = {}
-            walks = {fp.name: fit_family(fp, targets.__getitem__, self.config, whiteners.__getitem__,
-                                         rebuilt=self._set) for fp in mine}
+            now: list[_Layer] = []  # the layer being fitted: what the walks read
+            walks = {fp.name: fit_family(fp, lambda key: now[0].target(key), self.config,
+                                         lambda key: now[0].whitener(key), rebuilt=self._set) for fp in mine}
             with Progress(f"sequential {stack.prefix}", len(stack.layers), enabled=progress) as bar:
                 for layer in stack.layers:
                     keys = [fp.key(layer) for fp in mine if layer in fp.layers]
@@ -107,16 +107,13 @@ class SequentialFit:
                     if block is None:
                         raise VloraError(f"cannot find layer {layer} of stack {stack.prefix!r} in the model")
                     placeholders = self._load(block)
-                    for key, (target, wh) in self._targets(block, keys, streams).items():
-                        targets[key], whiteners[key] = target, wh
+                    now[:] = [self._layer(block, keys, streams)]
                     for fp in mine:
                         if layer in fp.layers:
                             for fit in _advance(walks[fp.name], write):
                                 self.fitted.append(fit.key)
                                 yield fit
-                    for key in keys:  # fitted: free what the walk has read
-                        targets.pop(key, None)
-                        whiteners.pop(key, None)
+                    now.clear()  # fitted: its Grams and whitenings go
                     self._advance_streams(block, streams)
                     for p, data in placeholders:  # the stream has passed: the layer's memory goes
                         p.data = data
@@ -176,8 +173,8 @@ class SequentialFit:
             handle.remove()
         return streams
 
-    def _targets(self, block, keys: list[str], streams: list[Stream]) -> dict[str, tuple[torch.Tensor, Whitener | None]]:
-        """(feedback target, whitening) of every key of one layer, from both streams' inputs."""
+    def _layer(self, block, keys: list[str], streams: list[Stream]) -> "_Layer":
+        """The Grams of one layer's keys from both streams' inputs (and for ``outputs`` the targets)."""
         modules = {key: (self._module(key), 1 if isinstance(self._module(key), torch.nn.Linear) else 0) for key in keys}
         grams: dict[str, torch.Tensor] = {}
         cross: dict[str, torch.Tensor] = {}
@@ -198,22 +195,19 @@ class SequentialFit:
                     c = (xh.T @ x_orig[key][0].float()).double()
                     cross[key] = cross[key] + c if key in cross else c
         self.gram_bytes = max(self.gram_bytes, sum(g.numel() * g.element_size() for g in [*grams.values(), *cross.values()]))
-        out = {}
-        whiteners = {}
-        for key in keys:
-            group = alias.get(key, key)
-            module, side = modules[key]
-            if group not in whiteners:
-                whiteners[group] = Whitener.from_gram(grams[group], side, self.config.calibration.damping)
-            wh = whiteners[group]
-            w = module.weight.detach().double()
-            if self.feedback == "outputs" and wh is not None:
-                # T = W (Cᵀ + δ)(G + δ)⁻¹ for a Linear (W is out x in); (G + δ)⁻¹ (C + δ) W for Conv1D.
-                # The damping δ of S pulls T towards W, not towards zero: with X̂ = X, T = W exactly.
-                g_inv_c = wh.inv.T @ (wh.inv @ _plus_diagonal(cross[group], wh.damping))
-                w = w @ g_inv_c.T if side == 1 else g_inv_c @ w
-            out[key] = (w.float(), wh)
-        return out
+        layer = _Layer(modules, grams, alias, self.config.calibration.damping)
+        if self.feedback == "outputs":
+            for key in keys:
+                group = alias.get(key, key)
+                module, side = modules[key]
+                wh = layer.whitener(key, keep=True)
+                if wh is not None:
+                    # T = W (Cᵀ + δ)(G + δ)⁻¹ for a Linear (W is out x in); (G + δ)⁻¹ (C + δ) W for Conv1D.
+                    # The damping δ of S pulls T towards W, not towards zero: with X̂ = X, T = W exactly.
+                    w = module.weight.detach().double()
+                    g_inv_c = wh.inv.T @ (wh.inv @ _plus_diagonal(cross[group], wh.damping))
+                    layer.targets[key] = (w @ g_inv_c.T if side == 1 else g_inv_c @ w).float()
+        return layer
 
     def _advance_streams(self, block, streams: list[Stream]) -> None:
         """Both streams to the next layer: the original's output was kept when its inputs were taken;
@@ -223,6 +217,33 @@ class SequentialFit:
                 s.compressed = s.next_original if self.feedback == "none" \
                     else _output(block(s.compressed, *s.args, **s.kwargs))
                 s.original, s.next_original = s.next_original, None  # None under `inputs`: not kept
+
+
+class _Layer:
+    """What the fit of one layer reads: each key's target (its weight, unless ``outputs`` set one)
+    and its whitening, made from its Gram when first asked for. The Gram goes then, and the
+    whitening once every key that shares it has had it, so that a layer's Grams and whitenings are
+    not all held at once (a 7B MLP's whitening alone is two 11008² float64 matrices, 1.9 GB)."""
+
+    def __init__(self, modules: dict, grams: dict[str, torch.Tensor], alias: dict[str, str], damping: float):
+        self.modules, self.grams, self.alias, self.damping = modules, grams, alias, damping
+        self.targets: dict[str, torch.Tensor] = {}
+        self.waiting = Counter(alias.get(key, key) for key in modules)  # keys yet to ask, per Gram
+        self.made: dict[str, Whitener | None] = {}
+
+    def target(self, key: str) -> torch.Tensor:
+        return self.targets.pop(key) if key in self.targets else self.modules[key][0].weight.detach().float()
+
+    def whitener(self, key: str, keep: bool = False) -> Whitener | None:
+        group = self.alias.get(key, key)
+        if group not in self.made:
+            self.made[group] = Whitener.from_gram(self.grams.pop(group), self.modules[key][1], self.damping)
+        wh = self.made[group]
+        if not keep:
+            self.waiting[group] -= 1
+            if self.waiting[group] == 0:
+                del self.made[group]
+        return wh
 
 
 def _inputs(block, modules: dict, s: Stream, hidden: torch.Tensor) -> tuple[dict, torch.Tensor]:
