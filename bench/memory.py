@@ -7,7 +7,11 @@ planner's search holds one family's layers at a time on top of this), a calibrat
 (whitened per-layer SVD, 20% of the model's parameters removed, block-sequential: the model loaded
 by layer), and expand.
 
-    python bench/memory.py [--layers 20] [--keep DIR]
+    python bench/memory.py [--layers 74 --hidden 1024 --ffn 2816] [--keep DIR]
+
+The default shape is deep and narrow, as the large models are: what a calibrated compress holds is
+one layer's Grams and whitenings, so its share of the file falls with depth (a 2048-wide model of
+the same size has 20 layers and ten times the share per layer: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -49,13 +53,16 @@ print(json.dumps({{"peak_rss": status("VmHWM"), "peak_anon": peak_anon[0], "seco
 
 
 def measure(body: str) -> dict:
+    print(".", end="", flush=True)
     proc = subprocess.run([sys.executable, "-c", CHILD.format(body=body)], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=74)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--keep", type=Path, help="write the files here instead of a temp folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,13 +73,13 @@ def main() -> None:
         vl = folder / "llama-synthetic.vlora.safetensors"
         calibrated = folder / "llama-synthetic.calibrated.vlora.safetensors"
         dense = folder / "llama-synthetic.expanded.safetensors"
-        shape = dict(layers=args.layers, d=2048, ffn=5632, heads=16, kv_heads=16, vocab=32000)
+        shape = dict(layers=args.layers, d=args.hidden, ffn=args.ffn, heads=16, kv_heads=16, vocab=32000)
         specs = synthetic.llama_keys(**shape)
         t = time.perf_counter()
         synthetic.llama_folder(model_dir, **shape, dtype=torch.bfloat16)
         size = src.stat().st_size
         largest = max(2 * s[0] * s[-1] for _, s in specs)
-        print(f"synthetic Llama layout, bf16, {args.layers} layers: {size / 1e9:.2f} GB "
+        print(f"synthetic Llama layout, bf16, {args.layers} layers of {args.hidden} / {args.ffn}: {size / 1e9:.2f} GB "
               f"(largest tensor {largest / 1e6:.0f} MB), made in {time.perf_counter() - t:.0f} s")
         rows = [
             ("import torch + vlora_compress", measure("import torch, vlora_compress")),
