@@ -109,10 +109,7 @@ class Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """Load one tensor, refusing NaN or Inf: a broken weight must stop us, not spread."""
         info = self.infos[key]
-        t = self._handles[info.file].get_tensor(key)
-        if info.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
-            raise VloraError(f"{info.file}: tensor {key!r} holds NaN or Inf")
-        return t
+        return _finite(self._handles[info.file].get_tensor(key), info.file, key)
 
     def sha256(self) -> str:
         """Digest of the tensors (tensor_digest): the same weights give the same digest, sharded or not."""
@@ -161,10 +158,7 @@ class ModelCheckpoint:
     nbytes = Checkpoint.nbytes
 
     def read(self, key: str) -> torch.Tensor:
-        t = self._state[key]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise VloraError(f"{self.source}: tensor {key!r} holds NaN or Inf")
-        return t
+        return _finite(self._state[key], self.source, key)
 
     def sha256(self) -> str:
         return tensor_digest(self.infos.values(), self._state.__getitem__)
@@ -177,6 +171,13 @@ class ModelCheckpoint:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+def _finite(t: torch.Tensor, where, key: str) -> torch.Tensor:
+    """``t``, unless it holds NaN or Inf: a broken weight must stop us, not spread."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise VloraError(f"{where}: tensor {key!r} holds NaN or Inf")
+    return t
 
 
 def _stored_order(state: dict[str, torch.Tensor]) -> list[str]:

@@ -125,7 +125,7 @@ def load_by_layer(path: str | Path, config_dir: str | Path | None, head: str | N
         params[key] = param
     placeholders = {id(p) for p in params.values()}
     for module in model.modules():
-        for name, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None:
                 p.data = _placeholder(p.shape, p.dtype, device) if id(p) in placeholders else p.data.to(device)
         for name, b in module._buffers.items():
