@@ -57,7 +57,7 @@ def floor_seconds(folder: Path, samples: int, max_length: int) -> float:
     from vlora_compress.stacks import find_stacks
 
     model, tok = load_model(folder, head="base"), load_preprocessor(folder)
-    texts, _ = read_calibration(tok, CALIB, CalibConfig(samples=samples, holdout=0))
+    texts, _ = read_calibration(tok, CALIB, CalibConfig(samples=samples, holdout=0), causal=True)  # as compress packs them
     t = time.perf_counter()
     with torch.no_grad():
         for inputs, _, _ in batches(tok, texts, 32, max_length):

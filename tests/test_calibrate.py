@@ -119,3 +119,36 @@ def test_grams_in_fp32_or_on_disk_match_fp64_in_memory(tiny_llama, tmp_path):
     assert ref.nbytes == 2 * small.nbytes
     with pytest.raises(VloraError, match="`calibration.gram_dtype`"):
         CalibConfig(gram_dtype="fp8")
+
+
+def test_a_causal_lm_is_calibrated_on_windows_of_running_text_and_an_encoder_on_lines(tiny_llama, minilm_dir,
+                                                                                         tmp_path):
+    """auto packing: a causal LM reads the calibration text run together and cut every max_length
+    tokens (the contexts it is evaluated on), an encoder reads one sample per line; either can be
+    asked for, and the report says which was used."""
+    from vlora_compress.calibrate import read_calibration
+
+    tok = load_preprocessor(tiny_llama)
+    lines = [line.strip() for line in CALIB.read_text().splitlines() if line.strip()]
+    config = CalibConfig(samples=6, holdout=2, max_length=40)
+    samples, held = read_calibration(tok, CALIB, config, causal=True)
+    assert len(samples) == 6 and len(held) == 2
+    ids = tok("\n".join(lines), add_special_tokens=False)["input_ids"]
+    for n, text in enumerate(samples + held):  # consecutive windows of 40 tokens, in the text's order
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids[40 * n: 40 * (n + 1)]
+    assert read_calibration(tok, CALIB, config, causal=False) == (lines[:6], lines[6:8])
+    assert read_calibration(tok, CALIB, CalibConfig(samples=6, holdout=2, packing="lines"), causal=True)[0] == lines[:6]
+    given = ["one two three", "four five"]  # a list in memory is run together the same way
+    assert read_calibration(tok, given, CalibConfig(samples=4, holdout=0, max_length=3), causal=True)[0] == \
+        [tok.decode(tok("one two three\nfour five", add_special_tokens=False)["input_ids"][i:i + 3]) for i in (0, 3)]
+
+    report = compress(tiny_llama, tmp_path / "l.vlora.safetensors", rank=4, calib=CALIB, method="svd",
+                      ranks="uniform", calibration=CalibConfig(samples=6, holdout=0, max_length=40))
+    assert report.calibration["packing"] == "windows of 40 tokens"
+    assert report.calibration["samples"] == 6 and report.calibration["tokens"] >= 6 * 40
+    assert "6 samples (windows of 40 tokens)" in report.to_markdown()
+    report = compress(minilm_dir, tmp_path / "m.vlora.safetensors", rank=4, calib=CALIB, method="svd",
+                      ranks="uniform", calibration=CalibConfig(samples=6, holdout=0))
+    assert report.calibration["packing"] == "lines"
+    with pytest.raises(VloraError, match="packing"):
+        CalibConfig(packing="pages")

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from .config import CalibConfig
-from .data import read_images, read_texts
+from .data import read_corpus, read_images, read_texts
 from .errors import VloraError
 from .factorise import Whitener
-from .models import batches, model_device, module_for_key, takes_text, token_limit
+from .models import batches, head_of, model_device, module_for_key, takes_text, token_limit
 from .progress import Progress
 
 
@@ -77,19 +77,47 @@ class Grams:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
 
 
-def read_calibration(preprocessor, data: str | Path | list, config: CalibConfig) -> tuple[list, list]:
-    """(samples for the Grams, held-back samples): the file's (or list's) first ``samples``, then
-    ``holdout`` more. A file too short for both keeps at least half for the Grams.
+def packing(preprocessor, config: CalibConfig, causal: bool) -> str:
+    """How text samples are cut: ``windows`` of running text for a causal LM (what it is trained and
+    evaluated on: every position of a long context, not the first thirty tokens of a sentence),
+    ``lines`` for other models (a sentence encoder sees sentences)."""
+    if config.packing != "auto":
+        if config.packing == "windows" and not takes_text(preprocessor):
+            raise VloraError("`calibration.packing` windows needs a model that takes text")
+        return config.packing
+    return "windows" if causal and takes_text(preprocessor) else "lines"
+
+
+def read_calibration(preprocessor, data: str | Path | list, config: CalibConfig,
+                     causal: bool = False) -> tuple[list, list]:
+    """(samples for the Grams, held-back samples): the first ``samples``, then ``holdout`` more, of
+    the file's (or list's) lines or, packed in windows (``packing``), of its windows of
+    ``max_length`` tokens. Too few for both keeps at least half for the Grams.
     """
-    if isinstance(data, (list, tuple)):
-        if not data:
-            raise VloraError("`calib` is an empty list of samples")
-        items = list(data[: config.samples + config.holdout])
+    want = config.samples + config.holdout
+    if isinstance(data, (list, tuple)) and not data:
+        raise VloraError("`calib` is an empty list of samples")
+    if packing(preprocessor, config, causal) == "windows":
+        text = "\n".join(map(str, data)) if isinstance(data, (list, tuple)) else read_corpus(data)
+        items = text_windows(preprocessor, text, config.max_length, want)
+    elif isinstance(data, (list, tuple)):
+        items = list(data[:want])
     else:
         reader = read_texts if takes_text(preprocessor) else read_images
-        items = reader(data, config.samples + config.holdout)
+        items = reader(data, want)
     held = min(config.holdout, len(items) // 2)
     return items[: len(items) - held][: config.samples], items[len(items) - held:]
+
+
+def text_windows(tokenizer, text: str, length: int, limit: int) -> list[str]:
+    """The first ``limit`` windows of ``length`` tokens of ``text`` (the last may be shorter), as
+    text: each is decoded, so that samples stay text whatever reads them, and the tokenizer adds
+    its special tokens when it reads them back."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    windows = [tokenizer.decode(ids[i:i + length]) for i in range(0, len(ids), length)][:limit]
+    if not windows:
+        raise VloraError("the calibration text holds no tokens")
+    return windows
 
 
 class OutputMeter:
@@ -165,7 +193,8 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, key
     if not handles:
         raise VloraError("calibration found none of the factorised weights in the model's linear layers")
     try:
-        samples = data if isinstance(data, list) else read_calibration(preprocessor, data, replace(config, holdout=0))[0]
+        samples = data if isinstance(data, list) else read_calibration(
+            preprocessor, data, replace(config, holdout=0), head_of(model.config) == "causal-lm")[0]
         work = list(batches(preprocessor, samples, config.batch_size, token_limit(model, config.max_length)))
         with torch.no_grad(), Progress("calibrating", len(work), enabled=progress) as bar:
             device = model_device(model)

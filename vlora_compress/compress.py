@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .align import align_stack, detect_layout, read_config
-from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, read_calibration
+from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .models import (config_folder, load_by_layer, load_model, load_preprocessor, model_device, resolve_device,
+from .models import (config_folder, head_of, load_by_layer, load_model, load_preprocessor, model_device, resolve_device,
                      set_tensors)
 from .config import CompressConfig, parse_size
 from .plan import Plan, plan_equal, quantized_passthrough
@@ -100,7 +100,7 @@ def compress(
             aligned, align_notes = _align(stacks, read, _model_config(source, config_dir))
             unaligned = read
             read = lambda key: aligned[key] if key in aligned else unaligned(key)  # noqa: E731
-        grams = meter = model = by_layer = None
+        grams = meter = model = by_layer = packed = None
         planned = _needs_search(config) or (calib is not None and config.ranks == "measured")
         if calib is not None:
             # the whole model's Grams (planning, or fitting not sequential) need every layer loaded;
@@ -109,6 +109,7 @@ def compress(
             model, preprocessor, samples, held, by_layer = _calibration_model(
                 source, config_dir, calib, tokenizer, config.calibration, ckpt, aligned, device,
                 {f.key(layer) for f in stacks[0].families for layer in f.layers} if one_at_a_time else set())
+            packed = packing(preprocessor, config.calibration, head_of(model.config) == "causal-lm")
             if planned or not config.sequential:  # the original model's Grams: to plan by, or to fit by
                 keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
@@ -128,7 +129,7 @@ def compress(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
             target=target, calibration=_calibration_summary(grams, sequential, calib, config.calibration, plan,
-                                                            by_layer is not None),
+                                                            by_layer is not None, packed),
         )
     if distill is not None:
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
@@ -282,12 +283,12 @@ def _calibration_model(source, config_dir, calib, tokenizer, calib_config: Calib
         preprocessor = tokenizer if tokenizer is not None else load_preprocessor(folder)
     if aligned:  # weights loaded by layer are read aligned when they are loaded
         set_tensors(model, {k: v for k, v in aligned.items() if not (by_layer and k in by_layer)}, ckpt.read)
-    samples, held = read_calibration(preprocessor, calib, calib_config)
+    samples, held = read_calibration(preprocessor, calib, calib_config, head_of(model.config) == "causal-lm")
     return model, preprocessor, samples, held, by_layer
 
 
 def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, calib, calib_config: CalibConfig,
-                         plan: Plan, by_layer: bool) -> dict | None:
+                         plan: Plan, by_layer: bool, packed: str | None) -> dict | None:
     if grams is None and sequential is None:
         return None
     keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
@@ -296,6 +297,7 @@ def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, 
     return {
         "data": str(calib) if not isinstance(calib, (list, tuple)) else f"{len(calib)} samples given in memory",
         "model_loaded": "by layer" if by_layer else "whole",
+        "packing": f"windows of {calib_config.max_length} tokens" if packed == "windows" else packed,
         "samples": sequential.samples if sequential is not None else grams.samples,
         "tokens": sequential.tokens if sequential is not None else grams.tokens,
         "damping": calib_config.damping,

@@ -27,6 +27,7 @@ QUANTIZE_CHOICES = SCHEMES + ("auto",)
 STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
 GRAM_DTYPE_NAMES = ("fp64", "fp32")
 FEEDBACK = ("none", "inputs", "outputs")
+PACKINGS = ("auto", "lines", "windows")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class CalibConfig:
 
     samples: int = 512  # calibration samples read from the file (its first ones)
     max_length: int = 128  # tokens per text sample
+    packing: str = "auto"  # text samples: lines (one per line, cut at max_length) | windows (the text
+    # run together and cut into windows of max_length tokens) | auto (windows for a causal LM, else lines)
     batch_size: int = 32
     damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
     holdout: int = 32  # further samples kept back from the Grams, to measure plans on
@@ -48,6 +51,8 @@ class CalibConfig:
             raise VloraError(f"`calibration.gram_dtype` must be fp64 or fp32, not {self.gram_dtype!r}")
         if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
             raise VloraError(f"{self.gram_dir}: `calibration.gram_dir` must be an existing folder")
+        if self.packing not in PACKINGS:
+            raise VloraError(f"`calibration.packing` must be one of {', '.join(PACKINGS)}, not {self.packing!r}")
         if self.holdout < 0:
             raise VloraError(f"`calibration.holdout` must be at least 0, not {self.holdout}")
         for name in ("samples", "max_length", "batch_size"):

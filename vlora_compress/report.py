@@ -132,8 +132,9 @@ class CompressReport:
                  f"| layer stacks | {human_bytes(self.stack_original_bytes)} → "
                  f"{human_bytes(self.stack_compressed_bytes)} ({self.stack_size_ratio:.3f}) |"]
         if self.calibration:
-            lines.append(f"| calibration | {self.calibration['samples']} samples, "
-                         f"{self.calibration['tokens']:,} tokens |")
+            packed = self.calibration.get("packing")
+            lines.append(f"| calibration | {self.calibration['samples']} samples"
+                         f"{f' ({packed})' if packed else ''}, {self.calibration['tokens']:,} tokens |")
         if self.quantize != "none":
             lines.append(f"| quantize | {storage_summary(self.quantize, self.families)} |")
         if self.passthrough:
