@@ -116,3 +116,34 @@ def test_conv1d_side_whitens_rows():
     assert b.shape == (32, 6) and a.shape == (6, 24)
     err = lambda w_hat: float(torch.linalg.norm(x @ (w.double() - w_hat.double())))  # noqa: E731
     assert err(b @ a) < 0.8 * err((lambda b, a: b @ a)(*truncated_svd(w, 6)))
+
+
+def test_a_whitener_holds_one_matrix_and_gives_a_root_and_its_inverse():
+    """Kept as eigenvectors and damped eigenvalues (one n x n matrix, not two), it gives S with
+    S Sᵀ = G + δI and S⁻¹."""
+    from vlora_compress.factorise import Whitener
+
+    x = anisotropic_inputs()
+    gram = x.T @ x
+    wh = Whitener.from_gram(gram, side=1, damping=1e-3)
+    eye = torch.eye(32, dtype=torch.float64)
+    assert torch.allclose(wh.root @ wh.root.T, gram.double() + wh.damping * eye, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(wh.inv @ wh.root, eye, atol=1e-9)
+    assert wh.nbytes == 32 * 32 * 8 + 32 * 8
+
+
+def test_planning_keeps_whitenings_within_a_byte_budget_most_recent_first(monkeypatch):
+    import vlora_compress.calibrate as calibrate
+    from vlora_compress.calibrate import Grams
+
+    grams = Grams()
+    for n, key in enumerate("abc"):
+        x = anisotropic_inputs() + n
+        grams.grams[key], grams.side[key] = x.T @ x, 1
+    monkeypatch.setattr(calibrate, "WHITENER_CACHE_BYTES", 2 * (32 * 32 * 8 + 32 * 8))  # room for two
+    a, b = grams.whitener("a"), grams.whitener("b")
+    assert grams.whitener("a") is a  # kept, and now the most recent
+    grams.whitener("c")  # b, the least recently asked for, goes
+    assert grams.whitener("a") is a and grams.whitener("b") is not b
+    assert torch.equal(grams.whitener("b").vectors, b.vectors)  # made again, the same
+    assert sum(wh.nbytes for wh in grams._whiteners.values()) <= calibrate.WHITENER_CACHE_BYTES

@@ -27,7 +27,10 @@ from .progress import Progress
 
 
 GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}  # config.GRAM_DTYPE_NAMES
-WHITENER_CACHE = 64  # eigendecompositions kept: a family's layers, several times over
+# eigendecompositions kept while planning, least recently used out first: a family's layers, so that
+# each candidate does not decompose them again (MiniLM's all fit; a 7B Llama's down_proj family is
+# 31 GB in float64, and past this its whiteners are recomputed for each candidate: time for memory)
+WHITENER_CACHE_BYTES = 16 * 2**30
 
 
 class Grams:
@@ -55,11 +58,16 @@ class Grams:
         if key not in self:
             return None
         group = self.alias.get(key, key)
-        if group not in self._whiteners:
-            if len(self._whiteners) >= WHITENER_CACHE:
-                self._whiteners.pop(next(iter(self._whiteners)))
-            self._whiteners[group] = Whitener.from_gram(self.gram(key), self.side[key], self.damping)
-        return self._whiteners[group]
+        wh = self._whiteners.pop(group) if group in self._whiteners else \
+            Whitener.from_gram(self.gram(key), self.side[key], self.damping)
+        need = wh.nbytes if wh is not None else 0
+        while self._whiteners and self._whiteners_bytes() + need > WHITENER_CACHE_BYTES:
+            self._whiteners.pop(next(iter(self._whiteners)))  # the least recently asked for
+        self._whiteners[group] = wh  # the most recently asked for last
+        return wh
+
+    def _whiteners_bytes(self) -> int:
+        return sum(wh.nbytes for wh in self._whiteners.values() if wh is not None)
 
     def new(self, key: str, n: int, device: torch.device | None = None) -> torch.Tensor:
         """A zero n x n Gram, in memory on ``device`` or, with a folder, in a memory-mapped file the

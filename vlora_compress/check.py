@@ -24,7 +24,9 @@ class Budgets:
     # for every metric in the report, or one per metric name
     baseline: str | None = None  # a report (or VLoRA file) to compare with
     max_growth: float = 0.0  # allowed growth of the file against the baseline, as a fraction
-    max_drop: float = 0.001  # allowed drop of every eval metric against the baseline's
+    max_drop: float = 0.001  # allowed drop of every eval metric against the baseline's (and max_drop_vs's)
+    max_drop_vs: str | None = None  # an alternative in the report (int8, int4, svd, original): fail when
+    # the file scores worse than it by more than max_drop
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,28 @@ def check(subject: str | Path, budgets: Budgets) -> Verdict:
             mine = facts["metrics"][name]
             worse = (m["model"] - mine["model"]) if m["higher_is_better"] else (mine["model"] - m["model"])
             rules.append(_le(f"{name} drop vs baseline", worse, budgets.max_drop))
+    if budgets.max_drop_vs is not None:
+        rules.append(_against_alternative(subject, facts, budgets.max_drop_vs, budgets.max_drop))
     return Verdict(str(subject), rules)
+
+
+ALTERNATIVE_ROWS = {"int8": "int8 alone", "int4": "int4 alone", "svd": "per-layer SVD", "original": "original"}
+
+
+def _against_alternative(subject, facts: dict, name: str, max_drop: float) -> Rule:
+    """How much worse the file scores than a named alternative of its report (positive = worse)."""
+    block = facts.get("alternatives")
+    if not block:
+        raise VloraError(f"{subject}: `max_drop_vs` needs a report with alternatives (vlora-compress --eval)")
+    if name not in ALTERNATIVE_ROWS:
+        raise VloraError(f"`max_drop_vs` must be one of {', '.join(ALTERNATIVE_ROWS)}, not {name!r}")
+    rows = {r["name"]: r for r in block["rows"]}
+    row = rows.get(ALTERNATIVE_ROWS[name])
+    if row is None:
+        raise VloraError(f"{subject}: the report's alternatives have no {ALTERNATIVE_ROWS[name]!r} row")
+    mine = rows["this file"]["value"]
+    worse = row["value"] - mine if block["higher_is_better"] else mine - row["value"]
+    return _le(f"{block['metric']} drop vs {row['name']} ({row['bytes']:,} bytes)", worse, max_drop)
 
 
 def read_facts(path: str | Path) -> dict:
@@ -149,7 +172,7 @@ def read_facts(path: str | Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise VloraError(f"{path}: not a vlora-compress report ({type(e).__name__}: {e})") from None
         metrics = {m["name"]: m for m in ((report.get("evaluation") or {}).get("metrics") or [])}
-        return {**facts, "metrics": metrics}
+        return {**facts, "metrics": metrics, "alternatives": report.get("alternatives")}
     from .inspection import inspect_vlora
 
     info = inspect_vlora(path)

@@ -78,7 +78,7 @@ def compress_cmd(
     source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
     rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
     chunks: Annotated[Optional[int], typer.Option("--chunks", "-c", help="Contiguous chunks per stack, each with one base; by default the planner tries 1 to 3 (the budget counts one).")] = None,
-    method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments) or svd (every layer its own low-rank factors: the baseline).")] = "vlora",
+    method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments), svd (every layer its own low-rank factors: the baseline) or dense (every layer whole, as --quantize stores it: quantization alone).")] = "vlora",
     base: Annotated[str, typer.Option("--base", help="first, mean (whitened mean, stored once), best (least residual), none (per-layer SVD) or auto (chosen per family by measured error).")] = "auto",
     topology: Annotated[str, typer.Option("--topology", help="chain (each layer over its neighbour), star (each over the base) or auto.")] = "auto",
     bounds: Annotated[str, typer.Option("--bounds", help="dp (chunk bounds by dynamic programming on the deltas) or equal.")] = "dp",
@@ -98,6 +98,8 @@ def compress_cmd(
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
     eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
     eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="With --eval: more alternatives to score beside the file, besides int8 and int4 alone (comma list; svd: whitened per-layer SVD at the file's bytes, one more compress).")] = None,
+    no_compare: Annotated[bool, typer.Option("--no-compare", help="With --eval: score the file alone, no alternatives (a CI run that only needs the check).")] = False,
     distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.")] = 150,
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="With --distill: stop healing after this much wall time.")] = None,
@@ -122,8 +124,9 @@ def compress_cmd(
     show = not quiet and not as_json
     eval_config = None
     if eval_data is not None:
+        extra = tuple(c.strip() for c in compare.split(",") if c.strip()) if compare else ()
         eval_config = EvalConfig(task=eval_task or default_task(config_dir or source), samples=eval_samples,
-                                 device=device)
+                                 device=device, compare=() if no_compare else tuple(dict.fromkeys(("int8", "int4") + extra)))
     config = CompressConfig(
         rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
         align=align, target_size=target_size, target_of=target_of, svd=svd, dtype=dtype, quantize=quantize,
@@ -245,7 +248,8 @@ def check_cmd(
     max_eval_drop: Annotated[Optional[str], typer.Option("--max-eval-drop", help="Largest drop of the eval metrics against the original (report needed): 0.05 for all, or cosine_to_reference=0.05,perplexity=2.")] = None,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A report or VLoRA file to compare with.")] = None,
     max_growth: Annotated[Optional[float], typer.Option("--max-growth", help="Allowed file growth against the baseline, as a fraction. File default 0.")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Allowed drop of any eval metric against the baseline. File default 0.001.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Allowed drop of any eval metric against the baseline (and --max-drop-vs). File default 0.001.")] = None,
+    max_drop_vs: Annotated[Optional[str], typer.Option("--max-drop-vs", help="Fail when the file scores worse than this alternative of its report (int8, int4, svd or original) by more than --max-drop.")] = None,
     budgets_file: Annotated[Optional[Path], typer.Option("--budgets", help="Budgets in a TOML or JSON file; by default [tool.vlora] of ./pyproject.toml if present.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the verdict as a Markdown table, for a pull request.")] = False,
     report_file: ReportFlag = None,
@@ -254,7 +258,8 @@ def check_cmd(
     """Exit 0 when every budget holds, 1 when one is exceeded (each rule with value, budget and difference)."""
     budgets = merge(load_budgets(budgets_file), max_bytes=_size(max_bytes), max_size_ratio=max_size_ratio,
                     max_params=max_params, max_eval_drop=parse_eval_drop(max_eval_drop),
-                    baseline=str(baseline) if baseline else None, max_growth=max_growth, max_drop=max_drop)
+                    baseline=str(baseline) if baseline else None, max_growth=max_growth, max_drop=max_drop,
+                    max_drop_vs=max_drop_vs)
     verdict = check(subject, budgets)
     if report_file is not None:
         write_report(report_file, verdict.to_dict(), verdict.to_markdown())

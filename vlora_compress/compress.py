@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .align import align_stack, detect_layout, read_config
+from .alternatives import alternatives
 from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .errors import Interrupted, VloraError
@@ -101,7 +102,7 @@ def compress(
             unaligned = read
             read = lambda key: aligned[key] if key in aligned else unaligned(key)  # noqa: E731
         grams = meter = model = by_layer = packed = None
-        planned = _needs_search(config) or (calib is not None and config.ranks == "measured")
+        planned = _needs_search(config) or (calib is not None and config.ranks == "measured" and config.method != "dense")
         if calib is not None:
             # the whole model's Grams (planning, or fitting not sequential) need every layer loaded;
             # the sequential fit alone loads one layer at a time where it can (one stack)
@@ -136,10 +137,31 @@ def compress(
                                                         heal_config, progress, eval_data, eval_config))
     if eval_data is not None:
         cfg = eval_config or EvalConfig(task=default_task(config_dir or source), device=config.device)
-        result = evaluate(out, eval_data, cfg, reference=config_folder(config_dir or source),
-                          config_dir=config_dir or config_folder(source), progress=progress)
-        report = replace(report, evaluation=result.to_dict())
+        folder = config_folder(config_dir or source)
+        if cfg.compare:
+            svd = lambda nbytes: _svd_alternative(source, out, config, calib, config_dir, tokenizer, nbytes)  # noqa: E731
+            result, alts = alternatives(out, folder, config_dir or config_folder(source), eval_data, cfg,
+                                        report.original_bytes, report.compressed_bytes, svd, progress)
+            report = replace(report, evaluation=result.to_dict(), alternatives=alts)
+        else:
+            result = evaluate(out, eval_data, cfg, reference=folder,
+                              config_dir=config_dir or config_folder(source), progress=progress)
+            report = replace(report, evaluation=result.to_dict())
     return report
+
+
+def _svd_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, nbytes: int):
+    """(path, command, tensor bytes) of whitened per-layer SVD with uniform ranks at ``nbytes`` of
+    tensors, calibrated as the file was: the report's ``per-layer SVD`` row."""
+    path = out.with_name(out.name + ".svd-alternative")
+    svd_config = replace(config, method="svd", ranks="uniform", base="auto", chunks=None, align=False,
+                         target_size=str(nbytes), target_of="model",
+                         quantize="none" if config.quantize == "auto" else config.quantize)
+    report = compress(source, path, svd_config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
+    command = (f"vlora-compress {source} --method svd --ranks uniform --target-size {nbytes}B"
+               + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else "")
+               + (f" --quantize {svd_config.quantize}" if svd_config.quantize != "none" else ""))
+    return path, command, report.compressed_bytes
 
 
 def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool, eval_data, eval_config) -> dict:
@@ -199,6 +221,8 @@ def _rest_bytes(ckpt, stacks, config: CompressConfig) -> int:
 def _needs_search(config: CompressConfig) -> bool:
     """Whether the plan needs the weights: a form to choose, chunk bounds to place or a base to pick."""
     base = "none" if config.method == "svd" else config.base
+    if config.method == "dense":
+        return False
     if config.quantize == "auto":
         return True
     if base == "none":

@@ -17,7 +17,7 @@ from .errors import VloraError
 from .quantize import SCHEMES, check_scheme
 
 SVD_METHODS = ("auto", "exact", "randomized")
-METHODS = ("vlora", "svd")
+METHODS = ("vlora", "svd", "dense")
 BASES = ("auto", "first", "mean", "best", "none")
 TOPOLOGY_CHOICES = ("auto", "chain", "star")
 BOUNDS = ("dp", "equal")
@@ -68,7 +68,8 @@ class CompressConfig:
 
     rank: int = 4
     chunks: int | None = None  # None: 1 for the budget, and the planner tries 1..4
-    method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors
+    method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors;
+    # dense: every layer whole, stored as `quantize` (and `dtype`) say: quantization alone
     base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
     topology: str = "auto"  # chain | star | auto
     bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
@@ -108,8 +109,11 @@ class CompressConfig:
             raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
         if self.bounds not in BOUNDS:
             raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
-        if self.method == "svd" and self.base not in ("auto", "none"):
-            raise VloraError(f"`method` svd stores every layer alone; it takes no `base` {self.base}")
+        if self.method in ("svd", "dense") and self.base not in ("auto", "none"):
+            raise VloraError(f"`method` {self.method} stores every layer alone; it takes no `base` {self.base}")
+        if self.method == "dense" and (self.target_size is not None or self.quantize == "auto"):
+            raise VloraError("`method` dense stores every layer whole, its size set by `quantize` int8 or int4 "
+                             "(and `dtype`); it takes no `target_size` and no `quantize` auto")
         if self.target_size is not None:
             object.__setattr__(self, "target_size", str(self.target_size))  # 0.35 and "0.35" alike
             parse_size(self.target_size)

@@ -23,6 +23,7 @@ from .models import batches, config_folder, head_of, load_model, load_preprocess
 from .progress import Progress
 
 TASKS = ("embedding", "perplexity", "classification", "logits")
+COMPARE = ("int8", "int4", "svd")  # the alternatives a compress report may score beside its file
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,18 @@ class EvalConfig:
     quantize: str = "none"  # int8 | int4: score the model with its layer stacks round-to-nearest quantized
     group_size: int = 128
     device: str = "auto"  # where the models run: auto (CUDA when present), cpu, cuda or cuda:N
+    compare: tuple[str, ...] = ("int8", "int4")  # compress --eval: alternatives scored beside the file
+    # (alternatives.py): int8, int4 (alone, round-to-nearest), svd (whitened per-layer SVD at its bytes)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise VloraError(f"`eval.task` must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.batch_size < 1 or self.max_length < 2 or (self.samples is not None and self.samples < 1):
             raise VloraError("`eval.batch_size` and `eval.samples` must be at least 1, `eval.max_length` at least 2")
+        object.__setattr__(self, "compare", tuple(self.compare))
+        unknown = [c for c in self.compare if c not in COMPARE]
+        if unknown:
+            raise VloraError(f"`eval.compare` takes {', '.join(COMPARE)}, not {unknown[0]!r}")
         from .quantize import check_scheme
 
         check_scheme(self.quantize, self.group_size)
@@ -173,14 +180,14 @@ def quantize_stacks(loaded, path: Path, scheme: str, group_size: int) -> int:
 
 
 def evaluate_models(models: list, preprocessor, data: str | Path, config: EvalConfig,
-                    progress: bool = False) -> tuple[int, list[Metric]]:
+                    progress: bool = False, memo: dict | None = None) -> tuple[int, list[Metric]]:
     """(samples, metrics) for loaded models, the first scored, the second (if any) the reference.
 
     Healing calls this with the model in training, so mid-run evals are the same as vlora-eval's.
     """
     runner = {"embedding": _embedding, "perplexity": _perplexity, "classification": _classification,
               "logits": _logits}[config.task]
-    return runner(models, preprocessor, data, config, progress)
+    return runner(models, preprocessor, data, config, progress, memo)
 
 
 def _config_dir(model: Path, reference, config_dir) -> Path:
@@ -205,21 +212,27 @@ def _texts(preprocessor, data, what: str):
         raise VloraError(f"{data}: {what} is for text models; this model takes images")
 
 
-def _forward_all(models, preprocessor, samples, config, progress, fn):
-    """Run every model over the same batches; ``fn(outputs, mask)`` -> a per-batch result."""
-    out = [[] for _ in models]
+def _forward_all(models, preprocessor, samples, config, progress, fn, memo: dict | None = None):
+    """Run every model over the same batches; ``fn(outputs, mask)`` -> a per-batch result.
+
+    ``memo`` (the caller's, for one data set and config) keeps each model's results by identity, so
+    a reference scored beside several models runs once (the report's alternatives)."""
+    memo = {} if memo is None else memo
+    todo = []
+    for m in models:
+        if id(m) not in memo:
+            memo[id(m)] = []
+            todo.append(m)
     n_batches = math.ceil(len(samples) / config.batch_size)
-    with torch.no_grad(), Progress("evaluating", n_batches * len(models), enabled=progress) as bar:
+    with torch.no_grad(), Progress("evaluating", n_batches * len(todo), enabled=progress) as bar:
         limit = token_limit(models[0], config.max_length)
-        for inputs, mask, _ in batches(preprocessor, samples, config.batch_size, limit):
-            for i, m in enumerate(models):
+        for inputs, mask, _ in batches(preprocessor, samples, config.batch_size, limit) if todo else ():
+            for m in todo:
                 dev = model_device(m)
                 result = fn(m(**{k: v.to(dev) for k, v in inputs.items()}), None if mask is None else mask.to(dev))
-                out[i].append(result.cpu())
+                memo[id(m)].append(result.cpu())
                 bar.advance()
-    return out
-
-
+    return [memo[id(m)] for m in models]
 
 
 def pooled_embedding(outputs, mask):
@@ -229,7 +242,7 @@ def pooled_embedding(outputs, mask):
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
-def _embedding(models, preprocessor, data, config, progress):
+def _embedding(models, preprocessor, data, config, progress, memo=None):
     _texts(preprocessor, data, "embedding")
     pairs = read_pairs(data)
     if pairs is not None:
@@ -237,7 +250,7 @@ def _embedding(models, preprocessor, data, config, progress):
         texts = [t for a, b, _ in pairs for t in (a, b)]
     else:
         texts = read_texts(data, config.samples)
-    embs = [torch.cat(e) for e in _forward_all(models, preprocessor, texts, config, progress, pooled_embedding)]
+    embs = [torch.cat(e) for e in _forward_all(models, preprocessor, texts, config, progress, pooled_embedding, memo)]
     metrics = []
     if len(models) > 1:
         metrics.append(Metric("cosine_to_reference", float((embs[0] * embs[1]).sum(-1).mean()), 1.0))
@@ -252,7 +265,7 @@ def _embedding(models, preprocessor, data, config, progress):
     return len(pairs) if pairs is not None else len(texts), metrics
 
 
-def _perplexity(models, preprocessor, data, config, progress):
+def _perplexity(models, preprocessor, data, config, progress, memo=None):
     _texts(preprocessor, data, "perplexity")
     ids = preprocessor(read_corpus(data), return_tensors="pt")["input_ids"][0]
     if config.samples:
@@ -262,8 +275,12 @@ def _perplexity(models, preprocessor, data, config, progress):
     if len(ids) < 2:
         raise VloraError(f"{data}: too little text for perplexity")
     ppl = []
+    memo = {} if memo is None else memo
     with torch.no_grad(), Progress("perplexity", len(models), enabled=progress) as bar:
         for m in models:
+            if id(m) in memo:
+                ppl.append(memo[id(m)])
+                continue
             nll, count, prev_end = 0.0, 0, 0
             for begin in range(0, len(ids) - 1, stride):
                 end = min(begin + window, len(ids))
@@ -280,11 +297,12 @@ def _perplexity(models, preprocessor, data, config, progress):
                 if end == len(ids):
                     break
             ppl.append(math.exp(nll / count))
+            memo[id(m)] = ppl[-1]
             bar.advance()
     return int(len(ids)), [Metric("perplexity", ppl[0], ppl[1] if len(ppl) > 1 else None, higher_is_better=False)]
 
 
-def _classification(models, preprocessor, data, config, progress):
+def _classification(models, preprocessor, data, config, progress, memo=None):
     rows = read_labelled(data)
     rows = rows[: config.samples] if config.samples else rows
     if takes_text(preprocessor) != isinstance(rows[0][0], str):
@@ -300,7 +318,7 @@ def _classification(models, preprocessor, data, config, progress):
         else:
             raise VloraError(f"{data}: label {label!r} is not one of the model's labels {sorted(label2id)}")
     preds = [torch.cat(p) for p in _forward_all(models, preprocessor, [s for s, _ in rows], config, progress,
-                                                lambda o, m: o.logits.argmax(-1))]
+                                                lambda o, m: o.logits.argmax(-1), memo)]
     gold = torch.tensor(labels)
     acc = [float((p == gold).float().mean()) for p in preds]
     metrics = [Metric("accuracy", acc[0], acc[1] if len(acc) > 1 else None)]
@@ -309,7 +327,7 @@ def _classification(models, preprocessor, data, config, progress):
     return len(rows), metrics
 
 
-def _logits(models, preprocessor, data, config, progress):
+def _logits(models, preprocessor, data, config, progress, memo=None):
     samples = read_texts(data, config.samples) if takes_text(preprocessor) else None
     if samples is None:
         from .data import read_images
@@ -324,7 +342,7 @@ def _logits(models, preprocessor, data, config, progress):
 
     if not hasattr(models[0], "config") or head_of(models[0].config) == "base":
         raise VloraError("`eval.task` logits needs a model with a head (a causal LM or a classifier)")
-    out = [torch.cat(x) for x in _forward_all(models, preprocessor, samples, config, progress, per_position)]
+    out = [torch.cat(x) for x in _forward_all(models, preprocessor, samples, config, progress, per_position, memo)]
     logp, logq = torch.log_softmax(out[1], -1), torch.log_softmax(out[0], -1)
     kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
     top1 = float((out[0].argmax(-1) == out[1].argmax(-1)).float().mean())

@@ -87,30 +87,45 @@ def apply_increment(ref: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torc
 
 @dataclass(frozen=True)
 class Whitener:
-    """``root`` S with S Sᵀ = G + δI for a layer's input Gram G = XᵀX, and ``inv`` = S⁻¹.
+    """S with S Sᵀ = G + δI for a layer's input Gram G = XᵀX (``root``), and S⁻¹ (``inv``).
 
     Output error on the calibration inputs is ||ΔW S|| for a weight stored (out, in) as nn.Linear
     does (``side`` 1), and ||Sᵀ ΔW|| for one stored (in, out) as GPT-2's Conv1D (``side`` 0).
     The eigendecomposition never fails on a symmetric matrix, unlike Cholesky on a singular Gram;
     the damping δ = ``damping`` × mean eigenvalue keeps unseen input directions from being ignored.
+    It is kept as G + δI = Q Λ Qᵀ, the eigenvectors Q and the damped eigenvalues Λ: one n x n matrix,
+    not the two that S = QΛ^½ and S⁻¹ = Λ^-½Qᵀ would be (a 7B MLP's is 0.97 GB in float64, not
+    1.9); each is made from them when asked for, an O(n²) scaling beside the O(n³) work it serves.
     """
 
-    root: torch.Tensor
-    inv: torch.Tensor
+    vectors: torch.Tensor  # Q, float64
+    values: torch.Tensor  # Λ, damped: every one at least δ
     side: int
     damping: float = 0.0  # the δ added to every eigenvalue
+
+    @property
+    def root(self) -> torch.Tensor:
+        return self.vectors * self.values.sqrt()
+
+    @property
+    def inv(self) -> torch.Tensor:
+        return (self.vectors / self.values.sqrt()).T
+
+    @property
+    def nbytes(self) -> int:
+        return self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, side: int, damping: float = 1e-2) -> "Whitener | None":
         g = gram.double()
         g = (g + g.T) / 2
         lam, q = torch.linalg.eigh(g)
+        del g
         lam = lam.clamp(min=0)
         scale = float(lam.mean())
         if not scale > 0 or not torch.isfinite(lam).all():
             return None  # no usable signal: the caller falls back to plain SVD
-        lam = lam + damping * scale
-        return cls(q * lam.sqrt(), (q / lam.sqrt()).T.contiguous(), side, damping * scale)
+        return cls(q, lam + damping * scale, side, damping * scale)
 
     def output_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
         """||(W - Ŵ) S|| / ||W S||: relative error of the layer's output on calibration inputs."""
@@ -118,8 +133,9 @@ class Whitener:
         w = w.double()
         if self.side == 0:
             d, w = d.T, w.T
-        den = torch.linalg.norm(w @ self.root)
-        return float(torch.linalg.norm(d @ self.root) / den) if den > 0 else 0.0
+        root = self.root
+        den = torch.linalg.norm(w @ root)
+        return float(torch.linalg.norm(d @ root) / den) if den > 0 else 0.0
 
 
 def whitened_svd(delta: torch.Tensor, rank: int, whitener: Whitener, method: str = "exact", seed: int = 0,
@@ -210,7 +226,8 @@ def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> to
     longer the best partner for it; this one is (SVD-LLM's closed-form parameter update)."""
     b64, d64 = b.double(), delta.double()
     if wh is not None and wh.side == 0:
-        b64, d64 = wh.root.T.to(b64) @ b64, wh.root.T.to(d64) @ d64
+        root_t = wh.root.T
+        b64, d64 = root_t.to(b64) @ b64, root_t.to(d64) @ d64
     return torch.linalg.lstsq(b64, d64).solution.float()
 
 
@@ -238,7 +255,7 @@ def synthetic_base(plan: FamilyPlan, chunk, read, whitener) -> torch.Tensor:
     side = whs[0].side
     num, den = 0, 0
     for layer, wh in zip(chunk.layers, whs):
-        g = wh.root @ wh.root.T
+        g = (wh.vectors * wh.values) @ wh.vectors.T  # S Sᵀ = G + δI
         w = read(plan.key(layer)).double()
         num = num + (w @ g if side == 1 else g @ w)
         den = den + g

@@ -326,11 +326,12 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
     """The core plan: equal chunks, the first layer of each chunk as base, a closed-loop chain.
 
     With ``method="svd"`` every family is one star chunk over a zero base: per-layer truncated SVD,
-    the obvious alternative every VLoRA result is measured against.
+    the obvious alternative every VLoRA result is measured against; with ``method="dense"`` every
+    layer is stored whole (in ``quantize``'s integers: quantization alone, the other one).
     """
     stack_plans, family_plans, notes = [], [], []
     for stack in stacks:
-        chunks = 1 if config.method == "svd" or config.base == "none" else (config.chunks or 1)
+        chunks = 1 if config.method in ("svd", "dense") or config.base == "none" else (config.chunks or 1)
         if chunks > len(stack.layers):
             raise VloraError(
                 f"`chunks` {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
@@ -341,11 +342,14 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
             rank = min(config.rank, *fam.shape)
             if rank < config.rank:
                 notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
-            if config.method == "svd" or config.base == "none":
+            if config.method == "dense":
+                fp = _dense_family(fam, config)
+            elif config.method == "svd" or config.base == "none":
                 fp = _per_layer_family(fam, rank, config)
             else:
                 fp = _chain_family(fam, stack.layers, bounds, rank, config)
-            if all(r == 0 for c in fp.chunks for r in c.ranks) and len(fp.chunks) == len(fam.layers) > 1:
+            if config.method != "dense" and all(r == 0 for c in fp.chunks for r in c.ranks) and \
+                    len(fp.chunks) == len(fam.layers) > 1:
                 notes.append(f"{fam.name}: stored dense: rank-{rank} factors would cost more than the matrices")
             family_plans.append(fp)
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
@@ -371,6 +375,14 @@ def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:
     mn/(m + n) or more, factors are larger than the matrix and dense is exact."""
     dense = replace(fp, chunks=tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fp.layers))
     return dense if family_bytes(dense) <= family_bytes(fp) else fp
+
+
+def _dense_family(fam: Family, config: CompressConfig) -> FamilyPlan:
+    """Every layer its own base, nothing low rank: the stored form of quantization alone."""
+    chunks = tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fam.layers)
+    store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, chunks, config.family_scheme,
+                      config.group_size)
 
 
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:

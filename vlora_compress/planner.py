@@ -394,7 +394,8 @@ def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitene
         d = w - rebuilt[key].double()
         wh = whitener(key)
         if wh is not None:
-            w, d = (w @ wh.root, d @ wh.root) if wh.side == 1 else (wh.root.T @ w, wh.root.T @ d)
+            root = wh.root
+            w, d = (w @ root, d @ root) if wh.side == 1 else (root.T @ w, root.T @ d)
         err += float(d.square().sum())
         total += float(w.square().sum())
     return err / total if total > 0 else err

@@ -99,7 +99,8 @@ def plot_errors(report: dict, out: str | Path) -> Path:
 
 
 def plot_tradeoff(reports: list[dict], out: str | Path, metric: str | None = None) -> Path:
-    """An eval metric against the size ratio, one point per compress report."""
+    """An eval metric against the size ratio, one point per compress report, and the alternatives
+    the reports measured (int8 and int4 alone, per-layer SVD, the original) as points beside them."""
     out, plt = _target(out), _pyplot()
     points = []
     for r in reports:
@@ -109,10 +110,24 @@ def plot_tradeoff(reports: list[dict], out: str | Path, metric: str | None = Non
             raise VloraError(f"{r.get('output')}: the report has no evaluation{f' of {metric}' if metric else ''}"
                              " (compress with --eval)")
         points.append((r["size_ratio"], m["model"], m["name"], Path(r["output"]).name))
+    alternatives = {}  # name -> (size ratio, score): the reports' alternatives, once each
+    for r in reports:
+        block = r.get("alternatives")
+        if block and block["metric"] == points[0][2]:
+            original = next(a["bytes"] for a in block["rows"] if a["name"] == "original")
+            for a in block["rows"]:
+                if a["name"] != "this file":
+                    alternatives.setdefault((a["name"], a["bytes"]), (a["bytes"] / original, a["value"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.scatter([p[0] for p in points], [p[1] for p in points], label="runs")
     for x, y, _, label in points:
         ax.annotate(label, (x, y), fontsize=6)
+    if alternatives:
+        ax.scatter([x for x, _ in alternatives.values()], [y for _, y in alternatives.values()], marker="s",
+                   color="tab:red", label="alternatives")
+        for (name, _), (x, y) in alternatives.items():
+            ax.annotate(name, (x, y), fontsize=6, color="tab:red")
+        ax.legend(fontsize=7)
     ax.set_xlabel("size ratio (compressed / original)")
     ax.set_ylabel(points[0][2])
     ax.set_title("Accuracy against size")

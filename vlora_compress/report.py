@@ -19,6 +19,9 @@ from .fileformat import family_layout
 from .quantize import SCALE_SUFFIX
 
 
+METHOD_TITLES = {"vlora": "VLoRA", "svd": "per-layer SVD", "dense": "dense (quantization alone)"}
+
+
 @dataclass(frozen=True)
 class CompressReport:
     source: str
@@ -47,6 +50,8 @@ class CompressReport:
     evaluation: dict | None = None  # vlora-eval's report on the result, when asked for
     healing: dict | None = None  # the distillation run, when --distill healed the file
     passthrough: dict | None = None  # pass-through tensors stored quantized: count, scheme, bytes
+    alternatives: dict | None = None  # with the evaluation: the obvious alternatives' bytes and scores,
+    # and a verdict (alternatives.py)
     quantize: str = "none"  # what was asked for: none | int8 | int4 | auto (families say what was chosen)
 
     @classmethod
@@ -123,7 +128,7 @@ class CompressReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_markdown(self) -> str:
-        title = "VLoRA" if self.method == "vlora" else "per-layer SVD"
+        title = METHOD_TITLES.get(self.method, self.method)
         lines = [f"### {title}: `{Path(self.source).name}` → `{Path(self.output).name}`", "",
                  "| | |", "|---|---:|",
                  f"| original | {human_bytes(self.original_bytes)} ({self.original_params:,} params) |",
@@ -152,18 +157,21 @@ class CompressReport:
             from .evaluate import markdown_eval
 
             lines += ["", markdown_eval(self.evaluation)]
+        if self.alternatives:
+            lines += [markdown_alternatives(self.alternatives)]
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
 
     def render(self, console: Console) -> None:
-        title = "VLoRA" if self.method == "vlora" else "per-layer SVD"
+        title = METHOD_TITLES.get(self.method, self.method)
         summary = Table(title=f"{title}: {Path(self.source).name} -> {Path(self.output).name}", show_header=False)
         summary.add_column(style="bold")
         summary.add_column(justify="right")
         rank = "per family" if self.rank is None else str(self.rank)
-        summary.add_row("rank / chunks" if self.method == "vlora" else "rank",
-                        f"{rank} / {self.chunks or 'auto'}" if self.method == "vlora" else rank)
+        if self.method != "dense":
+            summary.add_row("rank / chunks" if self.method == "vlora" else "rank",
+                            f"{rank} / {self.chunks or 'auto'}" if self.method == "vlora" else rank)
         if self.quantize != "none":
             summary.add_row("quantize", storage_summary(self.quantize, self.families))
         if self.target:
@@ -207,6 +215,8 @@ class CompressReport:
             from .evaluate import render_eval
 
             render_eval(self.evaluation, console)
+        if self.alternatives:
+            render_alternatives(self.alternatives, console)
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}")
 
@@ -294,3 +304,31 @@ def _prod(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _alternative_cells(block: dict) -> list[list[str]]:
+    mine = next(r for r in block["rows"] if r["name"] == "this file")
+    return [[r["name"], human_bytes(r["bytes"]), f"{r['bytes'] / mine['bytes']:.2f}", f"{r['value']:.4g}",
+             f"{r['seconds']:.0f} s"] for r in block["rows"]]
+
+
+ALTERNATIVE_COLUMNS = ("stored as", "bytes", "x this file", "{metric}", "eval seconds")
+
+
+def markdown_alternatives(block: dict) -> str:
+    """The alternatives at equal bytes as a Markdown table, and the verdict under it."""
+    cols = [c.format(metric=block["metric"]) for c in ALTERNATIVE_COLUMNS]
+    lines = ["**Alternatives** on the same data", "", "| " + " | ".join(cols) + " |",
+             "|---|" + "---:|" * (len(cols) - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in _alternative_cells(block)]
+    return "\n".join(lines + ["", block["verdict"]]) + "\n"
+
+
+def render_alternatives(block: dict, console: Console) -> None:
+    table = Table(title="Alternatives on the same data")
+    for col in ALTERNATIVE_COLUMNS:
+        table.add_column(col.format(metric=block["metric"]), justify="left" if col == "stored as" else "right")
+    for cells in _alternative_cells(block):
+        table.add_row(*cells)
+    console.print(table)
+    console.print(block["verdict"])

@@ -1,0 +1,102 @@
+"""Every evaluated compress report shows the obvious alternatives at their exact bytes, and a verdict."""
+
+import json
+
+import pytest
+
+from conftest import CALIB, EVAL
+from vlora_compress import CalibConfig, compress
+from vlora_compress.alternatives import Row, verdict
+from vlora_compress.cli import compress_main, inspect_main
+from vlora_compress.evaluate import EvalConfig, evaluate
+
+
+def test_minilm_report_shows_int8_and_int4_alone_at_their_exact_bytes_and_int8_dominates(minilm_dir, tmp_path,
+                                                                                        capsys):
+    """At half the stack's bytes whitened per-layer SVD keeps ~0.78 cosine; int8 alone is smaller
+    and near lossless, so the verdict says to use it and gives the command; that command writes a
+    file of exactly the row's bytes that scores the row's value."""
+    out = tmp_path / "m.vlora.safetensors"
+    cfg = EvalConfig(task="embedding", samples=40)
+    report = compress(minilm_dir, out, method="svd", ranks="uniform", target_size="0.5", target_of="stack",
+                      calib=CALIB, calibration=CalibConfig(samples=64), eval_data=EVAL, eval_config=cfg)
+    block = report.alternatives
+    rows = {r["name"]: r for r in block["rows"]}
+    assert set(rows) == {"original", "this file", "int8 alone", "int4 alone"}
+    assert block["metric"] == "cosine_to_reference" and block["higher_is_better"]
+    assert rows["original"]["bytes"] == report.original_bytes and rows["original"]["value"] == 1.0
+    assert rows["this file"]["bytes"] == report.compressed_bytes
+    assert rows["this file"]["value"] == report.evaluation["metrics"][0]["model"]
+    assert [r["bytes"] for r in block["rows"]] == sorted(r["bytes"] for r in block["rows"])
+    for scheme in ("int8", "int4"):
+        # the row is what vlora-eval --quantize scores, and what --method dense --quantize writes
+        alone = evaluate(minilm_dir, EVAL, EvalConfig(task="embedding", samples=40, quantize=scheme),
+                         reference=minilm_dir)
+        assert rows[f"{scheme} alone"]["value"] == pytest.approx(alone.metrics[0].model, abs=1e-6)
+        dense = tmp_path / f"{scheme}.vlora.safetensors"
+        made = compress(minilm_dir, dense, method="dense", quantize=scheme)
+        assert made.compressed_bytes == rows[f"{scheme} alone"]["bytes"]
+        scored = evaluate(dense, EVAL, EvalConfig(task="embedding", samples=40), reference=minilm_dir,
+                          config_dir=minilm_dir)
+        assert scored.metrics[0].model == pytest.approx(rows[f"{scheme} alone"]["value"], abs=1e-4)
+    assert rows["int8 alone"]["bytes"] < rows["this file"]["bytes"]
+    assert rows["int8 alone"]["value"] > 0.99 > rows["this file"]["value"]
+    assert block["verdict"].startswith("int8 alone is smaller")
+    assert f"--method dense --quantize int8" in block["verdict"]
+    markdown = report.to_markdown()
+    assert "**Alternatives** on the same data" in markdown and block["verdict"] in markdown
+
+    # the saved report budgets against an alternative: worse than int8 alone fails, within a wide
+    # allowance of int4 alone passes
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps(report.to_dict()))
+    for args, code in ((["--max-drop-vs", "int8"], 1), (["--max-drop-vs", "int4", "--max-drop", "0.5"], 0)):
+        with pytest.raises(SystemExit) as exc:
+            inspect_main(["check", str(saved), *args])
+        assert exc.value.code == code, (args, capsys.readouterr())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        inspect_main(["check", str(saved), "--max-drop-vs", "int2"])
+    assert exc.value.code == 2 and "max-drop-vs" in capsys.readouterr().err
+
+
+def test_a_causal_lm_report_scores_perplexity_rows_and_no_compare_leaves_them_out(tiny_llama, tmp_path, capsys):
+    """--compare svd adds whitened per-layer SVD at the file's bytes (one more compress, its file
+    removed after); --no-compare scores the file alone."""
+    out = tmp_path / "l.vlora.safetensors"
+    base = [str(tiny_llama), "-o", str(out), "--rank", "4", "--chunks", "2", "--base", "first", "--topology", "chain",
+            "--bounds", "equal", "--ranks", "uniform", "--calib", str(CALIB), "--calib-samples", "8",
+            "--eval", str(EVAL), "--eval-samples", "4", "--json"]
+    with pytest.raises(SystemExit) as exc:
+        compress_main([*base, "--compare", "svd"])
+    assert exc.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    block = report["alternatives"]
+    rows = {r["name"]: r for r in block["rows"]}
+    assert set(rows) == {"original", "this file", "int8 alone", "int4 alone", "per-layer SVD"}
+    assert block["metric"] == "perplexity" and not block["higher_is_better"]
+    assert rows["original"]["value"] == report["evaluation"]["metrics"][0]["reference"]
+    assert 0.97 * rows["this file"]["bytes"] <= rows["per-layer SVD"]["bytes"] <= rows["this file"]["bytes"]
+    assert "--method svd --ranks uniform" in rows["per-layer SVD"]["command"]
+    assert all(r["seconds"] >= 0 for r in block["rows"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("l.")) == ["l.vlora.safetensors"]
+    with pytest.raises(SystemExit) as exc:
+        compress_main([*base, "--no-compare", "--force"])
+    report = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0 and report["alternatives"] is None and report["evaluation"]["metrics"]
+    with pytest.raises(SystemExit) as exc:
+        compress_main([*base, "--compare", "int3", "--force"])
+    assert exc.value.code == 2 and "--compare takes int8, int4, svd, not 'int3'" in capsys.readouterr().err
+
+
+def test_verdict_reads_the_rows_alone():
+    rows = [Row("original", 100, 10.0, 1), Row("int4 alone", 20, 14.0, 1, "make int4"),
+            Row("int8 alone", 30, 10.5, 1, "make int8"), Row("this file", 40, 30.0, 1)]
+    # lower is better (perplexity): both dominate, the better of them is named with its command
+    assert verdict(rows, "perplexity", False).startswith("int8 alone is smaller (30 B against 40 B) and better")
+    assert "`make int8` makes it" in verdict(rows, "perplexity", False)
+    rows[-1] = Row("this file", 40, 12.0, 1)  # now int4 is worse, int8 still dominates
+    assert verdict(rows, "perplexity", False).startswith("int8 alone")
+    rows[-1] = Row("this file", 25, 12.0, 1)  # int8 is better but larger: the file is the best at its size
+    line = verdict(rows, "perplexity", False)
+    assert line.startswith("This file is the best") and "int8 alone (30 B, 10.5)" in line

@@ -1,0 +1,132 @@
+"""The obvious alternatives, measured beside the file on the same data, and a verdict read from them.
+
+An evaluated compress report is not complete with the file's score alone: a language model cut to
+0.8 of its parameters by low rank is larger *and* worse than the same model in plain int4, and the
+user must read that in the report, not in a benchmark page. So every evaluated report carries rows
+of (bytes, score) on the eval's data and metric:
+
+- ``original``: the source, its tensor bytes and its score (the reference of the file's eval);
+- ``int8 alone`` and ``int4 alone``: every matrix compress would factorise rounded to nearest
+  (quantize.py, what ``vlora-compress SOURCE --method dense --quantize int8|int4`` writes and
+  ``vlora-eval SOURCE --quantize`` scores), every other tensor as in the source;
+- ``per-layer SVD`` (asked for with ``compare`` ``svd``): whitened per-layer SVD with uniform ranks,
+  sized to the file's bytes, with the file's calibration;
+- ``this file``.
+
+Bytes are tensor bytes, as ``size_ratio`` counts them. Each row costs one model load and one
+evaluation (the reference is evaluated once); the rows state their seconds. The verdict says which
+row is best at or under the file's bytes and, when an alternative dominates the file (no larger,
+and better), the command that makes it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .checkpoint import open_checkpoint
+from .evaluate import EvalConfig, EvalReport, evaluate_models, quantize_stacks
+from .models import load_model, load_preprocessor, resolve_device
+from .quantize import nbytes as quantized_nbytes
+from .stacks import find_stacks
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    bytes: int
+    value: float
+    seconds: float
+    command: str | None = None  # what makes it (None: the source, or the file itself)
+
+
+def head(task: str) -> str:
+    return "causal-lm" if task == "perplexity" else "base" if task == "embedding" else None
+
+
+def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: EvalConfig, original_bytes: int,
+                 file_bytes: int, svd_file=None, progress: bool = False) -> tuple[EvalReport, dict]:
+    """(the file's EvalReport, the ``alternatives`` block) on ``data``.
+
+    ``source`` is the original checkpoint (a folder or file; ``config_dir`` its folder);
+    ``svd_file(bytes)``, when ``svd`` is compared, writes the per-layer SVD file of that size and
+    returns (its path, its command)."""
+    device = resolve_device(eval_config.device)
+    preprocessor = load_preprocessor(config_dir)
+    kind = head(eval_config.task)
+    bare = None if Path(source).is_dir() else config_dir
+    memo: dict = {}
+
+    def score(model) -> tuple[int, list]:
+        return evaluate_models([model, reference], preprocessor, data, eval_config, progress, memo)
+
+    started = time.perf_counter()
+    reference = load_model(source, bare, kind).to(device)
+    score(reference)  # once: every row below reads its outputs from the memo
+    original_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    model = load_model(out, config_dir, kind).to(device)
+    samples, metrics = score(model)
+    del model
+    file_report = EvalReport(eval_config.task, str(data), str(out), str(source), samples, metrics)
+    headline = metrics[0]
+    rows = [Row("original", original_bytes, headline.reference, original_seconds),
+            Row("this file", file_bytes, headline.model, time.perf_counter() - started)]
+    with open_checkpoint(source) as ckpt:
+        stack_bytes = sum(fam.nbytes for s in find_stacks(ckpt.infos) for fam in s.families)
+        shapes = [fam.shape for s in find_stacks(ckpt.infos) for fam in s.families for _ in fam.layers]
+    for scheme in [c for c in eval_config.compare if c in ("int8", "int4")]:
+        started = time.perf_counter()
+        model = load_model(source, bare, kind).to(device)
+        quantize_stacks(model, Path(source), scheme, eval_config.group_size)
+        _, m = score(model)
+        del model
+        stored = sum(quantized_nbytes(shape, scheme, eval_config.group_size) for shape in shapes)
+        group = f" --group-size {eval_config.group_size}" if scheme == "int4" else ""
+        rows.append(Row(f"{scheme} alone", original_bytes - stack_bytes + stored, m[0].model,
+                        time.perf_counter() - started,
+                        f"vlora-compress {source} --method dense --quantize {scheme}{group}"))
+    if "svd" in eval_config.compare and svd_file is not None:
+        started = time.perf_counter()
+        path, command, svd_bytes = svd_file(file_bytes)
+        try:
+            model = load_model(path, config_dir, kind).to(device)
+            _, m = score(model)
+            del model
+        finally:
+            Path(path).unlink(missing_ok=True)
+        rows.append(Row("per-layer SVD", svd_bytes, m[0].model, time.perf_counter() - started, command))
+    del reference
+    return file_report, block(rows, headline.name, headline.higher_is_better)
+
+
+def block(rows: list[Row], metric: str, higher_is_better: bool) -> dict:
+    """The rows, ordered by bytes, with the verdict read from them."""
+    rows = sorted(rows, key=lambda r: (r.bytes, r.name != "this file"))
+    return {"metric": metric, "higher_is_better": higher_is_better, "rows": [asdict(r) for r in rows],
+            "verdict": verdict(rows, metric, higher_is_better)}
+
+
+def verdict(rows: list[Row], metric: str, higher_is_better: bool) -> str:
+    """One line from the measurements only: an alternative that dominates the file (no larger, and
+    better) and how to make it, or else that the file is the best row at or under its bytes."""
+    mine = next(r for r in rows if r.name == "this file")
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    dominating = [r for r in rows if r is not mine and r.bytes <= mine.bytes and better(r.value, mine.value)]
+    if dominating:
+        best = dominating[0]
+        for r in dominating[1:]:
+            best = r if better(r.value, best.value) else best
+        how = f"; `{best.command}` makes it" if best.command else ""
+        return (f"{best.name} is smaller ({_size(best.bytes)} against {_size(mine.bytes)}) and better "
+                f"({metric} {best.value:.4g} against {mine.value:.4g}) than this file: use it{how}.")
+    larger_better = [r for r in rows if r is not mine and better(r.value, mine.value)]
+    tail = (f" Better, but larger: {', '.join(f'{r.name} ({_size(r.bytes)}, {r.value:.4g})' for r in larger_better)}."
+            if larger_better else "")
+    return f"This file is the best of these at or under its size ({_size(mine.bytes)}, {metric} {mine.value:.4g}).{tail}"
+
+
+def _size(n: int) -> str:
+    from .report import human_bytes
+
+    return human_bytes(n)
