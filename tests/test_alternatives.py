@@ -42,7 +42,7 @@ def test_minilm_report_shows_int8_and_int4_alone_at_their_exact_bytes_and_int8_d
     assert rows["int8 alone"]["bytes"] < rows["this file"]["bytes"]
     assert rows["int8 alone"]["value"] > 0.99 > rows["this file"]["value"]
     assert block["verdict"].startswith("int8 alone is smaller")
-    assert f"--method dense --quantize int8" in block["verdict"]
+    assert "--method dense --quantize int8" in block["verdict"]
     markdown = report.to_markdown()
     assert "**Alternatives** on the same data" in markdown and block["verdict"] in markdown
 

@@ -22,7 +22,7 @@ and better), the command that makes it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
@@ -50,18 +50,18 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
 
     ``source`` is the original checkpoint (a folder or file; ``config_dir`` its folder);
     ``svd_file(bytes)``, when ``svd`` is compared, writes the per-layer SVD file of that size and
-    returns (its path, its command)."""
+    returns (its path, its command, its tensor bytes); the file is removed once scored."""
     device = resolve_device(eval_config.device)
     preprocessor = load_preprocessor(config_dir)
     kind = head(eval_config.task)
     bare = None if Path(source).is_dir() else config_dir
     memo: dict = {}
+    started = time.perf_counter()
+    reference = load_model(source, bare, kind).to(device)
 
     def score(model) -> tuple[int, list]:
         return evaluate_models([model, reference], preprocessor, data, eval_config, progress, memo)
 
-    started = time.perf_counter()
-    reference = load_model(source, bare, kind).to(device)
     score(reference)  # once: every row below reads its outputs from the memo
     original_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -96,7 +96,6 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
         finally:
             Path(path).unlink(missing_ok=True)
         rows.append(Row("per-layer SVD", svd_bytes, m[0].model, time.perf_counter() - started, command))
-    del reference
     return file_report, block(rows, headline.name, headline.higher_is_better)
 
 

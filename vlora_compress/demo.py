@@ -64,10 +64,12 @@ def run(out_dir: Path, target_size: str, calib_samples: int, eval_samples: int) 
     write_report(out_dir / "minilm.report.md", report.to_dict(), report.to_markdown())
 
     console.rule("the obvious alternatives at the same budget")
-    baseline = compress(source, out_dir / "minilm-svd.vlora.safetensors", method="svd", ranks="uniform", **common)
+    alone = EvalConfig(task="embedding", samples=eval_samples, compare=())  # the plan's report has int8/int4
+    baseline = compress(source, out_dir / "minilm-svd.vlora.safetensors", method="svd", ranks="uniform",
+                        **{**common, "eval_config": alone})
     datafree = compress(source, out_dir / "minilm-datafree.vlora.safetensors", base="first", topology="chain",
                         bounds="equal", ranks="uniform", chunks=2, target_size=target_size, target_of="stack",
-                        eval_data=EVAL, eval_config=EvalConfig(task="embedding", samples=eval_samples), force=True)
+                        eval_data=EVAL, eval_config=alone, force=True)
     table = Table(title=f"mean embedding cosine to the original on {eval_samples} sentences of {EVAL.name}")
     for col in ("method", "file size", "size ratio", "stack bytes", "cosine"):
         table.add_column(col, justify="left" if col == "method" else "right")
