@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
-from .evaluate import EvalConfig, EvalReport, evaluate_models, quantize_stacks
+from .evaluate import EvalConfig, EvalReport, evaluate_models, quantize_stacks, task_head
 from .models import load_model, load_preprocessor, resolve_device
-from .quantize import nbytes as quantized_nbytes
+from .report import human_bytes
 from .stacks import find_stacks
+
 
 @dataclass(frozen=True)
 class Row:
@@ -38,10 +39,6 @@ class Row:
     value: float
     seconds: float
     command: str | None = None  # what makes it (None: the source, or the file itself)
-
-
-def head(task: str) -> str:
-    return "causal-lm" if task == "perplexity" else "base" if task == "embedding" else None
 
 
 def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: EvalConfig, original_bytes: int,
@@ -53,7 +50,7 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
     returns (its path, its command, its tensor bytes); the file is removed once scored."""
     device = resolve_device(eval_config.device)
     preprocessor = load_preprocessor(config_dir)
-    kind = head(eval_config.task)
+    kind = task_head(eval_config.task)
     bare = None if Path(source).is_dir() else config_dir
     memo: dict = {}
     started = time.perf_counter()
@@ -74,14 +71,12 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
             Row("this file", file_bytes, headline.model, time.perf_counter() - started)]
     with open_checkpoint(source) as ckpt:
         stack_bytes = sum(fam.nbytes for s in find_stacks(ckpt.infos) for fam in s.families)
-        shapes = [fam.shape for s in find_stacks(ckpt.infos) for fam in s.families for _ in fam.layers]
     for scheme in [c for c in eval_config.compare if c in ("int8", "int4")]:
         started = time.perf_counter()
         model = load_model(source, bare, kind).to(device)
-        quantize_stacks(model, Path(source), scheme, eval_config.group_size)
+        stored = quantize_stacks(model, Path(source), scheme, eval_config.group_size)  # the stacks' bytes so stored
         _, m = score(model)
         del model
-        stored = sum(quantized_nbytes(shape, scheme, eval_config.group_size) for shape in shapes)
         group = f" --group-size {eval_config.group_size}" if scheme == "int4" else ""
         rows.append(Row(f"{scheme} alone", original_bytes - stack_bytes + stored, m[0].model,
                         time.perf_counter() - started,
@@ -113,19 +108,13 @@ def verdict(rows: list[Row], metric: str, higher_is_better: bool) -> str:
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
     dominating = [r for r in rows if r is not mine and r.bytes <= mine.bytes and better(r.value, mine.value)]
     if dominating:
-        best = dominating[0]
-        for r in dominating[1:]:
-            best = r if better(r.value, best.value) else best
+        best = max(dominating, key=lambda r: r.value if higher_is_better else -r.value)
         how = f"; `{best.command}` makes it" if best.command else ""
-        return (f"{best.name} is smaller ({_size(best.bytes)} against {_size(mine.bytes)}) and better "
+        return (f"{best.name} is smaller ({human_bytes(best.bytes)} against {human_bytes(mine.bytes)}) and better "
                 f"({metric} {best.value:.4g} against {mine.value:.4g}) than this file: use it{how}.")
     larger_better = [r for r in rows if r is not mine and better(r.value, mine.value)]
-    tail = (f" Better, but larger: {', '.join(f'{r.name} ({_size(r.bytes)}, {r.value:.4g})' for r in larger_better)}."
+    tail = (f" Better, but larger: {', '.join(f'{r.name} ({human_bytes(r.bytes)}, {r.value:.4g})' for r in larger_better)}."
             if larger_better else "")
-    return f"This file is the best of these at or under its size ({_size(mine.bytes)}, {metric} {mine.value:.4g}).{tail}"
+    return f"This file is the best of these at or under its size ({human_bytes(mine.bytes)}, {metric} {mine.value:.4g}).{tail}"
 
 
-def _size(n: int) -> str:
-    from .report import human_bytes
-
-    return human_bytes(n)

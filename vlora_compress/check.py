@@ -133,7 +133,7 @@ def check(subject: str | Path, budgets: Budgets) -> Verdict:
             if name not in facts["metrics"]:
                 raise VloraError(f"{subject}: has no {name} to compare with the baseline's")
             mine = facts["metrics"][name]
-            worse = (m["model"] - mine["model"]) if m["higher_is_better"] else (mine["model"] - m["model"])
+            worse = _worse(mine["model"], m["model"], m["higher_is_better"])
             rules.append(_le(f"{name} drop vs baseline", worse, budgets.max_drop))
     if budgets.max_drop_vs is not None:
         rules.append(_against_alternative(subject, facts, budgets.max_drop_vs, budgets.max_drop))
@@ -155,8 +155,13 @@ def _against_alternative(subject, facts: dict, name: str, max_drop: float) -> Ru
     if row is None:
         raise VloraError(f"{subject}: the report's alternatives have no {ALTERNATIVE_ROWS[name]!r} row")
     mine = rows["this file"]["value"]
-    worse = row["value"] - mine if block["higher_is_better"] else mine - row["value"]
+    worse = _worse(mine, row["value"], block["higher_is_better"])
     return _le(f"{block['metric']} drop vs {row['name']} ({row['bytes']:,} bytes)", worse, max_drop)
+
+
+def _worse(mine: float, theirs: float, higher_is_better: bool) -> float:
+    """How much worse ``mine`` scores than ``theirs``: positive is worse."""
+    return theirs - mine if higher_is_better else mine - theirs
 
 
 def read_facts(path: str | Path) -> dict:

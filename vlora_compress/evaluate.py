@@ -125,6 +125,12 @@ def default_task(config_dir: str | Path) -> str:
             "image-classification": "logits"}.get(head, "embedding")
 
 
+def task_head(task: str) -> str | None:
+    """The head a task loads the model with: the LM head for perplexity, none (hidden states) for
+    embeddings, else the checkpoint's own."""
+    return {"perplexity": "causal-lm", "embedding": "base"}.get(task)
+
+
 def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfig(),
              reference: str | Path | None = None, config_dir: str | Path | None = None,
              progress: bool = False) -> EvalReport:
@@ -135,9 +141,7 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     model = Path(model)
     config_dir = _config_dir(model, reference, config_dir)
     preprocessor = load_preprocessor(config_dir)
-    head = "base" if config.task == "embedding" else None
-    if config.task == "perplexity":
-        head = "causal-lm"
+    head = task_head(config.task)
     device = resolve_device(config.device)
     models = [load_model(model, None if model.is_dir() else config_dir, head).to(device)]
     quantized = None
