@@ -8,6 +8,7 @@ increment, which is what makes expand the exact inverse of compress.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -154,6 +155,7 @@ def fit_family(
     whitener: Callable[[str], Whitener | None] = lambda key: None,
     rebuilt: Callable[[str, torch.Tensor], None] | None = None,
     svd_cache: dict | None = None,
+    measure: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor] | LayerFit]:
     """Yield stored tensors ``(name, tensor)`` in layout order, and a LayerFit after each layer.
 
@@ -164,6 +166,8 @@ def fit_family(
     a few copies of one tensor; everything is made on the device of the weights read.
     ``svd_cache`` keeps the decomposition of every layer fitted on a zero base (per-layer factors,
     which do not depend on the rank) for a later fit of the same weights at another rank.
+    Without ``measure`` the LayerFits carry no errors (NaN, None): the planner's trial fits, which
+    score the family as a whole, spend nothing on them.
     """
     store = DTYPES[plan.store_dtype]
     orig = DTYPES[plan.dtype]
@@ -179,8 +183,8 @@ def fit_family(
             wh = whitener(key)
             if rebuilt is not None:
                 rebuilt(key, base_hat.to(orig))
-            yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)),
-                           wh.output_error(w, base_hat.to(orig)) if wh else None)
+            yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)) if measure else math.nan,
+                           wh.output_error(w, base_hat.to(orig)) if wh and measure else None)
         else:  # a zero base: every layer is its own low-rank factors
             base_hat = None  # zeros, made on the first layer's device
         last_hat = base_hat
@@ -214,7 +218,8 @@ def fit_family(
             w_hat = last_hat.to(orig)
             if rebuilt is not None:
                 rebuilt(key, w_hat)
-            fit = LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat), wh.output_error(w, w_hat) if wh else None)
+            fit = LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat) if measure else math.nan,
+                           wh.output_error(w, w_hat) if wh and measure else None)
             # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
             del w, w_hat, delta, wh, b, a
             yield fit

@@ -31,7 +31,7 @@ import torch
 
 from .quantize import SCHEMES
 from .errors import VloraError
-from .factorise import Whitener, fit_family, rebuild_family
+from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import family_matrices, read_matrix
 from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper,
                    family_bytes, matrix_bytes, split_equal)
@@ -95,7 +95,7 @@ def plan_measured(
                 label = cand.label if rank else Candidate("first", "chain", 1, cand.quant, dense=True).label
                 notes.append(f"{fam.name}: {label}{f' at rank {rank}' if rank else ''}, error {score:.4g}"
                              + (f" (also tried: {others})" if others else "")
-                             + (f" (not measured in the model, by the family's own output error: {out})" if out else ""))
+                             + (f" (not fitted, by the estimate from singular values: {out})" if out else ""))
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
@@ -104,43 +104,102 @@ def plan_measured(
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
 
 
-SHORT_LIST = 3  # candidates, best by the family's own output error, that the model's error decides between
+SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and measured
 
 
 def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter):
-    """(best (candidate, plan, score) or None, [(candidate, score)] of those measured, [(candidate,
-    family error)] of those the short list left out)
+    """(best (candidate, plan, score) or None, [(candidate, score)] of those fitted, [(candidate,
+    estimate)] of those the short list left out)
 
-    Every candidate is fitted and scored by the family's summed (whitened) output error, which
-    costs a rebuild; with a meter, the model's output error then decides among the ``SHORT_LIST``
-    best by that score and per-layer SVD (the baseline is always measured), since a forward pass
-    of the whole model costs far more than a family's rebuild. Only the short list's rebuilt
-    weights are held."""
-    fitted, short = [], []  # short: (family error, index, candidate, plan, rebuilt)
+    Every candidate is planned at the budget and ranked by spectral_error, an estimate from singular
+    values that all candidates of the family share (no fit: on SmolLM2 fitting every candidate cost
+    70% of the plan). The ``SHORT_LIST`` best, per-layer SVD (the baseline is always fitted), and
+    under ``--quantize auto`` the best of each other storage and every dense one (the estimate does
+    not see rounding) are then fitted and scored by the family's summed (whitened) output error;
+    with a meter, by the model's output error instead. Only the short list's rebuilt weights are
+    held, one at a time."""
+    spectra: dict = {}  # singular values per (reference, layer): every candidate's estimate reads them
+    planned = []  # (estimate, index, candidate, plan)
     for i, cand in enumerate(cands):
-        fp = fit_candidate(fam, cand, weights, whitener, config, budget)
+        fp = fit_candidate(fam, cand, weights, whitener, config, budget, spectra)
         if fp is None:
             continue
         if len(cands) == 1:  # nothing to choose between: no need to measure
             return (cand, fp, float("nan")), [], []
-        rebuilt = rebuild_in_memory(fp, weights, whitener, config)
-        proxy = family_error(fam, weights, rebuilt, whitener)
-        fitted.append((cand, proxy))
-        short.append((proxy, i, cand, fp, rebuilt if meter else None))
-        short.sort(key=lambda t: (t[0], t[1]))
-        baseline = [t for t in short[SHORT_LIST:] if t[2].base == "none"]
-        short = short[:SHORT_LIST] + baseline
-    if meter is None:
-        best = short[0] if short else None
-        return ((best[2], best[3], best[0]) if best else None), fitted, []
+        est = float("nan") if cand.dense else spectral_error(fp, weights, whitener, spectra)
+        planned.append((est, i, cand, fp))
+    del spectra
+    short = _short_list(planned, config)
     best, tried = None, []
-    for proxy, i, cand, fp, rebuilt in sorted(short, key=lambda t: t[1]):
-        score = meter(rebuilt)
+    cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
+    for _, i, cand, fp in sorted(short, key=lambda t: t[1]):
+        rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
+        score = meter(rebuilt) if meter is not None else family_error(fam, weights, rebuilt, whitener)
+        del rebuilt
         tried.append((cand, score))
         if best is None or score < best[2] * (1 - 1e-9):
             best = (cand, fp, score)
-    measured = {c for c, _ in tried}
-    return best, tried, [(c, e) for c, e in fitted if c not in measured]
+    fitted = {t[1] for t in short}
+    return best, tried, [(c, est) for est, i, c, _ in sorted(planned, key=lambda t: t[:2]) if i not in fitted]
+
+
+def _short_list(planned: list, config: CompressConfig) -> list:
+    """The candidates worth a fit: the ``SHORT_LIST`` best estimates in the reference storage, the
+    best in each integer storage ``--quantize auto`` adds, per-layer SVD, and every dense candidate."""
+    ranked = sorted((t for t in planned if not t[2].dense), key=lambda t: t[:2])
+    short = [t for t in planned if t[2].dense]
+    for quant in dict.fromkeys(t[2].quant for t in ranked):
+        mine = [t for t in ranked if t[2].quant == quant]
+        short += mine[:SHORT_LIST if quant == config.family_scheme else 1]
+    baseline = [t for t in ranked if t[2].base == "none" and t[2].quant == config.family_scheme]
+    short += [t for t in baseline[:1] if t not in short]
+    return short
+
+
+def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
+    """The family's relative (whitened) output error that the plan's truncations alone would leave,
+    every reference taken as the matrix it stands for (open loop): Σ_l tail_{r_l}((W_l - R_l) S_l)
+    over Σ_l ||W_l S_l||², with R_l zero (per-layer), the chunk's base layer, the layer before
+    (chain) or the chunk's whitened mean. The singular values are kept in ``spectra`` per
+    (reference, layer), so a family's 13 candidates cost about 8 decompositions a layer, not 13
+    fits. Closed-loop fitting can do a little better (an increment also mends the error before it)
+    or worse (errors down a chain); the short list is fitted and measured to settle that."""
+    err = total = 0.0
+    for chunk in fp.chunks:
+        mean = None
+        for layer, ref in chunk.steps():
+            ref = chunk.base if ref is None else ref
+            if ref == "synthetic":
+                name = ("mean", chunk.layers)
+                if (name, layer) not in spectra:
+                    if mean is None:
+                        by_key = {fp.key(x): weights[x] for x in chunk.layers}
+                        mean = synthetic_base(fp, chunk, by_key.__getitem__, whitener).to(weights[layer])
+                    spectra[name, layer] = _spectrum(fp.key(layer), weights[layer] - mean, whitener)
+            else:
+                name = ref
+                if (name, layer) not in spectra:
+                    delta = weights[layer] if ref == "none" else weights[layer] - weights[ref]
+                    spectra[name, layer] = _spectrum(fp.key(layer), delta, whitener)
+            err += float(spectra[name, layer][chunk.rank_of(layer):].square().sum())
+    for layer in fp.layers:
+        if ("norm", layer) not in spectra:
+            spectra["norm", layer] = float(_whiten(weights[layer].double(), whitener(fp.key(layer))).square().sum())
+        total += spectra["norm", layer]
+    return err / total if total > 0 else err
+
+
+def _spectrum(key: str, delta: torch.Tensor, whitener) -> torch.Tensor:
+    """Singular values of ``delta``, whitened by ``key``'s inputs when calibrated."""
+    return torch.linalg.svdvals(_whiten(delta.double(), whitener(key)))
+
+
+def _whiten(m: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
+    """M S for a weight stored (out, in), Sᵀ M for Conv1D's (in, out): the output-error view."""
+    if wh is None:
+        return m
+    root = wh.root.to(m)
+    return m @ root if wh.side == 1 else root.T @ m
 
 
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity
@@ -159,12 +218,13 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     for (fam, cand, budget), fp in zip(chosen, uniform):
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
+        spectra: dict = {}
         opts = [(family_bytes(fp), meter(rebuild_in_memory(fp, weights, whitener, config, cache)), fp)]
         for scale in RANK_SCALES:
-            alt = fit_candidate(fam, cand, weights, whitener, config, int(budget * scale))
+            alt = fit_candidate(fam, cand, weights, whitener, config, int(budget * scale), spectra)
             if alt is not None and family_bytes(alt) != opts[0][0]:
                 opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config, cache)), alt))
-        del cache
+        del cache, spectra
         options.append(opts)
         total += family_bytes(fp)
     picked = _lagrangian(options, total)
@@ -328,8 +388,9 @@ def share_budget(stacks: list[Stack], stack_budget: int) -> dict[str, int]:
 
 
 def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: CompressConfig,
-                  budget: int) -> FamilyPlan | None:
-    """The candidate's plan at the largest uniform rank within ``budget``; None if none fits."""
+                  budget: int, spectra: dict | None = None) -> FamilyPlan | None:
+    """The candidate's plan at the largest uniform rank within ``budget``; None if none fits.
+    ``spectra`` keeps the family's delta spectra between candidates (chain_cost)."""
     n_layers = len(fam.layers)
     if cand.chunks > n_layers:
         return None
@@ -347,7 +408,7 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     if config.bounds == "equal":
         bounds = split_equal(n_layers, cand.chunks)
     else:
-        bounds = partition(n_layers, cand.chunks, chain_cost(fam, weights, whitener, rank))
+        bounds = partition(n_layers, cand.chunks, chain_cost(fam, weights, whitener, rank, spectra))
     chunks = []
     for start, end in bounds:
         layers = fam.layers[start:end]
@@ -380,20 +441,19 @@ def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[
     return tuple(reversed(bounds))
 
 
-def chain_cost(fam: Family, weights, whitener, rank: int) -> Callable[[int, int], float]:
+def chain_cost(fam: Family, weights, whitener, rank: int, spectra: dict | None = None) -> Callable[[int, int], float]:
     """Cost of a chunk as a first-base chain: the delta energy past ``rank`` on every internal link.
 
-    Each consecutive delta is decomposed once (whitened when calibrated), so the dynamic programme
-    costs one singular-value decomposition per layer, not one per chunk.
+    Each consecutive delta's singular values are found once (whitened when calibrated), so the
+    dynamic programme costs one decomposition per layer, not one per chunk; ``spectra`` keeps them
+    for the family's next candidate, whatever its rank (one family's links at a time).
     """
+    spectra = {} if spectra is None else spectra
     tails = [0.0]
     for prev, layer in zip(fam.layers, fam.layers[1:]):
-        delta = (weights[layer] - weights[prev]).double()
-        wh = whitener(fam.key(layer))
-        if wh is not None:
-            delta = delta @ wh.root if wh.side == 1 else wh.root.T @ delta
-        s = torch.linalg.svdvals(delta)
-        tails.append(float(s[rank:].square().sum()))
+        if (prev, layer) not in spectra:
+            spectra[prev, layer] = _spectrum(fam.key(layer), weights[layer] - weights[prev], whitener)
+        tails.append(float(spectra[prev, layer][rank:].square().sum()))
     prefix = [0.0]
     for t in tails:
         prefix.append(prefix[-1] + t)
@@ -405,8 +465,8 @@ def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig,
                       svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
     """Fit ``fp`` and rebuild its layers exactly as compress and expand would, without writing."""
     by_key = {fp.key(layer): weights[layer] for c in fp.chunks for layer in c.layers}
-    stored = {item[0]: item[1] for item in fit_family(fp, by_key.__getitem__, config, whitener, svd_cache=svd_cache)
-              if isinstance(item, tuple)}
+    walk = fit_family(fp, by_key.__getitem__, config, whitener, svd_cache=svd_cache, measure=False)
+    stored = {item[0]: item[1] for item in walk if isinstance(item, tuple)}
     shapes = dict(family_matrices(fp))
     return dict(rebuild_family(fp, lambda name: read_matrix(fp, shapes[name], name, stored.__getitem__)))
 
@@ -421,9 +481,7 @@ def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitene
         w = weights[layer].double()
         d = w - rebuilt[key].double()
         wh = whitener(key)
-        if wh is not None:
-            root = wh.root
-            w, d = (w @ root, d @ root) if wh.side == 1 else (root.T @ w, root.T @ d)
+        w, d = _whiten(w, wh), _whiten(d, wh)
         err += float(d.square().sum())
         total += float(w.square().sum())
     return err / total if total > 0 else err
