@@ -15,11 +15,14 @@ With ``--quantize auto`` every form is also tried in int8 and int4 at the same b
 rank in fewer bits against a lower rank in the store dtype), so the storage is chosen by the same
 measurement.
 
-The candidate with the least error wins: the model's final hidden-state error on held-back
-calibration samples when a meter is given, else the summed (whitened when calibrated) squared
-output error of the family's layers, else their weight error. The search is bounded: ``auto``
-tries at most 3 chunk counts x 2 bases (first, mean) x 2 topologies + per-layer SVD = 13 fits per
-family (x 3 storages, plus every layer dense in int8 and in int4, under ``--quantize auto``); ``best`` is tried only when asked for, since it fits every layer of a chunk as the base.
+Every candidate is ranked by an estimate from singular values shared by the family's candidates
+(spectral_error, no fit); a short list is fitted, and the one with the least error wins: the
+model's final hidden-state error on held-back calibration samples when a meter is given, else the
+summed (whitened when calibrated) squared output error of the family's layers, else their weight
+error. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
+topologies + per-layer SVD = 13 candidates per family (x 3 storages, plus every layer dense in int8
+and in int4, under ``--quantize auto``) and fits at most 4 (8 under auto); ``best`` is tried only
+when asked for, since it fits every layer of a chunk as the base.
 """
 
 from __future__ import annotations
