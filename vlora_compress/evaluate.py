@@ -147,7 +147,7 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     quantized = None
     if config.quantize != "none":
         stack_bytes = quantize_stacks(models[0], model, config.quantize, config.group_size)
-        quantized = {"scheme": config.quantize, "group_size": config.group_size if config.quantize == "int4" else None,
+        quantized = {"scheme": config.quantize, "group_size": config.group_size if config.quantize != "int8" else None,
                      "stack_bytes": stack_bytes}
     if reference is not None:
         ref = Path(reference)

@@ -128,6 +128,15 @@ class Whitener:
             return None  # no usable signal: the caller falls back to plain SVD
         return cls(q, lam + damping * scale, side, damping * scale)
 
+    def hessian(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(U, order, side), what GPTQ rounding reads (quantize.gptq): the inputs in order of falling
+        Hessian diagonal (GPTQ's "act order": the most used inputs rounded first, while the most
+        columns are left to take their error), and U the upper Cholesky factor of (G + δI)⁻¹ with
+        rows and columns in that order."""
+        order = torch.argsort((self.vectors.square() * self.values).sum(1), descending=True)
+        h_inv = ((self.vectors / self.values) @ self.vectors.T)[order][:, order]
+        return torch.linalg.cholesky((h_inv + h_inv.T) / 2, upper=True), order, self.side
+
     def output_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
         """||(W - Ŵ) S|| / ||W S||: relative error of the layer's output on calibration inputs."""
         d = (w.double() - w_hat.double())
@@ -178,9 +187,9 @@ def fit_family(
         elif chunk.base_layer is not None:
             key = plan.key(chunk.base)
             w = read(key)
-            entries, base_hat = encode(plan, key, w)
-            yield from entries
             wh = whitener(key)
+            entries, base_hat = encode(plan, key, w, _hessian(plan, config, wh))
+            yield from entries
             if rebuilt is not None:
                 rebuilt(key, base_hat.to(orig))
             yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)) if measure else math.nan,
@@ -206,10 +215,11 @@ def fit_family(
                 b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
             if rank:
                 kb, ka = increment_keys(key)
-                entries_b, b = encode(plan, kb, b)
+                hessian = _hessian(plan, config, wh)  # for the factor that reads the layer's inputs
+                entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
                 if plan.quant != "none":  # B as stored is not the B the SVD gave: refit A to it
                     a = refit_right(b, delta, wh)
-                entries_a, a = encode(plan, ka, a)
+                entries_a, a = encode(plan, ka, a, hessian if wh is not None and wh.side == 1 else None)
                 yield from entries_b
                 yield from entries_a
             else:
@@ -225,6 +235,13 @@ def fit_family(
             yield fit
 
 
+def _hessian(plan: FamilyPlan, config: CompressConfig, wh: Whitener | None) -> tuple | None:
+    """What GPTQ rounding reads, where the family is stored as integers, calibrated, and asked to."""
+    if plan.quant == "none" or wh is None or config.rounding != "gptq":
+        return None
+    return wh.hessian()
+
+
 def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
     """The A that best completes a fixed B: argmin ||(Δ - B A) S|| (rows whitened, ||Sᵀ(Δ - B A)||,
     for Conv1D), by least squares in float64. After B is rounded to integers, the SVD's A is no
@@ -236,14 +253,16 @@ def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> to
     return torch.linalg.lstsq(b64, d64).solution.float()
 
 
-def encode(plan: FamilyPlan, name: str, t: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+def encode(plan: FamilyPlan, name: str, t: torch.Tensor,
+           hessian: tuple | None = None) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
     """(stored entries, what they read back as in float32): the closed loop fits from the latter,
-    so rounding to the store dtype or to integers never compounds down a chain."""
+    so rounding to the store dtype or to integers never compounds down a chain. ``hessian`` (for
+    the matrix that reads the layer's inputs) has the integers chosen by GPTQ."""
     store = DTYPES[plan.store_dtype]
     if plan.quant == "none":
         stored = t.to(store)
         return [(name, stored)], stored.float()
-    q, s = quantize(t, plan.quant, plan.group_size)
+    q, s = quantize(t, plan.quant, plan.group_size, hessian)
     back = dequantize(q, s, tuple(t.shape), plan.quant, plan.group_size).to(store)
     return [(name, q), (name + SCALE_SUFFIX, s)], back.float()
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import SCHEMES
+from .quantize import AUTO_SCHEMES
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import family_matrices, read_matrix
@@ -305,7 +305,7 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     bases = list(AUTO_BASES) if base == "auto" else [base]
     topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
     counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
-    schemes = SCHEMES if config.quantize == "auto" else (config.quantize,)  # auto: more rank, or fewer bits
+    schemes = AUTO_SCHEMES if config.quantize == "auto" else (config.quantize,)  # auto: more rank, or fewer bits
     out = []
     for q in schemes:
         for b in bases:
