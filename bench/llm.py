@@ -39,6 +39,9 @@ QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in in
     ("int4 g128 alone, GPTQ", dict(method="dense", quantize="int4", rounding="gptq")),
     ("int4 g64 alone, round-to-nearest", dict(method="dense", quantize="int4", group_size=64, rounding="nearest")),
     ("int4 g64 alone, GPTQ", dict(method="dense", quantize="int4", group_size=64, rounding="gptq")),
+    ("int3 g64 alone, round-to-nearest", dict(method="dense", quantize="int3", group_size=64, rounding="nearest")),
+    ("int3 g64 alone, GPTQ", dict(method="dense", quantize="int3", group_size=64, rounding="gptq")),
+    ("int2 g64 alone, GPTQ", dict(method="dense", quantize="int2", group_size=64, rounding="gptq")),
 ]
 
 CHILD = """
@@ -85,7 +88,7 @@ def main() -> None:
     ap.add_argument("--only", help="run only the variants whose label contains this")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quantized", action="store_true",
-                    help="quantization alone (int4, rounded to nearest and by GPTQ) instead of the shares removed")
+                    help="quantization alone (int4, int3, int2; rounded to nearest and by GPTQ) instead of the shares removed")
     args = ap.parse_args()
     from vlora_compress.evaluate import EvalConfig, evaluate
 
