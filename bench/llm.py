@@ -52,7 +52,7 @@ calib = opts.pop("calibration")
 t = time.perf_counter()
 r = compress(opts.pop("source"), opts.pop("out"), calibration=CalibConfig(**calib), force=True, **opts)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "size_ratio": r.size_ratio, "rank": r.rank}))
+                  "size_ratio": r.size_ratio, "rank": r.rank, "notes": r.notes}))
 """
 
 
