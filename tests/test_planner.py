@@ -190,11 +190,14 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
         config = CompressConfig(method="svd", rank=6)
         uniform = plan_measured(stacks, replace(config, ranks="uniform"), ckpt.read, meter=meter)
         allocated = plan_measured(stacks, config, ckpt.read, meter=meter)
-    budget = sum(family_bytes(fp) for fp in uniform.families)
+        budget = sum(family_bytes(fp) for fp in uniform.families)
+        # a size target's stack budget: whole ranks leave bytes under it, which the allocation spends
+        targeted = plan_measured(stacks, config, ckpt.read, meter=meter, total=int(budget * 1.04))
     spent = sum(family_bytes(fp) for fp in allocated.families)
     assert "allocated by measured sensitivity" in allocated.notes[-1]
     assert 0.99 * budget <= spent <= budget
     assert family_bytes(allocated.families[0]) > family_bytes(uniform.families[0])
+    assert 0.99 * budget * 1.04 <= sum(family_bytes(fp) for fp in targeted.families) <= budget * 1.04
 
 
 def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt2_file):

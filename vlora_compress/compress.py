@@ -116,7 +116,9 @@ def compress(
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
                 meter = OutputMeter(model, preprocessor, held, config.calibration.max_length, ckpt.read) if held else None
         whitener = grams.whitener if grams is not None else (lambda key: None)
-        plan = plan_measured(stacks, config, read, whitener, meter, budgets) if planned else plan_equal(stacks, config)
+        plan = (plan_measured(stacks, config, read, whitener, meter, budgets,
+                              target["stack_budget_bytes"] if target else None)
+                if planned else plan_equal(stacks, config))
         record = source_info(ckpt)
         plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes,
                        passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))

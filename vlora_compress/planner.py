@@ -69,12 +69,14 @@ def plan_measured(
     whitener: Callable[[str], Whitener | None] = lambda key: None,
     meter: Callable[[dict[str, torch.Tensor]], float] | None = None,
     budgets: dict[str, int] | None = None,
+    total: int | None = None,
 ) -> Plan:
     """A plan whose every family took the least-error candidate at its byte budget.
 
     ``meter(replacements)`` measures the model's output error with some weights replaced.
-    ``budgets`` (family name -> bytes) overrides the budget the reference form sets. Only one
-    family's layers are held in memory at a time.
+    ``budgets`` (family name -> bytes) overrides the budget the reference form sets. ``total`` is
+    the stacks' byte budget of a size target: measured rank allocation spends up to it (without
+    one, up to what the uniform plan stores). Only one family's layers are held in memory at a time.
     """
     stack_plans, family_plans, notes, chosen = [], [], [], []
     for stack in stacks:
@@ -102,7 +104,7 @@ def plan_measured(
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
-        family_plans, note = allocate_ranks(chosen, family_plans, config, read, whitener, meter)
+        family_plans, note = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
         notes.append(note)
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
 
@@ -208,12 +210,14 @@ def _whiten(m: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity
 
 
-def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter) -> tuple[list[FamilyPlan], str]:
+def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter,
+                   target: int | None = None) -> tuple[list[FamilyPlan], str]:
     """Move bytes between families to where the model's measured output error falls fastest.
 
     Each family is refitted alone at a few scaled budgets and the model's held-back output error
     measured (the ASVD-style sensitivity); a Lagrangian picks one option per family within the total
-    budget. The result is kept only if, measured with every family compressed at once, it beats the
+    budget (``target``, else the uniform plan's bytes), and the bytes its pick leaves are spent
+    again. The result is kept only if, measured with every family compressed at once, it beats the
     uniform plan: an allocation never ships when it measures worse.
     """
     options = []  # per family: [(bytes, error, plan)]
@@ -230,10 +234,11 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
         del cache, spectra
         options.append(opts)
         total += family_bytes(fp)
+    total = max(total, target or 0)  # a target's rounding to whole ranks leaves bytes too
     picked = _lagrangian(options, total)
-    if not any(picked):
-        return list(uniform), "ranks: uniform (no reallocation measured better per family)"
     allocated = _spend_slack(chosen, options, picked, total, config, read, whitener)
+    if allocated == list(uniform):
+        return list(uniform), "ranks: uniform (no reallocation measured better per family)"
     err_uniform = meter(_rebuild_all(chosen, uniform, config, read, whitener))
     err_alloc = meter(_rebuild_all(chosen, allocated, config, read, whitener))
     if err_alloc < err_uniform:
