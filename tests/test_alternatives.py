@@ -22,8 +22,12 @@ def test_minilm_report_shows_int8_and_int4_alone_at_their_exact_bytes_and_int8_d
                       calib=CALIB, calibration=CalibConfig(samples=64), eval_data=EVAL, eval_config=cfg)
     block = report.alternatives
     rows = {r["name"]: r for r in block["rows"]}
-    assert set(rows) == {"original", "this file", "int8 alone", "int4 alone"}
+    assert set(rows) == {"original", "this file", "int8 alone", "int4 alone", "int4 alone, GPTQ"}
     assert block["metric"] == "cosine_to_reference" and block["higher_is_better"]
+    # calibrated: int4 with GPTQ rounding on the file's calibration, the same bytes, a better score
+    assert rows["int4 alone, GPTQ"]["bytes"] == rows["int4 alone"]["bytes"]
+    assert rows["int4 alone, GPTQ"]["value"] > rows["int4 alone"]["value"]
+    assert "--quantize int4 --group-size 128 --calib" in rows["int4 alone, GPTQ"]["command"]
     assert rows["original"]["bytes"] == report.original_bytes and rows["original"]["value"] == 1.0
     assert rows["this file"]["bytes"] == report.compressed_bytes
     assert rows["this file"]["value"] == report.evaluation["metrics"][0]["model"]
@@ -73,7 +77,7 @@ def test_a_causal_lm_report_scores_perplexity_rows_and_no_compare_leaves_them_ou
     report = json.loads(capsys.readouterr().out)
     block = report["alternatives"]
     rows = {r["name"]: r for r in block["rows"]}
-    assert set(rows) == {"original", "this file", "int8 alone", "int4 alone", "per-layer SVD"}
+    assert set(rows) == {"original", "this file", "int8 alone", "int4 alone", "int4 alone, GPTQ", "per-layer SVD"}
     assert block["metric"] == "perplexity" and not block["higher_is_better"]
     assert rows["original"]["value"] == report["evaluation"]["metrics"][0]["reference"]
     assert 0.97 * rows["this file"]["bytes"] <= rows["per-layer SVD"]["bytes"] <= rows["this file"]["bytes"]
@@ -86,7 +90,7 @@ def test_a_causal_lm_report_scores_perplexity_rows_and_no_compare_leaves_them_ou
     assert exc.value.code == 0 and report["alternatives"] is None and report["evaluation"]["metrics"]
     with pytest.raises(SystemExit) as exc:
         compress_main([*base, "--compare", "int3", "--force"])
-    assert exc.value.code == 2 and "--compare takes int8, int4, svd, not 'int3'" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--compare takes int8, int4, gptq, svd, not 'int3'" in capsys.readouterr().err
 
 
 def test_verdict_reads_the_rows_alone():

@@ -25,7 +25,7 @@ class Budgets:
     baseline: str | None = None  # a report (or VLoRA file) to compare with
     max_growth: float = 0.0  # allowed growth of the file against the baseline, as a fraction
     max_drop: float = 0.001  # allowed drop of every eval metric against the baseline's (and max_drop_vs's)
-    max_drop_vs: str | None = None  # an alternative in the report (int8, int4, svd, original): fail when
+    max_drop_vs: str | None = None  # an alternative in the report (int8, int4, gptq, svd, original): fail when
     # the file scores worse than it by more than max_drop
 
 
@@ -140,7 +140,8 @@ def check(subject: str | Path, budgets: Budgets) -> Verdict:
     return Verdict(str(subject), rules)
 
 
-ALTERNATIVE_ROWS = {"int8": "int8 alone", "int4": "int4 alone", "svd": "per-layer SVD", "original": "original"}
+ALTERNATIVE_ROWS = {"int8": "int8 alone", "int4": "int4 alone", "gptq": "int4 alone, GPTQ", "svd": "per-layer SVD",
+                    "original": "original"}
 
 
 def _against_alternative(subject, facts: dict, name: str, max_drop: float) -> Rule:

@@ -98,7 +98,7 @@ def compress_cmd(
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
     eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
     eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="With --eval: more alternatives to score beside the file, besides int8 and int4 alone (comma list; svd: whitened per-layer SVD at the file's bytes, one more compress).")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="With --eval: more alternatives to score beside the file, besides int8 and int4 alone and, when calibrated, int4 alone rounded by GPTQ (comma list; svd: whitened per-layer SVD at the file's bytes, one more compress).")] = None,
     no_compare: Annotated[bool, typer.Option("--no-compare", help="With --eval: score the file alone, no alternatives (a CI run that only needs the check).")] = False,
     distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.")] = 150,
@@ -127,7 +127,7 @@ def compress_cmd(
     if eval_data is not None:
         extra = tuple(c.strip() for c in compare.split(",") if c.strip()) if compare else ()
         eval_config = EvalConfig(task=eval_task or default_task(config_dir or source), samples=eval_samples,
-                                 device=device, compare=() if no_compare else tuple(dict.fromkeys(("int8", "int4") + extra)))
+                                 device=device, compare=() if no_compare else tuple(dict.fromkeys(("int8", "int4", "gptq") + extra)))
     config = CompressConfig(
         rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
         align=align, target_size=target_size, target_of=target_of, svd=svd, dtype=dtype, quantize=quantize,
@@ -250,7 +250,7 @@ def check_cmd(
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A report or VLoRA file to compare with.")] = None,
     max_growth: Annotated[Optional[float], typer.Option("--max-growth", help="Allowed file growth against the baseline, as a fraction. File default 0.")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Allowed drop of any eval metric against the baseline (and --max-drop-vs). File default 0.001.")] = None,
-    max_drop_vs: Annotated[Optional[str], typer.Option("--max-drop-vs", help="Fail when the file scores worse than this alternative of its report (int8, int4, svd or original) by more than --max-drop.")] = None,
+    max_drop_vs: Annotated[Optional[str], typer.Option("--max-drop-vs", help="Fail when the file scores worse than this alternative of its report (int8, int4, gptq, svd or original) by more than --max-drop.")] = None,
     budgets_file: Annotated[Optional[Path], typer.Option("--budgets", help="Budgets in a TOML or JSON file; by default [tool.vlora] of ./pyproject.toml if present.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the verdict as a Markdown table, for a pull request.")] = False,
     report_file: ReportFlag = None,

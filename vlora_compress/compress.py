@@ -142,8 +142,10 @@ def compress(
         folder = config_folder(config_dir or source)
         if cfg.compare:
             svd = lambda nbytes: _svd_alternative(source, out, config, calib, config_dir, tokenizer, nbytes)  # noqa: E731
+            gptq = None if calib is None else \
+                lambda: _gptq_alternative(source, out, config, calib, config_dir, tokenizer, cfg.group_size)  # noqa: E731
             result, alts = alternatives(out, folder, config_dir or config_folder(source), eval_data, cfg,
-                                        report.original_bytes, report.compressed_bytes, svd, progress)
+                                        report.original_bytes, report.compressed_bytes, svd, progress, gptq)
             report = replace(report, evaluation=result.to_dict(), alternatives=alts)
         else:
             result = evaluate(out, eval_data, cfg, reference=folder,
@@ -163,6 +165,19 @@ def _svd_alternative(source, out: Path, config: CompressConfig, calib, config_di
     command = (f"vlora-compress {source} --method svd --ranks uniform --target-size {nbytes}B"
                + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else "")
                + (f" --quantize {svd_config.quantize}" if svd_config.quantize != "none" else ""))
+    return path, command, report.compressed_bytes
+
+
+def _gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, group_size: int):
+    """(path, command, tensor bytes) of int4 alone with GPTQ rounding on the file's calibration:
+    the report's ``int4 alone, GPTQ`` row."""
+    path = out.with_name(out.name + ".gptq-alternative")
+    gptq_config = replace(config, method="dense", quantize="int4", group_size=group_size, rounding="gptq",
+                          target_size=None, base="auto", chunks=None, align=False, ranks="uniform",
+                          quantize_passthrough=False)
+    report = compress(source, path, gptq_config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
+    command = (f"vlora-compress {source} --method dense --quantize int4 --group-size {group_size}"
+               + (f" --calib {calib}" if not isinstance(calib, (list, tuple)) else ""))
     return path, command, report.compressed_bytes
 
 

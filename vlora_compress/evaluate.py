@@ -23,7 +23,7 @@ from .models import batches, config_folder, head_of, load_model, load_preprocess
 from .progress import Progress
 
 TASKS = ("embedding", "perplexity", "classification", "logits")
-COMPARE = ("int8", "int4", "svd")  # the alternatives a compress report may score beside its file
+COMPARE = ("int8", "int4", "gptq", "svd")  # the alternatives a compress report may score beside its file
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,9 @@ class EvalConfig:
     quantize: str = "none"  # int8 | int4: score the model with its layer stacks round-to-nearest quantized
     group_size: int = 128
     device: str = "auto"  # where the models run: auto (CUDA when present), cpu, cuda or cuda:N
-    compare: tuple[str, ...] = ("int8", "int4")  # compress --eval: alternatives scored beside the file
-    # (alternatives.py): int8, int4 (alone, round-to-nearest), svd (whitened per-layer SVD at its bytes)
+    compare: tuple[str, ...] = ("int8", "int4", "gptq")  # compress --eval: alternatives scored beside the file
+    # (alternatives.py): int8, int4 (alone, round-to-nearest), gptq (int4 alone rounded by GPTQ on the
+    # file's calibration, when calibrated), svd (whitened per-layer SVD at its bytes)
 
     def __post_init__(self):
         if self.task not in TASKS:
