@@ -7,7 +7,7 @@ planner's search holds one family's layers at a time on top of this), a calibrat
 (whitened per-layer SVD, 20% of the model's parameters removed, block-sequential: the model loaded
 by layer), and expand.
 
-    python bench/memory.py [--layers 74 --hidden 1024 --ffn 2816] [--keep DIR]
+    python bench/memory.py [--layers 74 --hidden 1024 --ffn 2816] [--keep DIR] [--only TEXT]
 
 The default shape is deep and narrow, as the large models are: what a calibrated compress holds is
 one layer's Grams and whitenings, so its share of the file falls with depth (a 2048-wide model of
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--keep", type=Path, help="write the files here instead of a temp folder")
+    ap.add_argument("--only", help="measure the import floor and the rows whose name holds this text")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -81,23 +82,26 @@ def main() -> None:
         largest = max(2 * s[0] * s[-1] for _, s in specs)
         print(f"synthetic Llama layout, bf16, {args.layers} layers of {args.hidden} / {args.ffn}: {size / 1e9:.2f} GB "
               f"(largest tensor {largest / 1e6:.0f} MB), made in {time.perf_counter() - t:.0f} s")
-        rows = [
-            ("import torch + vlora_compress", measure("import torch, vlora_compress")),
+        jobs = [
+            ("import torch + vlora_compress", "import torch, vlora_compress"),
             ("safetensors load_file, every tensor in memory",
-             measure(f"from safetensors.torch import load_file; sd = {{k: v.clone() for k, v in load_file({str(src)!r}).items()}}")),
+             f"from safetensors.torch import load_file; sd = {{k: v.clone() for k, v in load_file({str(src)!r}).items()}}"),
             ("transformers from_pretrained (bf16)",
-             measure(f"from vlora_compress.models import load_model; m = load_model({str(model_dir)!r}, head='base')")),
+             f"from vlora_compress.models import load_model; m = load_model({str(model_dir)!r}, head='base')"),
             ("vlora compress --rank 4 --chunks 2 (fixed plan)",
-             measure(f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, "
-                     "base='first', topology='chain', bounds='equal', force=True)")),
+             f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, "
+             "base='first', topology='chain', bounds='equal', force=True)"),
             ("vlora compress --method svd --target-size 0.8 --calib",
-             measure(f"from vlora_compress import compress, CalibConfig; r = compress({str(model_dir)!r}, "
-                     f"{str(calibrated)!r}, method='svd', ranks='uniform', target_size='0.8', target_of='model', "
-                     f"calib={str(CALIB)!r}, calibration=CalibConfig(samples=32, max_length=128), force=True); "
-                     "assert r.calibration['model_loaded'] == 'by layer'")),
+             f"from vlora_compress import compress, CalibConfig; r = compress({str(model_dir)!r}, "
+             f"{str(calibrated)!r}, method='svd', ranks='uniform', target_size='0.8', target_of='model', "
+             f"calib={str(CALIB)!r}, calibration=CalibConfig(samples=32, max_length=128), force=True); "
+             "assert r.calibration['model_loaded'] == 'by layer'"),
             ("vlora expand to file",
-             measure(f"from vlora_compress import expand_to_file; expand_to_file({str(vl)!r}, {str(dense)!r}, force=True)")),
+             f"from vlora_compress import expand_to_file; expand_to_file({str(vl)!r}, {str(dense)!r}, force=True)"),
         ]
+        # --only: the import floor, and the rows whose name holds the text (expand needs the fixed plan's file)
+        rows = [(name, measure(code)) for i, (name, code) in enumerate(jobs)
+                if i == 0 or not args.only or args.only in name]
         floor = rows[0][1]["peak_anon"]
         print(f"\n{'what':46} {'peak RSS':>9} {'peak anon':>10} {'anon above floor':>17} {'/ file':>7} "
               f"{'/ largest tensor':>17} {'time':>7}")
@@ -105,12 +109,15 @@ def main() -> None:
             above = r["peak_anon"] - floor
             print(f"{name:46} {r['peak_rss'] / 1e9:8.2f}G {r['peak_anon'] / 1e9:9.2f}G {above / 1e9:16.2f}G "
                   f"{above / size:7.2f} {above / largest:17.1f} {r['seconds']:6.1f}s")
-        naive = rows[1][1]["peak_anon"] - floor
-        for i, what in ((3, "compress"), (4, "calibrated compress")):
-            held = rows[i][1]["peak_anon"] - floor
-            print(f"{what} holds {held / naive:.2f}x the anonymous memory of loading the model whole "
-                  f"({held / size:.2f}x the file size; {rows[i][1]['peak_anon'] / size:.2f}x with the import floor)")
-
+        found = dict(rows)
+        naive = found.get(jobs[1][0])
+        for name, what in ((jobs[3][0], "compress"), (jobs[4][0], "calibrated compress")):
+            if name in found:
+                held = found[name]["peak_anon"] - floor
+                versus = f"{held / (naive['peak_anon'] - floor):.2f}x the anonymous memory of loading the model whole (" \
+                    if naive else "("
+                print(f"{what} holds {versus}{held / size:.2f}x the file size; "
+                      f"{found[name]['peak_anon'] / size:.2f}x with the import floor)")
 
 if __name__ == "__main__":
     main()
