@@ -125,7 +125,7 @@ def test_plan_records_the_scheme_and_bad_options_are_refused(tmp_path):
     compress(src, out, rank=3, chunks=1, quantize="int4", group_size=8, **CORE)
     plan = json.loads(VloraFile(out).checkpoint.metadata["vlora.plan"])
     assert {(f["quant"], f["group_size"]) for f in plan["families"]} == {("int4", 8)}
-    for bad in (dict(quantize="int5"), dict(quantize="int4", group_size=7)):
+    for bad in (dict(quantize="int5"), dict(quantize="int4", group_size=7), dict(quantize="int4", rounding="best")):
         with pytest.raises(VloraError):
             compress(src, tmp_path / "x.vlora.safetensors", rank=3, chunks=1, **bad, **CORE)
 
