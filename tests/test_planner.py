@@ -232,3 +232,26 @@ def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt
                 assert abs(estimate - fitted) > 1e-4 * fitted, "a chain carries error down: open loop differs"
     for key in {k[:2] for k in found}:
         assert found[key + (12,)] < found[key + (4,)]
+
+
+def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_file):
+    """Where a family's budget buys more than the matrices (rank past mn/(m+n)), every short-list
+    candidate stores each layer whole and exactly; the model is not run for them (SmolLM2's k and
+    v projections at 35% removed cost 8 forward passes for a known 0), and the family is dense."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.planner import exact, plan_measured
+    from vlora_compress.stacks import find_stacks
+
+    calls = []
+
+    def meter(rebuilt):
+        calls.append(sorted(rebuilt))
+        return 1.0
+
+    with open_checkpoint(gpt2_file) as ckpt:
+        stacks = find_stacks(ckpt.infos)
+        dense = plan_measured(stacks, CompressConfig(rank=200, ranks="uniform"), ckpt.read, meter=meter)
+        assert calls == [] and all(exact(fp) for fp in dense.families)
+        assert all(", error 0 " in note for note in dense.notes)
+        low = plan_measured(stacks, CompressConfig(rank=8, ranks="uniform"), ckpt.read, meter=meter)
+    assert calls and not any(exact(fp) for fp in low.families)  # low rank is measured as before

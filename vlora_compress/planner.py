@@ -138,14 +138,25 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
     best, tried = None, []
     cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
     for _, i, cand, fp in sorted(short, key=lambda t: t[1]):
-        rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
-        score = meter(rebuilt) if meter is not None else family_error(fam, weights, rebuilt, whitener)
-        del rebuilt
+        if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
+            score = 0.0
+        else:
+            rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
+            score = meter(rebuilt) if meter is not None else family_error(fam, weights, rebuilt, whitener)
+            del rebuilt
         tried.append((cand, score))
         if best is None or score < best[2] * (1 - 1e-9):
             best = (cand, fp, score)
     fitted = {t[1] for t in short}
     return best, tried, [(c, est) for est, i, c, _ in sorted(planned, key=lambda t: t[:2]) if i not in fitted]
+
+
+def exact(fp: FamilyPlan) -> bool:
+    """Whether the plan stores every layer whole, in its own dtype: it rebuilds the weights exactly,
+    so its error is 0 without a forward pass (a budget past the break-even, as SmolLM2's k and v
+    projections at 35% removed, where every candidate comes out dense)."""
+    return (fp.quant == "none" and fp.store_dtype == fp.dtype
+            and all(len(c.layers) == 1 and c.base_layer == c.layers[0] for c in fp.chunks))
 
 
 def _short_list(planned: list, config: CompressConfig) -> list:
@@ -226,7 +237,8 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
         spectra: dict = {}
-        opts = [(family_bytes(fp), meter(rebuild_in_memory(fp, weights, whitener, config, cache)), fp)]
+        opts = [(family_bytes(fp), 0.0 if exact(fp) else meter(rebuild_in_memory(fp, weights, whitener, config, cache)),
+                 fp)]
         for scale in RANK_SCALES:
             alt = fit_candidate(fam, cand, weights, whitener, config, int(budget * scale), spectra)
             if alt is not None and family_bytes(alt) != opts[0][0]:
