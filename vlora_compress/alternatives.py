@@ -86,10 +86,10 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
         rows.append(Row(f"{scheme} alone", original_bytes - stack_bytes + stored, m[0].model,
                         time.perf_counter() - started,
                         f"vlora-compress {source} --method dense --quantize {scheme}{group}"))
-    made = [("int4 alone, GPTQ", gptq_file) if "gptq" in eval_config.compare else None,
-            ("per-layer SVD", svd_file and (lambda: svd_file(file_bytes))) if "svd" in eval_config.compare else None]
-    for name, make in filter(None, made):
-        if make is None:
+    made = [("gptq", "int4 alone, GPTQ", gptq_file),
+            ("svd", "per-layer SVD", svd_file and (lambda: svd_file(file_bytes)))]
+    for key, name, make in made:
+        if key not in eval_config.compare or make is None:  # not asked for, or not calibrated
             continue
         started = time.perf_counter()
         path, command, nbytes = make()

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .config import CalibConfig, CompressConfig
 from .compress import compress
-from .evaluate import EvalConfig, default_task, evaluate
+from .evaluate import DEFAULT_COMPARE, EvalConfig, default_task, evaluate
 from .errors import Interrupted, VloraError
 from .expand import expand_to_file
 from .check import check, fmt_number, load_budgets, merge, parse_eval_drop
@@ -127,7 +127,7 @@ def compress_cmd(
     if eval_data is not None:
         extra = tuple(c.strip() for c in compare.split(",") if c.strip()) if compare else ()
         eval_config = EvalConfig(task=eval_task or default_task(config_dir or source), samples=eval_samples,
-                                 device=device, compare=() if no_compare else tuple(dict.fromkeys(("int8", "int4", "gptq") + extra)))
+                                 device=device, compare=() if no_compare else tuple(dict.fromkeys(DEFAULT_COMPARE + extra)))
     config = CompressConfig(
         rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
         align=align, target_size=target_size, target_of=target_of, svd=svd, dtype=dtype, quantize=quantize,

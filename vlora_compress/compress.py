@@ -157,27 +157,30 @@ def compress(
 def _svd_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, nbytes: int):
     """(path, command, tensor bytes) of whitened per-layer SVD with uniform ranks at ``nbytes`` of
     tensors, calibrated as the file was: the report's ``per-layer SVD`` row."""
-    path = out.with_name(out.name + ".svd-alternative")
+    quantize = "none" if config.quantize == "auto" else config.quantize
     svd_config = replace(config, method="svd", ranks="uniform", base="auto", chunks=None, align=False,
-                         target_size=str(nbytes), target_of="model",
-                         quantize="none" if config.quantize == "auto" else config.quantize)
-    report = compress(source, path, svd_config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
-    command = (f"vlora-compress {source} --method svd --ranks uniform --target-size {nbytes}B"
-               + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else "")
-               + (f" --quantize {svd_config.quantize}" if svd_config.quantize != "none" else ""))
-    return path, command, report.compressed_bytes
+                         target_size=str(nbytes), target_of="model", quantize=quantize)
+    flags = f"--method svd --ranks uniform --target-size {nbytes}B" + (f" --quantize {quantize}" if quantize != "none" else "")
+    return _alternative_file(source, out, "svd", svd_config, calib, config_dir, tokenizer, flags)
 
 
 def _gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, group_size: int):
     """(path, command, tensor bytes) of int4 alone with GPTQ rounding on the file's calibration:
     the report's ``int4 alone, GPTQ`` row."""
-    path = out.with_name(out.name + ".gptq-alternative")
     gptq_config = replace(config, method="dense", quantize="int4", group_size=group_size, rounding="gptq",
                           target_size=None, base="auto", chunks=None, align=False, ranks="uniform",
                           quantize_passthrough=False)
-    report = compress(source, path, gptq_config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
-    command = (f"vlora-compress {source} --method dense --quantize int4 --group-size {group_size}"
-               + (f" --calib {calib}" if not isinstance(calib, (list, tuple)) else ""))
+    flags = f"--method dense --quantize int4 --group-size {group_size}"
+    return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, flags)
+
+
+def _alternative_file(source, out: Path, name: str, config: CompressConfig, calib, config_dir, tokenizer, flags: str):
+    """(path, command, tensor bytes) of one more compress of ``source`` beside ``out``, calibrated
+    as the file was: an alternatives row that is made, not read from the source."""
+    path = out.with_name(out.name + f".{name}-alternative")
+    report = compress(source, path, config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
+    command = (f"vlora-compress {source} {flags}"
+               + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else ""))
     return path, command, report.compressed_bytes
 
 

@@ -24,6 +24,7 @@ from .progress import Progress
 
 TASKS = ("embedding", "perplexity", "classification", "logits")
 COMPARE = ("int8", "int4", "gptq", "svd")  # the alternatives a compress report may score beside its file
+DEFAULT_COMPARE = ("int8", "int4", "gptq")  # those it scores unless told (gptq: when calibrated)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class EvalConfig:
     quantize: str = "none"  # int8 | int4: score the model with its layer stacks round-to-nearest quantized
     group_size: int = 128
     device: str = "auto"  # where the models run: auto (CUDA when present), cpu, cuda or cuda:N
-    compare: tuple[str, ...] = ("int8", "int4", "gptq")  # compress --eval: alternatives scored beside the file
+    compare: tuple[str, ...] = DEFAULT_COMPARE  # compress --eval: alternatives scored beside the file
     # (alternatives.py): int8, int4 (alone, round-to-nearest), gptq (int4 alone rounded by GPTQ on the
     # file's calibration, when calibrated), svd (whitened per-layer SVD at its bytes)
 

@@ -113,6 +113,16 @@ class Whitener:
         return (self.vectors / self.values.sqrt()).T
 
     @property
+    def gram(self) -> torch.Tensor:
+        """G + δI = S Sᵀ."""
+        return (self.vectors * self.values) @ self.vectors.T
+
+    @property
+    def gram_inv(self) -> torch.Tensor:
+        """(G + δI)⁻¹."""
+        return (self.vectors / self.values) @ self.vectors.T
+
+    @property
     def nbytes(self) -> int:
         return self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
 
@@ -134,18 +144,20 @@ class Whitener:
         columns are left to take their error), and U the upper Cholesky factor of (G + δI)⁻¹ with
         rows and columns in that order."""
         order = torch.argsort((self.vectors.square() * self.values).sum(1), descending=True)
-        h_inv = ((self.vectors / self.values) @ self.vectors.T)[order][:, order]
+        h_inv = self.gram_inv[order][:, order]
         return torch.linalg.cholesky((h_inv + h_inv.T) / 2, upper=True), order, self.side
+
+    def whiten(self, m: torch.Tensor) -> torch.Tensor:
+        """M S for a weight stored (out, in), Sᵀ M for Conv1D's (in, out): the output-error view,
+        whose Frobenius norm is the error a difference M makes on the calibration inputs."""
+        root = self.root.to(m)
+        return m @ root if self.side == 1 else root.T @ m
 
     def output_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
         """||(W - Ŵ) S|| / ||W S||: relative error of the layer's output on calibration inputs."""
-        d = (w.double() - w_hat.double())
         w = w.double()
-        if self.side == 0:
-            d, w = d.T, w.T
-        root = self.root
-        den = torch.linalg.norm(w @ root)
-        return float(torch.linalg.norm(d @ root) / den) if den > 0 else 0.0
+        den = torch.linalg.norm(self.whiten(w))
+        return float(torch.linalg.norm(self.whiten(w - w_hat.double())) / den) if den > 0 else 0.0
 
 
 def whitened_svd(delta: torch.Tensor, rank: int, whitener: Whitener, method: str = "exact", seed: int = 0,
@@ -248,8 +260,7 @@ def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> to
     longer the best partner for it; this one is (SVD-LLM's closed-form parameter update)."""
     b64, d64 = b.double(), delta.double()
     if wh is not None and wh.side == 0:
-        root_t = wh.root.T
-        b64, d64 = root_t.to(b64) @ b64, root_t.to(d64) @ d64
+        b64, d64 = wh.whiten(b64), wh.whiten(d64)
     return torch.linalg.lstsq(b64, d64).solution.float()
 
 
@@ -279,7 +290,7 @@ def synthetic_base(plan: FamilyPlan, chunk, read, whitener) -> torch.Tensor:
     side = whs[0].side
     num, den = 0, 0
     for layer, wh in zip(chunk.layers, whs):
-        g = (wh.vectors * wh.values) @ wh.vectors.T  # S Sᵀ = G + δI
+        g = wh.gram
         w = read(plan.key(layer)).double()
         num = num + (w @ g if side == 1 else g @ w)
         den = den + g

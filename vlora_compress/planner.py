@@ -211,11 +211,8 @@ def _spectrum(key: str, delta: torch.Tensor, whitener) -> torch.Tensor:
 
 
 def _whiten(m: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
-    """M S for a weight stored (out, in), Sᵀ M for Conv1D's (in, out): the output-error view."""
-    if wh is None:
-        return m
-    root = wh.root.to(m)
-    return m @ root if wh.side == 1 else root.T @ m
+    """Whitener.whiten, or M itself without calibration."""
+    return m if wh is None else wh.whiten(m)
 
 
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity

@@ -228,8 +228,7 @@ class SequentialFit:
                     # T = W (Cᵀ + δ)(G + δ)⁻¹ for a Linear (W is out x in); (G + δ)⁻¹ (C + δ) W for Conv1D.
                     # The damping δ of S pulls T towards W, not towards zero: with X̂ = X, T = W exactly.
                     w = module.weight.detach().double()
-                    g_inv = (wh.vectors / wh.values) @ wh.vectors.T  # (G + δI)⁻¹
-                    g_inv_c = g_inv @ _plus_diagonal(cross[group], wh.damping)
+                    g_inv_c = wh.gram_inv @ _plus_diagonal(cross[group], wh.damping)
                     layer.targets[key] = (w @ g_inv_c.T if side == 1 else g_inv_c @ w).float()
         return layer
 
