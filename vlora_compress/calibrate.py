@@ -12,7 +12,7 @@ memory-mapped files that the kernel pages to disk.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -132,13 +132,15 @@ class OutputMeter:
     """The model's final hidden-state error, with some weights replaced, on held-back samples.
 
     This is what ``auto`` planning decides by: the error at the model's output, not in the weights.
+    A subclass measures somewhere else by giving other ``_outputs`` (blockwise.BlockMeter: the
+    output of one block of layers).
     """
 
     def __init__(self, model, preprocessor, samples: list, max_length: int, read=None, batch_size: int = 32):
         self.model, self.read = model, read
         self.batches = list(batches(preprocessor, samples, batch_size, token_limit(model, max_length)))
-        self.reference = [self._hidden(inputs, mask) for inputs, mask, _ in self.batches]
         self._modules: dict[str, torch.nn.Module] = {}
+        self.reference = list(self._outputs())
 
     def __call__(self, replacements: dict[str, torch.Tensor]) -> float:
         saved = []
@@ -149,8 +151,7 @@ class OutputMeter:
                 module.weight.data = w.to(device=module.weight.device, dtype=module.weight.dtype).reshape(
                     module.weight.shape)
             err = total = 0.0
-            for (inputs, mask, _), ref in zip(self.batches, self.reference):
-                h = self._hidden(inputs, mask)
+            for h, ref in zip(self._outputs(), self.reference):
                 err += float((h - ref).square().sum())
                 total += float(ref.square().sum())
             return err / total
@@ -166,11 +167,13 @@ class OutputMeter:
             self._modules[key] = found[1]
         return self._modules[key]
 
-    def _hidden(self, inputs, mask) -> torch.Tensor:
+    def _outputs(self) -> Iterator[torch.Tensor]:
+        """Each held-back batch's final hidden states (real tokens, float64), one batch at a time."""
         device = model_device(self.model)
-        with torch.no_grad():
-            h = self.model(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state.double()
-        return h[mask.to(device)] if mask is not None else h
+        for inputs, mask, _ in self.batches:
+            with torch.no_grad():
+                h = self.model(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state.double()
+            yield h[mask.to(device)] if mask is not None else h
 
 
 def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, keys: list[str],
@@ -197,7 +200,7 @@ def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, key
         else:
             continue
         grams.side[key] = side
-        handles.append(module.register_forward_pre_hook(_hook(key, grams, batch_state)))
+        handles.append(module.register_forward_pre_hook(gram_hook(key, grams, batch_state)))
     if not handles:
         raise VloraError("calibration found none of the factorised weights in the model's linear layers")
     try:
@@ -236,7 +239,9 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows[mask.reshape(-1)] if mask is not None and rows.shape[0] == mask.numel() else rows
 
 
-def _hook(key: str, grams: Grams, batch_state: dict):
+def gram_hook(key: str, grams: Grams, batch_state: dict):
+    """A forward pre-hook adding its module's input rows to ``key``'s Gram (or noting the key
+    whose Gram it shares); ``batch_state`` holds the batch's ``mask`` and is cleared per batch."""
     def hook(module, args):
         first = sibling_input(batch_state.setdefault("seen", {}), args[0], key)
         if first is not None:

@@ -90,6 +90,7 @@ class SequentialFit:
         self.gram_bytes = 0  # the most Grams held at once, one layer's
         self.fitted: list[str] = []  # keys fitted layer by layer
         self._modules: dict[str, torch.nn.Module] = {}
+        self._now: list[_Layer] = []  # the layer being fitted: what the walks read
 
     def run(self, write: Callable[[str, torch.Tensor], None], progress: bool = False) -> Iterator[LayerFit]:
         """Fit every sequential family, ``write`` each stored tensor as it is made; yield LayerFits."""
@@ -98,30 +99,35 @@ class SequentialFit:
             mine = [fp for fp in families if fp.stack == stack.prefix]
             if not mine:
                 continue
-            blocks = _layer_list(self.model, max(mine, key=lambda fp: len(fp.layers)), self.read)
-            streams = self._capture(blocks[stack.layers[0]])
-            now: list[_Layer] = []  # the layer being fitted: what the walks read
-            walks = {fp.name: fit_family(fp, lambda key: now[0].target(key), self.config,
-                                         lambda key: now[0].whitener(key), rebuilt=self._set) for fp in mine}
+            modules = _layer_list(self.model, max(mine, key=lambda fp: len(fp.layers)), self.read)
+            streams = self._capture(modules[stack.layers[0]], self.batches)
+            walks = self._walks(mine)
             with Progress(f"sequential {stack.prefix}", len(stack.layers), enabled=progress) as bar:
                 for layer in stack.layers:
-                    keys = [fp.key(layer) for fp in mine if layer in fp.layers]
-                    block = blocks.get(layer)
-                    if block is None:
-                        raise VloraError(f"cannot find layer {layer} of stack {stack.prefix!r} in the model")
+                    block = _block_of(modules, layer, stack.prefix)
                     placeholders = self._load(block)
-                    for stage in self._stages(block, keys, streams):
-                        now[:] = [self._layer(block, stage, streams)]
-                        for fp in mine:
-                            if fp.key(layer) in stage:
-                                for fit in _advance(walks[fp.name], write):
-                                    self.fitted.append(fit.key)
-                                    yield fit
-                        now.clear()  # fitted: its Grams and whitenings go
-                    self._advance_streams(block, streams)
-                    for p, data in placeholders:  # the stream has passed: the layer's memory goes
-                        p.data = data
+                    yield from self._fit_layer(layer, block, mine, walks, streams, write)
+                    _unload(placeholders)  # the stream has passed: the layer's memory goes
                     bar.advance()
+
+    def _walks(self, families: list[FamilyPlan]) -> dict[str, Iterator]:
+        """Each family's fit_family walk, reading targets and whitenings from the layer being fitted."""
+        return {fp.name: fit_family(fp, lambda key: self._now[0].target(key), self.config,
+                                    lambda key: self._now[0].whitener(key), rebuilt=self._set) for fp in families}
+
+    def _fit_layer(self, layer: int, block, families: list[FamilyPlan], walks: dict, streams: list[Stream],
+                   write: Callable[[str, torch.Tensor], None]) -> Iterator[LayerFit]:
+        """Fit one layer's keys of ``families``, stage by stage, then carry the streams past it."""
+        keys = [fp.key(layer) for fp in families if layer in fp.layers]
+        for stage in self._stages(block, keys, streams) if keys else []:
+            self._now[:] = [self._layer(block, stage, streams)]
+            for fp in families:
+                if fp.key(layer) in stage:
+                    for fit in _advance(walks[fp.name], write):
+                        self.fitted.append(fit.key)
+                        yield fit
+            self._now.clear()  # fitted: its Grams and whitenings go
+        self._advance_streams(block, streams)
 
     def _load(self, block: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
         """Put the real weights into a layer loaded by layer; (parameter, placeholder) pairs to undo it."""
@@ -147,7 +153,7 @@ class SequentialFit:
         w = self._module(key).weight
         w.data = w_hat.to(device=w.device, dtype=w.dtype).reshape(w.shape)
 
-    def _capture(self, first) -> list[Stream]:
+    def _capture(self, first, work: list) -> list[Stream]:
         """Each batch's inputs to the stack's first layer, caught by a pre-hook that stops the model."""
         caught: list = []
 
@@ -162,7 +168,7 @@ class SequentialFit:
         streams = []
         try:
             with torch.no_grad():
-                for inputs, mask, _ in self.batches:
+                for inputs, mask, _ in work:
                     try:
                         self.model(**{k: v.to(device) for k, v in inputs.items()}, **extra)
                     except _Stop:
@@ -237,6 +243,8 @@ class SequentialFit:
         the compressed stream runs through the layer as now fitted."""
         with torch.no_grad():
             for s in streams:
+                if s.next_original is None and self.feedback != "inputs":  # no stage ran: the layer is as it was
+                    s.next_original = _output(block(s.original, *s.args, **s.kwargs))
                 s.compressed = s.next_original if self.feedback == "none" \
                     else _output(block(s.compressed, *s.args, **s.kwargs))
                 s.original, s.next_original = s.next_original, None  # None under `inputs`: not kept
@@ -307,6 +315,18 @@ def _advance(walk: Iterator, write: Callable[[str, torch.Tensor], None]) -> Iter
             yield item
             return
         write(*item)
+
+
+def _block_of(modules: dict[int, torch.nn.Module], layer: int, prefix: str) -> torch.nn.Module:
+    if layer not in modules:
+        raise VloraError(f"cannot find layer {layer} of stack {prefix!r} in the model")
+    return modules[layer]
+
+
+def _unload(placeholders: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Give the parameters of a layer loaded by layer their placeholders back (SequentialFit._load)."""
+    for p, data in placeholders:
+        p.data = data
 
 
 def _output(out) -> torch.Tensor:
