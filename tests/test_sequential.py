@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import CALIB, EVAL, tiny_model
+from conftest import CALIB, EVAL, hidden_error, tiny_model
 from vlora_compress import CalibConfig, compress, expand
 from vlora_compress.calibrate import OutputMeter, read_calibration
 from vlora_compress.models import load_model, load_preprocessor, module_for_key
@@ -19,13 +19,6 @@ def swap_weights(model, tensors: dict) -> dict:
         old[key] = module.weight.data
         module.weight.data = value.to(module.weight.dtype)
     return old
-
-
-def _hidden_error(folder, path, texts) -> float:
-    """Relative squared error of the final hidden states of the file's model on ``texts``."""
-    model, tok = load_model(folder, head="base"), load_preprocessor(folder)
-    meter = OutputMeter(model, tok, texts, 64)
-    return meter({k: v for k, v in expand(path).items() if k.endswith("proj.weight")})
 
 
 def test_without_feedback_it_fits_what_the_classic_path_fits(tiny_llama, tmp_path):
@@ -66,7 +59,7 @@ def test_output_feedback_undoes_upstream_error_where_data_suffices(tmp_path):
         compress(folder, path, rank=8, calib=CALIB, calibration=CalibConfig(samples=600, packing="lines"),
                  feedback=feedback,
                  **PER_LAYER)
-        errors[feedback] = _hidden_error(folder, path, held)
+        errors[feedback] = hidden_error(folder, path, held)
     assert errors["outputs"] < 0.95 * errors["none"], errors
     assert errors["inputs"] < 1.25 * errors["none"], errors  # a working fit, not a broken one
 
@@ -107,11 +100,12 @@ def test_input_feedback_whitens_each_weight_by_what_the_compressed_weights_befor
 
 
 def test_conv1d_and_planned_families_take_the_sequential_path_or_the_classic_one(tiny_gpt2, tmp_path):
-    """GPT-2's Conv1D weights (stored in x out) fit sequentially too; a family the planner gives a
-    whitened-mean base is fitted after the pass, from the original model's Grams."""
+    """GPT-2's Conv1D weights (stored in x out) fit sequentially too; planned on the model, a family
+    given a whitened-mean base is fitted after the pass, from the original model's Grams."""
     path = tmp_path / "g.vlora.safetensors"
     report = compress(tiny_gpt2, path, rank=8, chunks=2, base="mean", topology="star", bounds="equal",
-                      ranks="uniform", calib=CALIB, calibration=CalibConfig(samples=32), feedback="outputs")
+                      ranks="uniform", calib=CALIB, calibration=CalibConfig(samples=32), feedback="outputs",
+                      planning="model")
     assert report.calibration["sequential_layers"] == 0 and report.calibration["whitened_layers"] == 16
     report = compress(tiny_gpt2, path, rank=8, calib=CALIB, calibration=CalibConfig(samples=32), feedback="outputs",
                       force=True, **PER_LAYER)

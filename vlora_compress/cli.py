@@ -94,6 +94,7 @@ def compress_cmd(
     gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="With --calib: collect Grams and fit one layer at a time, one layer's Grams in memory (default); or every Gram from the original model at once.")] = True,
     feedback: Annotated[str, typer.Option("--feedback", help="Sequential: inputs (each layer whitened by what the layers compressed before it feed it; default), none (the original activations throughout) or outputs (and fitted to give the original's outputs from those inputs; needs much calibration data).")] = "inputs",
+    planning: Annotated[str, typer.Option("--planning", help="With --calib (sequential), for a plan chosen by measurement: model (every Gram and the whole model's output error), blocks (each stack cut into --chunks blocks, 3 by default, planned on the block's own Grams and output error, fitted and passed on: one block in memory, never the whole model or every Gram), or auto: model where the model and its Grams take at most half the device's memory, else blocks. --quantize auto always plans on the model.")] = "auto",
     config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
     eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
@@ -134,7 +135,7 @@ def compress_cmd(
         group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,
                                 gram_dtype=gram_dtype, gram_dir=gram_dir),
-        sequential=sequential, feedback=feedback, device=device,
+        sequential=sequential, feedback=feedback, planning=planning, device=device,
     )
     report = compress(
         source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,

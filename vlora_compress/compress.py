@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,14 +14,15 @@ import torch
 
 from .align import align_stack, detect_layout, read_config
 from .alternatives import alternatives
+from .blockwise import BlockPlanner
 from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate
 from .factorise import LayerFit, fit_family
 from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .models import (config_folder, head_of, load_by_layer, load_model, load_preprocessor, model_device, resolve_device,
-                     set_tensors)
+from .models import (config_folder, device_memory, head_of, load_by_layer, load_model, load_preprocessor, model_device,
+                     resolve_device, set_tensors)
 from .config import CompressConfig, parse_size
 from .plan import Plan, plan_equal, quantized_passthrough
 from .planner import plan_measured, rank_for_budget, share_budget
@@ -32,7 +33,7 @@ from .progress import Progress
 from .report import CompressReport
 from .sequential import SequentialFit
 from .stacks import find_stacks
-from .write import SafetensorsWriter, check_output
+from .write import SafetensorsWriter, Spool, check_output
 
 if TYPE_CHECKING:
     from .heal import HealConfig
@@ -103,36 +104,49 @@ def compress(
             read = lambda key: aligned[key] if key in aligned else unaligned(key)  # noqa: E731
         grams = meter = model = by_layer = packed = None
         planned = _needs_search(config) or (calib is not None and config.ranks == "measured" and config.method != "dense")
+        # planned block by block as the stream flows (blockwise.py); --quantize auto plans on the model
+        by_blocks, planning_note = (_by_blocks(ckpt, stacks, config, device)
+                                    if planned and calib is not None and config.sequential and config.quantize != "auto"
+                                    else (False, None))
         if calib is not None:
-            # the whole model's Grams (planning, or fitting not sequential) need every layer loaded;
-            # the sequential fit alone loads one layer at a time where it can (one stack)
-            one_at_a_time = config.sequential and not planned and len(stacks) == 1
+            # planning on the model, or fitting not sequential, needs the whole model's Grams and every
+            # layer loaded; the sequential fit and planning by blocks load one layer (block) at a time
+            # where they can (one stack)
+            one_at_a_time = config.sequential and (by_blocks or not planned) and len(stacks) == 1
             model, preprocessor, samples, held, by_layer = _calibration_model(
                 source, config_dir, calib, tokenizer, config.calibration, ckpt, aligned, device,
                 {f.key(layer) for f in stacks[0].families for layer in f.layers} if one_at_a_time else set())
             packed = packing(preprocessor, config.calibration, head_of(model.config) == "causal-lm")
-            if planned or not config.sequential:  # the original model's Grams: to plan by, or to fit by
+            if (planned and not by_blocks) or not config.sequential:  # the original model's Grams: to plan by, or to fit by
                 keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
                 meter = OutputMeter(model, preprocessor, held, config.calibration.max_length, ckpt.read) if held else None
-        whitener = grams.whitener if grams is not None else (lambda key: None)
-        plan = (plan_measured(stacks, config, read, whitener, meter, budgets,
-                              target["stack_budget_bytes"] if target else None)
-                if planned else plan_equal(stacks, config))
-        record = source_info(ckpt)
-        plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + plan.notes,
-                       passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
-        entries = layout(plan, record)
-        sequential = None
-        if calib is not None and config.sequential:
-            sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read,
-                                       onload=(read, by_layer) if by_layer is not None else None)
-        fits = _write(read, plan, config, record, entries, out, grams, progress, asked, sequential)
+        onload = (read, by_layer) if by_layer is not None else None
+        with ExitStack() as spooling:
+            spooled = sequential = None
+            if by_blocks:  # the plan is whole only after the last block: the fitted tensors wait on disk
+                sequential = BlockPlanner(model, preprocessor, samples, held, stacks, config, ckpt.read, read, onload,
+                                          target["stack_budget_bytes"] if target else None)
+                spool = spooling.enter_context(Spool(out))
+                spooled = spool, list(sequential.run(spool.write, progress))
+                plan = sequential.plan
+            else:
+                whitener = grams.whitener if grams is not None else (lambda key: None)
+                plan = (plan_measured(stacks, config, read, whitener, meter, budgets,
+                                      target["stack_budget_bytes"] if target else None)
+                        if planned else plan_equal(stacks, config))
+            record = source_info(ckpt)
+            plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + (planning_note,) * bool(planning_note) + plan.notes,
+                           passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
+            entries = layout(plan, record)
+            if calib is not None and config.sequential and not by_blocks:
+                sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read, onload=onload)
+            fits = _write(read, plan, config, record, entries, out, grams, progress, asked, sequential, spooled)
         report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,
             fits=fits, file_bytes=out.stat().st_size, seconds=time.perf_counter() - started,
             target=target, calibration=_calibration_summary(grams, sequential, calib, config.calibration, plan,
-                                                            by_layer is not None, packed),
+                                                            by_layer is not None, packed, planned),
         )
     if distill is not None:
         report = replace(report, healing=_heal_in_place(out, config_folder(config_dir or source), distill,
@@ -252,6 +266,21 @@ def _needs_search(config: CompressConfig) -> bool:
     return config.bounds == "dp" and config.chunks > 1
 
 
+def _by_blocks(ckpt, stacks, config: CompressConfig, device: torch.device) -> tuple[bool, str]:
+    """Whether to plan by blocks, and a note that says why. ``auto`` plans on the model where the
+    model and every Gram (each family's own, at ``gram_dtype``: an upper bound, as q, k and v share
+    one; none when ``gram_dir`` keeps them on disk) take at most half the device's memory."""
+    if config.planning != "auto":
+        return config.planning == "blocks", f"planned {'by blocks of layers' if config.planning == 'blocks' else 'on the model'}"
+    itemsize = 0 if config.calibration.gram_dir else 8 if config.calibration.gram_dtype == "fp64" else 4
+    grams = sum(len(f.layers) * f.shape[1] ** 2 * itemsize for s in stacks for f in s.families)
+    need, have = ckpt.nbytes + grams, device_memory(device)
+    gib = lambda n: f"{n / 2**30:.3g} GiB"  # noqa: E731
+    if 2 * need <= have:
+        return False, f"planned on the model: it and its Grams ({gib(need)}) take at most half of {device}'s {gib(have)}"
+    return True, f"planned by blocks of layers: the model and its Grams ({gib(need)}) are more than half of {device}'s {gib(have)}"
+
+
 def _model_config(source, config_dir) -> dict | None:
     """The model's config.json as a dict: a model in memory's own, else the one beside the source."""
     if isinstance(source, torch.nn.Module) and config_dir is None:
@@ -332,7 +361,7 @@ def _calibration_model(source, config_dir, calib, tokenizer, calib_config: Calib
 
 
 def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, calib, calib_config: CalibConfig,
-                         plan: Plan, by_layer: bool, packed: str | None) -> dict | None:
+                         plan: Plan, by_layer: bool, packed: str | None, planned: bool) -> dict | None:
     if grams is None and sequential is None:
         return None
     keys = [fp.key(layer) for fp in plan.families for layer in fp.layers]
@@ -349,6 +378,7 @@ def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, 
         "holdout_samples": calib_config.holdout,
         "sequential_layers": len(fitted),
         "feedback": sequential.feedback if sequential is not None else None,
+        "planning": ("blocks" if isinstance(sequential, BlockPlanner) else "model") if planned else None,
         "whitened_layers": len(whitened),
         "data_free_layers": [k for k in keys if k not in whitened],
     }
@@ -371,10 +401,18 @@ def source_info(ckpt: Checkpoint | ModelCheckpoint) -> SourceInfo:
 
 
 def _write(read, plan: Plan, config: CompressConfig, source: SourceInfo, entries, out: Path, grams, progress: bool,
-           asked: CompressConfig, sequential: SequentialFit | None = None):
+           asked: CompressConfig, sequential: SequentialFit | None = None,
+           spooled: tuple[Spool, list[LayerFit]] | None = None):
+    """Write the file: tensors fitted already (``spooled``: the spool and its LayerFits), then what
+    the sequential fit makes layer by layer, then everything else; the LayerFits of all."""
     fits: list[LayerFit] = []
     with SafetensorsWriter(out, entries, header_metadata(plan, source, asked.to_dict())) as writer:
-        if sequential is not None:  # layer by layer, writing each tensor at its place as it is made
+        if spooled is not None:
+            spool, made = spooled
+            for name in spool.index:
+                writer.write(name, spool.read(name))
+            fits += made
+        elif sequential is not None:  # layer by layer, writing each tensor at its place as it is made
             fits += sequential.run(writer.write, progress)
         _write_rest(read, plan, config, source, writer, grams, progress, fits)
     return fits

@@ -29,6 +29,7 @@ GRAM_DTYPE_NAMES = ("fp64", "fp32")
 FEEDBACK = ("none", "inputs", "outputs")
 PACKINGS = ("auto", "lines", "windows")
 ROUNDINGS = ("nearest", "gptq")
+PLANNINGS = ("auto", "blocks", "model")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class CompressConfig:
     # auto (CUDA when present) | cpu | cuda | cuda:N; weights stay in their dtype, the CPU only at the writer
     feedback: str = "inputs"  # sequential: none (original activations) | inputs (each layer's Grams from
     # what the compressed layers before it feed it) | outputs (and fitted to the original's outputs)
+    planning: str = "auto"  # calibrated, sequential plans by measurement: blocks (each block of layers,
+    # the chunk, planned on its own Grams and output error, then fitted and passed on: never the model
+    # or all Grams in memory; blockwise.py) | model (every Gram and the whole model's output error) |
+    # auto (model where the model and all its Grams take at most half the device's memory, else blocks)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -141,6 +146,8 @@ class CompressConfig:
             raise VloraError(f"`device` {self.device!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
         if self.feedback not in FEEDBACK:
             raise VloraError(f"`feedback` must be one of {', '.join(FEEDBACK)}, not {self.feedback!r}")
+        if self.planning not in PLANNINGS:
+            raise VloraError(f"`planning` must be one of {', '.join(PLANNINGS)}, not {self.planning!r}")
         if not isinstance(self.calibration, CalibConfig):
             raise VloraError("`calibration` must be a CalibConfig")
 
@@ -154,6 +161,7 @@ class CompressConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("rounding", "nearest")  # files from before GPTQ rounded to nearest
+        values.setdefault("planning", "model")  # and before block planning planned on the whole model
         if isinstance(values.get("calibration"), dict):
             calib_known = {f.name for f in fields(CalibConfig)}
             values["calibration"] = CalibConfig(**{k: v for k, v in values["calibration"].items() if k in calib_known})

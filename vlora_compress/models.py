@@ -181,6 +181,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory the device has: a GPU's own, or the host's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def token_limit(model, requested: int) -> int:
     """``requested``, capped at the positions the model has (GPT-2's n_positions, BERT's 512, ...)."""
     cfg = getattr(model, "config", None)

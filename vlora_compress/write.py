@@ -139,3 +139,35 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Spool:
+    """Tensors kept on disk until the layout that places them is known: planning by blocks fits a
+    block before the next is planned, and the file's header holds the whole plan. A temp file beside
+    the output, appended to and read back one tensor at a time; gone on close."""
+
+    def __init__(self, beside: str | Path):
+        fd, self.path = _temp_beside(Path(beside))
+        self._file = os.fdopen(fd, "w+b")
+        self.index: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, offset, bytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.index:
+            raise ValueError(f"spool got {name} twice")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # the CPU only here
+        self._file.seek(0, os.SEEK_END)
+        self.index[name] = (tensor.dtype, tuple(tensor.shape), self._file.tell(), data.nbytes)
+        self._file.write(memoryview(data))
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, offset, n = self.index[name]
+        self._file.seek(offset)
+        raw = bytearray(self._file.read(n))
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
