@@ -32,6 +32,7 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("per-layer SVD, uniform ranks, feedback inputs (default)", dict(method="svd", ranks="uniform")),
     ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
     ("default plan", dict()),
+    ("default plan, planned on the model", dict(planning="model")),
 ]
 
 QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in integers, calibrated
