@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VloraError
-from .fileformat import VloraFile, factorised_keys, family_matrices, increment_keys
+from .fileformat import VloraFile, factorised_keys, family_matrices, walk
 from .plan import FamilyPlan, Plan
 from .quantize import straight_through
 
@@ -126,14 +126,14 @@ class VloraLinear(torch.nn.Module):
 def layer_terms(fp: FamilyPlan) -> dict[int, tuple[str | None, list[tuple[str, str]]]]:
     """layer -> (base tensor name or None, increments from the base to it), as expand rebuilds."""
     out = {}
-    for ci, chunk in enumerate(fp.chunks):
-        base = fp.base_key(ci)
-        if chunk.base_layer is not None:
-            out[chunk.base_layer] = (base, [])
-        for layer, ref in chunk.steps():
-            prior = [] if ref is None or ref == chunk.base else out[ref][1]
-            own = [increment_keys(fp.key(layer))] if chunk.rank_of(layer) else []
-            out[layer] = (base, prior + own)
+    path: list[tuple[str, str]] = []  # the increments to the layer the walk rebuilt last
+    for t in walk(fp):
+        if t.over:
+            path = ([] if t.over == "base" else path) + ([t.factors] if t.factors else [])
+        else:
+            path = []
+        if t.layer is not None:
+            out[t.layer] = (t.base, path)
     return out
 
 

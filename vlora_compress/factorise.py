@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import DTYPES
-from .fileformat import increment_keys
+from .fileformat import walk
 from .quantize import SCALE_SUFFIX, dequantize, quantize
 from .plan import CompressConfig, FamilyPlan
 
@@ -192,59 +192,58 @@ def fit_family(
     """
     store = DTYPES[plan.store_dtype]
     orig = DTYPES[plan.dtype]
-    for ci, chunk in enumerate(plan.chunks):
-        if chunk.base == "synthetic":
-            entries, base_hat = encode(plan, plan.synthetic_base_key(ci), synthetic_base(plan, chunk, read, whitener))
-            yield from entries
-        elif chunk.base_layer is not None:
-            key = plan.key(chunk.base)
-            w = read(key)
-            wh = whitener(key)
-            entries, base_hat = encode(plan, key, w, _hessian(plan, config, wh))
-            yield from entries
-            if rebuilt is not None:
-                rebuilt(key, base_hat.to(orig))
-            yield LayerFit(key, chunk.base, "base", 0, _rel_error(w, base_hat.to(orig)) if measure else math.nan,
-                           wh.output_error(w, base_hat.to(orig)) if wh and measure else None)
-        else:  # a zero base: every layer is its own low-rank factors
-            base_hat = None  # zeros, made on the first layer's device
-        last_hat = base_hat
-        for layer, ref in chunk.steps():
-            # steps() guarantees a reference is the base or the layer rebuilt just before
-            key = plan.key(layer)
-            w = read(key)
-            if base_hat is None:
-                base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
-            ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
-            rank = chunk.rank_of(layer)
-            method = choose_svd(plan.shape, rank, config.svd)
-            wh = whitener(key)
-            delta = w.float() - ref_hat
-            memo = (svd_cache, key) if svd_cache is not None and chunk.base == "none" else None
-            if wh is not None:
-                b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
-            else:
-                b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
-            if rank:
-                kb, ka = increment_keys(key)
-                hessian = _hessian(plan, config, wh)  # for the factor that reads the layer's inputs
-                entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
-                if plan.quant != "none":  # B as stored is not the B the SVD gave: refit A to it
-                    a = refit_right(b, delta, wh)
-                entries_a, a = encode(plan, ka, a, hessian if wh is not None and wh.side == 1 else None)
-                yield from entries_b
-                yield from entries_a
-            else:
-                b, a = b.to(store), a.to(store)
-            last_hat = apply_increment(ref_hat, b, a)
-            w_hat = last_hat.to(orig)
-            if rebuilt is not None:
-                rebuilt(key, w_hat)
-            fit = LayerFit(key, layer, "increment", rank, _rel_error(w, w_hat) if measure else math.nan,
-                           wh.output_error(w, w_hat) if wh and measure else None)
-            # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
-            del w, w_hat, delta, wh, b, a
-            yield fit
+    for t in walk(plan):
+        if not t.over:  # the chunk's base
+            chunk = plan.chunks[t.chunk]
+            if chunk.base == "synthetic":
+                entries, base_hat = encode(plan, t.base, synthetic_base(plan, chunk, read, whitener))
+                yield from entries
+            elif t.layer is not None:
+                w = read(t.key)
+                wh = whitener(t.key)
+                entries, base_hat = encode(plan, t.key, w, _hessian(plan, config, wh))
+                yield from entries
+                if rebuilt is not None:
+                    rebuilt(t.key, base_hat.to(orig))
+                yield LayerFit(t.key, t.layer, "base", 0, _rel_error(w, base_hat.to(orig)) if measure else math.nan,
+                               wh.output_error(w, base_hat.to(orig)) if wh and measure else None)
+            else:  # a zero base: every layer is its own low-rank factors
+                base_hat = None  # zeros, made on the first layer's device
+            last_hat = base_hat
+            continue
+        key, rank = t.key, t.rank
+        w = read(key)
+        if base_hat is None:
+            base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
+        ref_hat = base_hat if t.over == "base" else last_hat
+        method = choose_svd(plan.shape, rank, config.svd)
+        wh = whitener(key)
+        delta = w.float() - ref_hat
+        memo = (svd_cache, key) if svd_cache is not None and t.base is None else None
+        if wh is not None:
+            b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
+        else:
+            b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
+        if rank:
+            kb, ka = t.factors
+            hessian = _hessian(plan, config, wh)  # for the factor that reads the layer's inputs
+            entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
+            if plan.quant != "none":  # B as stored is not the B the SVD gave: refit A to it
+                a = refit_right(b, delta, wh)
+            entries_a, a = encode(plan, ka, a, hessian if wh is not None and wh.side == 1 else None)
+            yield from entries_b
+            yield from entries_a
+        else:
+            b, a = b.to(store), a.to(store)
+        last_hat = apply_increment(ref_hat, b, a)
+        w_hat = last_hat.to(orig)
+        if rebuilt is not None:
+            rebuilt(key, w_hat)
+        fit = LayerFit(key, t.layer, "increment", rank, _rel_error(w, w_hat) if measure else math.nan,
+                       wh.output_error(w, w_hat) if wh and measure else None)
+        # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
+        del w, w_hat, delta, wh, b, a
+        yield fit
 
 
 def _hessian(plan: FamilyPlan, config: CompressConfig, wh: Whitener | None) -> tuple | None:
@@ -300,23 +299,18 @@ def synthetic_base(plan: FamilyPlan, chunk, read, whitener) -> torch.Tensor:
 def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, Ŵ)`` for every layer of the family, in the original dtype."""
     orig = DTYPES[plan.dtype]
-    for ci, chunk in enumerate(plan.chunks):
-        base_key = plan.base_key(ci)
-        base_hat = get(base_key).float() if base_key is not None else None  # None: zeros, made below
-        if chunk.base_layer is not None:
-            yield base_key, base_hat.to(orig)
-        last_hat = base_hat
-        for layer, ref in chunk.steps():
-            key = plan.key(layer)
-            factors = tuple(map(get, increment_keys(key))) if chunk.rank_of(layer) else None
-            if base_hat is None:  # on the factors' device (a zero base has a rank at every layer)
-                base_hat = last_hat = torch.zeros(plan.shape, device=factors[0].device if factors else None)
-            ref_hat = base_hat if ref is None or ref == chunk.base else last_hat
-            if factors is not None:
-                last_hat = apply_increment(ref_hat, *factors)
-            else:
-                last_hat = ref_hat.clone()
-            yield key, last_hat.to(orig)
+    for t in walk(plan):
+        if not t.over:  # a chunk's base: None is zeros, made on the first factors' device below
+            base_hat = last_hat = get(t.base).float() if t.base is not None else None
+            if t.layer is not None:
+                yield t.key, base_hat.to(orig)
+            continue
+        factors = tuple(map(get, t.factors)) if t.factors else None
+        if base_hat is None:  # (a zero base has a rank at every layer)
+            base_hat = last_hat = torch.zeros(plan.shape, device=factors[0].device if factors else None)
+        ref_hat = base_hat if t.over == "base" else last_hat
+        last_hat = apply_increment(ref_hat, *factors) if factors is not None else ref_hat.clone()
+        yield t.key, last_hat.to(orig)
 
 
 def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
