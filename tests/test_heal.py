@@ -32,6 +32,22 @@ def test_healing_improves_the_held_out_metric_and_keeps_the_file_shape(minilm_di
     assert torch.isfinite(dense["encoder.layer.3.output.dense.weight"]).all()
 
 
+def test_without_eval_data_healing_scores_a_held_back_slice_and_never_writes_worse(minilm_dir, tmp_path):
+    """No eval data: the last tenth of the training data is held back and scored before and after.
+    Training that hurts (a learning rate of 1) leaves the file as it was, and says so: after is
+    before, the best step is the start."""
+    start = tmp_path / "s.vlora.safetensors"
+    compress(minilm_dir, start, rank=4, chunks=2, **CORE)
+    healed = tmp_path / "h.vlora.safetensors"
+    report = heal(start, minilm_dir, CALIB, healed, HealConfig(steps=3, batch_size=8, lr=1.0, warmup=0, eval_samples=16))
+    assert report.eval_data.startswith("the last ") and "held back" in report.eval_data
+    assert [e["step"] for e in report.evals] == [0, 3] and report.evals[1]["value"] < report.evals[0]["value"]
+    assert report.best_step == 0 and report.after == report.before
+    a, b = VloraFile(start), VloraFile(healed)
+    for name in a.checkpoint.infos:
+        assert torch.equal(a.get(name), b.get(name)), name
+
+
 def test_frozen_tensors_do_not_move(minilm_dir, tmp_path):
     start = tmp_path / "s.vlora.safetensors"
     compress(minilm_dir, start, rank=4, chunks=2, **CORE)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class HealReport:
     after: float | None = None  # of the written tensors (the best eval when evals ran)
     best_step: int | None = None
     resumed_from: int | None = None
+    eval_data: str | None = None  # what the evals scored: the eval data, or the slice held back
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -131,14 +133,35 @@ def state_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
+HOLD_BACK = 10  # without eval data, one training sample in this many (the last ones) is held back
+
+
 def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str | Path,
          config: HealConfig = HealConfig(), force: bool = False, progress: bool = False,
          eval_data: str | Path | None = None, resume: bool = False, on_step=None) -> HealReport:
     """Distil ``teacher`` (the original model folder) into the VLoRA file's structure; write ``out``.
 
+    The student is scored against the teacher before training and at the end (and every
+    ``eval_every`` steps) on ``eval_data``, or without it on the last tenth of ``data``, held back
+    from training; the best of those steps is written, the start included, so healing never makes
+    a file worse by its own measure, and the report always has ``before`` and ``after``.
     ``on_step(step, loss)`` is called after every optimiser step (raising KeyboardInterrupt there
     behaves as Ctrl-C does).
     """
+    texts = read_texts(data)
+    if eval_data is not None or len(texts) < 2:
+        held = f"{eval_data}" if eval_data is not None else None
+        return _heal(vlora_path, teacher, texts, out, config, force, progress, eval_data, held, resume, on_step)
+    n = max(1, len(texts) // HOLD_BACK)
+    with tempfile.TemporaryDirectory() as tmp:
+        held_file = Path(tmp) / "held-back.txt"
+        held_file.write_text("\n".join(texts[-n:]) + "\n", encoding="utf-8")
+        return _heal(vlora_path, teacher, texts[:-n], out, config, force, progress, held_file,
+                     f"the last {n} of the {len(texts)} samples of {data}, held back from training", resume, on_step)
+
+
+def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force: bool, progress: bool,
+          eval_data, eval_name: str | None, resume: bool, on_step) -> HealReport:
     started = time.perf_counter()
     out = Path(out)
     rank, world = _distributed(config.device)
@@ -151,7 +174,6 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
     tok = load_preprocessor(teacher)
     if not takes_text(tok):
         raise VloraError(f"{teacher}: healing supports text models so far")
-    texts = read_texts(data)
     teacher_model = load_model(teacher).to(device)
     _check_match(vfile, teacher_model)
     head = head_of(teacher_model.config)
@@ -258,7 +280,7 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
         str(vlora_path), str(out), state.step, state.tokens, seconds, str(device), world, state.losses,
         state.evals, evaluator.name if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
-        best["step"] if best else None, resumed_from,
+        best["step"] if best else None, resumed_from, eval_name,
         {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
     )
 
