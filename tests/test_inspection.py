@@ -3,9 +3,10 @@ import torch
 
 from vlora_compress import compress, delta_spectra, inspect_checkpoint, inspect_vlora, synthetic
 from vlora_compress.checkpoint import open_checkpoint
-from vlora_compress.inspection import sparkline
+from vlora_compress.inspection import sparkline, subspace_sharing
+from vlora_compress.write import SafetensorsWriter
 
-from conftest import CORE
+from conftest import CALIB, CORE
 
 
 def test_minilm_deltas_are_nearly_full_rank(minilm_dir):
@@ -55,3 +56,51 @@ def test_inspect_vlora_splits_bytes_by_role(gpt2_file, tmp_path):
 def test_sparkline_falls_with_the_spectrum():
     line = sparkline([1.0, 0.5, 0.1, 0.01, 0.001, 0.0001], width=6)
     assert line[0] == "█" and line[-1] == "▁" and len(line) == 6
+
+
+def test_layers_that_share_a_subspace_show_it_on_that_side_and_no_other(tmp_path):
+    """Layers 0 and 1 are U C_l with one rank-4 U (their outputs share a basis); layers 2 and 3 are
+    C_l V with one V (their inputs do). Each pair keeps all of the other's energy on its side, and
+    about a random share (rank / dim) elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 48, 40, 4
+    u, v = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    weights = {0: u @ torch.randn(k, n, generator=g), 1: u @ torch.randn(k, n, generator=g),
+               2: torch.randn(m, k, generator=g) @ v, 3: torch.randn(m, k, generator=g) @ v}
+    path = tmp_path / "s.safetensors"
+    with SafetensorsWriter(path, [(f"layers.{i}.w.weight", "F32", (m, n)) for i in weights]) as w:
+        for i, t in weights.items():
+            w.write(f"layers.{i}.w.weight", t)
+    rows = {r["side"]: r for r in subspace_sharing(path, rank=k)}
+    out, inp = rows["output"]["kept"], rows["input"]["kept"]
+    assert out[0][1] == pytest.approx(1.0) and out[1][0] == pytest.approx(1.0)
+    assert inp[2][3] == pytest.approx(1.0) and inp[3][2] == pytest.approx(1.0)
+    assert out[2][3] < 4 * k / m and inp[0][1] < 4 * k / n  # the other side: about random
+    assert out[0][2] < 4 * k / m and inp[2][0] < 4 * k / n
+    assert rows["output"]["whitened"] is False and rows["output"]["neighbour"] < 1.0
+
+
+def test_the_whitened_subspace_view_of_a_real_model(minilm_dir, tmp_path, capsys):
+    """MiniLM, whitened by its calibration inputs: each layer's own subspace keeps the most of its
+    own energy (Eckart-Young: no other rank-r subspace keeps more), and the CLI prints, writes
+    and draws it."""
+    import json
+
+    from vlora_compress.cli import inspect_main
+
+    with pytest.raises(SystemExit) as exc:
+        inspect_main([str(minilm_dir), "--spectra", "--rank", "16", "--json", "--calib", str(CALIB),
+                      "--calib-samples", "32"])
+    assert exc.value.code == 0
+    rows = json.loads(capsys.readouterr().out)["subspaces"]
+    assert len(rows) == 2 * 6 and all(r["whitened"] for r in rows)
+    for r in rows:
+        kept = r["kept"]
+        for j in range(6):
+            assert kept[j][j] >= max(kept[i][j] for i in range(6)) - 1e-9
+        assert r["random"] < r["best_other"] < 1.0
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "heat.png"
+    with pytest.raises(SystemExit) as exc:
+        inspect_main(["plot", "subspaces", str(minilm_dir), "-o", str(png), "--rank", "16"])
+    assert exc.value.code == 0 and png.stat().st_size > 10_000

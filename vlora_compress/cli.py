@@ -29,9 +29,12 @@ from .inspection import (
     inspect_vlora,
     markdown_inspect,
     markdown_spectra,
+    markdown_subspaces,
     render_checkpoint,
     render_spectra,
+    render_subspaces,
     render_vlora,
+    subspace_sharing,
 )
 from .config import parse_size
 from .report import markdown_heal, write_report
@@ -205,30 +208,39 @@ def inspect_cmd(
     spectra: Annotated[bool, typer.Option("--spectra", help="Singular-value spectra of every consecutive-layer delta.")] = False,
     rank: Annotated[int, typer.Option("--rank", "-r", help="With --spectra: the rank whose kept energy is shown.")] = 4,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --spectra: also draw them to a .png or .svg (needs the plot extra).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="With --spectra: whiten the subspace view by the original model's inputs on this data (the energy of the layer's output, not of its weights).")] = None,
+    calibration_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use.")] = 128,
+    config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when PATH is a bare file.")] = None,
     report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Layer stacks, families, shapes and bytes; with --spectra how much a rank-r increment keeps.
+    """Layer stacks, families, shapes and bytes; with --spectra how much a rank-r increment keeps,
+    and which layers could share a rank-r basis (how much of each layer's output energy the other
+    layers' top-r subspaces keep; whitened with --calib).
 
     Sub-commands: `vlora-inspect check ...` (budgets for CI) and `vlora-inspect plot ...` (pictures);
     a path named `check` or `plot` is given as `vlora-inspect -- check`.
     """
     if plot is not None and not spectra:
         raise VloraError("`plot` draws the spectra; add `spectra`")
+    if calib is not None and not spectra:
+        raise VloraError("`calib` whitens the spectra's subspace view; add `spectra`")
     if spectra:
         rows = delta_spectra(path, rank, progress=not quiet and not as_json)
+        shared = subspace_sharing(path, rank, calib, config_dir, calibration_samples, progress=not quiet and not as_json)
         if plot is not None:
             from .plots import plot_spectra
 
             plot_spectra(rows, plot)
-        data = {"path": str(path), "rank": rank, "pairs": rows}
+        data = {"path": str(path), "rank": rank, "pairs": rows, "subspaces": shared}
         if report_file is not None:
-            write_report(report_file, data, markdown_spectra(rows))
+            write_report(report_file, data, markdown_spectra(rows) + "\n" + markdown_subspaces(shared))
         if as_json:
             print(json.dumps(data, indent=2))
         else:
             render_spectra(rows, stdout)
+            render_subspaces(shared, stdout)
         return
     info = inspect_source(path)
     if report_file is not None:
@@ -280,11 +292,13 @@ def check_cmd(
 
 @inspect_app.command("plot")
 def plot_cmd(
-    kind: Annotated[str, typer.Argument(help="spectra (a checkpoint), bytes (a VLoRA file), ranks or errors (a compress report .json), tradeoff (several reports).")],
+    kind: Annotated[str, typer.Argument(help="spectra or subspaces (a checkpoint), bytes (a VLoRA file), ranks or errors (a compress report .json), tradeoff (several reports).")],
     inputs: Annotated[list[Path], typer.Argument(help="What to draw from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The picture: .png or .svg.")],
-    rank: Annotated[int, typer.Option("--rank", "-r", help="spectra: the rank to mark.")] = 4,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="spectra: the rank to mark; subspaces: the basis rank.")] = 4,
     metric: Annotated[Optional[str], typer.Option("--metric", help="tradeoff: which eval metric (default: the first).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="subspaces: whiten by the original model's inputs on this data.")] = None,
+    config_dir: Annotated[Optional[Path], typer.Option("--config", help="subspaces: the original model folder when the input is a bare file.")] = None,
 ) -> None:
     """Pictures where people would rather look than read (needs the plot extra)."""
     from . import plots
@@ -295,6 +309,8 @@ def plot_cmd(
         raise VloraError(f"{kind} draws one input, not {len(inputs)}")
     if kind == "spectra":
         plots.plot_spectra(delta_spectra(inputs[0], rank), out)
+    elif kind == "subspaces":
+        plots.plot_subspaces(subspace_sharing(inputs[0], rank, calib, config_dir), out)
     elif kind == "bytes":
         plots.plot_bytes(inspect_vlora(inputs[0]), out)
     else:

@@ -124,6 +124,107 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
     return out
 
 
+SIDES = ("output", "input")
+
+
+def subspace_sharing(source: str | Path, rank: int, calib: str | Path | None = None,
+                     config_dir: str | Path | None = None, samples: int = 128, progress: bool = False) -> list[dict]:
+    """For every family and side: how much of each layer's output energy another layer's top-``rank``
+    subspace keeps, the number that says which layers could share one basis (Basis Sharing keeps
+    one basis per group of layers and coefficients per layer).
+
+    With M_j layer j's weight as (out, in), whitened by its calibration inputs (M_j = W_j S_j) when
+    ``calib`` is given, and M_i = U Σ Vᵀ:
+
+    - ``output`` side, a basis of outputs shared (W_l ≈ B C_l): ``kept[i][j]`` = ||U_iᵀ M_j||² / ||M_j||²
+      with U_i the top-``rank`` left singular vectors;
+    - ``input`` side, a basis of inputs shared (W_l ≈ C_l A): A_i = V_iᵀ S_i⁻¹ from layer i, and
+      ``kept[i][j]`` the share of ||M_j||² that the best C for layer j keeps over it, the projection
+      of M_j onto the row space of A_i S_j.
+
+    The diagonal is what each layer's own subspace keeps (per-layer SVD at that rank); a random
+    subspace keeps rank / dim on average. The summary gives the rest as shares of the layer's own:
+    a neighbour's, the best other layer's and a random subspace's. Without calibration the weights
+    are taken as they are, which can mislead: a subspace that keeps weight energy need not keep
+    the output's.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise VloraError(f"`rank` must be a whole number of at least 1, not {rank!r}")
+    out = []
+    with open_checkpoint(source) as ckpt:
+        if ckpt.is_vlora:
+            raise VloraError(f"{ckpt.source}: `subspaces` needs a dense checkpoint, not a VLoRA file")
+        families = [f for s in find_stacks(ckpt.infos) for f in s.families]
+        if not families:
+            raise VloraError(f"{ckpt.source}: no repeated layer stack found")
+        whitener = _whitener(source, config_dir, calib, samples, families, ckpt.read, progress) if calib else None
+
+        def view(key: str):  # (the weight as (out, in), whitened where calibrated; its whitening root)
+            wh = whitener(key) if whitener is not None else None
+            m = ckpt.read(key).double()
+            if wh is None:
+                return m, None
+            m = wh.whiten(m)
+            return (m.T if wh.side == 0 else m), wh  # Conv1D stores (in, out): M = Wᵀ S either way
+
+        with Progress("subspaces", 2 * sum(len(f.layers) for f in families), enabled=progress) as bar:
+            for fam in families:
+                bar.describe(fam.name)
+                outputs, inputs = [], []  # per layer: U_i, and (A_i)ᵀ = S_i⁻ᵀ V_i
+                for layer in fam.layers:
+                    m, wh = view(fam.key(layer))
+                    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+                    k = min(rank, u.shape[1])
+                    outputs.append(u[:, :k])
+                    inputs.append(vh[:k].T if wh is None else wh.inv.to(m).T @ vh[:k].T)
+                    bar.advance()
+                kept = {side: [[0.0] * len(fam.layers) for _ in fam.layers] for side in SIDES}
+                for j, layer in enumerate(fam.layers):  # each layer's energy in every layer's subspaces
+                    m, wh = view(fam.key(layer))
+                    total = float(m.square().sum()) or 1.0
+                    for i in range(len(fam.layers)):
+                        kept["output"][i][j] = float((outputs[i].T @ m).square().sum()) / total
+                        basis = inputs[i] if wh is None else wh.root.to(m).T @ inputs[i]  # (A_i S_j)ᵀ
+                        kept["input"][i][j] = float((m @ torch.linalg.qr(basis).Q).square().sum()) / total
+                    bar.advance()
+                for side in SIDES:
+                    dim = outputs[0].shape[0] if side == "output" else inputs[0].shape[0]
+                    out.append(_sharing_row(fam, side, kept[side], whitener is not None, k, dim))
+    return out
+
+
+def _sharing_row(fam, side: str, kept: list[list[float]], whitened: bool, rank: int, dim: int) -> dict:
+    n = len(kept)
+    own = [kept[j][j] for j in range(n)]
+    rel = [[kept[i][j] / own[j] if own[j] > 0 else 0.0 for j in range(n)] for i in range(n)]
+    others = [max((rel[i][j] for i in range(n) if i != j), default=0.0) for j in range(n)]
+    neighbours = [rel[i][j] for j in range(n) for i in (j - 1, j + 1) if 0 <= i < n]
+    return {
+        "family": fam.name, "stack": fam.stack, "suffix": fam.suffix, "shape": list(fam.shape), "side": side,
+        "layers": list(fam.layers), "rank": rank, "whitened": whitened,
+        "kept": kept,  # kept[i][j]: layer j's energy in layer i's subspace
+        "own": sum(own) / n,  # mean share a layer's own subspace keeps
+        "neighbour": sum(neighbours) / len(neighbours) if neighbours else None,  # a neighbour's, as a share of own
+        "best_other": sum(others) / n,  # the best other layer's, as a share of own, mean over layers
+        "random": sum(rank / dim / o for o in own if o > 0) / n,  # a random subspace's, as a share of own
+    }
+
+
+def _whitener(source, config_dir, calib, samples: int, families, read, progress: bool):
+    """Each key's whitening from the original model's input Grams on ``calib``."""
+    from .calibrate import calibrate, read_calibration
+    from .config import CalibConfig
+    from .models import config_folder, head_of, load_model, load_preprocessor
+
+    folder = config_folder(config_dir or source)
+    model = load_model(Path(source) if config_dir is None else source, None if config_dir is None else folder, "base")
+    tok = load_preprocessor(folder)
+    config = CalibConfig(samples=samples, holdout=0)
+    texts, _ = read_calibration(tok, calib, config, head_of(model.config) == "causal-lm")
+    keys = [f.key(layer) for f in families for layer in f.layers]
+    return calibrate(model, tok, texts, keys, config, progress, read).whitener
+
+
 def inspect_vlora(path: str | Path) -> dict:
     vfile = VloraFile(path)
     plan = vfile.plan
@@ -196,6 +297,19 @@ def markdown_spectra(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_subspaces(rows: list[dict]) -> str:
+    rank = rows[0]["rank"] if rows else 0
+    lines = [f"| family | side | {'whitened ' if rows and rows[0]['whitened'] else ''}energy its own top-{rank} keeps | "
+             "of that, a neighbour's | the best other layer's | a random subspace's |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['family']} | {r['side']} | {r['own']:.1%} | {_share(r['neighbour'])} | {r['best_other']:.0%} | "
+              f"{r['random']:.0%} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def markdown_inspect(info: dict) -> str:
     """A checkpoint's stacks, or a VLoRA file's plan, as Markdown."""
     if info["kind"] == "vlora":
@@ -246,6 +360,19 @@ def render_spectra(rows: list[dict], console: Console) -> None:
         rf = r["rank_for"]
         table.add_row(r["suffix"] if one_stack else r["family"], f"{r['layers'][0]}→{r['layers'][1]}", f"{r['rel_delta']:.2f}",
                       f"{r['energy_kept']:.1%}", f"{rf['50']}/{rf['90']}/{rf['99']}", sparkline(r["profile"]["value"]))
+    console.print(table)
+
+
+def render_subspaces(rows: list[dict], console: Console) -> None:
+    rank = rows[0]["rank"] if rows else 0
+    what = "whitened output" if rows and rows[0]["whitened"] else "output (weights, not whitened: pass --calib)"
+    table = Table(title=f"Which layers could share a basis: the {what} energy a top-{rank} subspace keeps")
+    for col in ("family", "side", "own", "of own: a neighbour's", "best other's", "random"):
+        table.add_column(col, justify="left" if col in ("family", "side") else "right", overflow="fold")
+    one_stack = len({r["stack"] for r in rows}) == 1
+    for r in rows:
+        table.add_row(r["suffix"] if one_stack else r["family"], r["side"], f"{r['own']:.1%}", _share(r["neighbour"]),
+                      f"{r['best_other']:.0%}", f"{r['random']:.0%}")
     console.print(table)
 
 

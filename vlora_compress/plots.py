@@ -21,7 +21,7 @@ def _pyplot():
     return plt
 
 
-PLOTS = ("spectra", "bytes", "ranks", "errors", "tradeoff")
+PLOTS = ("spectra", "subspaces", "bytes", "ranks", "errors", "tradeoff")
 
 
 def _target(out: str | Path) -> Path:
@@ -140,6 +140,33 @@ def _per_family(report: dict) -> dict[str, list[dict]]:
         prefix, _, suffix = split_key(t["key"])
         by[layer_key(prefix, "*", suffix)].append(t)
     return {k: sorted(v, key=lambda t: t["layer"]) for k, v in by.items()}
+
+
+def plot_subspaces(rows: list[dict], out: str | Path) -> Path:
+    """One heat map per family: the energy of layer j (column) that layer i's (row) top-r output
+    subspace keeps, as a share of what j's own keeps; bright off the diagonal means could share."""
+    out, plt = _target(out), _pyplot()
+    n = len(rows)
+    cols = min(4, n)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.2 * nrows), squeeze=False)
+    for ax, r in zip(axes.flat, rows):
+        kept = r["kept"]
+        rel = [[kept[i][j] / kept[j][j] if kept[j][j] > 0 else 0.0 for j in range(len(kept))] for i in range(len(kept))]
+        im = ax.imshow(rel, vmin=0, vmax=1, cmap="viridis")
+        ticks = range(0, len(r["layers"]), max(1, len(r["layers"]) // 6))
+        ax.set_xticks(list(ticks), [r["layers"][t] for t in ticks], fontsize=6)
+        ax.set_yticks(list(ticks), [r["layers"][t] for t in ticks], fontsize=6)
+        ax.set_title(f"{r['suffix']} ({r['side']} side)", fontsize=8)
+        ax.set_xlabel("layer kept", fontsize=7)
+        ax.set_ylabel("subspace of layer", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    what = "whitened output" if rows and rows[0]["whitened"] else "output (weights)"
+    fig.suptitle(f"Which layers could share a basis: {what} energy a top-{rows[0]['rank'] if rows else 0} "
+                 "subspace keeps, as a share of the layer's own")
+    return _save(fig, plt, out)
 
 
 def plot_spectra(rows: list[dict], out: str | Path) -> Path:
