@@ -81,16 +81,9 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
     ``energy_kept`` is Σ_{i<r} σ_i² / Σ σ_i² of ΔW = W_l - W_{l-1}: the share of the delta a
     data-free rank-r increment can store. ``rank_for`` gives the rank needed for 50/90/99%.
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise VloraError(f"`rank` must be a whole number of at least 1, not {rank!r}")
     out = []
     with open_checkpoint(source) as ckpt:
-        if ckpt.is_vlora:
-            raise VloraError(f"{ckpt.source}: `spectra` needs a dense checkpoint, not a VLoRA file")
-        stacks = find_stacks(ckpt.infos)
-        if not stacks:
-            raise VloraError(f"{ckpt.source}: no repeated layer stack found")
-        families = [f for s in stacks for f in s.families]
+        families = _families(ckpt, rank, "spectra")
         with Progress("spectra", sum(len(f.layers) - 1 for f in families), enabled=progress) as bar:
             for fam in families:
                 bar.describe(fam.name)
@@ -127,6 +120,18 @@ def delta_spectra(source: str | Path, rank: int, progress: bool = False) -> list
 SIDES = ("output", "input")
 
 
+def _families(ckpt, rank: int, view: str) -> list:
+    """Every stacked family of a dense checkpoint, for a view that needs ``rank``; else one error."""
+    if not isinstance(rank, int) or rank < 1:
+        raise VloraError(f"`rank` must be a whole number of at least 1, not {rank!r}")
+    if ckpt.is_vlora:
+        raise VloraError(f"{ckpt.source}: `{view}` needs a dense checkpoint, not a VLoRA file")
+    families = [f for s in find_stacks(ckpt.infos) for f in s.families]
+    if not families:
+        raise VloraError(f"{ckpt.source}: no repeated layer stack found")
+    return families
+
+
 def subspace_sharing(source: str | Path, rank: int, calib: str | Path | None = None,
                      config_dir: str | Path | None = None, samples: int = 128, progress: bool = False) -> list[dict]:
     """For every family and side: how much of each layer's output energy another layer's top-``rank``
@@ -148,15 +153,9 @@ def subspace_sharing(source: str | Path, rank: int, calib: str | Path | None = N
     are taken as they are, which can mislead: a subspace that keeps weight energy need not keep
     the output's.
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise VloraError(f"`rank` must be a whole number of at least 1, not {rank!r}")
     out = []
     with open_checkpoint(source) as ckpt:
-        if ckpt.is_vlora:
-            raise VloraError(f"{ckpt.source}: `subspaces` needs a dense checkpoint, not a VLoRA file")
-        families = [f for s in find_stacks(ckpt.infos) for f in s.families]
-        if not families:
-            raise VloraError(f"{ckpt.source}: no repeated layer stack found")
+        families = _families(ckpt, rank, "subspaces")
         whitener = _whitener(source, config_dir, calib, samples, families, ckpt.read, progress) if calib else None
 
         def view(key: str):  # (the weight as (out, in), whitened where calibrated; its whitening root)
