@@ -157,6 +157,29 @@ def test_planning_at_a_target_counts_the_quantized_bytes(tmp_path):
         assert report.families[0]["quant"] == scheme
 
 
+def test_target_bits_is_a_budget_of_bits_a_weight_over_the_stacks(tmp_path, capsys):
+    """--target-bits B: the stacks' stored bytes, scales included, at most B/8 a weight, and the
+    largest rank that fits (one more would not); the report and the file say what was asked."""
+    from vlora_compress.cli import compress_main
+
+    src = synthetic.write_checkpoint(tmp_path / "c.safetensors", SPECS, synthetic.planted_chain(4, 3, {0}))
+    weights = sum(s[0] * s[1] for _, s in SPECS)  # every one a stacked matrix
+    for scheme, bits in (("none", 8.0), ("int4", 1.5)):
+        report = compress(src, tmp_path / "b.vlora.safetensors", target_bits=bits, quantize=scheme, group_size=8,
+                          method="svd", ranks="uniform", force=True)
+        assert report.stack_compressed_bytes * 8 / weights <= bits
+        assert report.target["size"] == f"{bits:g} bits a weight" and report.target["of"] == "stack"
+        more = compress(src, tmp_path / "m.vlora.safetensors", rank=report.rank + 1, quantize=scheme, group_size=8,
+                        method="svd", ranks="uniform", force=True)
+        assert more.stack_compressed_bytes * 8 / weights > bits
+        assert json.loads(VloraFile(tmp_path / "b.vlora.safetensors").checkpoint.metadata["vlora.config"])[
+            "target_bits"] == bits
+    with pytest.raises(SystemExit) as exc:
+        compress_main([str(src), "--target-bits", "2", "--target-size", "0.5", "-o", str(tmp_path / "x.vlora.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--target-bits" in err and "--target-size" in err and len(err.strip().splitlines()) == 1
+
+
 def test_straight_through_reads_the_grid_and_passes_the_gradient():
     from vlora_compress.quantize import fake_quantize, straight_through
 

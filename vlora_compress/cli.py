@@ -89,6 +89,7 @@ def compress_cmd(
     align: Annotated[bool, typer.Option("--align", help="Align each layer's MLP neurons and attention heads to the layer before it first (same function, smaller deltas).")] = False,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="Choose the largest uniform rank that fits: a fraction such as 0.35, or a size such as 40MB. Overrides --rank.")] = None,
     target_of: Annotated[str, typer.Option("--target-of", help="What --target-size is a fraction of: model (the whole checkpoint) or stack (the factorised layers).")] = "model",
+    target_bits: Annotated[Optional[float], typer.Option("--target-bits", help="Instead of --target-size: a budget of this many bits a weight over the stacks' factorised weights (scales and dense bases included), e.g. 2.5.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
     calibration_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N lines, or windows).")] = 512,
     calibration_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration sample (a line is cut there; a window is that long).")] = 128,
@@ -134,7 +135,7 @@ def compress_cmd(
                                  device=device, compare=() if no_compare else tuple(dict.fromkeys(DEFAULT_COMPARE + extra)))
     config = CompressConfig(
         rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
-        align=align, target_size=target_size, target_of=target_of, svd=svd, dtype=dtype, quantize=quantize,
+        align=align, target_size=target_size, target_of=target_of, target_bits=target_bits, svd=svd, dtype=dtype, quantize=quantize,
         group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,
                                 gram_dtype=gram_dtype, gram_dir=gram_dir),

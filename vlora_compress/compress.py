@@ -89,7 +89,7 @@ def compress(
                 "'layers.N.<name>' in two or more layers)"
             )
         target = budgets = None
-        if config.target_size is not None:
+        if config.target_size is not None or config.target_bits is not None:
             target = _target(ckpt, stacks, config)
             if config.quantize == "auto":
                 budgets = share_budget(stacks, target["stack_budget_bytes"])
@@ -173,7 +173,7 @@ def _svd_alternative(source, out: Path, config: CompressConfig, calib, config_di
     tensors, calibrated as the file was: the report's ``per-layer SVD`` row."""
     quantize = "none" if config.quantize == "auto" else config.quantize
     svd_config = replace(config, method="svd", ranks="uniform", base="auto", chunks=None, align=False,
-                         target_size=str(nbytes), target_of="model", quantize=quantize)
+                         target_size=str(nbytes), target_of="model", target_bits=None, quantize=quantize)
     flags = f"--method svd --ranks uniform --target-size {nbytes}B" + (f" --quantize {quantize}" if quantize != "none" else "")
     return _alternative_file(source, out, "svd", svd_config, calib, config_dir, tokenizer, flags)
 
@@ -182,7 +182,7 @@ def _gptq_alternative(source, out: Path, config: CompressConfig, calib, config_d
     """(path, command, tensor bytes) of int4 alone with GPTQ rounding on the file's calibration:
     the report's ``int4 alone, GPTQ`` row."""
     gptq_config = replace(config, method="dense", quantize="int4", group_size=group_size, rounding="gptq",
-                          target_size=None, base="auto", chunks=None, align=False, ranks="uniform",
+                          target_size=None, target_bits=None, base="auto", chunks=None, align=False, ranks="uniform",
                           quantize_passthrough=False)
     flags = f"--method dense --quantize int4 --group-size {group_size}"
     return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, flags)
@@ -222,11 +222,18 @@ def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool, 
 
 
 def _target(ckpt, stacks, config: CompressConfig) -> dict:
-    target_size, target_of = config.target_size, config.target_of
-    kind, value = parse_size(target_size)
+    """The byte budget a size target sets: ``target_size`` of the model or of the stacks, or
+    ``target_bits`` a weight over the stacks' factorised weights; and the rank it allows."""
     stack_bytes = sum(f.nbytes for s in stacks for f in s.families)
-    whole = ckpt.nbytes if target_of == "model" else stack_bytes
-    budget = int(value * whole) if kind == "fraction" else int(value)
+    if config.target_bits is not None:
+        weights = sum(len(f.layers) * f.shape[0] * f.shape[1] for s in stacks for f in s.families)
+        size, target_of = f"{config.target_bits:g} bits a weight", "stack"
+        budget = int(config.target_bits * weights / 8)
+    else:
+        size, target_of = str(config.target_size), config.target_of
+        kind, value = parse_size(config.target_size)
+        whole = ckpt.nbytes if target_of == "model" else stack_bytes
+        budget = int(value * whole) if kind == "fraction" else int(value)
     stack_budget = budget - _rest_bytes(ckpt, stacks, config) if target_of == "model" else budget
     if config.quantize == "auto":  # the planner shares the budget out; no one rank is chosen here
         if stack_budget < 1:
@@ -234,8 +241,7 @@ def _target(ckpt, stacks, config: CompressConfig) -> dict:
         rank = None
     else:
         rank = rank_for_budget(stacks, config, stack_budget)
-    return {"size": str(target_size), "of": target_of, "budget_bytes": budget, "stack_budget_bytes": stack_budget,
-            "rank": rank}
+    return {"size": size, "of": target_of, "budget_bytes": budget, "stack_budget_bytes": stack_budget, "rank": rank}
 
 
 def _rest_bytes(ckpt, stacks, config: CompressConfig) -> int:

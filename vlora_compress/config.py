@@ -80,6 +80,8 @@ class CompressConfig:
     align: bool = False  # align each layer's neurons and heads to the layer before first (align.py)
     target_size: str | None = None  # a fraction ("0.35") or a size ("40MB"): the largest rank that fits
     target_of: str = "model"  # what target_size is a share of: model | stack
+    target_bits: float | None = None  # instead of target_size: bits a weight over the stacks' factorised
+    # weights (2.5: a 2.5-bit budget for every stack matrix, scales and bases included)
     svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
@@ -119,9 +121,14 @@ class CompressConfig:
             raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
         if self.method in ("svd", "dense") and self.base not in ("auto", "none"):
             raise VloraError(f"`method` {self.method} stores every layer alone; it takes no `base` {self.base}")
-        if self.method == "dense" and (self.target_size is not None or self.quantize == "auto"):
+        if self.target_bits is not None and (self.target_size is not None or isinstance(self.target_bits, bool)
+                                             or not isinstance(self.target_bits, (int, float)) or not self.target_bits > 0):
+            raise VloraError(f"`target_bits` must be a positive number of bits a weight, given instead of "
+                             f"`target_size`, not {self.target_bits!r}" + (" beside it" if self.target_size else ""))
+        if self.method == "dense" and (self.target_size is not None or self.target_bits is not None
+                                       or self.quantize == "auto"):
             raise VloraError("`method` dense stores every layer whole, its size set by `quantize` int8, int4, int3 or int2 "
-                             "(and `dtype`); it takes no `target_size` and no `quantize` auto")
+                             "(and `dtype`); it takes no `target_size`, no `target_bits` and no `quantize` auto")
         if self.target_size is not None:
             object.__setattr__(self, "target_size", str(self.target_size))  # 0.35 and "0.35" alike
             parse_size(self.target_size)
