@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -46,6 +47,27 @@ def test_without_eval_data_healing_scores_a_held_back_slice_and_never_writes_wor
     a, b = VloraFile(start), VloraFile(healed)
     for name in a.checkpoint.infos:
         assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_the_teacher_cache_keeps_to_its_bound_and_changes_nothing_but_time(minilm_dir, tmp_path, capsys):
+    """A bound of one batch's targets caches one batch; a bound of 0 none, rerunning the teacher
+    every step; the losses are the same either way. A bad size is refused naming the flag."""
+    start = tmp_path / "s.vlora.safetensors"
+    compress(minilm_dir, start, rank=4, chunks=2, **CORE)
+    config = HealConfig(steps=4, batch_size=8, eval_samples=8)
+    free = heal(start, minilm_dir, CALIB, tmp_path / "a.vlora.safetensors", config)
+    assert free.teacher_cache_bytes > 0
+    one_batch = free.teacher_cache_bytes // 4 + 1  # four steps, four different batches cached
+    for bound in (0, one_batch):
+        report = heal(start, minilm_dir, CALIB, tmp_path / f"{bound}.vlora.safetensors",
+                      replace(config, cache_bytes=bound))
+        assert 0 <= report.teacher_cache_bytes <= bound and report.losses == free.losses
+    assert 0 < report.teacher_cache_bytes  # one batch fits
+    with pytest.raises(SystemExit) as exc:
+        compress_main(["heal", str(start), "--teacher", str(minilm_dir), "--data", str(CALIB), "-o",
+                       str(tmp_path / "x.vlora.safetensors"), "--teacher-cache", "0.5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--teacher-cache" in err and len(err.strip().splitlines()) == 1
 
 
 def test_frozen_tensors_do_not_move(minilm_dir, tmp_path):

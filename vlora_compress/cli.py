@@ -341,6 +341,7 @@ def heal_cmd(
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the kl loss.")] = 2.0,
     freeze: Annotated[Optional[str], typer.Option("--freeze", help="Comma-separated: increments, bases, dense.")] = None,
     cache_teacher: Annotated[bool, typer.Option("--cache-teacher/--no-cache-teacher", help="Keep the teacher's outputs per batch (memory) or rerun it every step (time).")] = True,
+    teacher_cache: Annotated[str, typer.Option("--teacher-cache", help="Bound of the teacher's cached outputs, kept in host memory (e.g. 4GiB, 500MB); batches past it rerun the teacher.")] = "4GiB",
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Held-out data: score before, every --eval-every steps and after; the best step is written, the start included. Without it, the last tenth of the training data is held back and scored.")] = None,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evals (0: before and after only).")] = 0,
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = 64,
@@ -368,7 +369,7 @@ def heal_cmd(
     config = HealConfig(
         steps=steps, tokens=tokens, minutes=minutes, lr=lr, lr_dense=lr_dense, batch_size=batch_size,
         max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in losses or ()),
-        temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher,
+        temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher, cache_bytes=_bytes(teacher_cache, "teacher_cache"),
         eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, bf16=bf16,
         checkpointing=checkpointing, quantization_aware=quantization_aware, seed=seed, device=device,
     )
@@ -420,6 +421,19 @@ def _size(text: str | None) -> float | None:
     if kind != "bytes":
         raise VloraError(f"`max_bytes` must be a size such as 40MB, not {text!r}")
     return value
+
+
+def _bytes(text: str, field: str) -> int:
+    """A size such as 4GiB or 500MB (0 allowed) as bytes; a fraction is not a size."""
+    if text.strip().upper() in ("0", "0B"):
+        return 0
+    try:
+        kind, value = parse_size(text, field)
+    except VloraError:
+        kind = None
+    if kind != "bytes":
+        raise VloraError(f"`{field}` must be a size such as 4GiB or 500MB, not {text!r}")
+    return int(value)
 
 
 def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:

@@ -53,6 +53,8 @@ class HealConfig:
     temperature: float = 2.0  # for kl
     train: tuple[str, ...] = TRAINABLE  # what trains: increments, bases, dense (1-D stack parameters)
     cache_teacher: bool = True  # keep the teacher's outputs per batch instead of rerunning it
+    cache_bytes: int = 4 * 2**30  # bound of that cache, kept in host memory (a 7B model's hidden
+    # states fill a GPU in about 20 batches); batches past it have their teacher rerun
     eval_every: int = 0  # steps between evals on held-out data (0: before and after only)
     eval_samples: int = 64
     save_every: int = 25  # steps between saves of the resumable state
@@ -66,6 +68,8 @@ class HealConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_length < 2:
             raise VloraError("`heal.steps` and `heal.batch_size` must be at least 1, `heal.lr` positive, `heal.max_length` at least 2")
+        if not (isinstance(self.cache_bytes, int) and self.cache_bytes >= 0):
+            raise VloraError(f"`heal.cache_bytes` must be a whole number of bytes, at least 0, not {self.cache_bytes!r}")
         if (self.tokens is not None and self.tokens < 1) or (self.minutes is not None and not self.minutes > 0):
             raise VloraError("`heal.tokens` and `heal.minutes` must be positive")
         unknown = set(self.train) - set(TRAINABLE)
@@ -80,7 +84,7 @@ class HealConfig:
 
     def budget_fields(self) -> set[str]:
         """Fields a resumed run may change: budgets and where it runs, not what it computes."""
-        return {"steps", "tokens", "minutes", "device", "eval_every", "eval_samples", "save_every"}
+        return {"steps", "tokens", "minutes", "device", "eval_every", "eval_samples", "save_every", "cache_bytes"}
 
 
 def default_losses(head: str) -> tuple[tuple[str, float], ...]:
@@ -109,6 +113,7 @@ class HealReport:
     best_step: int | None = None
     resumed_from: int | None = None
     eval_data: str | None = None  # what the evals scored: the eval data, or the slice held back
+    teacher_cache_bytes: int = 0  # the teacher's targets kept in host memory (at most cache_bytes)
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -210,7 +215,8 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         state.evals.append({"step": 0, "value": evaluator()})
         state.best = {"step": 0, "value": state.evals[-1]["value"], "tensors": None}
 
-    cache: dict[int, dict] = {}
+    cache: dict[int, dict] = {}  # batch index -> the teacher's targets, at most cache_bytes of them
+    cached = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
     clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
     seen_here, start_step, run_started = 0, state.step, time.perf_counter()
@@ -226,8 +232,11 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
                 if goal is None:
                     with torch.no_grad(), autocast:
                         goal = _teacher_targets(teacher_model, rows, losses, device)
-                    if config.cache_teacher:
-                        cache[index] = goal
+                    size = _nbytes(goal)
+                    if config.cache_teacher and cached + size <= config.cache_bytes:
+                        cache[index], cached = _moved(goal, "cpu"), cached + size  # host memory, bounded
+                else:
+                    goal = _moved(goal, device)
                 _set_lr(opt, state, config, time.perf_counter() - clock)
                 with autocast:
                     loss = _loss(model, rows, goal, losses, config.temperature, device)
@@ -280,7 +289,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         str(vlora_path), str(out), state.step, state.tokens, seconds, str(device), world, state.losses,
         state.evals, evaluator.name if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
-        best["step"] if best else None, resumed_from, eval_name,
+        best["step"] if best else None, resumed_from, eval_name, cached,
         {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
     )
 
@@ -525,6 +534,15 @@ def _identity(vfile: VloraFile) -> dict:
 
 def _to(inputs: dict, device) -> dict:
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _moved(goal: dict, device) -> dict:
+    """The teacher's targets (tensors, or lists of them per layer) on ``device``."""
+    return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in goal.items()}
+
+
+def _nbytes(goal: dict) -> int:
+    return sum(t.numel() * t.element_size() for v in goal.values() for t in (v if isinstance(v, list) else [v]))
 
 
 def _check_match(vfile: VloraFile, teacher) -> None:
