@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VloraError
-from .fileformat import VloraFile, factorised_keys, family_matrices, walk
-from .plan import FamilyPlan, Plan
+from .fileformat import VloraFile, factorised_keys
+from .plan import FamilyPlan, Plan, family_matrices, walk
 from .quantize import straight_through
 
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import DTYPES
-from .fileformat import walk
 from .quantize import SCALE_SUFFIX, dequantize, quantize
-from .plan import CompressConfig, FamilyPlan
+from .plan import CompressConfig, FamilyPlan, walk
 
 # Below this size a float64 LAPACK SVD costs well under a second on a laptop core.
 EXACT_SVD_MAX_DIM = 1024

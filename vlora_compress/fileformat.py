@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import reprlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,49 +19,15 @@ import torch
 
 from .checkpoint import DTYPES, FLOAT_DTYPES, ITEMSIZE, Checkpoint, open_checkpoint
 from .errors import VloraError
-from .plan import DIM_LIMIT, FamilyPlan, Plan, is_whole
+from .plan import DIM_LIMIT, FamilyPlan, Plan, family_matrices, is_whole
 from .quantize import SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
 
 FORMAT_NAME = "vlora"
 FORMAT_VERSION = 1  # files without quantized storage
 QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.md, section 9)
 READS = (str(FORMAT_VERSION), str(QUANTIZED_VERSION))
-INCREMENT_SUFFIXES = (".vlora_B", ".vlora_A")
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
-
-
-def increment_keys(key: str) -> tuple[str, str]:
-    return key + INCREMENT_SUFFIXES[0], key + INCREMENT_SUFFIXES[1]
-
-
-@dataclass(frozen=True)
-class Term:
-    """One step of the walk that rebuilds a family: a chunk's base, or one layer's increment."""
-
-    chunk: int
-    layer: int | None  # the layer this step rebuilds; None for a base that is no layer (a whitened
-    # mean, or a zero base)
-    key: str | None  # that layer's weight
-    base: str | None  # the chunk's stored base tensor; None: a zero base
-    over: str  # what the step adds to: "" (the step *is* the base), "base" (the chunk's base: a
-    # star, or a chain's first link) or "previous" (the layer the walk rebuilt just before: a chain)
-    rank: int
-    factors: tuple[str, str] | None  # (B, A) names where the rank is not 0
-
-
-def walk(fp: FamilyPlan) -> Iterator[Term]:
-    """The family's terms in the one order that fitting, the layout, expand, factored loading and
-    healing all follow: per chunk its base, then each layer over the base or over the layer just
-    before it (ChunkPlan.steps), so that what compress writes is what every reader rebuilds."""
-    for ci, chunk in enumerate(fp.chunks):
-        base = fp.base_key(ci)
-        layer = chunk.base_layer
-        yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "", 0, None)
-        for layer, ref in chunk.steps():
-            key, rank = fp.key(layer), chunk.rank_of(layer)
-            over = "base" if ref is None or ref == chunk.base else "previous"
-            yield Term(ci, layer, key, base, over, rank, increment_keys(key) if rank else None)
 
 
 @dataclass(frozen=True)
@@ -119,18 +84,6 @@ class SourceInfo:
     def by_key(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """key -> (dtype, shape)."""
         return {key: (dt, shape) for key, dt, shape in self.tensors}
-
-
-def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
-    """The family's bases and factors as matrices, (name, shape), in the order fit_family writes them."""
-    m, n = fp.shape
-    out = []
-    for t in walk(fp):
-        if not t.over and t.base is not None:
-            out.append((t.base, (m, n)))
-        elif t.factors:
-            out += [(t.factors[0], (m, t.rank)), (t.factors[1], (t.rank, n))]
-    return out
 
 
 @dataclass(frozen=True)

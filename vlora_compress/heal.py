@@ -28,7 +28,8 @@ from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate_models, pooled_embedding
 from .factored import load_factored
 from .factorise import encode
-from .fileformat import INCREMENT_SUFFIXES, VloraFile, factorised_keys, family_matrices, header_metadata, layout
+from .fileformat import VloraFile, factorised_keys, header_metadata, layout
+from .plan import INCREMENT_SUFFIXES, family_matrices
 from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
 from .models import resolve_device, takes_text, token_limit
 from .progress import Progress

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from .checkpoint import open_checkpoint
 from .errors import VloraError
-from .fileformat import INCREMENT_SUFFIXES, VloraFile, family_layout, layout
+from .fileformat import VloraFile, family_layout, layout
+from .plan import INCREMENT_SUFFIXES
 from .progress import Progress
 from .quantize import SCALE_SUFFIX
 from .report import human_bytes, nbytes, storage_label

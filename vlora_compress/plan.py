@@ -7,6 +7,7 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from .checkpoint import FLOAT_DTYPES, ITEMSIZE
@@ -101,6 +102,54 @@ class FamilyPlan:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(layer for c in self.chunks for layer in c.layers)
+
+
+INCREMENT_SUFFIXES = (".vlora_B", ".vlora_A")
+
+
+def increment_keys(key: str) -> tuple[str, str]:
+    return key + INCREMENT_SUFFIXES[0], key + INCREMENT_SUFFIXES[1]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One step of the walk that rebuilds a family: a chunk's base, or one layer's increment."""
+
+    chunk: int
+    layer: int | None  # the layer this step rebuilds; None for a base that is no layer (a whitened
+    # mean, or a zero base)
+    key: str | None  # that layer's weight
+    base: str | None  # the chunk's stored base tensor; None: a zero base
+    over: str  # what the step adds to: "" (the step *is* the base), "base" (the chunk's base: a
+    # star, or a chain's first link) or "previous" (the layer the walk rebuilt just before: a chain)
+    rank: int
+    factors: tuple[str, str] | None  # (B, A) names where the rank is not 0
+
+
+def walk(fp: FamilyPlan) -> Iterator[Term]:
+    """The family's terms in the one order that fitting, the layout, expand, factored loading and
+    healing all follow: per chunk its base, then each layer over the base or over the layer just
+    before it (ChunkPlan.steps), so that what compress writes is what every reader rebuilds."""
+    for ci, chunk in enumerate(fp.chunks):
+        base = fp.base_key(ci)
+        layer = chunk.base_layer
+        yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "", 0, None)
+        for layer, ref in chunk.steps():
+            key, rank = fp.key(layer), chunk.rank_of(layer)
+            over = "base" if ref is None or ref == chunk.base else "previous"
+            yield Term(ci, layer, key, base, over, rank, increment_keys(key) if rank else None)
+
+
+def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
+    """The family's bases and factors as matrices, (name, shape), in the order fit_family writes them."""
+    m, n = fp.shape
+    out = []
+    for t in walk(fp):
+        if not t.over and t.base is not None:
+            out.append((t.base, (m, n)))
+        elif t.factors:
+            out += [(t.factors[0], (m, t.rank)), (t.factors[1], (t.rank, n))]
+    return out
 
 
 @dataclass(frozen=True)
@@ -364,10 +413,7 @@ def matrix_bytes(shape: tuple[int, int], store_dtype: str, quant: str = "none", 
 
 def family_bytes(fp: FamilyPlan) -> int:
     """Stored bytes of a family plan: its bases and its factors (fileformat.family_layout's sum)."""
-    m, n = fp.shape
-    size = lambda shape: matrix_bytes(shape, fp.store_dtype, fp.quant, fp.group_size)  # noqa: E731
-    return sum((size((m, n)) if c.base != "none" else 0) + sum(size((m, r)) + size((r, n)) for r in c.ranks if r)
-               for c in fp.chunks)
+    return sum(matrix_bytes(shape, fp.store_dtype, fp.quant, fp.group_size) for _, shape in family_matrices(fp))
 
 
 def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:

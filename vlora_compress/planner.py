@@ -35,9 +35,9 @@ import torch
 from .quantize import AUTO_SCHEMES
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
-from .fileformat import family_matrices, read_matrix
-from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper,
-                   family_bytes, matrix_bytes, split_equal)
+from .fileformat import read_matrix
+from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper, family_bytes,
+                   family_matrices, matrix_bytes, split_equal)
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
