@@ -70,6 +70,21 @@ def test_the_default_plan_by_blocks_beats_per_layer_svd_and_lands_on_its_target(
     assert hidden_error(llama6, plan_file, held_out) < 0.5 * hidden_error(llama6, svd_file, held_out)
 
 
+def test_shared_bases_planned_by_blocks_keep_their_places_in_the_family(llama6, tmp_path):
+    """A shared basis per block (planned by blocks, each block one group): three bases per family,
+    named by their chunk's place in the whole family, and the file expands to a working model."""
+    tok = load_preprocessor(llama6)
+    held_out, _ = read_calibration(tok, EVAL, CalibConfig(samples=16, holdout=0), causal=True)
+    path = tmp_path / "s.vlora.safetensors"
+    compress(llama6, path, rank=8, base="none", topology="shared", calib=CALIB, calibration=CalibConfig(samples=32),
+             planning="blocks")
+    with safe_open(str(path), "pt") as f:
+        bases = {k for k in f.keys() if "vlora_basis" in k and "q_proj" in k}
+    assert bases == {f"model.layers.vlora_basis{i}.self_attn.q_proj.weight" for i in range(3)}
+    assert all(c["topology"] == "shared" for fp in _plan(path)["families"] for c in fp["chunks"])
+    assert 0 < hidden_error(llama6, path, held_out) < 0.5
+
+
 def test_a_mean_base_fitted_before_the_layers_under_input_feedback(llama6, tmp_path):
     """Under ``inputs`` a family on a whitened-mean base is fitted from the block's Grams before
     the block's layers, so the compressed stream passes it: a working model, not a broken one."""

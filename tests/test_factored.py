@@ -10,6 +10,7 @@ PLANS = {
     "chain over the first layer": dict(rank=6, chunks=2, **CORE),
     "star over a mean base": dict(rank=6, chunks=2, base="mean", topology="star", bounds="equal", ranks="uniform"),
     "per-layer SVD": dict(rank=6, method="svd", ranks="uniform"),
+    "a shared basis per 3 layers": dict(rank=6, chunks=2, base="none", topology="shared", ranks="uniform"),
 }
 
 

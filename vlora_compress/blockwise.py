@@ -95,9 +95,16 @@ class BlockPlanner(SequentialFit):
             meter = BlockMeter(self, mods, held) if held else None
             plan = plan_measured([block], replace(self.config, chunks=1), self.weights, grams.whitener, meter,
                                  self._budgets(block), self._total(block))
-            # a whitened-mean base is stored once per chunk, named by the chunk's place in the family
-            rename = {fp.synthetic_base_key(i): fp.synthetic_base_key(i + sum(len(p.chunks) for p in parts.get(fp.name, [])))
-                      for fp in plan.families for i, c in enumerate(fp.chunks) if c.base == "synthetic"}
+            # a whitened-mean base or a shared basis is stored once per chunk, named by the chunk's
+            # place in the family: the block's chunk i is the family's chunk i + the chunks before
+            rename = {}
+            for fp in plan.families:
+                offset = sum(len(p.chunks) for p in parts.get(fp.name, []))
+                for i, c in enumerate(fp.chunks):
+                    if c.base == "synthetic":
+                        rename[fp.synthetic_base_key(i)] = fp.synthetic_base_key(offset + i)
+                    if c.topology == "shared":
+                        rename[fp.basis_key(i)] = fp.basis_key(offset + i)
             placed = lambda name, tensor: write(rename.get(name, name), tensor)  # noqa: E731
             # families on a whitened-mean base are fitted at once from the block's Grams: before the
             # layers under `inputs`, so the compressed stream passes them; else after, so the original

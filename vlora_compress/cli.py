@@ -83,7 +83,7 @@ def compress_cmd(
     chunks: Annotated[Optional[int], typer.Option("--chunks", "-c", help="Contiguous chunks per stack, each with one base; by default the planner tries 1 to 3 (the budget counts one).")] = None,
     method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments), svd (every layer its own low-rank factors: the baseline) or dense (every layer whole, as --quantize stores it: quantization alone).")] = "vlora",
     base: Annotated[str, typer.Option("--base", help="first, mean (whitened mean, stored once), best (least residual), none (per-layer SVD) or auto (chosen per family by measured error).")] = "auto",
-    topology: Annotated[str, typer.Option("--topology", help="chain (each layer over its neighbour), star (each over the base) or auto.")] = "auto",
+    topology: Annotated[str, typer.Option("--topology", help="chain (each layer over its neighbour), star (each over the base), shared (no base: one basis per chunk that every layer's own factor reads, W_l = B_l A, with --base none) or auto.")] = "auto",
     bounds: Annotated[str, typer.Option("--bounds", help="dp (chunk bounds by dynamic programming on the deltas) or equal.")] = "dp",
     ranks: Annotated[str, typer.Option("--ranks", help="measured (move bytes between families by measured output error; needs --calib) or uniform.")] = "measured",
     align: Annotated[bool, typer.Option("--align", help="Align each layer's MLP neurons and attention heads to the layer before it first (same function, smaller deltas).")] = False,

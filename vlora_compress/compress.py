@@ -31,7 +31,7 @@ from .quantize import nbytes as quantized_nbytes
 from .quantize import quantize as to_integers
 from .progress import Progress
 from .report import CompressReport
-from .sequential import SequentialFit
+from .sequential import SequentialFit, sequential_family
 from .stacks import find_stacks
 from .write import SafetensorsWriter, Spool, check_output
 
@@ -108,16 +108,19 @@ def compress(
         by_blocks, planning_note = (_by_blocks(ckpt, stacks, config, device)
                                     if planned and calib is not None and config.sequential and config.quantize != "auto"
                                     else (False, None))
+        fixed = None if planned else plan_equal(stacks, config)  # a plan that needs no measurement
+        # families fitted from all their layers' Grams at once (shared bases), outside planning by blocks
+        at_once = fixed is not None and not all(sequential_family(fp) for fp in fixed.families)
         if calib is not None:
-            # planning on the model, or fitting not sequential, needs the whole model's Grams and every
-            # layer loaded; the sequential fit and planning by blocks load one layer (block) at a time
-            # where they can (one stack)
-            one_at_a_time = config.sequential and (by_blocks or not planned) and len(stacks) == 1
+            # planning on the model, fitting not sequential, or a family fitted at once needs the whole
+            # model's Grams and every layer loaded; the sequential fit and planning by blocks load one
+            # layer (block) at a time where they can (one stack)
+            one_at_a_time = config.sequential and (by_blocks or not planned) and not at_once and len(stacks) == 1
             model, preprocessor, samples, held, by_layer = _calibration_model(
                 source, config_dir, calib, tokenizer, config.calibration, ckpt, aligned, device,
                 {f.key(layer) for f in stacks[0].families for layer in f.layers} if one_at_a_time else set())
             packed = packing(preprocessor, config.calibration, head_of(model.config) == "causal-lm")
-            if (planned and not by_blocks) or not config.sequential:  # the original model's Grams: to plan by, or to fit by
+            if (planned and not by_blocks) or not config.sequential or at_once:  # the original's Grams: to plan or fit by
                 keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
                 meter = OutputMeter(model, preprocessor, held, config.calibration.max_length, ckpt.read) if held else None
@@ -132,9 +135,8 @@ def compress(
                 plan = sequential.plan
             else:
                 whitener = grams.whitener if grams is not None else (lambda key: None)
-                plan = (plan_measured(stacks, config, read, whitener, meter, budgets,
-                                      target["stack_budget_bytes"] if target else None)
-                        if planned else plan_equal(stacks, config))
+                plan = fixed or plan_measured(stacks, config, read, whitener, meter, budgets,
+                                              target["stack_budget_bytes"] if target else None)
             record = source_info(ckpt)
             plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + (planning_note,) * bool(planning_note) + plan.notes,
                            passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))

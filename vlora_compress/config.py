@@ -19,7 +19,7 @@ from .quantize import SCHEMES, check_scheme
 SVD_METHODS = ("auto", "exact", "randomized")
 METHODS = ("vlora", "svd", "dense")
 BASES = ("auto", "first", "mean", "best", "none")
-TOPOLOGY_CHOICES = ("auto", "chain", "star")
+TOPOLOGY_CHOICES = ("auto", "chain", "star", "shared")
 BOUNDS = ("dp", "equal")
 RANK_CHOICES = ("measured", "uniform")
 TARGETS_OF = ("model", "stack")
@@ -73,7 +73,7 @@ class CompressConfig:
     method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors;
     # dense: every layer whole, stored as `quantize` (and `dtype`) say: quantization alone
     base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
-    topology: str = "auto"  # chain | star | auto
+    topology: str = "auto"  # chain | star | shared (a basis per chunk, W_l = B_l A; zero base) | auto
     bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
     ranks: str = "measured"  # measured: move bytes between families by measured output error
     # (needs calibration); uniform: one rank everywhere
@@ -119,6 +119,9 @@ class CompressConfig:
             raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
         if self.bounds not in BOUNDS:
             raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
+        if self.topology == "shared" and (self.base not in ("auto", "none") or self.method != "vlora"):
+            raise VloraError("`topology` shared stores a basis per chunk and no base: it takes `base` none or auto "
+                             "and `method` vlora")
         if self.method in ("svd", "dense") and self.base not in ("auto", "none"):
             raise VloraError(f"`method` {self.method} stores every layer alone; it takes no `base` {self.base}")
         if self.target_bits is not None and (self.target_size is not None or isinstance(self.target_bits, bool)

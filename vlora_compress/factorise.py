@@ -189,11 +189,13 @@ def fit_family(
     Without ``measure`` the LayerFits carry no errors (NaN, None): the planner's trial fits, which
     score the family as a whole, spend nothing on them.
     """
-    store = DTYPES[plan.store_dtype]
     orig = DTYPES[plan.dtype]
     for t in walk(plan):
-        if not t.over:  # the chunk's base
+        if not t.over:  # the chunk's base, and a shared chunk's basis
             chunk = plan.chunks[t.chunk]
+            if t.basis is not None:
+                entries, basis_hat = _fit_basis(plan, chunk, t, read, whitener, config)
+                yield from entries
             if chunk.base == "synthetic":
                 entries, base_hat = encode(plan, t.base, synthetic_base(plan, chunk, read, whitener))
                 yield from entries
@@ -219,13 +221,18 @@ def fit_family(
         wh = whitener(key)
         delta = w.float() - ref_hat
         memo = (svd_cache, key) if svd_cache is not None and t.base is None else None
-        if wh is not None:
-            b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
-        else:
-            b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
-        if rank:
+        hessian = _hessian(plan, config, wh) if rank else None  # for the factor that reads the layer's inputs
+        if t.basis is not None:  # the chunk's basis is A: only the layer's coefficients are its own
+            a = basis_hat
+            entries_b, b = encode(plan, t.factors[0], coefficients(delta, a, wh),
+                                  hessian if wh is not None and wh.side == 0 else None)
+            yield from entries_b
+        elif rank:
+            if wh is not None:
+                b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
+            else:
+                b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
             kb, ka = t.factors
-            hessian = _hessian(plan, config, wh)  # for the factor that reads the layer's inputs
             entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
             if plan.quant != "none":  # B as stored is not the B the SVD gave: refit A to it
                 a = refit_right(b, delta, wh)
@@ -233,7 +240,7 @@ def fit_family(
             yield from entries_b
             yield from entries_a
         else:
-            b, a = b.to(store), a.to(store)
+            b, a = truncated_svd(delta, 0)
         last_hat = apply_increment(ref_hat, b, a)
         w_hat = last_hat.to(orig)
         if rebuilt is not None:
@@ -250,6 +257,36 @@ def _hessian(plan: FamilyPlan, config: CompressConfig, wh: Whitener | None) -> t
     if plan.quant == "none" or wh is None or config.rounding != "gptq":
         return None
     return wh.hessian()
+
+
+def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfig):
+    """(stored entries, A as stored in float32) of a shared chunk's basis: the top-``rank`` right
+    factor of the chunk's weights stacked, whitened by their summed Grams (each layer's own rows
+    for Conv1D), so that one A serves every layer as well as one can (Basis Sharing's basis)."""
+    keys = [plan.key(layer) for layer in chunk.layers]
+    whs = [whitener(key) for key in keys]
+    method = choose_svd((plan.shape[0] * len(keys), plan.shape[1]), t.rank, config.svd)
+    common = None
+    if all(wh is not None for wh in whs) and whs[0].side == 1:  # the inputs' summed Gram whitens A
+        common = Whitener.from_gram(sum(wh.gram for wh in whs), 1, config.calibration.damping)
+    if common is not None:
+        stacked = torch.cat([read(key).double() for key in keys])
+        _, a = whitened_svd(stacked, t.rank, common, method, config.seed, config.niter)
+    else:  # Conv1D's whitening acts on the rows, each layer's own; data-free: the weights as they are
+        stacked = torch.cat([read(key).double() if wh is None or wh.side == 1 else wh.whiten(read(key).double())
+                             for key, wh in zip(keys, whs)])
+        _, a = truncated_svd(stacked, t.rank, method, config.seed, config.niter)
+    del stacked
+    return encode(plan, t.basis, a, _hessian(plan, config, common))
+
+
+def coefficients(delta: torch.Tensor, a: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
+    """The B that best completes a fixed A: argmin ||(Δ - B A) S|| (for Conv1D, whose whitening is
+    on the rows, argmin ||Sᵀ(Δ - B A)||, which S does not change), by least squares in float64."""
+    a64, d64 = a.double(), delta.double()
+    if wh is not None and wh.side == 1:
+        a64, d64 = wh.whiten(a64), wh.whiten(d64)
+    return torch.linalg.lstsq(a64.T, d64.T).solution.T.float()
 
 
 def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> torch.Tensor:

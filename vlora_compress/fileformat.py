@@ -25,7 +25,8 @@ from .quantize import SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_s
 FORMAT_NAME = "vlora"
 FORMAT_VERSION = 1  # files without quantized storage
 QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.md, section 9)
-READS = (str(FORMAT_VERSION), str(QUANTIZED_VERSION))
+SHARED_VERSION = 3  # version 2 plus chunks that share one basis (topology shared, docs/format.md section 10)
+READS = (str(FORMAT_VERSION), str(QUANTIZED_VERSION), str(SHARED_VERSION))
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
 
@@ -140,11 +141,20 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
     return out
 
 
+def version_of(plan: Plan) -> int:
+    """The least format version that holds the plan: shared bases need 3, integer storage 2."""
+    return SHARED_VERSION if _shared(plan) else QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION
+
+
+def _shared(plan: Plan) -> bool:
+    return any(c.topology == "shared" for fp in plan.families for c in fp.chunks)
+
+
 def header_metadata(plan: Plan, source: SourceInfo, config: dict) -> dict[str, str]:
     dump = lambda obj: json.dumps(obj, sort_keys=True, separators=(",", ":"))  # noqa: E731
     return {
         "vlora.format": FORMAT_NAME,
-        "vlora.version": str(QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION),
+        "vlora.version": str(version_of(plan)),
         "vlora.config": dump(config),
         "vlora.source": dump(asdict(source)),
         "vlora.plan": dump(plan.to_dict()),
@@ -180,8 +190,9 @@ class VloraFile:
             self.plan = Plan.from_dict(plan)
         except VloraError as e:
             raise VloraError(f"{self.path}: {e}") from None
-        if version == str(FORMAT_VERSION) and self.plan.quantized:
-            raise VloraError(f"{self.path}: corrupted plan: a version 1 file cannot hold quantized tensors")
+        if int(version) < version_of(self.plan):
+            raise VloraError(f"{self.path}: corrupted plan: a version {version} file cannot hold "
+                             + ("shared bases" if _shared(self.plan) else "quantized tensors"))
         self._check_passthrough()
         self._check_layout()
         # what reads back as floats: name -> how

@@ -17,7 +17,7 @@ from .quantize import SCALE_SUFFIX, check_scheme
 from .quantize import nbytes as quantized_nbytes
 from .stacks import Family, Stack, layer_key
 
-TOPOLOGIES = ("chain", "star")
+TOPOLOGIES = ("chain", "star", "shared")
 BASE_KINDS = ("synthetic", "none")
 PASSTHROUGH_MIN = 1 << 16  # quantize_passthrough takes 2-D pass-through tensors of at least this many values
 DIM_LIMIT = 1 << 64  # safetensors stores dimensions as unsigned 64-bit integers
@@ -30,7 +30,9 @@ class ChunkPlan:
     ``base`` is a layer index (that layer stored dense), ``"synthetic"`` (a base tensor stored once
     under ``synthetic_base_key``), or ``"none"`` (a zero base: with star topology every layer is its
     own low-rank factors, i.e. per-layer SVD). ``ranks`` lines up with ``layers``; a base layer has
-    rank 0, and any other layer with rank 0 equals its reference exactly.
+    rank 0, and any other layer with rank 0 equals its reference exactly. Topology ``shared`` (over
+    a zero base, one rank for all) stores one right factor for the chunk, its basis (under
+    ``basis_key``), and each layer its own left factor over it: W_l = B_l A (Basis Sharing's form).
     """
 
     layers: tuple[int, ...]
@@ -48,7 +50,7 @@ class ChunkPlan:
         Chain: each layer over its neighbour nearer the base, so every reference was rebuilt just
         before. Star: every layer over the base.
         """
-        if self.topology == "star":
+        if self.topology in ("star", "shared"):
             return [(layer, None) for layer in self.layers if layer != self.base]
         if self.base_layer is None:
             return [(layer, prev) for prev, layer in zip((None,) + self.layers[:-1], self.layers)]
@@ -92,6 +94,10 @@ class FamilyPlan:
     def synthetic_base_key(self, chunk: int) -> str:
         return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
 
+    def basis_key(self, chunk: int) -> str:
+        """The name of the right factor that chunk ``chunk``'s layers all read, when it is shared."""
+        return layer_key(self.stack, f"vlora_basis{chunk}", self.suffix)
+
     def base_key(self, chunk: int) -> str | None:
         """The stored tensor holding chunk ``chunk``'s base; None for a zero base."""
         base = self.chunks[chunk].base
@@ -123,7 +129,9 @@ class Term:
     over: str  # what the step adds to: "" (the step *is* the base), "base" (the chunk's base: a
     # star, or a chain's first link) or "previous" (the layer the walk rebuilt just before: a chain)
     rank: int
-    factors: tuple[str, str] | None  # (B, A) names where the rank is not 0
+    factors: tuple[str, str] | None  # (B, A) names where the rank is not 0; A is the chunk's basis
+    # when it has one
+    basis: str | None = None  # the chunk's shared right factor (topology shared), rank x n
 
 
 def walk(fp: FamilyPlan) -> Iterator[Term]:
@@ -131,13 +139,15 @@ def walk(fp: FamilyPlan) -> Iterator[Term]:
     healing all follow: per chunk its base, then each layer over the base or over the layer just
     before it (ChunkPlan.steps), so that what compress writes is what every reader rebuilds."""
     for ci, chunk in enumerate(fp.chunks):
-        base = fp.base_key(ci)
+        base, basis = fp.base_key(ci), fp.basis_key(ci) if chunk.topology == "shared" else None
         layer = chunk.base_layer
-        yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "", 0, None)
+        yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "",
+                   chunk.ranks[0] if basis else 0, None, basis)
         for layer, ref in chunk.steps():
             key, rank = fp.key(layer), chunk.rank_of(layer)
             over = "base" if ref is None or ref == chunk.base else "previous"
-            yield Term(ci, layer, key, base, over, rank, increment_keys(key) if rank else None)
+            factors = (increment_keys(key)[0], basis or increment_keys(key)[1]) if rank else None
+            yield Term(ci, layer, key, base, over, rank, factors, basis)
 
 
 def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
@@ -145,10 +155,11 @@ def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
     m, n = fp.shape
     out = []
     for t in walk(fp):
-        if not t.over and t.base is not None:
-            out.append((t.base, (m, n)))
+        if not t.over:
+            out += [(t.base, (m, n))] if t.base is not None else []
+            out += [(t.basis, (t.rank, n))] if t.basis is not None else []  # stored once, read by every layer
         elif t.factors:
-            out += [(t.factors[0], (m, t.rank)), (t.factors[1], (t.rank, n))]
+            out += [(t.factors[0], (m, t.rank))] + ([(t.factors[1], (t.rank, n))] if t.basis is None else [])
     return out
 
 
@@ -323,6 +334,9 @@ def _check_family(f: FamilyPlan, stacks: dict[str, set[int]]) -> None:
             raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
         if not isinstance(c.topology, str) or c.topology not in TOPOLOGIES:
             raise VloraError(f"corrupted plan: {f.name} has unknown topology {_brief(c.topology)}")
+        if c.topology == "shared" and (c.base != "none" or len(set(c.ranks)) != 1 or c.ranks[0] < 1):
+            raise VloraError(f"corrupted plan: a shared chunk of {f.name} needs a zero base and one rank of at "
+                             "least 1 for all its layers")
         if not (is_whole(c.base) or isinstance(c.base, str)):
             raise VloraError(f"corrupted plan: base {_brief(c.base)} of {f.name} is not a layer or a kind")
         if isinstance(c.base, str) and c.base not in BASE_KINDS:
@@ -380,7 +394,8 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
     """
     stack_plans, family_plans, notes = [], [], []
     for stack in stacks:
-        chunks = 1 if config.method in ("svd", "dense") or config.base == "none" else (config.chunks or 1)
+        per_layer = config.method in ("svd", "dense") or (config.base == "none" and config.topology != "shared")
+        chunks = 1 if per_layer else (config.chunks or 1)
         if chunks > len(stack.layers):
             raise VloraError(
                 f"`chunks` {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
@@ -393,6 +408,8 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
                 notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
             if config.method == "dense":
                 fp = _dense_family(fam, config)
+            elif config.topology == "shared":
+                fp = _chain_family(fam, stack.layers, bounds, rank, config)
             elif config.method == "svd" or config.base == "none":
                 fp = _per_layer_family(fam, rank, config)
             else:
@@ -442,7 +459,9 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
     chunks = []
     for start, end in bounds:
         layers = tuple(layer for layer in stack_layers[start:end] if layer in fam.layers)
-        if layers:
+        if layers and config.topology == "shared":  # one basis per chunk, every layer its coefficients
+            chunks.append(ChunkPlan(layers, (rank,) * len(layers), base="none", topology="shared"))
+        elif layers:
             ranks = (0,) + (rank,) * (len(layers) - 1)
             topology = "star" if config.topology == "star" else "chain"
             chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))

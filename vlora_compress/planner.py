@@ -41,7 +41,8 @@ from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, St
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
-AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
+AUTO_BASES = ("first", "mean", "none")
+SHARED_GROUPS = (2, 3, 4)  # layers a shared basis serves: Basis Sharing finds 2 to 4 alike  # "best" costs a fit per layer of every chunk: ask for it by name
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Candidate:
     @property
     def label(self) -> str:
         bits = "" if self.quant == "none" else f", {self.quant}"
+        if self.topology == "shared":
+            return f"shared basis, {self.chunks} group{'s' if self.chunks > 1 else ''}" + bits
         if self.base == "none":
             return "per-layer SVD" + bits
         if self.dense:
@@ -176,12 +179,20 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
     """The family's relative (whitened) output error that the plan's truncations alone would leave,
     every reference taken as the matrix it stands for (open loop): Σ_l tail_{r_l}((W_l - R_l) S_l)
     over Σ_l ||W_l S_l||², with R_l zero (per-layer), the chunk's base layer, the layer before
-    (chain) or the chunk's whitened mean. The singular values are kept in ``spectra`` per
+    (chain) or the chunk's whitened mean; for a shared basis, the tail of the group's whitened
+    weights stacked (the one right factor that serves them all best). The singular values are kept in ``spectra`` per
     (reference, layer), so a family's 13 candidates cost about 8 decompositions a layer, not 13
     fits. Closed-loop fitting can do a little better (an increment also mends the error before it)
     or worse (errors down a chain); the short list is fitted and measured to settle that."""
     err = total = 0.0
     for chunk in fp.chunks:
+        if chunk.topology == "shared":  # the best one right factor for the group: its layers stacked
+            name = ("shared", chunk.layers)
+            if name not in spectra:
+                spectra[name] = torch.linalg.svdvals(torch.cat([_whiten(weights[x].double(), whitener(fp.key(x)))
+                                                                for x in chunk.layers]))
+            err += float(spectra[name][chunk.ranks[0]:].square().sum())
+            continue
         mean = None
         for layer, ref in chunk.steps():
             ref = chunk.base if ref is None else ref
@@ -324,9 +335,15 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     for q in schemes:
         for b in bases:
             if b == "none":
-                out.append(Candidate("none", "star", 1, q))
+                if config.topology != "shared":
+                    out.append(Candidate("none", "star", 1, q))
+                # a basis per group of 2 to 4 layers, when asked for: under auto it crowded better forms
+                # out of the short list and lost the error feedback of a sequential fit (docs/planning.md)
+                if config.topology == "shared":
+                    groups = [config.chunks] if config.chunks else sorted({n_layers // size for size in SHARED_GROUPS})
+                    out += [Candidate("none", "shared", k, q) for k in groups if 1 <= k and 2 * k <= n_layers]
                 continue
-            out += [Candidate(b, t, k, q) for t in topologies for k in counts if k <= n_layers]
+            out += [Candidate(b, t, k, q) for t in topologies if t != "shared" for k in counts if k <= n_layers]
         if base == "auto" and not config.chunks and q != "none":
             out.append(Candidate("first", "chain", n_layers, q, dense=True))  # the yardstick, as a choice
     return out
@@ -336,9 +353,10 @@ def reference(config: CompressConfig, n_layers: int) -> Candidate:
     """The form whose bytes at ``config.rank`` set every candidate's budget: the one asked for,
     with ``auto`` read as first-layer bases in a chain, and no ``--chunks`` as one chunk."""
     base = "none" if config.method == "svd" else config.base
-    base = "first" if base == "auto" else base
+    base = "none" if config.topology == "shared" else "first" if base == "auto" else base
     topology = "chain" if config.topology == "auto" else config.topology
-    return Candidate(base, topology, 1 if base == "none" else min(config.chunks or 1, n_layers), config.family_scheme)
+    chunks = 1 if base == "none" and topology != "shared" else min(config.chunks or 1, n_layers)
+    return Candidate(base, topology, chunks, config.family_scheme)
 
 
 def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
@@ -348,7 +366,10 @@ def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressCon
     r = min(rank, m, n)
     size = lambda shape: matrix_bytes(shape, _store(fam, config), cand.quant, config.group_size)  # noqa: E731
     bases, increments = _counts(fam, cand)
-    factored = bases * size((m, n)) + increments * (size((m, r)) + size((r, n)))
+    if cand.topology == "shared":  # a basis per group, every layer its own coefficients
+        factored = min(cand.chunks, len(fam.layers)) * size((r, n)) + increments * size((m, r))
+    else:
+        factored = bases * size((m, n)) + increments * (size((m, r)) + size((r, n)))
     return factored if cand.dense else min(factored, len(fam.layers) * size((m, n)))
 
 
@@ -419,6 +440,9 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     rank = _fit_rank(min(fam.shape), lambda r: candidate_bytes(fam, cand, r, config) <= budget) if _counts(fam, cand)[1] else 0
     if rank < 1:
         return None
+    if cand.topology == "shared":  # contiguous groups of equal size, one basis each
+        chunks = [ChunkPlan(fam.layers[a:b], (rank,) * (b - a), "none", "shared") for a, b in split_equal(n_layers, cand.chunks)]
+        return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant))
     if cand.base == "none":
         return dense_if_cheaper(_family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")],
                                              cand.quant))

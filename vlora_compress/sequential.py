@@ -64,8 +64,9 @@ class Stream:
 
 
 def sequential_family(fp: FamilyPlan) -> bool:
-    """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none."""
-    return all(c.base == "none" or c.base == c.layers[0] for c in fp.chunks)
+    """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none,
+    and no chunk a shared basis (fitted from all its layers' weights and Grams at once)."""
+    return all((c.base == "none" or c.base == c.layers[0]) and c.topology != "shared" for c in fp.chunks)
 
 
 class SequentialFit:
