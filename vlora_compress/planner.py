@@ -41,8 +41,8 @@ from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, St
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
-AUTO_BASES = ("first", "mean", "none")
-SHARED_GROUPS = (2, 3, 4)  # layers a shared basis serves: Basis Sharing finds 2 to 4 alike  # "best" costs a fit per layer of every chunk: ask for it by name
+AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
+SHARED_GROUPS = (2, 3, 4)  # layers a shared basis serves: Basis Sharing finds 2 to 4 alike
 
 
 @dataclass(frozen=True)
@@ -180,9 +180,9 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
     every reference taken as the matrix it stands for (open loop): Σ_l tail_{r_l}((W_l - R_l) S_l)
     over Σ_l ||W_l S_l||², with R_l zero (per-layer), the chunk's base layer, the layer before
     (chain) or the chunk's whitened mean; for a shared basis, the tail of the group's whitened
-    weights stacked (the one right factor that serves them all best). The singular values are kept in ``spectra`` per
-    (reference, layer), so a family's 13 candidates cost about 8 decompositions a layer, not 13
-    fits. Closed-loop fitting can do a little better (an increment also mends the error before it)
+    weights stacked (the one right factor that serves them all best). The singular values are kept
+    in ``spectra`` per (reference, layer), so a family's 13 candidates cost about 8 decompositions a
+    layer, not 13 fits. Closed-loop fitting can do a little better (an increment also mends the error before it)
     or worse (errors down a chain); the short list is fitted and measured to settle that."""
     err = total = 0.0
     for chunk in fp.chunks:
@@ -335,13 +335,13 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     for q in schemes:
         for b in bases:
             if b == "none":
-                if config.topology != "shared":
-                    out.append(Candidate("none", "star", 1, q))
-                # a basis per group of 2 to 4 layers, when asked for: under auto it crowded better forms
-                # out of the short list and lost the error feedback of a sequential fit (docs/planning.md)
+                # a basis per group of 2 to 4 layers only when asked for: under auto it crowded better
+                # forms out of the short list and lost the sequential fit's error feedback (docs/planning.md)
                 if config.topology == "shared":
                     groups = [config.chunks] if config.chunks else sorted({n_layers // size for size in SHARED_GROUPS})
                     out += [Candidate("none", "shared", k, q) for k in groups if 1 <= k and 2 * k <= n_layers]
+                else:
+                    out.append(Candidate("none", "star", 1, q))
                 continue
             out += [Candidate(b, t, k, q) for t in topologies if t != "shared" for k in counts if k <= n_layers]
         if base == "auto" and not config.chunks and q != "none":
@@ -441,7 +441,8 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     if rank < 1:
         return None
     if cand.topology == "shared":  # contiguous groups of equal size, one basis each
-        chunks = [ChunkPlan(fam.layers[a:b], (rank,) * (b - a), "none", "shared") for a, b in split_equal(n_layers, cand.chunks)]
+        chunks = [ChunkPlan(fam.layers[a:b], (rank,) * (b - a), "none", "shared")
+                  for a, b in split_equal(n_layers, cand.chunks)]
         return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant))
     if cand.base == "none":
         return dense_if_cheaper(_family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")],
