@@ -15,7 +15,8 @@ the device's memory), the stack is cut into blocks, which are the chunks (``chun
    block's output error on the held-back samples' stream at the block (BlockMeter: a pass of the
    block, not of the model), and measured rank allocation moves bytes between the block's families;
 4. the block is fitted layer by layer as sequential.py fits (error feedback, a stage per input),
-   families on a whitened-mean base at once from the block's Grams, and both streams move on.
+   families that need all their layers at once (a whitened-mean base, a shared basis) from the
+   block's Grams, and both streams move on.
 
 What planning by blocks gives up against planning on the model: a chunk never crosses a block's
 bounds (no dynamic programme over the whole stack), bytes move between the families of a block,
@@ -106,9 +107,10 @@ class BlockPlanner(SequentialFit):
                     if c.topology == "shared":
                         rename[fp.basis_key(i)] = fp.basis_key(offset + i)
             placed = lambda name, tensor: write(rename.get(name, name), tensor)  # noqa: E731
-            # families on a whitened-mean base are fitted at once from the block's Grams: before the
-            # layers under `inputs`, so the compressed stream passes them; else after, so the original
-            # stream that `none` and `outputs` carry runs through the original weights
+            # families on a whitened-mean base or a shared basis are fitted at once from the block's
+            # Grams: before the layers under `inputs`, so the compressed stream passes them; else
+            # after, so the original stream that `none` and `outputs` carry runs through the original
+            # weights
             at_once = [fp for fp in plan.families if not sequential_family(fp)]
             early = self.feedback == "inputs"
             if early:

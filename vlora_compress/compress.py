@@ -138,7 +138,8 @@ def compress(
                 plan = fixed or plan_measured(stacks, config, read, whitener, meter, budgets,
                                               target["stack_budget_bytes"] if target else None)
             record = source_info(ckpt)
-            plan = replace(plan, aligned=bool(aligned), notes=tuple(align_notes) + (planning_note,) * bool(planning_note) + plan.notes,
+            notes = tuple(align_notes) + ((planning_note,) if planning_note else ()) + plan.notes
+            plan = replace(plan, aligned=bool(aligned), notes=notes,
                            passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
             entries = layout(plan, record)
             if calib is not None and config.sequential and not by_blocks:
