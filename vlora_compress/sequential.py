@@ -155,34 +155,7 @@ class SequentialFit:
         w.data = w_hat.to(device=w.device, dtype=w.dtype).reshape(w.shape)
 
     def _capture(self, first, work: list) -> list[Stream]:
-        """Each batch's inputs to the stack's first layer, caught by a pre-hook that stops the model."""
-        caught: list = []
-
-        def hook(module, args, kwargs):
-            caught.append((args, kwargs))
-            raise _Stop
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        device = model_device(self.model)
-        # decoders would fill a KV cache nobody reads; encoders and vision models take no such flag
-        extra = {"use_cache": False} if getattr(self.model.config, "use_cache", None) is not None else {}
-        streams = []
-        try:
-            with torch.no_grad():
-                for inputs, mask, _ in work:
-                    try:
-                        self.model(**{k: v.to(device) for k, v in inputs.items()}, **extra)
-                    except _Stop:
-                        pass
-                    if len(caught) != 1:
-                        raise VloraError("the model never reached its first stacked layer during calibration")
-                    args, kwargs = caught.pop()
-                    hidden = args[0] if args else kwargs.pop("hidden_states")
-                    streams.append(Stream(hidden, hidden, tuple(args[1:]), dict(kwargs),
-                                          mask.to(device) if mask is not None else None))
-        finally:
-            handle.remove()
-        return streams
+        return capture(self.model, first, work)
 
     def _stages(self, block, keys: list[str], streams: list[Stream]) -> list[list[str]]:
         """The layer's keys in the order the layer reads them, one stage per input it reads (q, k and
@@ -276,6 +249,38 @@ class _Layer:
             if self.waiting[group] == 0:
                 del self.made[group]
         return wh
+
+
+def capture(model, first, work: list) -> list[Stream]:
+    """Each batch's inputs to a stack's first layer ``first`` (and how it is called: masks, rotary
+    embeddings), caught by a pre-hook that stops the model there; both streams start as those."""
+    caught: list = []
+
+    def hook(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model_device(model)
+    # decoders would fill a KV cache nobody reads; encoders and vision models take no such flag
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    streams = []
+    try:
+        with torch.no_grad():
+            for inputs, mask, _ in work:
+                try:
+                    model(**{k: v.to(device) for k, v in inputs.items()}, **extra)
+                except _Stop:
+                    pass
+                if len(caught) != 1:
+                    raise VloraError("the model never reached its first stacked layer")
+                args, kwargs = caught.pop()
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                streams.append(Stream(hidden, hidden, tuple(args[1:]), dict(kwargs),
+                                      mask.to(device) if mask is not None else None))
+    finally:
+        handle.remove()
+    return streams
 
 
 def _inputs(block, modules: dict, s: Stream, hidden: torch.Tensor,
