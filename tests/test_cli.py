@@ -327,8 +327,10 @@ def test_inspect_sub_commands_and_a_file_named_check(gpt2_file, tmp_path, capsys
     (compress_main, ["{src}", "--quantize", "int4", "--group-size", 3], "--group-size must be an even number"),
     (compress_main, ["{src}", "--quantize-passthrough"], "--quantize-passthrough needs --quantize int8"),
     (compress_main, ["{src}", "--target-size", "big"], "--target-size must be a fraction"),
-    (compress_main, ["heal", "{v}", "--teacher", "{src}", "--data", "{src}", "-o", "{o}", "--steps", 0],
-     "--steps and --batch-size must be at least 1"),
+    (compress_main, ["heal", "{v}", "--teacher", "{src}", "--data", "{src}", "-o", "{o}", "--steps", -1],
+     "--steps must be at least 0, --batch-size at least 1"),
+    (compress_main, ["heal", "{v}", "--teacher", "{src}", "--data", "{src}", "-o", "{o}", "--local-share", 0],
+     "--local-share in (0, 1]"),
 ])
 def test_library_errors_name_fields_and_the_cli_names_its_flags(gpt2_file, tmp_path, capsys, main, args, flag):
     v = tmp_path / "g.vlora.safetensors"

@@ -190,9 +190,10 @@ def tiny_texts(tmp_path):
     return path
 
 
-def test_ddp_on_two_gloo_processes_matches_one_process(minilm_dir, small_start, tmp_path, tiny_texts):
+def test_ddp_on_two_gloo_processes_matches_one_process_layer_by_layer_and_end_to_end(minilm_dir, small_start, tmp_path, tiny_texts):
     args = [str(small_start), "--teacher", str(minilm_dir), "--data", str(tiny_texts), "--steps", "4",
-            "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--max-length", "32", "--device", "cpu", "-q"]
+            "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--max-length", "32", "--device", "cpu", "-q",
+            "--local-steps", "2", "--local-samples", "16", "--local-lr", "1e-3"]  # the block-local pass first, its gradients summed too
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one.vlora.safetensors"
     two = tmp_path / "two.vlora.safetensors"
@@ -213,7 +214,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(minilm_dir, small_start, 
         # Adam turns float noise in ~0 gradients (key biases', which softmax ignores) into
         # differently rounded steps, so single tensors get some slack and the whole a tight bound
         moved, steps, gaps = moved + 1, steps + step ** 2, gaps + gap ** 2
-        assert gap < 0.1 * step + 1e-4, name
+        assert gap < 0.1 * step + 1e-3, name
     assert gaps ** 0.5 < 0.005 * steps ** 0.5
     assert moved > 50
 
@@ -223,7 +224,8 @@ def test_kl_and_hidden_losses_heal_a_causal_lm(tiny_gpt2, tmp_path):
     compress(tiny_gpt2, start, rank=2, chunks=1, **CORE)
     out = tmp_path / "h.vlora.safetensors"
     report = heal(start, tiny_gpt2, CALIB, out, HealConfig(steps=30, batch_size=16, lr=3e-3, max_length=32,
-                                                             eval_every=10, eval_samples=16), eval_data=EVAL)
+                                                             eval_every=10, eval_samples=16, local_steps=0),
+                  eval_data=EVAL)  # end to end alone; test_localheal.py heals layer by layer
     assert report.config["losses"] == [["hidden", 3.0], ["kl", 1.0]]
     assert report.metric == "perplexity" and [e["step"] for e in report.evals] == [0, 10, 20, 30]
     best = min(report.evals, key=lambda e: e["value"])
@@ -262,7 +264,8 @@ def test_a_quantized_file_heals_and_reports_what_it_wrote(tiny_gpt2, tmp_path, a
     compress(tiny_gpt2, start, rank=4, chunks=2, quantize="int4", group_size=16, **CORE)
     out = tmp_path / "h.vlora.safetensors"
     report = heal(start, tiny_gpt2, CALIB, out, HealConfig(steps=12, batch_size=16, lr=3e-3, max_length=32,
-                                                             eval_samples=16, quantization_aware=aware),
+                                                             eval_samples=16, quantization_aware=aware,
+                                                             local_steps=0),
                   eval_data=EVAL)
     before, after = VloraFile(start), VloraFile(out)
     assert after.plan == before.plan and after.nbytes == before.nbytes

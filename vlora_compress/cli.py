@@ -37,7 +37,7 @@ from .inspection import (
     subspace_sharing,
 )
 from .config import parse_size
-from .report import markdown_heal, write_report
+from .report import healing_line, markdown_heal, write_report
 
 stdout = Console()
 
@@ -350,6 +350,11 @@ def heal_cmd(
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA.")] = True,
     checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute layers in the backward pass: less memory, more time.")] = False,
     quantization_aware: Annotated[bool, typer.Option("--quantization-aware/--no-quantization-aware", help="Quantized files: train through a straight-through quantizer, so the loss is that of the integers written (default), or train in float and round once at the end.")] = True,
+    local_steps: Annotated[Optional[int], typer.Option("--local-steps", help="Block-local healing first: each layer of the stack trained, in order, to give the teacher's layer output, this many steps a layer (0: none). Default: 32 for causal LMs, 0 otherwise.")] = None,
+    local_lr: Annotated[float, typer.Option("--local-lr", help="Adam learning rate of block-local healing (cosine decay over each layer's steps).")] = 3e-4,
+    local_batch_size: Annotated[int, typer.Option("--local-batch-size", help="Samples a step of block-local healing, over all processes.")] = 8,
+    local_samples: Annotated[int, typer.Option("--local-samples", help="Training samples block-local healing uses (windows of --max-length tokens for a causal LM).")] = 256,
+    local_share: Annotated[float, typer.Option("--local-share", help="With --minutes: the share of them block-local healing may take; the end-to-end loop has the rest.")] = 0.5,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the order of batches.")] = 0,
     force: ForceFlag = False,
@@ -358,6 +363,8 @@ def heal_cmd(
     quiet: QuietFlag = False,
 ) -> None:
     """Train the stored bases, increments and 1-D parameters to match the teacher; same plan, same size.
+
+    Causal LMs are first healed layer by layer (--local-steps), then end to end (--steps).
 
     Under torchrun (python -m vlora_compress.heal ...) every process takes its share of each batch.
     """
@@ -371,7 +378,8 @@ def heal_cmd(
         max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in losses or ()),
         temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher, cache_bytes=_bytes(teacher_cache, "teacher_cache"),
         eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, bf16=bf16,
-        checkpointing=checkpointing, quantization_aware=quantization_aware, seed=seed, device=device,
+        checkpointing=checkpointing, quantization_aware=quantization_aware, local_steps=local_steps,
+        local_lr=local_lr, local_batch_size=local_batch_size, local_samples=local_samples, local_share=local_share, seed=seed, device=device,
     )
     result = heal(path, teacher, data, out, config, force=force, progress=not quiet and not as_json,
                   eval_data=eval_data, resume=resume).to_dict()
@@ -382,11 +390,7 @@ def heal_cmd(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    stdout.print(f"healed {path} -> {out}: {result['steps']} steps, {result['tokens']:,} tokens in "
-                 f"{result['seconds']:.0f} s on {result['device']}; loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}")
-    if result["metric"]:
-        stdout.print(f"{result['metric']}: {result['before']:.4f} before, {result['after']:.4f} after "
-                     f"(best at step {result['best_step']})")
+    stdout.print(f"healed {path} -> {out}: {healing_line(result)}")
 
 
 def _loss_spec(text: str) -> tuple[str, float]:

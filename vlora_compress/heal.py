@@ -17,21 +17,23 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .checkpoint import DTYPES
-from .data import read_texts
+from .calibrate import text_windows
+from .data import read_corpus, read_texts
 from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate_models, pooled_embedding
 from .factored import load_factored
 from .factorise import encode
+from .localheal import heal_locally
 from .fileformat import VloraFile, factorised_keys, header_metadata, layout
 from .plan import INCREMENT_SUFFIXES, family_matrices
 from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
-from .models import resolve_device, takes_text, token_limit
+from .models import batches, resolve_device, takes_text, token_limit
 from .progress import Progress
 from .write import SafetensorsWriter, atomic_output, check_output
 
@@ -41,7 +43,8 @@ LOSSES = ("cosine", "hidden", "kl")
 
 @dataclass(frozen=True)
 class HealConfig:
-    steps: int = 150  # optimiser steps: the budget, and the length of the learning-rate schedule
+    steps: int = 150  # end-to-end optimiser steps: the budget, and the length of the learning-rate
+    # schedule (0: block-local healing alone)
     tokens: int | None = None  # stop after this many training tokens (real tokens, all processes)
     minutes: float | None = None  # stop after this much wall time (resumed runs count their earlier time)
     lr: float = 3e-4  # bases and increment factors
@@ -63,12 +66,18 @@ class HealConfig:
     checkpointing: bool = False  # gradient checkpointing: recompute layers in backward to save memory
     quantization_aware: bool = True  # integer-stored tensors train through a straight-through
     # quantizer; off: train in float and round once when writing
+    local_steps: int | None = None  # steps a layer of block-local healing (localheal.py) before the
+    # end-to-end loop; None: the model's default (default_local_steps)
+    local_lr: float = 3e-4  # Adam, cosine-decayed over each layer's steps
+    local_batch_size: int = 8  # samples a step (windows of max_length tokens for a causal LM)
+    local_samples: int = 256  # training samples it uses
+    local_share: float = 0.5  # with `minutes`: the share of them it may take, spread over the layers
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_length < 2:
-            raise VloraError("`heal.steps` and `heal.batch_size` must be at least 1, `heal.lr` positive, `heal.max_length` at least 2")
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.max_length < 2:
+            raise VloraError("`heal.steps` must be at least 0, `heal.batch_size` at least 1, `heal.lr` positive, `heal.max_length` at least 2")
         if not (isinstance(self.cache_bytes, int) and self.cache_bytes >= 0):
             raise VloraError(f"`heal.cache_bytes` must be a whole number of bytes, at least 0, not {self.cache_bytes!r}")
         if (self.tokens is not None and self.tokens < 1) or (self.minutes is not None and not self.minutes > 0):
@@ -79,6 +88,10 @@ class HealConfig:
         for name, weight in self.losses:
             if name not in LOSSES or not weight > 0:
                 raise VloraError(f"`heal.losses` takes {', '.join(LOSSES)} with a positive weight (name:weight), not {name}:{weight}")
+        if (self.local_steps is not None and self.local_steps < 0) or not self.local_lr > 0 \
+                or self.local_samples < 1 or self.local_batch_size < 1 or not 0 < self.local_share <= 1:
+            raise VloraError("`heal.local_steps` must be >= 0, `heal.local_lr` positive, `heal.local_samples` and "
+                             "`heal.local_batch_size` >= 1, `heal.local_share` in (0, 1]")
         if self.eval_every < 0 or self.save_every < 1 or self.eval_samples < 1 or not self.temperature > 0:
             raise VloraError("`heal.eval_every` must be >= 0, `heal.save_every` and `heal.eval_samples` >= 1, `heal.temperature` positive")
         resolve_device(self.device)
@@ -86,6 +99,15 @@ class HealConfig:
     def budget_fields(self) -> set[str]:
         """Fields a resumed run may change: budgets and where it runs, not what it computes."""
         return {"steps", "tokens", "minutes", "device", "eval_every", "eval_samples", "save_every", "cache_bytes"}
+
+
+LOCAL_STEPS = 32  # block-local steps a layer for causal LMs (bench/heal.py --llm on SmolLM2)
+
+
+def default_local_steps(head: str) -> int:
+    """Block-local healing first for causal LMs, where end-to-end distillation in CPU-minutes made
+    SmolLM2 worse; none for the rest, whose end-to-end recipe was measured on MiniLM."""
+    return LOCAL_STEPS if head == "causal-lm" else 0
 
 
 def default_losses(head: str) -> tuple[tuple[str, float], ...]:
@@ -115,6 +137,7 @@ class HealReport:
     resumed_from: int | None = None
     eval_data: str | None = None  # what the evals scored: the eval data, or the slice held back
     teacher_cache_bytes: int = 0  # the teacher's targets kept in host memory (at most cache_bytes)
+    local: dict | None = None  # block-local healing (localheal.LocalReport), when it ran
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -131,7 +154,8 @@ class _State:
     losses: list = field(default_factory=list)
     window: list = field(default_factory=list)
     evals: list = field(default_factory=list)
-    best: dict | None = None  # {"step", "value", "tensors"}
+    best: dict | None = None  # {"step", "value", "tensors", "index": of its eval in evals}
+    local: dict | None = None  # the block-local pass's LocalReport, once it has run
 
 
 def state_path(out: str | Path) -> Path:
@@ -214,12 +238,22 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     evaluator = _Evaluator(eval_data, teacher, student, teacher_model, config) if eval_data and rank == 0 else None
     if evaluator and not state.evals:
         state.evals.append({"step": 0, "value": evaluator()})
-        state.best = {"step": 0, "value": state.evals[-1]["value"], "tensors": None}
+        state.best = {"step": 0, "value": state.evals[-1]["value"], "tensors": None, "index": 0}
 
     cache: dict[int, dict] = {}  # batch index -> the teacher's targets, at most cache_bytes of them
     cached = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
     clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
+    local_steps = config.local_steps if config.local_steps is not None else default_local_steps(head)
+    if local_steps and state.local is None:
+        state.local = _heal_locally(student, teacher_model, vfile, tok, texts, eval_data, config, local_steps,
+                                    head, limit, rank, world, progress)
+        if evaluator:
+            _track(state, evaluator, trainable, phase="layer by layer")
+        if rank == 0:
+            state.seconds = time.perf_counter() - clock
+            _save_state(state_path(out), state, vfile, config, trainable, opt)
+    local_seconds = state.local["seconds"] if state.local else 0.0
     seen_here, start_step, run_started = 0, state.step, time.perf_counter()
     try:
         with Progress("healing", config.steps, enabled=progress and rank == 0) as bar:
@@ -238,7 +272,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
                         cache[index], cached = _moved(goal, "cpu"), cached + size  # host memory, bounded
                 else:
                     goal = _moved(goal, device)
-                _set_lr(opt, state, config, time.perf_counter() - clock)
+                _set_lr(opt, state, config, time.perf_counter() - clock, local_seconds)
                 with autocast:
                     loss = _loss(model, rows, goal, losses, config.temperature, device)
                 opt.zero_grad(set_to_none=True)
@@ -278,10 +312,8 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         _track(state, evaluator, trainable)
     final = {n: p.detach() for n, p in trainable.items()}
     best = state.best
-    if best is not None and best["tensors"] is not None and best["step"] != state.step:
-        final = best["tensors"]
-    elif best is not None and best["tensors"] is None and best["step"] == 0 and state.step > 0:
-        final = {}  # nothing beat the start: write the file as it was
+    if best is not None and best["index"] != len(state.evals) - 1:  # an earlier eval was best
+        final = best["tensors"] if best["tensors"] is not None else {}  # None: the start, the file as it was
     if rank == 0:
         _write(vfile, final, out)
         state_path(out).unlink(missing_ok=True)
@@ -290,9 +322,38 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         str(vlora_path), str(out), state.step, state.tokens, seconds, str(device), world, state.losses,
         state.evals, evaluator.name if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
-        best["step"] if best else None, resumed_from, eval_name, cached,
+        best["step"] if best else None, resumed_from, eval_name, cached, state.local,
         {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
     )
+
+
+def _heal_locally(student, teacher_model, vfile: VloraFile, tok, texts: list[str], eval_data, config: HealConfig,
+                  steps: int, head: str, limit: int, rank: int, world: int, progress: bool) -> dict:
+    """Block-local healing (localheal.py) on the first ``local_samples`` of the training data
+    (windows of running text for a causal LM, as it was calibrated), each layer's training kept
+    only where it lowers the layer's error on the eval data (or the slice held back)."""
+    causal = head == "causal-lm"
+    train = text_windows(tok, "\n".join(texts), limit, config.local_samples) if causal else texts[:config.local_samples]
+    held = []
+    if eval_data is not None:
+        held = (text_windows(tok, read_corpus(eval_data), limit, config.eval_samples) if causal
+                else read_texts(eval_data, config.eval_samples))
+
+    def sharded(samples):
+        if config.local_batch_size % world:
+            raise VloraError(f"`heal.local_batch_size` {config.local_batch_size} does not split evenly over {world} processes")
+        return [(*_shard(inputs, mask, rank, world), n)
+                for inputs, mask, n in batches(tok, samples, config.local_batch_size, limit)]
+
+    reduce = None
+    if world > 1:
+        import torch.distributed as dist
+
+        reduce = dist.all_reduce
+    seconds = 60 * config.minutes * config.local_share if config.minutes else None
+    report = heal_locally(student, teacher_model, vfile.plan, sharded(train), sharded(held),
+                          replace(config, local_steps=steps), seconds, progress and rank == 0, reduce)
+    return report.to_dict()
 
 
 def _distributed(device_name: str) -> tuple[int, int]:
@@ -390,8 +451,9 @@ def _spent(state: _State, config: HealConfig, elapsed: float) -> bool:
             or (config.minutes is not None and elapsed >= 60 * config.minutes))
 
 
-def _set_lr(opt, state: _State, config: HealConfig, elapsed: float) -> None:
-    """Warm-up, then cosine decay over whichever budget is being used up fastest."""
+def _set_lr(opt, state: _State, config: HealConfig, elapsed: float, local_seconds: float = 0.0) -> None:
+    """Warm-up, then cosine decay over whichever budget is being used up fastest (of the minutes,
+    those left after block-local healing)."""
     if state.step < config.warmup:
         factor = (state.step + 1) / config.warmup
     else:
@@ -399,7 +461,7 @@ def _set_lr(opt, state: _State, config: HealConfig, elapsed: float) -> None:
         if config.tokens:
             used = max(used, state.tokens / config.tokens)
         if config.minutes:
-            used = max(used, elapsed / (60 * config.minutes))
+            used = max(used, (elapsed - local_seconds) / max(1e-9, 60 * config.minutes - local_seconds))
         factor = 0.5 * (1 + math.cos(math.pi * min(1.0, used)))
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"] * factor
@@ -482,12 +544,12 @@ class _Evaluator:
         return a > b if self.higher_is_better else a < b
 
 
-def _track(state: _State, evaluator: _Evaluator, trainable) -> None:
+def _track(state: _State, evaluator: _Evaluator, trainable, phase: str | None = None) -> None:
     value = evaluator()
-    state.evals.append({"step": state.step, "value": value})
+    state.evals.append({"step": state.step, "value": value, **({"phase": phase} if phase else {})})
     if state.best is None or evaluator.better(value, state.best["value"]):
         tensors = {n: p.detach().cpu().clone() for n, p in trainable.items()}
-        state.best = {"step": state.step, "value": value, "tensors": tensors}
+        state.best = {"step": state.step, "value": value, "tensors": tensors, "index": len(state.evals) - 1}
 
 
 def _save_state(path: Path, state: _State, vfile: VloraFile, config: HealConfig, trainable, opt) -> None:

@@ -251,12 +251,20 @@ def passthrough_line(p: dict) -> str:
 
 
 def healing_line(h: dict) -> str:
-    """Cost and effect of a healing run in one line: steps, tokens, time, device, loss, metric."""
-    text = (f"{h['steps']} steps, {h['tokens']:,} tokens, {h['seconds']:.0f} s on {h['device']}"
-            + (f" x{h['processes']}" if h.get("processes", 1) > 1 else "")
-            + (f"; loss {h['losses'][0]:.4f} -> {h['losses'][-1]:.4f}" if h["losses"] else ""))
+    """Cost and effect of a healing run in one line: the block-local pass (if it ran), then the
+    end-to-end steps, tokens, time, device, loss, and the metric before and after."""
+    local = h.get("local")
+    text = ""
+    if local:
+        text = (f"layer by layer: {local['layers']} layers, {local['steps']} steps, {local['tokens']:,} tokens, "
+                f"{local['seconds']:.0f} s, kept in {sum(local['kept'])}; end to end: ")
+    text += (f"{h['steps']} steps, {h['tokens']:,} tokens, {h['seconds'] - (local['seconds'] if local else 0):.0f} s on {h['device']}"
+             + (f" x{h['processes']}" if h.get("processes", 1) > 1 else "")
+             + (f"; loss {h['losses'][0]:.4f} -> {h['losses'][-1]:.4f}" if h["losses"] else ""))
     if h.get("metric"):
-        text += f"; {h['metric']} {h['before']:.4f} -> {h['after']:.4f} (best at step {h['best_step']})"
+        best = h["best_step"]
+        phase = next((e.get("phase") for e in h["evals"] if e["step"] == best and e["value"] == h["after"]), None)
+        text += f"; {h['metric']} {h['before']:.4f} -> {h['after']:.4f} (best {'after ' + phase if phase else f'at step {best}'})"
     return text
 
 
@@ -264,10 +272,19 @@ def markdown_heal(h: dict) -> str:
     """``vlora-compress heal --report FILE.md``."""
     lines = [f"### healing: `{Path(h['source']).name}` → `{Path(h['output']).name}`", "", healing_line(h), ""]
     if h["evals"]:
-        lines += [f"| step | {h['metric']} |", "|---:|---:|", *[f"| {e['step']} | {e['value']:.4f} |" for e in h["evals"]]]
+        lines += [f"| step | {h['metric']} |", "|---:|---:|",
+                  *[f"| {e['step']}{' (' + e['phase'] + ')' if e.get('phase') else ''} | {e['value']:.4f} |" for e in h["evals"]]]
+    local = h.get("local")
+    if local:
+        lines += ["", "| layer | error before | after | kept |", "|---:|---:|---:|:---|",
+                  *[f"| {i} | {b:.4f} | {a:.4f} | {'yes' if k else 'no'} |"
+                    for i, (b, a, k) in enumerate(zip(local["before"], local["after"], local["kept"]))]]
     cfg = h["config"]
     lines += ["", f"losses {', '.join(f'{n}:{w:g}' for n, w in cfg['losses'])}; lr {cfg['lr']:g}; "
                   f"batch {cfg['batch_size']}; trained {', '.join(cfg['train'])}"]
+    if local:
+        lines.append(f"block-local: {local['steps'] // max(1, local['layers'])} steps a layer at lr {cfg['local_lr']:g}, "
+                     f"{cfg['local_samples']} samples; error = mean over tokens of ‖f(x̂) − y‖² / ‖y‖² on held-out data")
     return "\n".join(lines) + "\n"
 
 
