@@ -6,10 +6,15 @@ novels; docs/data.md) by mean cosine of pooled embeddings against the original, 
 
     python bench/heal.py [--minutes 4] [--budgets 0.5 0.35] [--recipe NAME ...] [--work DIR] [--json FILE]
     python bench/heal.py --quantized [--recipe default float-then-round]
+    python bench/heal.py --llm [--removed 0.2 0.35] [--minutes 10] [--recipe half-and-half layer-by-layer end-to-end]
 
 --quantized heals int4 starts at 12.5% and 6.25% of the stack's fp32 bytes: round-to-nearest int4
 alone (every layer dense, 12.9% with its scales, at any budget), per-layer SVD + int4 and the default
 plan + int4, all through the same quantization-aware healing.
+
+--llm heals SmolLM2-135M-Instruct (bench/smollm2.py) compressed by the default plan to a share of its
+parameters removed (calibration: 128 windows of Pride and Prejudice, as bench/llm.py), on Emma, and
+scores perplexity on 32 windows of 128 tokens of Persuasion, as a ratio to the original's.
 
 Recipes are named sets of HealConfig options (see RECIPES); the note in docs/healing.md says which
 were tried. Compressed starts are kept in --work and reused, so recipes compare on the same files.
@@ -57,6 +62,12 @@ RECIPES = {
     "hidden-lr3e-4-dense3e-5": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, lr_dense=3e-5),
     "default": dict(),
     "float-then-round": dict(quantization_aware=False),  # quantized starts: train in float, round at the end
+    # --llm: layer by layer for half the minutes, then end to end; each alone
+    "half-and-half": dict(local_share=0.5),
+    "layer-by-layer": dict(steps=0, local_share=1.0),
+    "end-to-end": dict(local_steps=0),
+    "layer-by-layer-lr1e-4": dict(steps=0, local_share=1.0, local_lr=1e-4),
+    "layer-by-layer-lr1e-3": dict(steps=0, local_share=1.0, local_lr=1e-3),
 }
 
 
@@ -70,7 +81,11 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--work", type=Path, default=Path("bench-heal-work"))
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--llm", action="store_true", help="SmolLM2 at --removed shares of its parameters")
+    ap.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.35])
     args = ap.parse_args()
+    if args.llm:
+        return llm(args)
     starts = QUANTIZED_STARTS if args.quantized else STARTS
     args.budgets = args.budgets or ([0.125, 0.0625] if args.quantized else [0.5, 0.35])
     args.starts = args.starts or list(starts)
@@ -109,6 +124,44 @@ def main() -> None:
                       f"{rep.tokens:8d} {row['seconds']:5.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def llm(args) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from smollm2 import smollm2_folder
+
+    source = smollm2_folder()
+    args.work.mkdir(exist_ok=True)
+    samples = 32 if args.eval_samples == 300 else args.eval_samples  # 300 is MiniLM's default
+    cfg = EvalConfig(task="perplexity", samples=samples)
+    original = evaluate(source, EVAL, cfg).metrics[0].model
+    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} CPU threads; healing {args.minutes:g} min on "
+          f"{TRAIN.name}; perplexity on {samples} x 128 tokens of {EVAL.name}: original {original:.2f}")
+    print(f"{'removed':>7} {'recipe':24} {'before':>7} {'after':>7} {'local steps':>11} {'e2e steps':>9} {'tokens':>8} {'s':>5}")
+    rows = []
+    for removed in args.removed:
+        path = args.work / f"smollm2-default-plan-{removed:g}.vlora.safetensors"
+        if not path.exists():
+            compress(source, path, target_size=str(round(1 - removed, 4)), target_of="model", calib=CALIB,
+                     calibration=CalibConfig(samples=128))
+        before = evaluate(path, EVAL, cfg, config_dir=source).metrics[0].model / original
+        for recipe in args.recipe:
+            out = args.work / f"smollm2-healed-{recipe}.vlora.safetensors"
+            t0 = time.perf_counter()
+            rep = heal(path, source, TRAIN, out, HealConfig(**{"steps": 100_000, "minutes": args.minutes, **RECIPES[recipe]}),
+                       force=True)
+            after = evaluate(out, EVAL, cfg, config_dir=source).metrics[0].model / original
+            local = rep.local or {"steps": 0, "tokens": 0}
+            row = dict(removed=removed, recipe=recipe, before=before, after=after, local_steps=local["steps"],
+                       steps=rep.steps, tokens=rep.tokens + local["tokens"], seconds=time.perf_counter() - t0,
+                       best_step=rep.best_step, evals=rep.evals)
+            rows.append(row)
+            print(f"{removed:>7.0%} {recipe:24} {before:7.3f} {after:7.3f} {local['steps']:11d} {rep.steps:9d} "
+                  f"{row['tokens']:8d} {row['seconds']:5.0f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"original_perplexity": original, "rows": rows}, indent=2))
 
 
 def stack_share(path: Path) -> float:
