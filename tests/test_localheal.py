@@ -8,6 +8,7 @@ from vlora_compress import compress, expand
 from vlora_compress.evaluate import EvalConfig, evaluate
 from vlora_compress.fileformat import VloraFile
 from vlora_compress.heal import HealConfig, heal
+from vlora_compress.report import healing_line, markdown_heal
 
 LOCAL = dict(steps=0, batch_size=8, max_length=32, local_samples=64, local_batch_size=8, local_lr=1e-3, eval_samples=16)
 
@@ -33,12 +34,15 @@ def test_layer_by_layer_healing_lowers_held_out_perplexity_and_is_what_is_writte
     a, b = VloraFile(llama_start), VloraFile(out)
     assert a.plan == b.plan and out.stat().st_size == llama_start.stat().st_size
     assert torch.isfinite(expand(out)["model.layers.3.mlp.down_proj.weight"]).all()
+    md = markdown_heal(report.to_dict())  # the report shows the pass and each layer's held-out error
+    assert "| 0 (layer by layer) |" in md and md.count("| yes |") == sum(local["kept"])
+    assert f"layer by layer: {4 * 24} steps over 4 layers" in healing_line(report.to_dict())
 
 
 def test_a_layer_whose_training_hurts_on_held_out_data_is_put_back(tiny_llama, llama_start, tmp_path):
     """A learning rate of 10 wrecks every layer it trains; each is undone, so the file is the start."""
     out = tmp_path / "h.vlora.safetensors"
-    report = heal(llama_start, tiny_llama, CALIB, out, HealConfig(**LOCAL, local_steps=3, local_lr=10.0), eval_data=EVAL)
+    report = heal(llama_start, tiny_llama, CALIB, out, HealConfig(**{**LOCAL, "local_steps": 3, "local_lr": 10.0}), eval_data=EVAL)
     assert report.local["kept"] == [False] * 4 and report.local["after"] == report.local["before"]
     a, b = VloraFile(llama_start), VloraFile(out)
     for name in a.checkpoint.infos:

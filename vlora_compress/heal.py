@@ -67,11 +67,12 @@ class HealConfig:
     quantization_aware: bool = True  # integer-stored tensors train through a straight-through
     # quantizer; off: train in float and round once when writing
     local_steps: int | None = None  # steps a layer of block-local healing (localheal.py) before the
-    # end-to-end loop; None: the model's default (default_local_steps)
+    # end-to-end loop; None: the model's default (default_local_steps; with `minutes`, its share of them)
     local_lr: float = 3e-4  # Adam, cosine-decayed over each layer's steps
     local_batch_size: int = 8  # samples a step (windows of max_length tokens for a causal LM)
     local_samples: int = 256  # training samples it uses
-    local_share: float = 0.5  # with `minutes`: the share of them it may take, spread over the layers
+    local_share: float = 1.0  # with `minutes`: the share of them it may take, spread over the layers
+    # (SmolLM2: end-to-end steps after it bought nothing in CPU-minutes; docs/healing.md)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present
 
@@ -104,10 +105,13 @@ class HealConfig:
 LOCAL_STEPS = 32  # block-local steps a layer for causal LMs (bench/heal.py --llm on SmolLM2)
 
 
-def default_local_steps(head: str) -> int:
+def default_local_steps(head: str, minutes: float | None = None) -> int:
     """Block-local healing first for causal LMs, where end-to-end distillation in CPU-minutes made
-    SmolLM2 worse; none for the rest, whose end-to-end recipe was measured on MiniLM."""
-    return LOCAL_STEPS if head == "causal-lm" else 0
+    SmolLM2 worse; none for the rest, whose end-to-end recipe was measured on MiniLM. With a time
+    budget, as many steps as its share of the minutes allows (more steps kept paying on SmolLM2)."""
+    if head != "causal-lm":
+        return 0
+    return 10**9 if minutes else LOCAL_STEPS
 
 
 def default_losses(head: str) -> tuple[tuple[str, float], ...]:
@@ -244,7 +248,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     cached = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
     clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
-    local_steps = config.local_steps if config.local_steps is not None else default_local_steps(head)
+    local_steps = config.local_steps if config.local_steps is not None else default_local_steps(head, config.minutes)
     if local_steps and state.local is None:
         state.local = _heal_locally(student, teacher_model, vfile, tok, texts, eval_data, config, local_steps,
                                     head, limit, rank, world, progress)

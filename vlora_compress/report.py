@@ -256,8 +256,8 @@ def healing_line(h: dict) -> str:
     local = h.get("local")
     text = ""
     if local:
-        text = (f"layer by layer: {local['layers']} layers, {local['steps']} steps, {local['tokens']:,} tokens, "
-                f"{local['seconds']:.0f} s, kept in {sum(local['kept'])}; end to end: ")
+        text = (f"layer by layer: {local['steps']} steps over {local['layers']} layers ({sum(local['kept'])} kept), "
+                f"{local['tokens']:,} tokens, {local['seconds']:.0f} s; end to end: ")
     text += (f"{h['steps']} steps, {h['tokens']:,} tokens, {h['seconds'] - (local['seconds'] if local else 0):.0f} s on {h['device']}"
              + (f" x{h['processes']}" if h.get("processes", 1) > 1 else "")
              + (f"; loss {h['losses'][0]:.4f} -> {h['losses'][-1]:.4f}" if h["losses"] else ""))
