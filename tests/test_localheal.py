@@ -8,7 +8,7 @@ from vlora_compress import compress, expand
 from vlora_compress.evaluate import EvalConfig, evaluate
 from vlora_compress.fileformat import VloraFile
 from vlora_compress.heal import HealConfig, heal
-from vlora_compress.report import healing_line, markdown_heal
+from vlora_compress.report import healing_line, human_bytes, markdown_heal
 
 LOCAL = dict(steps=0, batch_size=8, max_length=32, local_samples=64, local_batch_size=8, local_lr=1e-3, eval_samples=16)
 
@@ -58,3 +58,22 @@ def test_causal_lms_heal_layer_by_layer_first_by_default_and_encoders_do_not(tin
     compress(minilm_dir, start, rank=4, chunks=2, **CORE)
     encoder = heal(start, minilm_dir, CALIB, tmp_path / "b.vlora.safetensors", HealConfig(**{**LOCAL, "steps": 2}))
     assert encoder.local is None and encoder.steps == 2
+
+
+def test_bf16_heals_with_a_bf16_teacher_and_float32_masters_for_what_trains(tiny_llama, llama_start, tmp_path):
+    """--precision bf16 on the CPU runs the code a GPU runs: half the teacher's bytes, float32 for the trained."""
+    cfg = {**LOCAL, "steps": 4, "local_steps": 12}
+    full = heal(llama_start, tiny_llama, CALIB, tmp_path / "f.vlora.safetensors", HealConfig(**cfg, precision="fp32"),
+                eval_data=EVAL)
+    out = tmp_path / "h.vlora.safetensors"
+    half = heal(llama_start, tiny_llama, CALIB, out, HealConfig(**cfg, precision="bf16"), eval_data=EVAL)
+    assert 2 * half.memory["teacher"] == full.memory["teacher"] > 0
+    assert half.memory["trained"] == full.memory["trained"] > 0  # the masters stay float32
+    frozen = full.memory["student"] - full.memory["trained"]  # embeddings and head: bf16 when frozen
+    assert half.memory["student"] == half.memory["trained"] + frozen // 2
+    assert half.after < 0.99 * half.before and half.after == pytest.approx(full.after, rel=0.005)
+    assert half.local["after"] == pytest.approx(full.local["after"], rel=0.02, abs=1e-6)
+    scored = evaluate(out, EVAL, EvalConfig(task="perplexity", samples=16), config_dir=tiny_llama)
+    assert scored.metrics[0].model == pytest.approx(half.after, rel=0.02)  # scored in bf16, written as stored
+    md = markdown_heal(half.to_dict())
+    assert "precision bf16" in md and f"teacher {human_bytes(half.memory['teacher'])}" in md

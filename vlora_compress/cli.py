@@ -347,7 +347,8 @@ def heal_cmd(
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = 64,
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.state).")] = 25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.state, left by an interrupted run.")] = False,
-    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA.")] = True,
+    precision: Annotated[str, typer.Option("--precision", help="bf16: the teacher and frozen tensors in bfloat16, what trains in float32, the maths under bf16 autocast; fp32: all float32; auto: bf16 on CUDA, fp32 elsewhere.")] = "auto",
+    parallel: Annotated[str, typer.Option("--parallel", help="Under torchrun: ddp (each process holds student and teacher whole) or fsdp (both sharded layer by layer with fully_shard; no --resume).")] = "ddp",
     checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute layers in the backward pass: less memory, more time.")] = False,
     quantization_aware: Annotated[bool, typer.Option("--quantization-aware/--no-quantization-aware", help="Quantized files: train through a straight-through quantizer, so the loss is that of the integers written (default), or train in float and round once at the end.")] = True,
     local_steps: Annotated[Optional[int], typer.Option("--local-steps", help="Block-local healing first: each layer of the stack trained, in order, to give the teacher's layer output, this many steps a layer (0: none). Default for causal LMs: 32, or with --minutes as many as --local-share of them allows; 0 otherwise.")] = None,
@@ -377,7 +378,7 @@ def heal_cmd(
         steps=steps, tokens=tokens, minutes=minutes, lr=lr, lr_dense=lr_dense, batch_size=batch_size,
         max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in losses or ()),
         temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher, cache_bytes=_bytes(teacher_cache, "teacher_cache"),
-        eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, bf16=bf16,
+        eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, precision=precision, parallel=parallel,
         checkpointing=checkpointing, quantization_aware=quantization_aware, local_steps=local_steps,
         local_lr=local_lr, local_batch_size=local_batch_size, local_samples=local_samples, local_share=local_share, seed=seed, device=device,
     )

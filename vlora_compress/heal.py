@@ -39,6 +39,8 @@ from .write import SafetensorsWriter, atomic_output, check_output
 
 TRAINABLE = ("increments", "bases", "dense")
 LOSSES = ("cosine", "hidden", "kl")
+PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,10 @@ class HealConfig:
     eval_every: int = 0  # steps between evals on held-out data (0: before and after only)
     eval_samples: int = 64
     save_every: int = 25  # steps between saves of the resumable state
-    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    precision: str = "auto"  # bf16: the teacher and every frozen tensor held in bfloat16, the
+    # trained ones in float32, the maths under bfloat16 autocast; fp32: all float32; auto: bf16 on CUDA
+    parallel: str = "ddp"  # under torchrun: ddp (every process holds the whole student and teacher)
+    # or fsdp (torch's fully_shard: both sharded layer by layer, gathered for their turn)
     checkpointing: bool = False  # gradient checkpointing: recompute layers in backward to save memory
     quantization_aware: bool = True  # integer-stored tensors train through a straight-through
     # quantizer; off: train in float and round once when writing
@@ -95,7 +100,13 @@ class HealConfig:
                              "`heal.local_batch_size` >= 1, `heal.local_share` in (0, 1]")
         if self.eval_every < 0 or self.save_every < 1 or self.eval_samples < 1 or not self.temperature > 0:
             raise VloraError("`heal.eval_every` must be >= 0, `heal.save_every` and `heal.eval_samples` >= 1, `heal.temperature` positive")
+        if self.precision not in PRECISIONS or self.parallel not in PARALLEL:
+            raise VloraError(f"`heal.precision` takes {', '.join(PRECISIONS)} and `heal.parallel` {', '.join(PARALLEL)}, "
+                             f"not {self.precision!r} and {self.parallel!r}")
         resolve_device(self.device)
+
+    def low_precision(self, device: torch.device) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
 
     def budget_fields(self) -> set[str]:
         """Fields a resumed run may change: budgets and where it runs, not what it computes."""
@@ -142,6 +153,7 @@ class HealReport:
     eval_data: str | None = None  # what the evals scored: the eval data, or the slice held back
     teacher_cache_bytes: int = 0  # the teacher's targets kept in host memory (at most cache_bytes)
     local: dict | None = None  # block-local healing (localheal.LocalReport), when it ran
+    memory: dict = field(default_factory=dict)  # bytes this process held at the end (_memory)
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -208,7 +220,10 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     tok = load_preprocessor(teacher)
     if not takes_text(tok):
         raise VloraError(f"{teacher}: healing supports text models so far")
-    teacher_model = load_model(teacher).to(device)
+    low = config.low_precision(device)
+    # the teacher only ever runs forward: in bfloat16 it costs half the memory (a 7B model: 14 GB)
+    teacher_model = load_model(teacher, dtype=torch.bfloat16 if low else torch.float32).to(device)
+    teacher_model.requires_grad_(False)
     _check_match(vfile, teacher_model)
     head = head_of(teacher_model.config)
     losses = dict(config.losses or default_losses(head))
@@ -216,22 +231,21 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         raise VloraError(f"{teacher}: `heal.losses` kl needs a model with a head; this one gives hidden states only")
     if config.batch_size % world:
         raise VloraError(f"`heal.batch_size` {config.batch_size} does not split evenly over {world} processes")
+    fsdp = world > 1 and config.parallel == "fsdp"
+    if fsdp and resume:
+        raise VloraError("`resume` works with one process or ddp; a sharded (fsdp) run saves no state yet")
 
-    # float32 master weights whatever the file stores; autocast does the low precision on CUDA
-    student = load_factored(vfile.path, teacher, head).float().to(device)
+    student = load_factored(vfile.path, teacher, head).to(device)
     # integer-stored tensors train through a straight-through quantizer: the loss is the file's
     student.vlora_store.quantization_aware = config.quantization_aware
     trainable = _trainable(student, vfile, config)
-    stored = set(student.vlora_store.names)  # bases and factors; the rest are 1-D stack parameters
-    groups = [{"params": [p for n, p in trainable.items() if n in stored], "lr": config.lr},
-              {"params": [p for n, p in trainable.items() if n not in stored], "lr": config.lr_dense or config.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
+    # float32 master weights for what trains, whatever the file stores; the frozen rest in bfloat16
+    # when autocast does the maths in it anyway (fully_shard wants one dtype: it gathers in bf16)
+    held = torch.bfloat16 if low and not fsdp else torch.float32
+    for p in student.parameters():  # parameters only: buffers (rotary frequencies) keep their dtype
+        p.data = p.data.float() if p.requires_grad else p.data.to(held)
+    opt = _optimizer(student, trainable, config)
     _train_mode(student, config.checkpointing)
-    model = student
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 
     limit = token_limit(student, config.max_length)
     batch_list = _length_batches(tok, texts, config.batch_size, limit)
@@ -239,25 +253,35 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     if resume:
         state = _load_state(state_path(out), vfile, config, trainable, opt)
         resumed_from = state.step
-    evaluator = _Evaluator(eval_data, teacher, student, teacher_model, config) if eval_data and rank == 0 else None
+    # sharded models run forward only all together, so under fsdp every process scores (the same)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
+    evaluator = (_Evaluator(eval_data, teacher, student, teacher_model, config, autocast)
+                 if eval_data and (rank == 0 or fsdp) else None)
     if evaluator and not state.evals:
         state.evals.append({"step": 0, "value": evaluator()})
         state.best = {"step": 0, "value": state.evals[-1]["value"], "tensors": None, "index": 0}
 
     cache: dict[int, dict] = {}  # batch index -> the teacher's targets, at most cache_bytes of them
     cached = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
     clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
     local_steps = config.local_steps if config.local_steps is not None else default_local_steps(head, config.minutes)
     if local_steps and state.local is None:
+        # on whole replicas, before any sharding: one layer trains at a time, its gradients summed
         state.local = _heal_locally(student, teacher_model, vfile, tok, texts, eval_data, config, local_steps,
-                                    head, limit, rank, world, progress)
+                                    head, limit, rank, world, progress, autocast)
         if evaluator:
             _track(state, evaluator, trainable, phase="layer by layer")
-        if rank == 0:
+        if rank == 0 and not fsdp:
             state.seconds = time.perf_counter() - clock
             _save_state(state_path(out), state, vfile, config, trainable, opt)
     local_seconds = state.local["seconds"] if state.local else 0.0
+    model = student
+    if fsdp:
+        _fully_shard(student, teacher_model, vfile.plan, low)
+        trainable = _trainable(student, vfile, config)  # fully_shard swapped in sharded parameters
+        opt = _optimizer(student, trainable, config)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     seen_here, start_step, run_started = 0, state.step, time.perf_counter()
     try:
         with Progress("healing", config.steps, enabled=progress and rank == 0) as bar:
@@ -272,7 +296,10 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
                     with torch.no_grad(), autocast:
                         goal = _teacher_targets(teacher_model, rows, losses, device)
                     size = _nbytes(goal)
-                    if config.cache_teacher and cached + size <= config.cache_bytes:
+                    keep = config.cache_teacher and cached + size <= config.cache_bytes
+                    if fsdp:  # every process must rerun the (sharded) teacher for a batch, or none
+                        keep = _everywhere(keep)
+                    if keep:
                         cache[index], cached = _moved(goal, "cpu"), cached + size  # host memory, bounded
                 else:
                     goal = _moved(goal, device)
@@ -298,14 +325,16 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
                     _track(state, evaluator, trainable)
                 if on_step is not None:
                     on_step(state.step, value)
-                if rank == 0 and state.step % config.save_every == 0:
+                if rank == 0 and not fsdp and state.step % config.save_every == 0:
                     state.seconds = time.perf_counter() - clock
                     _save_state(state_path(out), state, vfile, config, trainable, opt)
     except BaseException as e:
-        if rank == 0 and state.step > start_step:
+        if rank == 0 and not fsdp and state.step > start_step:
             state.seconds = time.perf_counter() - clock
             _save_state(state_path(out), state, vfile, config, trainable, opt)
         if isinstance(e, KeyboardInterrupt):
+            if fsdp:
+                raise Interrupted(f"interrupted at step {state.step}; a sharded run saves no state") from None
             raise Interrupted(f"interrupted at step {state.step}; state saved to {state_path(out)}: "
                               "run the same command with `resume` to continue") from None
         raise
@@ -314,7 +343,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         state.window = []
     if evaluator and (not state.evals or state.evals[-1]["step"] != state.step):
         _track(state, evaluator, trainable)
-    final = {n: p.detach() for n, p in trainable.items()}
+    final = {n: _full(p) for n, p in trainable.items()}  # every process, when sharded
     best = state.best
     if best is not None and best["index"] != len(state.evals) - 1:  # an earlier eval was best
         final = best["tensors"] if best["tensors"] is not None else {}  # None: the start, the file as it was
@@ -327,12 +356,13 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         state.evals, evaluator.name if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
         best["step"] if best else None, resumed_from, eval_name, cached, state.local,
+        _memory(student, teacher_model, trainable, opt, cached),
         {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
     )
 
 
 def _heal_locally(student, teacher_model, vfile: VloraFile, tok, texts: list[str], eval_data, config: HealConfig,
-                  steps: int, head: str, limit: int, rank: int, world: int, progress: bool) -> dict:
+                  steps: int, head: str, limit: int, rank: int, world: int, progress: bool, autocast) -> dict:
     """Block-local healing (localheal.py) on the first ``local_samples`` of the training data
     (windows of running text for a causal LM, as it was calibrated), each layer's training kept
     only where it lowers the layer's error on the eval data (or the slice held back)."""
@@ -356,7 +386,7 @@ def _heal_locally(student, teacher_model, vfile: VloraFile, tok, texts: list[str
         reduce = dist.all_reduce
     seconds = 60 * config.minutes * config.local_share if config.minutes else None
     report = heal_locally(student, teacher_model, vfile.plan, sharded(train), sharded(held),
-                          replace(config, local_steps=steps), seconds, progress and rank == 0, reduce)
+                          replace(config, local_steps=steps), seconds, autocast, progress and rank == 0, reduce)
     return report.to_dict()
 
 
@@ -371,6 +401,72 @@ def _distributed(device_name: str) -> tuple[int, int]:
         backend = "nccl" if resolve_device(device_name).type == "cuda" else "gloo"
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _optimizer(student, trainable: dict, config: HealConfig) -> torch.optim.Optimizer:
+    """AdamW over bases and factors at ``lr``, the stack's 1-D parameters at ``lr_dense``."""
+    stored = set(student.vlora_store.names)
+    groups = [{"params": [p for n, p in trainable.items() if n in stored], "lr": config.lr},
+              {"params": [p for n, p in trainable.items() if n not in stored], "lr": config.lr_dense or config.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
+def _fully_shard(student, teacher, plan, low: bool) -> None:
+    """Shard student and teacher with torch's ``fully_shard``, each stack layer a unit and the rest
+    (embeddings, head and, for the student, the store of bases and factors, which layers of a chunk
+    share) the root. A process keeps 1/world of every parameter, gradient and optimizer state, and
+    gathers a layer for its turn; in low precision the student's float32 masters gather as bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .sequential import _layer_list
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if low else None, reduce_dtype=torch.float32)
+    for model, mp in ((teacher, MixedPrecisionPolicy()), (student, policy)):
+        blocks = {}
+        for stack in plan.stacks:
+            families = [fp for fp in plan.families if fp.stack == stack.prefix]
+            if families:
+                blocks.update({id(b): b for b in _layer_list(model, max(families, key=lambda f: len(f.layers)), None).values()})
+        for block in blocks.values():
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter, gathered from every process when it is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()
+
+
+def _local_bytes(tensors) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def _memory(student, teacher, trainable: dict, opt, cache: int) -> dict:
+    """Bytes this process holds: the teacher's and student's parameters (their shards when
+    sharded), of which what trains, its gradients' room and the optimizer's state, the teacher cache."""
+    return {
+        "teacher": _local_bytes(teacher.parameters()),
+        "student": _local_bytes(student.parameters()),
+        "trained": _local_bytes(trainable.values()),
+        "optimizer": _local_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()),
+        "teacher_cache": cache,
+    }
+
+
+def _everywhere(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
 
 
 def _trainable(student, vfile: VloraFile, config: HealConfig) -> dict[str, torch.nn.Parameter]:
@@ -524,8 +620,8 @@ def _global_mean(loss: torch.Tensor, world: int) -> float:
 class _Evaluator:
     """vlora-eval's default task for the model, on held-out data, student against teacher."""
 
-    def __init__(self, data, teacher_dir: Path, student, teacher_model, config: HealConfig):
-        self.data, self.student, self.teacher = data, student, teacher_model
+    def __init__(self, data, teacher_dir: Path, student, teacher_model, config: HealConfig, autocast):
+        self.data, self.student, self.teacher, self.autocast = data, student, teacher_model, autocast
         self.tok = load_preprocessor(teacher_dir)
         # vlora-eval's defaults, so the figures are the ones vlora-eval gives for the written file
         self.config = EvalConfig(task=default_task(teacher_dir), samples=config.eval_samples)
@@ -537,7 +633,8 @@ class _Evaluator:
         self.student.eval()
         store.quantization_aware = True  # score what would be written, even when training in float
         try:
-            _, metrics = evaluate_models([self.student, self.teacher], self.tok, self.data, self.config)
+            with self.autocast:  # the precision it trains in (bf16: its frozen half is bf16)
+                _, metrics = evaluate_models([self.student, self.teacher], self.tok, self.data, self.config)
         finally:
             self.student.train(was_training)
             store.quantization_aware = was_aware
@@ -552,7 +649,7 @@ def _track(state: _State, evaluator: _Evaluator, trainable, phase: str | None = 
     value = evaluator()
     state.evals.append({"step": state.step, "value": value, **({"phase": phase} if phase else {})})
     if state.best is None or evaluator.better(value, state.best["value"]):
-        tensors = {n: p.detach().cpu().clone() for n, p in trainable.items()}
+        tensors = {n: _full(p).cpu().clone() for n, p in trainable.items()}
         state.best = {"step": state.step, "value": value, "tensors": tensors, "index": len(state.evals) - 1}
 
 

@@ -25,6 +25,7 @@ and held-back windows, and one layer's activations for a batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,12 +55,13 @@ class LocalReport:
 
 
 def heal_locally(student, teacher, plan: Plan, train: list, held: list, config, seconds: float | None,
-                 progress: bool = False, reduce=None) -> LocalReport:
+                 autocast=None, progress: bool = False, reduce=None) -> LocalReport:
     """Train ``student`` (a factored model) layer by layer towards ``teacher``, in place.
 
     ``train`` and ``held`` are ``models.batches`` lists; ``config`` a HealConfig (``local_steps``
     steps a layer at ``local_lr``, ``train`` saying what may train); ``seconds`` the wall time the
-    whole pass may take (None: no bound), shared out evenly over the layers still to do.
+    whole pass may take (None: no bound), shared out evenly over the layers still to do;
+    ``autocast`` the end-to-end loop's (None: float32).
     ``reduce(tensor)`` sums a tensor over processes in place (data parallel: each process holds
     its share of every batch); None: one process.
     """
@@ -71,7 +73,7 @@ def heal_locally(student, teacher, plan: Plan, train: list, held: list, config, 
     trained: set[str] = set()
     steps = tokens = 0
     before, after, kept = [], [], []
-    autocast = _autocast(student, config)
+    autocast = autocast or contextlib.nullcontext()
     try:
         for stack in plan.stacks:
             families = [fp for fp in plan.families if fp.stack == stack.prefix]
@@ -201,7 +203,3 @@ def _per_token(out: torch.Tensor, s: Stream) -> tuple[torch.Tensor, torch.Tensor
     m = s.mask.float() if s.mask is not None else torch.ones_like(per_token)
     return per_token, m
 
-
-def _autocast(model, config):
-    device = next(model.parameters()).device
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)

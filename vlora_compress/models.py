@@ -57,10 +57,13 @@ def head_of(config) -> str:
     return "base"
 
 
-def load_model(path: str | Path, config_dir: str | Path | None = None, head: str | None = None):
+def load_model(path: str | Path, config_dir: str | Path | None = None, head: str | None = None,
+               dtype: torch.dtype | None = None):
     """A ready model in eval mode from a dense model folder, a dense .safetensors file or a VLoRA file.
 
-    Files need the original's config: ``config_dir``, or a config.json beside the file.
+    Files need the original's config: ``config_dir``, or a config.json beside the file. ``dtype``
+    loads a folder straight into that dtype (a bf16 teacher never exists in float32); None keeps
+    what transformers picks.
     """
     t = hf()
     path = Path(path)
@@ -71,11 +74,12 @@ def load_model(path: str | Path, config_dir: str | Path | None = None, head: str
         config = _config(t, config_folder(path))
         cls = getattr(t, HEADS[head or head_of(config)])
         try:
-            model = cls.from_pretrained(path, local_files_only=True)
+            model = cls.from_pretrained(path, local_files_only=True, **({"dtype": dtype} if dtype else {}))
         except (OSError, ValueError) as e:
             raise VloraError(f"{path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
         return model.eval()
-    return load_state_dict_model(path, folder, head, _state_dict(path))
+    model = load_state_dict_model(path, folder, head, _state_dict(path))
+    return model if dtype is None else model.to(dtype)
 
 
 def load_state_dict_model(path: str | Path, config_dir: str | Path | None, head: str | None,

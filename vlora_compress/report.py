@@ -281,7 +281,11 @@ def markdown_heal(h: dict) -> str:
                     for i, (b, a, k) in enumerate(zip(local["before"], local["after"], local["kept"]))]]
     cfg = h["config"]
     lines += ["", f"losses {', '.join(f'{n}:{w:g}' for n, w in cfg['losses'])}; lr {cfg['lr']:g}; "
-                  f"batch {cfg['batch_size']}; trained {', '.join(cfg['train'])}"]
+                  f"batch {cfg['batch_size']}; trained {', '.join(cfg['train'])}; precision {cfg['precision']}"
+                  + (f"; {h['processes']} processes ({cfg['parallel']})" if h["processes"] > 1 else "")]
+    memory = h.get("memory")
+    if memory:
+        lines.append("held by a process: " + ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in memory.items()))
     if local:
         lines.append(f"block-local: {local['steps'] // max(1, local['layers'])} steps a layer at lr {cfg['local_lr']:g}, "
                      f"{cfg['local_samples']} samples; error = mean over tokens of ‖f(x̂) − y‖² / ‖y‖² on held-out data")
