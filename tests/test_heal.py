@@ -246,6 +246,52 @@ def test_fsdp_on_two_gloo_processes_matches_one_process_and_holds_half(tiny_llam
     for part in ("teacher", "trained", "optimizer"):  # each process's shard: about half
         assert 0.4 * a["memory"][part] < b["memory"][part] < 0.6 * a["memory"][part], part
     assert _close_runs(_tensors(one), _tensors(two), _tensors(start)) > 20
+    # bf16 as on GPUs: a bf16 teacher's shard, float32 masters gathered as bf16, the same healing
+    bf16 = [*args, "--precision", "bf16"]
+    single = subprocess.run([sys.executable, "-m", "vlora_compress.heal", *bf16, "-o", str(one), "--force"], env=env,
+                            capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "vlora_compress.heal", *bf16, "-o", str(two), "--force"], env=env, capture_output=True, text=True)
+    assert single.returncode == 0 and run.returncode == 0, (single.stderr + run.stderr)[-2000:]
+    c, d = json.loads(single.stdout), json.loads(run.stdout)
+    assert c["precision"] == d["precision"] == "bf16" and d["memory"]["teacher"] * 2 == b["memory"]["teacher"]
+    assert d["memory"]["trained"] == b["memory"]["trained"]  # float32 masters
+    assert d["after"] < d["before"] and d["after"] == pytest.approx(c["after"], rel=0.01)
+
+
+def test_sigterm_stops_an_fsdp_run_with_its_state_and_resume_gives_the_uninterrupted_result(tiny_llama, tmp_path,
+                                                                                            tiny_texts):
+    """A cluster's time limit: SIGTERM to torchrun; the processes agree on a step, gather and save the
+    state; resuming on 2 processes trains the same tensors as a run that was never stopped."""
+    import signal
+    import time
+
+    start = tmp_path / "l.vlora.safetensors"
+    compress(tiny_llama, start, rank=4, chunks=2, **CORE)
+    args = [str(start), "--teacher", str(tiny_llama), "--data", str(tiny_texts), "--steps", "40", "--batch-size", "8",
+            "--lr", "1e-3", "--warmup", "2", "--max-length", "32", "--device", "cpu", "--local-steps", "0",
+            "--parallel", "fsdp", "--save-every", "1", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "vlora_compress.heal", *args]
+    whole, cut = tmp_path / "whole.vlora.safetensors", tmp_path / "cut.vlora.safetensors"
+    run = subprocess.run([*torchrun, "-o", str(whole)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    proc = subprocess.Popen([*torchrun, "-o", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state_path(cut).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # after the first step's save, long before the 40th
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "state saved to" in err, err[-2000:]
+    assert state_path(cut).is_file() and not cut.exists()
+    run = subprocess.run([*torchrun, "-o", str(cut), "--resume"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    assert 0 < report["resumed_from"] < 40 and report["steps"] == 40 and not state_path(cut).exists()
+    a, b = _tensors(whole), _tensors(cut)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
 
 
 def test_kl_and_hidden_losses_heal_a_causal_lm(tiny_gpt2, tmp_path):

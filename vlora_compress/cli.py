@@ -348,7 +348,7 @@ def heal_cmd(
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.state).")] = 25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.state, left by an interrupted run.")] = False,
     precision: Annotated[str, typer.Option("--precision", help="bf16: the teacher and frozen tensors in bfloat16, what trains in float32, the maths under bf16 autocast; fp32: all float32; auto: bf16 on CUDA, fp32 elsewhere.")] = "auto",
-    parallel: Annotated[str, typer.Option("--parallel", help="Under torchrun: ddp (each process holds student and teacher whole) or fsdp (both sharded layer by layer with fully_shard; no --resume).")] = "ddp",
+    parallel: Annotated[str, typer.Option("--parallel", help="Under torchrun: ddp (each process holds student and teacher whole) or fsdp (both sharded layer by layer with fully_shard).")] = "ddp",
     checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute layers in the backward pass: less memory, more time.")] = False,
     quantization_aware: Annotated[bool, typer.Option("--quantization-aware/--no-quantization-aware", help="Quantized files: train through a straight-through quantizer, so the loss is that of the integers written (default), or train in float and round once at the end.")] = True,
     local_steps: Annotated[Optional[int], typer.Option("--local-steps", help="Block-local healing first: each layer of the stack trained, in order, to give the teacher's layer output, this many steps a layer (0: none). Default for causal LMs: 32, or with --minutes as many as --local-share of them allows; 0 otherwise.")] = None,

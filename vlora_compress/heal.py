@@ -154,6 +154,7 @@ class HealReport:
     teacher_cache_bytes: int = 0  # the teacher's targets kept in host memory (at most cache_bytes)
     local: dict | None = None  # block-local healing (localheal.LocalReport), when it ran
     memory: dict = field(default_factory=dict)  # bytes this process held at the end (_memory)
+    precision: str = "fp32"  # what ran: bf16 or fp32 (config.precision resolved on the device)
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -232,8 +233,6 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     if config.batch_size % world:
         raise VloraError(f"`heal.batch_size` {config.batch_size} does not split evenly over {world} processes")
     fsdp = world > 1 and config.parallel == "fsdp"
-    if fsdp and resume:
-        raise VloraError("`resume` works with one process or ddp; a sharded (fsdp) run saves no state yet")
 
     student = load_factored(vfile.path, teacher, head).to(device)
     # integer-stored tensors train through a straight-through quantizer: the loss is the file's
@@ -249,9 +248,10 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
 
     limit = token_limit(student, config.max_length)
     batch_list = _length_batches(tok, texts, config.batch_size, limit)
-    state, resumed_from = _State(), None
-    if resume:
-        state = _load_state(state_path(out), vfile, config, trainable, opt)
+    state, resumed_from, saved = _State(), None, None
+    if resume:  # the trained tensors now, into whole replicas; the optimizer's once it is final
+        saved = _read_state(state_path(out), vfile, config)
+        state = _restore(saved, trainable)
         resumed_from = state.step
     # sharded models run forward only all together, so under fsdp every process scores (the same)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
@@ -265,15 +265,13 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     cached = 0
     clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
     local_steps = config.local_steps if config.local_steps is not None else default_local_steps(head, config.minutes)
-    if local_steps and state.local is None:
+    ran_local = bool(local_steps) and state.local is None
+    if ran_local:
         # on whole replicas, before any sharding: one layer trains at a time, its gradients summed
         state.local = _heal_locally(student, teacher_model, vfile, tok, texts, eval_data, config, local_steps,
                                     head, limit, rank, world, progress, autocast)
         if evaluator:
-            _track(state, evaluator, trainable, phase="layer by layer")
-        if rank == 0 and not fsdp:
-            state.seconds = time.perf_counter() - clock
-            _save_state(state_path(out), state, vfile, config, trainable, opt)
+            _track(state, evaluator, trainable, phase="layer by layer", keep=rank == 0)
     local_seconds = state.local["seconds"] if state.local else 0.0
     model = student
     if fsdp:
@@ -282,11 +280,29 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         opt = _optimizer(student, trainable, config)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if saved is not None:
+        _restore_optimizer(saved, student, opt)
+    del saved
+
+    def save() -> None:  # every process calls it (a sharded run gathers); rank 0 writes
+        state.seconds = time.perf_counter() - clock
+        _save_state(state_path(out), state, vfile, config, trainable, opt, rank, student, fsdp)
+
+    if ran_local:
+        save()
     seen_here, start_step, run_started = 0, state.step, time.perf_counter()
     try:
-        with Progress("healing", config.steps, enabled=progress and rank == 0) as bar:
+        with Progress("healing", config.steps, enabled=progress and rank == 0) as bar, _StopSignals() as stop:
             bar.advance(state.step)
-            while not _spent(state, config, time.perf_counter() - clock):
+            while True:
+                # one clock and one stop for all processes, or they would leave the loop at different steps
+                stopping, elapsed = stop.agree(world, device, time.perf_counter() - clock)
+                if _spent(state, config, elapsed):
+                    break
+                if stopping:  # SIGINT or SIGTERM (a cluster's time limit) on any process
+                    save()
+                    raise Interrupted(f"stopped at step {state.step} by a signal; state saved to {state_path(out)}: "
+                                      "run the same command with `resume` to continue")
                 index = _batch_index(state.step, len(batch_list), config.seed)
                 inputs, mask = batch_list[index]
                 n_tokens = int(mask.sum())
@@ -298,12 +314,12 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
                     size = _nbytes(goal)
                     keep = config.cache_teacher and cached + size <= config.cache_bytes
                     if fsdp:  # every process must rerun the (sharded) teacher for a batch, or none
-                        keep = _everywhere(keep)
+                        keep = _everywhere(keep, device)
                     if keep:
                         cache[index], cached = _moved(goal, "cpu"), cached + size  # host memory, bounded
                 else:
                     goal = _moved(goal, device)
-                _set_lr(opt, state, config, time.perf_counter() - clock, local_seconds)
+                _set_lr(opt, state, config, elapsed, local_seconds)
                 with autocast:
                     loss = _loss(model, rows, goal, losses, config.temperature, device)
                 opt.zero_grad(set_to_none=True)
@@ -322,28 +338,31 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
                 bar.describe(f"healing · loss {value:.4f} · {rate:,.0f} tok/s")
                 bar.advance()
                 if evaluator and config.eval_every and state.step % config.eval_every == 0:
-                    _track(state, evaluator, trainable)
+                    _track(state, evaluator, trainable, keep=rank == 0)
                 if on_step is not None:
                     on_step(state.step, value)
-                if rank == 0 and not fsdp and state.step % config.save_every == 0:
-                    state.seconds = time.perf_counter() - clock
-                    _save_state(state_path(out), state, vfile, config, trainable, opt)
+                if state.step % config.save_every == 0:
+                    save()
+    except Interrupted:
+        raise
     except BaseException as e:
-        if rank == 0 and not fsdp and state.step > start_step:
-            state.seconds = time.perf_counter() - clock
-            _save_state(state_path(out), state, vfile, config, trainable, opt)
+        # a sharded run cannot gather from processes that are elsewhere: its last save stands
+        if not fsdp and state.step > start_step:
+            save()
         if isinstance(e, KeyboardInterrupt):
-            if fsdp:
-                raise Interrupted(f"interrupted at step {state.step}; a sharded run saves no state") from None
-            raise Interrupted(f"interrupted at step {state.step}; state saved to {state_path(out)}: "
-                              "run the same command with `resume` to continue") from None
+            saved_at = "" if fsdp else f"; state saved to {state_path(out)}: run the same command with `resume` to continue"
+            raise Interrupted(f"interrupted at step {state.step}{saved_at}") from None
         raise
     if state.window:
         state.losses.append(sum(state.window) / len(state.window))
         state.window = []
     if evaluator and (not state.evals or state.evals[-1]["step"] != state.step):
-        _track(state, evaluator, trainable)
-    final = {n: _full(p) for n, p in trainable.items()}  # every process, when sharded
+        _track(state, evaluator, trainable, keep=rank == 0)
+    final = {}
+    for n, p in trainable.items():
+        whole = _full(p)  # a gather when sharded: every process takes part; rank 0 writes
+        if rank == 0:
+            final[n] = whole
     best = state.best
     if best is not None and best["index"] != len(state.evals) - 1:  # an earlier eval was best
         final = best["tensors"] if best["tensors"] is not None else {}  # None: the start, the file as it was
@@ -356,7 +375,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         state.evals, evaluator.name if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
         best["step"] if best else None, resumed_from, eval_name, cached, state.local,
-        _memory(student, teacher_model, trainable, opt, cached),
+        _memory(student, teacher_model, trainable, opt, cached), "bf16" if low else "fp32",
         {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
     )
 
@@ -398,8 +417,10 @@ def _distributed(device_name: str) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if resolve_device(device_name).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        device = resolve_device(device_name)
+        if device.type == "cuda":  # this process's GPU, before anything (NCCL, fully_shard's mesh) picks cuda:0
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -419,10 +440,13 @@ def _fully_shard(student, teacher, plan, low: bool) -> None:
     (embeddings, head and, for the student, the store of bases and factors, which layers of a chunk
     share) the root. A process keeps 1/world of every parameter, gradient and optimizer state, and
     gathers a layer for its turn; in low precision the student's float32 masters gather as bf16."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .sequential import _layer_list
 
+    mesh = init_device_mesh(next(student.parameters()).device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if low else None, reduce_dtype=torch.float32)
     for model, mp in ((teacher, MixedPrecisionPolicy()), (student, policy)):
         blocks = {}
@@ -431,8 +455,8 @@ def _fully_shard(student, teacher, plan, low: bool) -> None:
             if families:
                 blocks.update({id(b): b for b in _layer_list(model, max(families, key=lambda f: len(f.layers)), None).values()})
         for block in blocks.values():
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -460,11 +484,11 @@ def _memory(student, teacher, trainable: dict, opt, cache: int) -> dict:
     }
 
 
-def _everywhere(flag: bool) -> bool:
+def _everywhere(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on every process."""
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t)
 
@@ -645,50 +669,135 @@ class _Evaluator:
         return a > b if self.higher_is_better else a < b
 
 
-def _track(state: _State, evaluator: _Evaluator, trainable, phase: str | None = None) -> None:
+def _track(state: _State, evaluator: _Evaluator, trainable, phase: str | None = None, keep: bool = True) -> None:
+    """Score now; a new best keeps its tensors (gathered from every process when sharded; kept
+    only where ``keep``: rank 0, which writes)."""
     value = evaluator()
     state.evals.append({"step": state.step, "value": value, **({"phase": phase} if phase else {})})
     if state.best is None or evaluator.better(value, state.best["value"]):
-        tensors = {n: _full(p).cpu().clone() for n, p in trainable.items()}
+        tensors = {}
+        for n, p in trainable.items():
+            whole = _full(p)  # a gather when sharded: every process takes part
+            if keep:
+                tensors[n] = whole.cpu().clone()
         state.best = {"step": state.step, "value": value, "tensors": tensors, "index": len(state.evals) - 1}
 
 
-def _save_state(path: Path, state: _State, vfile: VloraFile, config: HealConfig, trainable, opt) -> None:
+STATE_VERSION = 2  # 2: the optimizer's state keyed by parameter name
+
+
+def _save_state(path: Path, state: _State, vfile: VloraFile, config: HealConfig, trainable, opt,
+                rank: int, student, sharded: bool) -> None:
+    """The resumable state, written atomically by rank 0. When ``sharded`` (fully_shard) every
+    process must call it: the tensors and the optimizer's state are gathered whole. Either way the
+    optimizer's state is torch's full state dict, keyed by parameter name, so a state resumes on
+    one process, under ddp or under fsdp, on any number of processes."""
+    if not sharded and rank != 0:
+        return
+    tensors = {}
+    for n, p in trainable.items():
+        whole = _full(p)  # a gather: every process, one tensor at a time
+        if rank == 0:
+            tensors[n] = whole.cpu()
+    optimizer = {}
+    if opt.state:  # asking torch for a fresh optimizer's state would initialise it with a zero step
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = get_optimizer_state_dict(student, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=sharded))
+    if rank != 0:
+        return
     blob = {
-        "vlora_state": 1,
+        "vlora_state": STATE_VERSION,
         "source": _identity(vfile),
         "config": {k: v for k, v in asdict(config).items() if k not in config.budget_fields()},
         "state": {**asdict(state), "best": state.best},
-        "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-        "optimizer": opt.state_dict(),
+        "trainable": tensors,
+        "optimizer": optimizer,
         "rng": torch.get_rng_state(),
     }
     with atomic_output(path) as tmp:
         torch.save(blob, tmp)
 
 
-def _load_state(path: Path, vfile: VloraFile, config: HealConfig, trainable, opt) -> _State:
+def _read_state(path: Path, vfile: VloraFile, config: HealConfig) -> dict:
     if not path.is_file():
         raise VloraError(f"{path}: no saved state to resume from")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        ok = blob.get("vlora_state") == 1
+        version = blob.get("vlora_state")
     except Exception as e:  # noqa: BLE001 - any unreadable state is the same user problem
         raise VloraError(f"{path}: not a readable healing state ({type(e).__name__})") from None
-    if not ok:
-        raise VloraError(f"{path}: not a healing state")
+    if version != STATE_VERSION:
+        raise VloraError(f"{path}: not a healing state" if version is None else
+                         f"{path}: saved by another version of vlora-compress; heal again without `resume`")
     if blob["source"] != _identity(vfile):
         raise VloraError(f"{path}: was saved while healing another file than {vfile.path}")
     now = {k: v for k, v in asdict(config).items() if k not in config.budget_fields()}
     if blob["config"] != now:
         changed = sorted(k for k in now if blob["config"].get(k) != now[k])
         raise VloraError(f"{path}: was saved with other settings ({', '.join(changed)}); resume with the same ones")
+    return blob
+
+
+def _restore(blob: dict, trainable) -> _State:
+    """The saved tensors into the (whole, not yet sharded) trainable parameters, and the RNG."""
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(blob["trainable"][n])
-    opt.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"])
     return _State(**blob["state"])
+
+
+def _restore_optimizer(blob: dict, student, opt) -> None:
+    """The saved whole optimizer state into ``opt`` (each process takes its shard when sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if blob["optimizer"]:  # saved before the first end-to-end step: nothing to load
+        set_optimizer_state_dict(student, opt, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the step it is in, save its state and exit (a
+    cluster's time limit sends SIGTERM, often twice: to every process and through torchrun); a
+    second Ctrl-C stops at once (a second: torchrun passes the terminal's on at once). All processes
+    stop at the same step: they agree before each."""
+
+    def __init__(self):
+        self.flag, self.first, self.previous = False, None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        return False
+
+    def _handle(self, signum, frame):
+        import signal
+
+        now = time.monotonic()
+        if signum == signal.SIGINT and self.first is not None and now - self.first > 2.0:
+            raise KeyboardInterrupt
+        self.flag, self.first = True, self.first if self.first is not None else now
+
+    def agree(self, world: int, device: torch.device, elapsed: float) -> tuple[bool, float]:
+        """(whether any process was asked to stop, the longest elapsed time of any process)."""
+        if world == 1:
+            return self.flag, elapsed
+        import torch.distributed as dist
+
+        t = torch.tensor([float(self.flag), elapsed], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0]), float(t[1])
 
 
 def _identity(vfile: VloraFile) -> dict:

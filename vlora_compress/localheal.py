@@ -91,7 +91,10 @@ def heal_locally(student, teacher, plan: Plan, train: list, held: list, config, 
                         with torch.no_grad(), autocast:
                             s.next_original = _output(t_block(s.original, *s.args, **s.kwargs)).float()
                     params = _layer_parameters(s_block, store, trained, config.train)
-                    slice_ = None if seconds is None else max(0.0, (seconds - (time.perf_counter() - started)) / (len(layers) - i))
+                    if seconds is None:
+                        slice_ = None
+                    else:  # the same on every process, or they would stop at different steps
+                        slice_ = max(0.0, (seconds - _agreed(time.perf_counter() - started, reduce, streams)) / (len(layers) - i))
                     e0 = _error(s_block, held_streams, autocast, reduce)
                     n, t = _train_layer(s_block, params, streams, config, slice_, autocast, reduce)
                     e1 = _error(s_block, held_streams, autocast, reduce) if n else e0
@@ -146,7 +149,7 @@ def _train_layer(block, params: dict, streams: list[Stream], config, seconds: fl
     started, steps, tokens = time.perf_counter(), 0, 0
     try:
         while steps < config.local_steps:
-            elapsed = time.perf_counter() - started
+            elapsed = _agreed(time.perf_counter() - started, reduce, streams) if seconds is not None else 0.0
             if seconds is not None and steps and elapsed >= seconds:
                 break
             used = steps / config.local_steps
@@ -176,6 +179,15 @@ def _train_layer(block, params: dict, streams: list[Stream], config, seconds: fl
             p.requires_grad_(False)
             p.grad = None
     return steps, tokens
+
+
+def _agreed(seconds: float, reduce, streams: list[Stream]) -> float:
+    """The mean of ``seconds`` over processes (each has its own clock); itself for one process."""
+    if reduce is None or not streams:
+        return seconds
+    t = torch.tensor([seconds, 1.0], dtype=torch.float64, device=streams[0].compressed.device)
+    reduce(t)
+    return float(t[0] / t[1])
 
 
 def _error(block, streams: list[Stream], autocast, reduce) -> float:

@@ -281,7 +281,7 @@ def markdown_heal(h: dict) -> str:
                     for i, (b, a, k) in enumerate(zip(local["before"], local["after"], local["kept"]))]]
     cfg = h["config"]
     lines += ["", f"losses {', '.join(f'{n}:{w:g}' for n, w in cfg['losses'])}; lr {cfg['lr']:g}; "
-                  f"batch {cfg['batch_size']}; trained {', '.join(cfg['train'])}; precision {cfg['precision']}"
+                  f"batch {cfg['batch_size']}; trained {', '.join(cfg['train'])}; precision {h.get('precision', cfg['precision'])}"
                   + (f"; {h['processes']} processes ({cfg['parallel']})" if h["processes"] > 1 else "")]
     memory = h.get("memory")
     if memory:
