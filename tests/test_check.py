@@ -123,3 +123,23 @@ def test_check_reads_a_vlora_file_directly(gpt2_file, tmp_path, capsys):
     assert code == 2 and "needs a report with an evaluation" in err
     code, out, err = run([v, "--max-eval-drop", "cosine=lots"], capsys)
     assert code == 2 and "--max-eval-drop must be" in err
+
+
+def test_a_healed_report_says_what_healing_bought_and_min_heal_gain_guards_it(tmp_path, capsys):
+    healing = {"source": "a", "output": "b", "steps": 12, "tokens": 3000, "seconds": 60.0, "device": "cpu",
+               "processes": 1, "losses": [0.5, 0.3], "evals": [{"step": 0, "value": 30.0}, {"step": 12, "value": 24.0}],
+               "metric": "perplexity", "higher_is_better": False, "before": 30.0, "after": 24.0, "best_step": 12,
+               "local": None}
+    report = _report(tmp_path / "r.json", healing=healing)
+    code, out, _ = run([report, "--min-heal-gain", "0.15"], capsys)  # 30 -> 24: 20% lower
+    out = " ".join(out.split())  # rich wraps long lines
+    assert code == 0 and "healing: 12 steps" in out and "perplexity 30.0000 -> 24.0000" in out
+    code, out, _ = run([report, "--min-heal-gain", "0.25", "--json"], capsys)
+    verdict = json.loads(out)
+    assert code == 1 and verdict["rules"][0]["value"] == pytest.approx(0.2) and "24.0000" in verdict["healing"]
+    cosine = _report(tmp_path / "c.json", healing={**healing, "metric": "cosine_to_reference", "higher_is_better": True,
+                                                    "before": 0.8, "after": 0.88})  # higher is better: +10%
+    assert check(cosine, Budgets(min_heal_gain=0.09)).ok and not check(cosine, Budgets(min_heal_gain=0.11)).ok
+    assert "healing: 12 steps" in check(cosine, Budgets()).to_markdown()
+    code, _, err = run([_report(tmp_path / "n.json"), "--min-heal-gain", "0.1"], capsys)
+    assert code == 2 and "--distill" in err and "Traceback" not in err

@@ -9,6 +9,7 @@ import torch
 
 from conftest import CALIB, CORE, EVAL
 from vlora_compress import VloraError, compress, expand
+from vlora_compress.check import Budgets, check
 from vlora_compress.cli import compress_main
 from vlora_compress.evaluate import EvalConfig, evaluate
 from vlora_compress.fileformat import VloraFile
@@ -144,6 +145,12 @@ def test_compress_distill_heals_the_written_file(minilm_dir, tmp_path):
     assert "healing | 12 steps" in report.to_markdown()
     assert report.evaluation["metrics"][0]["model"] > plain.evaluation["metrics"][0]["model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.vlora.safetensors", "p.vlora.safetensors"]
+    saved = tmp_path / "d.report.json"  # vlora-inspect check says what healing bought, and guards it
+    saved.write_text(json.dumps(report.to_dict()))
+    gain = (h["after"] - h["before"]) / h["before"]  # cosine: higher is better
+    verdict = check(saved, Budgets(min_heal_gain=gain / 2))
+    assert verdict.ok and verdict.rules[0].value == pytest.approx(gain) and f"{h['after']:.4f}" in verdict.healing
+    assert not check(saved, Budgets(min_heal_gain=2 * gain)).ok
 
 
 def _tensors(path):

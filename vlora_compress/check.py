@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import VloraError
 from .config import parse_size
+from .report import healing_line
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class Budgets:
     max_drop: float = 0.001  # allowed drop of every eval metric against the baseline's (and max_drop_vs's)
     max_drop_vs: str | None = None  # an alternative in the report (int8, int4, gptq, svd, original): fail when
     # the file scores worse than it by more than max_drop
+    min_heal_gain: float | None = None  # --distill reports: the least relative gain healing must buy on
+    # its own held-out metric (0.1: perplexity 10% lower, or cosine 10% higher, than before healing)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Rule:
 class Verdict:
     subject: str
     rules: list[Rule] = field(default_factory=list)
+    healing: str | None = None  # what healing bought, when the report has a healing block
 
     @property
     def ok(self) -> bool:
@@ -52,7 +56,7 @@ class Verdict:
 
     def to_dict(self) -> dict:
         return {"subject": self.subject, "ok": self.ok,
-                "rules": [{**asdict(r), "difference": r.difference} for r in self.rules]}
+                "rules": [{**asdict(r), "difference": r.difference} for r in self.rules], "healing": self.healing}
 
     def to_markdown(self) -> str:
         head = f"### vlora check: {'✅ pass' if self.ok else '❌ fail'} — `{Path(self.subject).name}`\n\n"
@@ -62,7 +66,8 @@ class Verdict:
                         f"{'ok' if r.ok else '**FAIL**'} |")
         if not self.rules:
             rows.append("| (no rules given) | | | | |")
-        return head + "\n".join(rows) + "\n"
+        tail = f"\nhealing: {self.healing}\n" if self.healing else ""
+        return head + "\n".join(rows) + "\n" + tail
 
 
 def load_budgets(path: str | Path | None, search_from: Path | None = None) -> Budgets:
@@ -137,7 +142,24 @@ def check(subject: str | Path, budgets: Budgets) -> Verdict:
             rules.append(_le(f"{name} drop vs baseline", worse, budgets.max_drop))
     if budgets.max_drop_vs is not None:
         rules.append(_against_alternative(subject, facts, budgets.max_drop_vs, budgets.max_drop))
-    return Verdict(str(subject), rules)
+    healing = facts.get("healing")
+    if budgets.min_heal_gain is not None:
+        rules.append(_heal_gain(subject, healing, budgets.min_heal_gain))
+    return Verdict(str(subject), rules, healing_line(healing) if healing else None)
+
+
+def _heal_gain(subject, healing: dict | None, least: float) -> Rule:
+    """Healing's relative gain on its own held-out metric, before to after; a rule that holds when
+    it is at least ``least`` (its difference is the margin: positive is good, unlike the drops)."""
+    if not healing or healing.get("before") is None or healing.get("after") is None:
+        raise VloraError(f"{subject}: `min_heal_gain` needs a report of a healed file with its held-out scores "
+                         "(vlora-compress --distill)")
+    before, after = healing["before"], healing["after"]
+    higher = healing.get("higher_is_better")
+    if higher is None:  # reports written before the field
+        higher = healing["metric"] not in ("perplexity", "kl_to_reference")
+    gain = (after - before) / abs(before) if higher else (before - after) / abs(before)
+    return Rule(f"healing gain on {healing['metric']} ({before:.4g} -> {after:.4g}), at least", gain, least, gain >= least - 1e-12)
 
 
 ALTERNATIVE_ROWS = {"int8": "int8 alone", "int4": "int4 alone", "gptq": "int4 alone, GPTQ", "svd": "per-layer SVD",
@@ -178,7 +200,7 @@ def read_facts(path: str | Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise VloraError(f"{path}: not a vlora-compress report ({type(e).__name__}: {e})") from None
         metrics = {m["name"]: m for m in ((report.get("evaluation") or {}).get("metrics") or [])}
-        return {**facts, "metrics": metrics, "alternatives": report.get("alternatives")}
+        return {**facts, "metrics": metrics, "alternatives": report.get("alternatives"), "healing": report.get("healing")}
     from .inspection import inspect_vlora
 
     info = inspect_vlora(path)

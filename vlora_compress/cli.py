@@ -265,6 +265,7 @@ def check_cmd(
     max_growth: Annotated[Optional[float], typer.Option("--max-growth", help="Allowed file growth against the baseline, as a fraction. File default 0.")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Allowed drop of any eval metric against the baseline (and --max-drop-vs). File default 0.001.")] = None,
     max_drop_vs: Annotated[Optional[str], typer.Option("--max-drop-vs", help="Fail when the file scores worse than this alternative of its report (int8, int4, gptq, svd or original) by more than --max-drop.")] = None,
+    min_heal_gain: Annotated[Optional[float], typer.Option("--min-heal-gain", help="A --distill report: the least relative gain healing must buy on its held-out metric (0.1: perplexity 10% lower than before healing).")] = None,
     budgets_file: Annotated[Optional[Path], typer.Option("--budgets", help="Budgets in a TOML or JSON file; by default [tool.vlora] of ./pyproject.toml if present.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the verdict as a Markdown table, for a pull request.")] = False,
     report_file: ReportFlag = None,
@@ -274,7 +275,7 @@ def check_cmd(
     budgets = merge(load_budgets(budgets_file), max_bytes=_size(max_bytes), max_size_ratio=max_size_ratio,
                     max_params=max_params, max_eval_drop=parse_eval_drop(max_eval_drop),
                     baseline=str(baseline) if baseline else None, max_growth=max_growth, max_drop=max_drop,
-                    max_drop_vs=max_drop_vs)
+                    max_drop_vs=max_drop_vs, min_heal_gain=min_heal_gain)
     verdict = check(subject, budgets)
     if report_file is not None:
         write_report(report_file, verdict.to_dict(), verdict.to_markdown())
@@ -287,6 +288,8 @@ def check_cmd(
             mark = "[green]ok[/]  " if r.ok else "[red]FAIL[/]"
             stdout.print(f"{mark} {r.rule}: {fmt_number(r.value)} (budget {fmt_number(r.budget)}, "
                          f"difference {r.difference:+.4g})")
+        if verdict.healing:
+            stdout.print(f"healing: {verdict.healing}")
         stdout.print("[green]all budgets hold[/]" if verdict.ok else "[red]a budget is exceeded[/]")
     raise typer.Exit(0 if verdict.ok else 1)
 

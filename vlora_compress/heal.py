@@ -146,6 +146,7 @@ class HealReport:
     losses: list[float] = field(default_factory=list)  # mean loss per stretch of 10 steps
     evals: list[dict] = field(default_factory=list)  # {"step", "value"} of the tracked metric
     metric: str | None = None
+    higher_is_better: bool | None = None  # of the metric
     before: float | None = None
     after: float | None = None  # of the written tensors (the best eval when evals ran)
     best_step: int | None = None
@@ -372,7 +373,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
     seconds = time.perf_counter() - started
     return HealReport(
         str(vlora_path), str(out), state.step, state.tokens, seconds, str(device), world, state.losses,
-        state.evals, evaluator.name if evaluator else None,
+        state.evals, evaluator.name if evaluator else None, evaluator.higher_is_better if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
         best["step"] if best else None, resumed_from, eval_name, cached, state.local,
         _memory(student, teacher_model, trainable, opt, cached), "bf16" if low else "fp32",
