@@ -359,11 +359,7 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
         state.window = []
     if evaluator and (not state.evals or state.evals[-1]["step"] != state.step):
         _track(state, evaluator, trainable, keep=rank == 0)
-    final = {}
-    for n, p in trainable.items():
-        whole = _full(p)  # a gather when sharded: every process takes part; rank 0 writes
-        if rank == 0:
-            final[n] = whole
+    final = _gather(trainable, keep=rank == 0, copy=False)  # rank 0 writes
     best = state.best
     if best is not None and best["index"] != len(state.evals) - 1:  # an earlier eval was best
         final = best["tensors"] if best["tensors"] is not None else {}  # None: the start, the file as it was
@@ -458,6 +454,18 @@ def _fully_shard(student, teacher, plan, low: bool) -> None:
         for block in blocks.values():
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def _gather(trainable: dict, keep: bool, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Name -> the whole tensor on the host, one at a time: when sharded a gather in which every
+    process takes part, though only where ``keep`` is the result held ({} elsewhere). ``copy``:
+    a copy even where the tensor is already whole on the host (a snapshot that training won't move)."""
+    out = {}
+    for n, p in trainable.items():
+        whole = _full(p)
+        if keep:
+            out[n] = whole.cpu().clone() if copy else whole.cpu()
+    return out
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -676,11 +684,7 @@ def _track(state: _State, evaluator: _Evaluator, trainable, phase: str | None = 
     value = evaluator()
     state.evals.append({"step": state.step, "value": value, **({"phase": phase} if phase else {})})
     if state.best is None or evaluator.better(value, state.best["value"]):
-        tensors = {}
-        for n, p in trainable.items():
-            whole = _full(p)  # a gather when sharded: every process takes part
-            if keep:
-                tensors[n] = whole.cpu().clone()
+        tensors = _gather(trainable, keep)
         state.best = {"step": state.step, "value": value, "tensors": tensors, "index": len(state.evals) - 1}
 
 
@@ -695,11 +699,7 @@ def _save_state(path: Path, state: _State, vfile: VloraFile, config: HealConfig,
     one process, under ddp or under fsdp, on any number of processes."""
     if not sharded and rank != 0:
         return
-    tensors = {}
-    for n, p in trainable.items():
-        whole = _full(p)  # a gather: every process, one tensor at a time
-        if rank == 0:
-            tensors[n] = whole.cpu()
+    tensors = _gather(trainable, keep=rank == 0, copy=False)
     optimizer = {}
     if opt.state:  # asking torch for a fresh optimizer's state would initialise it with a zero step
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
