@@ -43,7 +43,7 @@ from .models import batches, token_limit
 from .plan import CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
 from .planner import candidate_bytes, plan_measured, reference
 from .progress import Progress
-from .sequential import SequentialFit, Stream, _block_of, _layer_list, _output, _unload, sequential_family
+from .sequential import SequentialFit, Stream, _block_of, _output, _unload, sequential_family, stack_layers
 from .stacks import Stack, split_key
 
 BLOCKS = 3  # blocks per stack without `chunks`: as many as the chunk counts planning on the model tries
@@ -71,7 +71,7 @@ class BlockPlanner(SequentialFit):
         ``self.plan`` holds the whole plan once the walk is done."""
         stack_plans, parts, notes = [], {}, []  # parts: family name -> its blocks' plans
         for stack in self.stacks:
-            modules = _layer_list(self.model, max(stack.families, key=lambda f: len(f.layers)), self.read)
+            modules = stack_layers(self.model, stack.families, self.read)
             first = _block_of(modules, stack.layers[0], stack.prefix)
             streams, held = self._capture(first, self.batches), self._capture(first, self.held)
             bounds = split_equal(len(stack.layers), min(self.config.chunks or BLOCKS, len(stack.layers)))

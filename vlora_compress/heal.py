@@ -441,7 +441,7 @@ def _fully_shard(student, teacher, plan, low: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from .sequential import _layer_list
+    from .sequential import stack_layers
 
     mesh = init_device_mesh(next(student.parameters()).device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if low else None, reduce_dtype=torch.float32)
@@ -450,7 +450,7 @@ def _fully_shard(student, teacher, plan, low: bool) -> None:
         for stack in plan.stacks:
             families = [fp for fp in plan.families if fp.stack == stack.prefix]
             if families:
-                blocks.update({id(b): b for b in _layer_list(model, max(families, key=lambda f: len(f.layers)), None).values()})
+                blocks.update({id(b): b for b in stack_layers(model, families).values()})
         for block in blocks.values():
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -35,7 +35,7 @@ import torch
 from .factored import VloraLinear
 from .plan import INCREMENT_SUFFIXES, Plan
 from .progress import Progress
-from .sequential import Stream, _layer_list, _output, capture
+from .sequential import Stream, _output, capture, stack_layers
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,7 @@ def heal_locally(student, teacher, plan: Plan, train: list, held: list, config, 
             families = [fp for fp in plan.families if fp.stack == stack.prefix]
             if not families:
                 continue
-            fp = max(families, key=lambda f: len(f.layers))
-            s_layers, t_layers = _layer_list(student, fp, None), _layer_list(teacher, fp, None)
+            s_layers, t_layers = stack_layers(student, families), stack_layers(teacher, families)
             layers = [layer for layer in stack.layers if layer in s_layers and layer in t_layers]
             first_t = t_layers[layers[0]]
             streams, held_streams = capture(teacher, first_t, train), capture(teacher, first_t, held)

@@ -100,7 +100,7 @@ class SequentialFit:
             mine = [fp for fp in families if fp.stack == stack.prefix]
             if not mine:
                 continue
-            modules = _layer_list(self.model, max(mine, key=lambda fp: len(fp.layers)), self.read)
+            modules = stack_layers(self.model, mine, self.read)
             streams = self._capture(modules[stack.layers[0]], self.batches)
             walks = self._walks(mine)
             with Progress(f"sequential {stack.prefix}", len(stack.layers), enabled=progress) as bar:
@@ -339,10 +339,11 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _layer_list(model, fp: FamilyPlan, read) -> dict[int, torch.nn.Module]:
-    """The stack's layer modules by checkpoint layer number, found through one family's weight:
-    transformers may rename modules (ViT's ``encoder.layer`` is ``layers`` in version 5), so the
-    ModuleList is the one that holds the module of that weight."""
+def stack_layers(model, families: list[FamilyPlan], read=None) -> dict[int, torch.nn.Module]:
+    """A stack's layer modules by checkpoint layer number, found through the weight of its family
+    with the most layers: transformers may rename modules (ViT's ``encoder.layer`` is ``layers`` in
+    version 5), so the ModuleList is the one that holds the module of that weight."""
+    fp = max(families, key=lambda f: len(f.layers))
     first = fp.layers[0]
     found = module_for_key(model, fp.key(first), read)
     if found is not None:
