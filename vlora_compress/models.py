@@ -79,7 +79,10 @@ def load_model(path: str | Path, config_dir: str | Path | None = None, head: str
             raise VloraError(f"{path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
         return model.eval()
     model = load_state_dict_model(path, folder, head, _state_dict(path))
-    return model if dtype is None else model.to(dtype)
+    if dtype is not None:  # parameters only, as from_pretrained does: rotary frequencies stay float32
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def load_state_dict_model(path: str | Path, config_dir: str | Path | None, head: str | None,
