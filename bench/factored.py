@@ -1,7 +1,9 @@
 """A VLoRA file run factored against the same file expanded and the original, on all-MiniLM-L6-v2.
 
 Memory is the bytes of every parameter and buffer the model holds (each storage once); time is the
-median of forward passes over the same batch, measured side by side in one run.
+median of forward passes over the same batch, measured side by side in one run. For chain plans the
+last column is the factored model forming every chain weight from all its upstream factors (partial
+sums off), which is what a forward cost before chain layers built on the layer before them.
 
     python bench/factored.py [--budgets 0.5 0.35] [--batch 32] [--tokens 128] [--repeats 7]
 """
@@ -24,6 +26,8 @@ PLANS = {
     "star over a mean base, 2 chunks": dict(base="mean", topology="star", chunks=2, bounds="equal", ranks="uniform"),
     "chain over the first layer, 2 chunks": dict(base="first", topology="chain", chunks=2, bounds="equal",
                                                  ranks="uniform"),
+    "chain over the first layer, 1 chunk": dict(base="first", topology="chain", chunks=1, bounds="equal",
+                                                ranks="uniform"),
     "per-layer SVD": dict(method="svd", ranks="uniform"),
 }
 
@@ -57,16 +61,18 @@ def main() -> None:
     print(f"all-MiniLM-L6-v2, batch {args.batch} x {args.tokens} tokens, {torch.get_num_threads()} threads; "
           f"original: {base_mb:.1f} MB held, {base_ms:.0f} ms per forward")
     print(f"{'plan':38} {'stack':>5} {'file MB':>8} {'factored MB':>11} {'expanded MB':>11} "
-          f"{'factored ms':>11} {'expanded ms':>11}")
+          f"{'factored ms':>11} {'expanded ms':>11} {'no partial sums ms':>18}")
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets:
             for label, options in PLANS.items():
                 path = Path(tmp) / "m.vlora.safetensors"
                 compress(source, path, target_size=str(budget), target_of="stack", force=True, **options)
                 fac, exp = load_factored(path, source), load_model(path, source)
+                fac_ms, exp_ms = forward_ms(fac, inputs, args.repeats), forward_ms(exp, inputs, args.repeats)
+                fac.vlora_store.partial_sums = False
+                whole = f"{forward_ms(fac, inputs, args.repeats):18.0f}" if "chain" in label else f"{'-':>18}"
                 print(f"{label:38} {budget:5.2f} {path.stat().st_size / 1e6:8.1f} {factored_bytes(fac) / 1e6:11.1f} "
-                      f"{factored_bytes(exp) / 1e6:11.1f} {forward_ms(fac, inputs, args.repeats):11.0f} "
-                      f"{forward_ms(exp, inputs, args.repeats):11.0f}", flush=True)
+                      f"{factored_bytes(exp) / 1e6:11.1f} {fac_ms:11.0f} {exp_ms:11.0f} {whole}", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,104 @@ def test_chain_weights_sum_the_path_from_the_base(minilm_dir, tmp_path):
     dense = load_model(path, minilm_dir)
     w = f.encoder.layer[5].intermediate.dense.weight
     assert torch.allclose(w, dense.encoder.layer[5].intermediate.dense.weight, atol=1e-5)
+
+
+def _chain_of_eight(tmp_path):
+    """A tiny Llama of 8 layers as one chain of rank 16 a step: from the third layer on, the summed
+    rank costs more than the weight, so those layers form their weights."""
+    folder = tiny_model(tmp_path / "llama8", "llama", num_hidden_layers=8)
+    path = tmp_path / "chain8.vlora.safetensors"
+    compress(folder, path, rank=16, chunks=1, **CORE)
+    return folder, path
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.vlora_store.items() if p.grad is not None}
+
+
+def test_a_chain_forms_each_weight_from_the_one_before_it(tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    folder, path = _chain_of_eight(tmp_path)
+    factored, x = load_factored(path, folder), _inputs(256)
+    short = {k: v[:1, :3] for k, v in x.items()}  # few tokens: forming the weights is the work
+    with torch.no_grad():
+        expected = load_model(path, folder)(**x).logits
+        runs = {}
+        for partial in (True, False):
+            factored.vlora_store.partial_sums = partial
+            with FlopCounterMode(display=False) as flops:
+                factored(**short)
+            runs[partial] = factored(**x).logits, flops.get_total_flops()
+    assert (runs[True][0] - expected).abs().max() < 1e-4
+    assert (runs[True][0] - runs[False][0]).abs().max() < 1e-4
+    # forming a chain's weights: one product a layer against the whole path's product a layer
+    assert runs[True][1] < 0.4 * runs[False][1]
+    assert not factored.vlora_store._partial  # nothing dense outlives the pass
+
+    # gradients through the shared partial sums are the ones of forming every weight afresh
+    grads = {}
+    for partial in (True, False):
+        factored.zero_grad(set_to_none=True)
+        factored.vlora_store.partial_sums = partial
+        factored(**x).logits.square().mean().backward()
+        grads[partial] = _grads(factored)
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 8
+    for name, g in grads[True].items():
+        assert torch.allclose(g, grads[False][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_partial_sums_stay_exact_across_layer_calls_steps_and_checkpointing(tmp_path):
+    from vlora_compress.heal import _train_mode
+
+    folder, path = _chain_of_eight(tmp_path)
+    f = load_factored(path, folder)
+    chain = [layer.mlp.down_proj for layer in f.model.layers]
+    assert [m.feeds for m in chain] == [False] + [True] * 6 + [False]  # the base is read as it is
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+
+    def layer_by_layer():  # module calls, no model forward to end the pass, as localheal makes them
+        return sum(m(x).square().mean() for m in chain)
+
+    first = layer_by_layer()
+    first.backward()
+    once = _grads(f)
+    layer_by_layer().backward()  # the same tensors again
+    for name, g in _grads(f).items():
+        assert torch.allclose(g, 2 * once[name], rtol=1e-5, atol=1e-7), name
+    grads = {}
+    for partial in (True, False):  # the last layer alone, after a backward spent its upstream graph
+        f.zero_grad(set_to_none=True)
+        f.vlora_store.partial_sums = partial
+        chain[-1](x).square().mean().backward()
+        grads[partial] = _grads(f)
+    for name, g in grads[True].items():
+        assert torch.allclose(g, grads[False][name], rtol=1e-5, atol=1e-7), name
+    with torch.no_grad():  # a step moves every version: the next pass builds on the new values
+        for _, p in f.vlora_store.items():
+            p.mul_(0.5)
+    f.vlora_store.partial_sums = False
+    fresh = layer_by_layer()
+    f.vlora_store.partial_sums = True
+    assert torch.allclose(layer_by_layer(), fresh, rtol=1e-5)
+
+    # heal's gradient checkpointing trains the same gradients as a plain pass with partial sums
+    ids = _inputs(256)
+    f.zero_grad(set_to_none=True)
+    f(**ids).logits.square().mean().backward()
+    plain = _grads(f)
+    _train_mode(f, checkpointing=True)
+    f.zero_grad(set_to_none=True)
+    f(**ids).logits.square().mean().backward()
+    for name, g in _grads(f).items():
+        assert torch.allclose(g, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_load_model_in_bf16_casts_parameters_and_keeps_rotary_frequencies(tmp_path):
+    folder = tiny_model(tmp_path / "llama", "llama")
+    path = tmp_path / "m.vlora.safetensors"
+    compress(folder, path, rank=4, chunks=1, **CORE)
+    for source in (folder, path):  # a model folder through from_pretrained, a file through its state dict
+        model = load_model(source, folder if source == path else None, dtype=torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32, source

@@ -122,6 +122,8 @@ def test_heal_cli_and_bad_input(minilm_dir, gpt2_file, tmp_path, capsys):
         (["--data", str(CALIB), "--loss", "kl"], "needs a model with a head"),
         (["--data", str(CALIB), "--loss", "hidden:x"], "NAME:WEIGHT"),
         (["--data", str(CALIB), "--resume"], "no saved state"),
+        (["--data", str(CALIB), "--precision", "fp16"], "--precision takes auto, bf16, fp32"),
+        (["--data", str(CALIB), "--parallel", "zero3"], "--parallel ddp, fsdp"),
     ):
         with pytest.raises(SystemExit) as exc:
             compress_main(["heal", str(start), "--teacher", str(minilm_dir), "-o", str(tmp_path / "x.safetensors"),

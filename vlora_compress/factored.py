@@ -9,6 +9,13 @@ file stores and gradients reach a shared base from every layer that uses it.
 A forward pass builds nothing it does not need: when the summed rank is small it runs
 ``x·baseᵀ + (x·Aᵀ)·Bᵀ`` without forming the weight, and otherwise forms that one layer's weight
 for the duration of the call, so memory holds the compressed tensors, not a dense copy.
+
+A chain layer that forms its weight starts from the partial sum the layer before it formed in the
+same pass, ``W_l = W_{l-1} + B_l A_l``, instead of multiplying out every upstream factor again: a
+chunk of c layers costs c products, not c²/2. The store keeps one partial sum per chain, drops it
+after the model's forward, when a tensor it was built from changes, when backward consumes it, and
+on a change of grad mode. Under gradient checkpointing it keeps none (``partial_sums`` off): holding
+every layer's dense weight until backward is what checkpointing exists to avoid.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class FactoredStore(torch.nn.Module):
         self.tensors = torch.nn.ParameterList([torch.nn.Parameter(t) for t in tensors.values()])
         self.quant = dict(quant or {})
         self.quantization_aware = False
+        self.partial_sums = True
+        self._partial: dict[tuple, tuple] = {}  # (base, terms) -> (float32 weight, stamp)
 
     def __getitem__(self, name: str) -> torch.nn.Parameter:
         return self.tensors[self._index[name]]
@@ -55,12 +64,45 @@ class FactoredStore(torch.nn.Module):
     def items(self):
         return ((name, self.tensors[i]) for i, name in enumerate(self.names))
 
+    def _stamp(self, base: str | None, terms: tuple) -> tuple:
+        """What a partial sum depends on: each tensor's identity, storage and version (an optimizer
+        step or a copy under no_grad moves the version, a ``.data`` swap the storage), the
+        quantizer and grad mode."""
+        names = ([base] if base else []) + [n for term in terms for n in term]
+        return (torch.is_grad_enabled(), self.quantization_aware,
+                tuple((id(p), p.data_ptr(), p._version) for p in map(self.__getitem__, names)))
+
+    def partial(self, base: str | None, terms: tuple) -> torch.Tensor | None:
+        """The float32 sum of ``base`` and ``terms`` kept by the layer that formed it, if still exact."""
+        entry = self._partial.get((base, terms)) if self.partial_sums else None
+        if entry is None or entry[1] != self._stamp(base, terms):
+            return None
+        return entry[0]
+
+    def keep(self, base: str | None, terms: tuple, w: torch.Tensor) -> None:
+        """Keep ``w`` for the next layer of the chain, in place of the sum it was built from."""
+        if not self.partial_sums or not terms:
+            return
+        key = (base, terms)
+        self._partial.pop((base, terms[:-1]), None)
+        self._partial[key] = (w, self._stamp(base, terms))
+        if w.requires_grad:  # once backward has run through it, its graph is spent
+            w.register_hook(lambda grad: self._drop(key, w))
+
+    def _drop(self, key: tuple, w: torch.Tensor) -> None:
+        if key in self._partial and self._partial[key][0] is w:
+            del self._partial[key]
+
+    def forget(self) -> None:
+        self._partial.clear()
+
 
 class VloraLinear(torch.nn.Module):
     """A Linear (weight ``(out, in)``) or Conv1D (weight ``(in, out)``) over shared factors."""
 
     def __init__(self, store: FactoredStore, shape: tuple[int, int], base: str | None,
-                 terms: list[tuple[str, str]], bias: torch.nn.Parameter | None, conv1d: bool):
+                 terms: list[tuple[str, str]], bias: torch.nn.Parameter | None, conv1d: bool,
+                 feeds: bool = False):
         super().__init__()
         self.__dict__["store"] = store  # not a submodule: the model holds the store once
         self.shape = tuple(shape)
@@ -69,6 +111,7 @@ class VloraLinear(torch.nn.Module):
         self.bias = bias
         self.conv1d = conv1d
         self.rank = sum(store[a].shape[0] for _, a in self.terms)
+        self.feeds = feeds  # the next layer of a chain builds on this one's weight
 
     @property
     def in_features(self) -> int:
@@ -90,13 +133,21 @@ class VloraLinear(torch.nn.Module):
         """The dense weight, formed on demand (float32 sums, as expand does), in the stored dtype."""
         s = self.store
         dtype = s[self.base].dtype if self.base else s[self.terms[0][0]].dtype
-        w = s.value(self.base).float() if self.base else None
-        bf = self.factors()
-        if bf is not None:
-            delta = bf[0].float() @ bf[1].float()
-            w = delta if w is None else w + delta
-        if w is None:
-            w = torch.zeros(self.shape, device=s.tensors[0].device)
+        terms = tuple(self.terms)
+        upstream = s.partial(self.base, terms[:-1]) if len(terms) > 1 else None
+        if upstream is not None:  # the chain so far, as the layer before this one formed it
+            b, a = terms[-1]
+            w = upstream + s.value(b).float() @ s.value(a).float()
+        else:
+            w = s.value(self.base).float() if self.base else None
+            bf = self.factors()
+            if bf is not None:
+                delta = bf[0].float() @ bf[1].float()
+                w = delta if w is None else w + delta
+            if w is None:
+                w = torch.zeros(self.shape, device=s.tensors[0].device)
+        if self.feeds:
+            s.keep(self.base, terms, w)
         return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,14 +205,18 @@ def attach(model: torch.nn.Module, plan: Plan, store: FactoredStore, read=None) 
                 raise VloraError(f"{key} has no module in the model")
             found[key] = (fp, layer, *hit)
     model.add_module("vlora_store", store)
+    model.register_forward_hook(lambda *_: store.forget())  # partial sums live for one pass
     out = {}
     terms = {fp.name: layer_terms(fp) for fp in plan.families}
+    upstream = {(fp.name, base, tuple(path[:i])) for fp in plan.families
+                for base, path in terms[fp.name].values() for i in range(1, len(path))}
     for key, (fp, layer, name, module) in found.items():
         conv1d = type(module).__name__ == "Conv1D"
         if not (isinstance(module, torch.nn.Linear) or conv1d):
             raise VloraError(f"{key}: a {type(module).__name__} cannot run factored (only Linear and Conv1D)")
         base, path = terms[fp.name][layer]
-        new = VloraLinear(store, fp.shape, base, path, module.bias, conv1d)
+        new = VloraLinear(store, fp.shape, base, path, module.bias, conv1d,
+                          feeds=(fp.name, base, tuple(path)) in upstream)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
         out[key] = new

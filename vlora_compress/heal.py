@@ -540,6 +540,8 @@ def _train_mode(student, checkpointing: bool) -> None:
     if not checkpointing:
         student.eval()
         return
+    # a chain's partial sums would hold every layer's dense weight until backward (factored.py)
+    student.vlora_store.partial_sums = False
     if not getattr(student, "supports_gradient_checkpointing", False):
         raise VloraError(f"{type(student).__name__} does not support gradient checkpointing")
     kwargs = {"use_reentrant": False}
