@@ -31,7 +31,9 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("per-layer SVD, uniform ranks, feedback none", dict(method="svd", ranks="uniform", feedback="none")),
     ("per-layer SVD, uniform ranks, feedback inputs (default)", dict(method="svd", ranks="uniform")),
     ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
+    ("per-layer SVD, measured ranks", dict(method="svd")),
     ("default plan", dict()),  # --planning auto: on the model here, since it and its Grams fit
+    ("default plan, shared bases tried (--shared)", dict(shared=True)),
     ("default plan, planned by blocks", dict(planning="blocks")),
 ]
 
@@ -86,7 +88,8 @@ def main() -> None:
     ap.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=64, help="windows of 128 tokens of the evaluation text")
-    ap.add_argument("--only", nargs="+", help="run only the variants whose label contains one of these")
+    ap.add_argument("--only", nargs="+", help="run only the variants whose label contains one of these "
+                                              "(=LABEL: is exactly LABEL)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quantized", action="store_true",
                     help="quantization alone (int4, int3, int2; rounded to nearest and by GPTQ) instead of the shares removed")
@@ -104,7 +107,8 @@ def main() -> None:
             else [(removed, label, options) for removed in args.removed for label, options in VARIANTS])
     with tempfile.TemporaryDirectory() as tmp:
         for removed, label, options in runs:
-            if args.only and not any(text in label for text in args.only):
+            if args.only and not any(label == text[1:] if text.startswith("=") else text in label
+                                     for text in args.only):
                 continue
             out = Path(tmp) / "out.vlora.safetensors"
             target = {} if removed is None else {"target_size": str(round(1 - removed, 4)), "target_of": "model"}

@@ -166,6 +166,15 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
         n_measured += n
     assert len(calls) == n_measured
 
+    # with shared bases tried, each form's best estimate is fitted whatever the others' estimates
+    # (a stacked spectrum is the most optimistic: shared candidates would fill the list alone)
+    config = CompressConfig(rank=8, ranks="uniform", shared=True)
+    with open_checkpoint(gpt2_file) as ckpt:
+        plan = plan_measured(find_stacks(ckpt.infos), config, ckpt.read, meter=meter)
+    for note in plan.notes:
+        measured = note.split(" (not fitted")[0]
+        assert "per-layer SVD" in measured and "shared basis" in measured and " base, " in measured, note
+
 
 def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
     """When the measured sensitivities move bytes between families, the few scaled options the
@@ -255,3 +264,23 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
         assert all(", error 0 " in note for note in dense.notes)
         low = plan_measured(stacks, CompressConfig(rank=8, ranks="uniform"), ckpt.read, meter=meter)
     assert calls and not any(exact(fp) for fp in low.families)  # low rank is measured as before
+
+
+def test_planted_shared_subspaces_come_back_as_shared_bases_and_beat_per_layer_svd_at_equal_bytes(tmp_path):
+    """Pairs of layers that read one rank-10 subspace each, with their own coefficients: at a budget
+    where per-layer SVD keeps rank 7 a layer, one basis a pair keeps all 10 directions."""
+    specs = synthetic.llama_keys(layers=6, d=64, ffn=96)
+    src = synthetic.write_checkpoint(tmp_path / "s.safetensors", specs, synthetic.planted_shared(0, 10, lambda l: l // 2))
+    shared = compress(src, tmp_path / "s.vlora.safetensors", rank=3, ranks="uniform", shared=True)
+    assert all(f["topologies"] == ["shared"] * 3 and f["chunks"] == [[0, 1], [2, 3], [4, 5]] for f in shared.families)
+    per_layer = compress(src, tmp_path / "p.vlora.safetensors", method="svd", ranks="uniform", target_of="stack",
+                         target_size=str(shared.stack_compressed_bytes))
+    assert per_layer.stack_compressed_bytes <= shared.stack_compressed_bytes
+    error = lambda report: sum(t["rel_error"] for t in report.tensors) / len(report.tensors)  # noqa: E731
+    assert error(shared) < 0.3 * error(per_layer), (error(shared), error(per_layer))
+    # without --shared the same plan is never tried: the default keeps today's forms
+    default = compress(src, tmp_path / "d.vlora.safetensors", rank=3, ranks="uniform")
+    assert not any("shared" in f["topologies"] for f in default.families)
+    restored, original = expand(tmp_path / "s.vlora.safetensors"), _dense(src)
+    q = "model.layers.3.self_attn.q_proj.weight"
+    assert (restored[q] - original[q]).norm() < 0.05 * original[q].norm()

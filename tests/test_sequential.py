@@ -117,6 +117,49 @@ def test_conv1d_and_planned_families_take_the_sequential_path_or_the_classic_one
     assert 0 < meter(fitted) < 0.5  # a working model, not a broken one
 
 
+def test_a_shared_basis_comes_from_the_original_grams_and_each_layer_fits_its_coefficients_to_its_stream(
+        tiny_llama, tmp_path, monkeypatch):
+    """The basis is made at the group's first layer from the original model's weights and Grams (as
+    fitting at once makes it); each layer's coefficients are then the least-squares best over it,
+    whitened by the inputs the compressed layers before it feed it."""
+    import vlora_compress.sequential as seq
+    from safetensors import safe_open
+    from vlora_compress.factorise import Whitener, coefficients
+
+    seen: dict[str, torch.Tensor] = {}
+    init = seq._Layer.__init__
+
+    def spy(self, modules, grams, alias, damping):
+        seen.update({key: grams[alias.get(key, key)] for key in modules})
+        init(self, modules, grams, alias, damping)
+
+    monkeypatch.setattr(seq._Layer, "__init__", spy)
+    config = CalibConfig(samples=12, holdout=0)
+    shared = dict(rank=6, chunks=2, base="none", topology="shared", ranks="uniform", calib=CALIB, calibration=config)
+    at_once, layered = tmp_path / "a.vlora.safetensors", tmp_path / "s.vlora.safetensors"
+    compress(tiny_llama, at_once, sequential=False, **shared)
+    report = compress(tiny_llama, layered, **shared)
+    assert report.calibration["sequential_layers"] == sum(len(f["layers"]) for f in report.families)
+
+    def tensors(path):
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    a, s = tensors(at_once), tensors(layered)
+    bases = [k for k in s if "vlora_basis" in k]
+    assert len(bases) == 2 * 7  # two groups in each of q, k, v, o, gate, up, down
+    for k in bases:
+        assert torch.allclose(s[k], a[k], atol=1e-5), k
+    original = {k: v for k, v in tensors(tiny_llama / "model.safetensors").items()}
+    down = "model.layers.3.mlp.down_proj.weight"  # the second group's second layer
+    basis = s["model.layers.vlora_basis1.mlp.down_proj.weight"]
+    wh = Whitener.from_gram(seen[down], 1, config.damping)
+    expected = coefficients(original[down].float(), basis.float(), wh)
+    stored = s[down + ".vlora_B"]
+    assert torch.allclose(stored, expected, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(stored, a[down + ".vlora_B"], rtol=1e-2)  # the at-once fit's stream is the original's
+
+
 def test_bad_feedback_is_refused_naming_the_flag(tiny_llama, tmp_path, capsys):
     from vlora_compress.cli import compress_main
 

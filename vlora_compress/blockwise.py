@@ -107,15 +107,16 @@ class BlockPlanner(SequentialFit):
                     if c.topology == "shared":
                         rename[fp.basis_key(i)] = fp.basis_key(offset + i)
             placed = lambda name, tensor: write(rename.get(name, name), tensor)  # noqa: E731
-            # families on a whitened-mean base or a shared basis are fitted at once from the block's
-            # Grams: before the layers under `inputs`, so the compressed stream passes them; else
-            # after, so the original stream that `none` and `outputs` carry runs through the original
-            # weights
-            at_once = [fp for fp in plan.families if not sequential_family(fp)]
+            # families on a whitened-mean base are fitted at once from the block's Grams: before the
+            # layers under `inputs`, so the compressed stream passes them; else after, so the original
+            # stream that `none` and `outputs` carry runs through the original weights. A shared basis
+            # is made from the block's Grams too, and its coefficients fitted layer by layer
+            self.bases = (self.weights, grams.whitener)
+            at_once = [fp for fp in plan.families if not sequential_family(fp, True)]
             early = self.feedback == "inputs"
             if early:
                 yield from self._fit_at_once(at_once, grams, placed)
-            mine = [fp for fp in plan.families if sequential_family(fp)]
+            mine = [fp for fp in plan.families if sequential_family(fp, True)]
             walks = self._walks(mine)
             for layer, module in zip(block.layers, mods):
                 yield from self._fit_layer(layer, module, mine, walks, streams, placed)
@@ -123,6 +124,7 @@ class BlockPlanner(SequentialFit):
             if not early:
                 yield from self._fit_at_once(at_once, grams, placed)
             del grams
+            self.bases = None
             if meter is not None:  # the held-back stream moves on as the calibration stream did
                 for s, original in zip(held, meter.originals or [None] * len(held)):
                     s.compressed = original if original is not None else _through(mods, s)

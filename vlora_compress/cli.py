@@ -84,6 +84,7 @@ def compress_cmd(
     method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments), svd (every layer its own low-rank factors: the baseline) or dense (every layer whole, as --quantize stores it: quantization alone).")] = "vlora",
     base: Annotated[str, typer.Option("--base", help="first, mean (whitened mean, stored once), best (least residual), none (per-layer SVD) or auto (chosen per family by measured error).")] = "auto",
     topology: Annotated[str, typer.Option("--topology", help="chain (each layer over its neighbour), star (each over the base), shared (no base: one basis per chunk that every layer's own factor reads, W_l = B_l A, with --base none) or auto.")] = "auto",
+    shared: Annotated[bool, typer.Option("--shared/--no-shared", help="With --topology auto, also try a basis shared by groups of 2 to 4 layers, by measurement like every form (off by default: on all-MiniLM-L6-v2 it measured worse end to end).")] = False,
     bounds: Annotated[str, typer.Option("--bounds", help="dp (chunk bounds by dynamic programming on the deltas) or equal.")] = "dp",
     ranks: Annotated[str, typer.Option("--ranks", help="measured (move bytes between families by measured output error; needs --calib) or uniform.")] = "measured",
     align: Annotated[bool, typer.Option("--align", help="Align each layer's MLP neurons and attention heads to the layer before it first (same function, smaller deltas).")] = False,
@@ -134,7 +135,7 @@ def compress_cmd(
         eval_config = EvalConfig(task=eval_task or default_task(config_dir or source), samples=eval_samples,
                                  device=device, compare=() if no_compare else tuple(dict.fromkeys(DEFAULT_COMPARE + extra)))
     config = CompressConfig(
-        rank=rank, chunks=chunks, method=method, base=base, topology=topology, bounds=bounds, ranks=ranks,
+        rank=rank, chunks=chunks, method=method, base=base, topology=topology, shared=shared, bounds=bounds, ranks=ranks,
         align=align, target_size=target_size, target_of=target_of, target_bits=target_bits, svd=svd, dtype=dtype, quantize=quantize,
         group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,

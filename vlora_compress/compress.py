@@ -143,7 +143,8 @@ def compress(
                            passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), config))
             entries = layout(plan, record)
             if calib is not None and config.sequential and not by_blocks:
-                sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read, onload=onload)
+                sequential = SequentialFit(model, preprocessor, samples, plan, config, ckpt.read, onload=onload,
+                                           bases=(read, grams.whitener) if grams is not None else None)
             fits = _write(read, plan, config, record, entries, out, grams, progress, asked, sequential, spooled)
         report = CompressReport.build(
             output=out, source_path=ckpt.source, source=record, entries=entries, plan=plan, config=config,

@@ -74,6 +74,8 @@ class CompressConfig:
     # dense: every layer whole, stored as `quantize` (and `dtype`) say: quantization alone
     base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
     topology: str = "auto"  # chain | star | shared (a basis per chunk, W_l = B_l A; zero base) | auto
+    shared: bool = False  # under topology auto, also try a basis shared by groups of 2 to 4 layers
+    # (off by default: on all-MiniLM-L6-v2 it measured worse end to end, docs/planning.md)
     bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
     ranks: str = "measured"  # measured: move bytes between families by measured output error
     # (needs calibration); uniform: one rank everywhere

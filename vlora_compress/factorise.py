@@ -176,6 +176,7 @@ def fit_family(
     rebuilt: Callable[[str, torch.Tensor], None] | None = None,
     svd_cache: dict | None = None,
     measure: bool = True,
+    bases: tuple[Callable[[str], torch.Tensor], Callable[[str], Whitener | None]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor] | LayerFit]:
     """Yield stored tensors ``(name, tensor)`` in layout order, and a LayerFit after each layer.
 
@@ -188,13 +189,17 @@ def fit_family(
     which do not depend on the rank) for a later fit of the same weights at another rank.
     Without ``measure`` the LayerFits carry no errors (NaN, None): the planner's trial fits, which
     score the family as a whole, spend nothing on them.
+    ``bases`` is the (read, whitener) a shared chunk's basis is fitted from where those are not the
+    layers' own: the sequential fit makes the basis at the group's first layer from the original
+    model's weights and Grams (every layer of the group at once), then fits each layer's
+    coefficients over it as the layer comes, whitened by the inputs the compressed model feeds it.
     """
     orig = DTYPES[plan.dtype]
     for t in walk(plan):
         if not t.over:  # the chunk's base, and a shared chunk's basis
             chunk = plan.chunks[t.chunk]
             if t.basis is not None:
-                entries, basis_hat = _fit_basis(plan, chunk, t, read, whitener, config)
+                entries, basis_hat = _fit_basis(plan, chunk, t, *(bases or (read, whitener)), config)
                 yield from entries
             if chunk.base == "synthetic":
                 entries, base_hat = encode(plan, t.base, synthetic_base(plan, chunk, read, whitener))

@@ -9,14 +9,17 @@ then fitted at that same budget, closed loop and whitened when calibrated:
 - a VLoRA form: base ``first``, ``mean`` (the whitened mean, stored once) or ``best`` (the layer
   whose choice leaves the least residual) with a ``chain`` or ``star`` topology, for each chunk
   count allowed. Chunk bounds come from dynamic programming over contiguous partitions, minimising
-  the energy of the consecutive-layer deltas that a rank-r increment cannot hold.
+  the energy of the consecutive-layer deltas that a rank-r increment cannot hold;
+- with ``shared`` (``--shared``), a basis shared by each group of at most 2, 3 or 4 contiguous
+  layers, every layer its own coefficients (Basis Sharing's form).
 
 With ``--quantize auto`` every form is also tried in int8 and int4 at the same bytes (a higher
 rank in fewer bits against a lower rank in the store dtype), so the storage is chosen by the same
 measurement.
 
 Every candidate is ranked by an estimate from singular values shared by the family's candidates
-(spectral_error, no fit); a short list is fitted, and the one with the least error wins: the
+(spectral_error, no fit); a short list (the best estimates and the best of each form) is fitted,
+and the one with the least error wins: the
 model's final hidden-state error on held-back calibration samples when a meter is given, else the
 summed (whitened when calibrated) squared output error of the family's layers, else their weight
 error. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
@@ -162,17 +165,30 @@ def exact(fp: FamilyPlan) -> bool:
             and all(len(c.layers) == 1 and c.base_layer == c.layers[0] for c in fp.chunks))
 
 
+def form(cand: Candidate) -> str:
+    """The kind of form a candidate is: per-layer, VLoRA (a base and increments), shared (a basis per
+    group) or dense."""
+    if cand.dense:
+        return "dense"
+    if cand.topology == "shared":
+        return "shared"
+    return "per-layer" if cand.base == "none" else "vlora"
+
+
 def _short_list(planned: list, config: CompressConfig) -> list:
     """The candidates worth a fit: the ``SHORT_LIST`` best estimates in the reference storage, the
-    best in each integer storage ``--quantize auto`` adds, per-layer SVD, and every dense candidate."""
+    best of each form there (per-layer SVD, VLoRA, shared basis: the estimates are not equally
+    optimistic across forms, a stacked spectrum the most, so no form may crowd another out of
+    the fit), the best in each integer storage ``--quantize auto`` adds, and every dense candidate."""
     ranked = sorted((t for t in planned if not t[2].dense), key=lambda t: t[:2])
     short = [t for t in planned if t[2].dense]
     for quant in dict.fromkeys(t[2].quant for t in ranked):
         mine = [t for t in ranked if t[2].quant == quant]
         short += mine[:SHORT_LIST if quant == config.family_scheme else 1]
-    baseline = [t for t in ranked if t[2].base == "none" and t[2].quant == config.family_scheme]
-    short += [t for t in baseline[:1] if t not in short]
-    return short
+    reference = [t for t in ranked if t[2].quant == config.family_scheme]
+    for kind in dict.fromkeys(form(t[2]) for t in reference):
+        short += [t for t in reference if form(t[2]) == kind][:1]
+    return list({t[1]: t for t in short}.values())  # once each, by candidate index
 
 
 def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
@@ -335,13 +351,12 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     for q in schemes:
         for b in bases:
             if b == "none":
-                # a basis per group of 2 to 4 layers only when asked for: under auto it crowded better
-                # forms out of the short list and lost the sequential fit's error feedback (docs/planning.md)
-                if config.topology == "shared":
-                    groups = [config.chunks] if config.chunks else sorted({n_layers // size for size in SHARED_GROUPS})
-                    out += [Candidate("none", "shared", k, q) for k in groups if 1 <= k and 2 * k <= n_layers]
-                else:
+                if config.topology != "shared":
                     out.append(Candidate("none", "star", 1, q))
+                if config.topology == "shared" or (config.topology == "auto" and config.shared):
+                    groups = ([config.chunks] if config.chunks and config.topology == "shared"
+                              else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
+                    out += [Candidate("none", "shared", k, q) for k in groups if 1 <= k and 2 * k <= n_layers]
                 continue
             out += [Candidate(b, t, k, q) for t in topologies if t != "shared" for k in counts if k <= n_layers]
         if base == "auto" and not config.chunks and q != "none":

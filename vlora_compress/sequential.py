@@ -27,7 +27,8 @@ GPTQ, SVD-LLM and llm-compressor's sequential pipeline work this way, and so doe
 The fitting is fit_family's walk, driven a layer at a time, so what is written is what expand
 rebuilds. It needs every chunk's base to be its first layer or none (per-layer factors); a family
 planned otherwise (a whitened-mean base) is fitted after the pass from the Grams of the original
-stream, as without this stage. Memory: the model (or, loaded by layer, all but its stack, and
+stream, as without this stage. A shared basis is made at its group's first layer from the original
+model's weights and Grams (``bases``), and each layer's coefficients over it as the layer comes. Memory: the model (or, loaded by layer, all but its stack, and
 one layer of that), the two streams' activations at one layer boundary, and one layer's Grams.
 """
 
@@ -63,10 +64,11 @@ class Stream:
     next_original: torch.Tensor | None = None  # the original layer's output, until the layer is done
 
 
-def sequential_family(fp: FamilyPlan) -> bool:
+def sequential_family(fp: FamilyPlan, bases: bool = False) -> bool:
     """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none,
-    and no chunk a shared basis (fitted from all its layers' weights and Grams at once)."""
-    return all((c.base == "none" or c.base == c.layers[0]) and c.topology != "shared" for c in fp.chunks)
+    and a shared basis (fitted from all its group's weights and Grams at once) only where ``bases``
+    gives those up front (the original model's), so that only the coefficients follow the stream."""
+    return all((c.base == "none" or c.base == c.layers[0]) and (bases or c.topology != "shared") for c in fp.chunks)
 
 
 class SequentialFit:
@@ -74,14 +76,17 @@ class SequentialFit:
 
     def __init__(self, model, preprocessor, samples: list, plan: Plan, config: CompressConfig,
                  read: Callable[[str], torch.Tensor] | None = None,
-                 onload: tuple[Callable[[str], torch.Tensor], dict[str, torch.nn.Parameter]] | None = None):
+                 onload: tuple[Callable[[str], torch.Tensor], dict[str, torch.nn.Parameter]] | None = None,
+                 bases: tuple[Callable[[str], torch.Tensor], Callable] | None = None):
         """``read`` gives checkpoint tensors (to find modules transformers renamed). ``onload`` is
         ``(read, params)`` for a model loaded by layer (models.load_by_layer): each layer's
         parameters in ``params`` get ``read(key)`` before the layer runs and their placeholders back
-        once the stream has passed it."""
+        once the stream has passed it. ``bases`` is (weights, whitener) of the original model: with
+        it, families on shared bases are fitted here too (fit_family's ``bases``)."""
         self.model, self.plan, self.config = model, plan, config
         self.feedback = config.feedback
         self.read = read
+        self.bases = bases
         self.onload = onload
         self._onload_keys = {p: key for key, p in onload[1].items()} if onload is not None else {}
         cal = config.calibration
@@ -95,7 +100,7 @@ class SequentialFit:
 
     def run(self, write: Callable[[str, torch.Tensor], None], progress: bool = False) -> Iterator[LayerFit]:
         """Fit every sequential family, ``write`` each stored tensor as it is made; yield LayerFits."""
-        families = [fp for fp in self.plan.families if sequential_family(fp)]
+        families = [fp for fp in self.plan.families if sequential_family(fp, self.bases is not None)]
         for stack in self.plan.stacks:
             mine = [fp for fp in families if fp.stack == stack.prefix]
             if not mine:
@@ -114,7 +119,8 @@ class SequentialFit:
     def _walks(self, families: list[FamilyPlan]) -> dict[str, Iterator]:
         """Each family's fit_family walk, reading targets and whitenings from the layer being fitted."""
         return {fp.name: fit_family(fp, lambda key: self._now[0].target(key), self.config,
-                                    lambda key: self._now[0].whitener(key), rebuilt=self._set) for fp in families}
+                                    lambda key: self._now[0].whitener(key), rebuilt=self._set, bases=self.bases)
+                for fp in families}
 
     def _fit_layer(self, layer: int, block, families: list[FamilyPlan], walks: dict, streams: list[Stream],
                    write: Callable[[str, torch.Tensor], None]) -> Iterator[LayerFit]:

@@ -122,6 +122,25 @@ def planted_chain(seed: int, rank: int, chunk_starts: set[int], scale: float = 0
     return make
 
 
+def planted_shared(seed: int, rank: int, group_of, scale: float = 0.05, noise: float = 0.02):
+    """Weights where the layers of a group (``group_of(layer)``, any grouping: interleaved too) read
+    one shared rank-``rank`` input subspace, ``W_l = C_l A_g``, each layer with its own
+    coefficients ``C_l``, plus independent noise of ``noise`` times the weights' scale."""
+    dense = gaussian(seed, scale)
+
+    def make(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        parts = split_key(key)
+        if parts is None or len(shape) != 2:
+            return dense(key, shape)
+        _, layer, suffix = parts
+        g = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, suffix)) * 31 + group_of(layer))
+        a = torch.linalg.qr(torch.randn(shape[1], rank, generator=g)).Q.T  # orthonormal rows
+        c = torch.randn(shape[0], rank, generator=torch.Generator().manual_seed(seed + len(key) * 101 + layer))
+        return c @ a * scale * (shape[1] / rank) ** 0.5 + noise * dense(key, shape)
+
+    return make
+
+
 def write_checkpoint(path: str | Path, specs: list[Spec], make=None, dtype: torch.dtype = torch.float32,
                      metadata: dict[str, str] | None = None, shards: int = 1) -> Path:
     """Write ``specs`` as one file, or as ``shards`` files with a Hugging Face index beside them.
