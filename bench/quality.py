@@ -44,6 +44,7 @@ METHODS = [
     ("default plan, data-free", dict()),
     ("default plan, whitened", dict(calib=True)),
     ("default plan, whitened, aligned", dict(calib=True, align=True)),
+    ("default plan, whitened, --shared", dict(calib=True, shared=True)),
 ]
 # --quantized: bytes in the stack's fp32 bytes, quantization stacked on low rank, against RTN alone
 QUANTIZED = [
