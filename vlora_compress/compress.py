@@ -109,7 +109,7 @@ def compress(
                                     if planned and calib is not None and config.sequential and config.quantize != "auto"
                                     else (False, None))
         fixed = None if planned else plan_equal(stacks, config)  # a plan that needs no measurement
-        # families fitted from all their layers' Grams at once (shared bases), outside planning by blocks
+        # families that need the original model's Grams (a shared basis, a whitened mean), outside planning by blocks
         at_once = fixed is not None and not all(sequential_family(fp) for fp in fixed.families)
         if calib is not None:
             # planning on the model, fitting not sequential, or a family fitted at once needs the whole
