@@ -28,8 +28,9 @@ The fitting is fit_family's walk, driven a layer at a time, so what is written i
 rebuilds. It needs every chunk's base to be its first layer or none (per-layer factors); a family
 planned otherwise (a whitened-mean base) is fitted after the pass from the Grams of the original
 stream, as without this stage. A shared basis is made at its group's first layer from the original
-model's weights and Grams (``bases``), and each layer's coefficients over it as the layer comes. Memory: the model (or, loaded by layer, all but its stack, and
-one layer of that), the two streams' activations at one layer boundary, and one layer's Grams.
+model's weights and Grams (``bases``), and each layer's coefficients over it as the layer comes.
+Memory: the model (or, loaded by layer, all but its stack, and one layer of that), the two
+streams' activations at one layer boundary, and one layer's Grams.
 """
 
 from __future__ import annotations
