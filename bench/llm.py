@@ -44,7 +44,18 @@ QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in in
     ("int4 g64 alone, GPTQ", dict(method="dense", quantize="int4", group_size=64, rounding="gptq")),
     ("int3 g64 alone, round-to-nearest", dict(method="dense", quantize="int3", group_size=64, rounding="nearest")),
     ("int3 g64 alone, GPTQ", dict(method="dense", quantize="int3", group_size=64, rounding="gptq")),
+    ("int2 g64 alone, round-to-nearest", dict(method="dense", quantize="int2", group_size=64, rounding="nearest")),
     ("int2 g64 alone, GPTQ", dict(method="dense", quantize="int2", group_size=64, rounding="gptq")),
+    # at equal bits a weight over the stacks: quantization alone at a finer group, against low rank on a
+    # coarser grid and the planner's choice
+    ("3.5 bits: int3 g32 alone, GPTQ", dict(method="dense", quantize="int3", group_size=32)),
+    ("3.5 bits: int3 g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int3",
+                                               group_size=64, target_bits=3.5)),
+    ("3.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=3.5)),
+    ("2.5 bits: int2 g32 alone, GPTQ", dict(method="dense", quantize="int2", group_size=32)),
+    ("2.5 bits: int2 g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int2",
+                                               group_size=64, target_bits=2.5)),
+    ("2.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=2.5)),
 ]
 
 CHILD = """

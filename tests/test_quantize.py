@@ -25,6 +25,31 @@ def test_round_trip_error_is_within_half_a_step(scheme, group):
     assert q.shape == {"int8": (37, 75), "int4": (37, 38), "int3": (37, 29), "int2": (37, 19)}[scheme]  # bits, rounded up
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int3", "int2"])
+def test_gptq_searches_each_groups_scale_and_lowers_the_output_error(scheme, monkeypatch):
+    """With the inputs' Hessian, each group's scale is searched below max|x|/L (outliers clipped,
+    weighted by how strongly the layer reads each input) and kept where GPTQ then leaves less
+    output error on the inputs: never more than with max-abs scales, less at int2, the same layout."""
+    from vlora_compress import quantize as quantize_module
+    from vlora_compress.factorise import Whitener
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 24, dtype=torch.float64) @ torch.randn(24, 96, dtype=torch.float64)
+    x += 0.1 * torch.randn(2048, 96, dtype=torch.float64)
+    w = torch.distributions.StudentT(3.0).sample((40, 96))  # heavy tails: a few outliers per group
+    hessian = Whitener.from_gram(x.T @ x, side=1, damping=1e-2).hessian()
+    out = {}
+    for clip in (True, False):
+        monkeypatch.setattr(quantize_module, "CLIP", clip)
+        q, s = quantize(w, scheme, 32, hessian)
+        back = dequantize(q, s, tuple(w.shape), scheme, 32)
+        out[clip] = (s, float(((w - back).double() @ x.T).norm()))
+    assert out[True][0].shape == out[False][0].shape and (out[True][0] <= out[False][0]).all()
+    assert out[True][1] <= out[False][1] * (1 + 1e-9), out  # kept only where GPTQ then does better
+    if scheme == "int2":  # three levels: clipping the tails pays (int4 keeps max-abs scales here)
+        assert not torch.equal(out[True][0], out[False][0]) and out[True][1] < 0.95 * out[False][1], out
+
+
 def test_int4_packing_is_exact_for_every_value():
     values = torch.arange(-8, 8, dtype=torch.int8)
     grid = torch.stack(torch.meshgrid(values, values, indexing="ij"), -1).reshape(-1, 2)  # every pair
@@ -284,20 +309,22 @@ def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
     assert dense["h.2.thin.weight"].dtype == torch.float32
 
 
-def test_auto_on_minilm_takes_quantization_alone_where_it_fits(minilm_dir, tmp_path):
+def test_auto_on_minilm_spends_what_int4_leaves_on_a_low_rank_correction(minilm_dir, tmp_path):
     from conftest import EVAL
     from vlora_compress.evaluate import EvalConfig, evaluate
 
     path = tmp_path / "auto.vlora.safetensors"
     report = compress(minilm_dir, path, target_size="0.14", target_of="stack", quantize="auto",
                       topology="chain", bounds="equal", ranks="uniform")
-    # data-free at 14%: int4 everywhere (12.9%) leaves far less weight error than any low-rank form
-    assert {(f["storage"], tuple(f["ranks"])) for f in report.families} == {("int4/g128", ())}
-    assert report.stack_size_ratio <= 0.14 and "auto: int4/g128 x6" in report.to_markdown()
+    # data-free at 14%: int4 everywhere (12.9%) leaves far less weight error than any low-rank form,
+    # and the 1.1% it leaves buys every layer a low-rank int4 increment over its int4 rounding
+    assert {f["storage"] for f in report.families} == {"int4/g128 bases, int4/g128 factors"}
+    assert all(f["ranks"] and f["ranks"][0] >= 10 for f in report.families)
+    assert report.stack_size_ratio <= 0.14 and "auto: int4/g128 bases, int4/g128 factors x6" in report.to_markdown()
     cfg = EvalConfig(samples=16)
     stored = evaluate(path, EVAL, cfg, reference=minilm_dir, config_dir=minilm_dir).metrics[0].model
     rtn = evaluate(minilm_dir, EVAL, EvalConfig(samples=16, quantize="int4"), reference=minilm_dir).metrics[0].model
-    assert stored == pytest.approx(rtn, abs=1e-4)  # the file holds exactly the round-to-nearest yardstick
+    assert stored > rtn + 0.003  # beats the round-to-nearest yardstick it starts from (0.953 vs 0.946 on 16)
 
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
@@ -340,8 +367,8 @@ def test_int8_factors_cost_what_int8_costs_on_minilm(minilm_dir, tmp_path):
 @pytest.mark.parametrize("side", [1, 0])
 def test_gptq_integers_lower_the_output_error_in_the_same_layout(scheme, group, side):
     """On correlated inputs, integers chosen by GPTQ against the inputs' Hessian leave less output
-    error ‖(W − Ŵ)Xᵀ‖ than rounding to nearest, with the very same scales (the file layout does not
-    change), whichever side the input dimension is on (nn.Linear's columns, Conv1D's rows)."""
+    error ‖(W − Ŵ)Xᵀ‖ than rounding to nearest, in the same layout (integers and one scale a
+    group), whichever side the input dimension is on (nn.Linear's columns, Conv1D's rows)."""
     from vlora_compress.factorise import Whitener
 
     torch.manual_seed(0)
@@ -356,7 +383,7 @@ def test_gptq_integers_lower_the_output_error_in_the_same_layout(scheme, group, 
         q, s = quantize(stored, scheme, group, hessian)
         back = dequantize(q, s, tuple(stored.shape), scheme, group)
         if rounding == "gptq":
-            assert torch.equal(s, quantize(stored, scheme, group)[1])  # round-to-nearest's scales
+            assert s.shape == quantize(stored, scheme, group)[1].shape  # round-to-nearest's layout
             step = s.float().repeat_interleave(stored.shape[1] if scheme == "int8" else group, 1)[:, :stored.shape[1]]
             assert not ((stored - back).abs() <= step / 2 * (1 + 1e-3)).all()  # not nearest everywhere
         w_hat = back if side == 1 else back.T
@@ -382,3 +409,59 @@ def test_gptq_rounding_lowers_the_output_error_of_a_real_model(minilm_dir, tmp_p
     assert all(errors["gptq"][k] < errors["nearest"][k] for k in errors["gptq"]), errors
     mean = {r: sum(e.values()) / len(e) for r, e in errors.items()}
     assert mean["gptq"] < 0.8 * mean["nearest"], mean
+
+
+def test_a_quantized_base_under_a_low_rank_increment_round_trips_and_heals(tmp_path):
+    """W ≈ Q + B A (``--method svd --base-quantize int3 --quantize int8``) on a calibrated tiny
+    Llama, fitted a layer at a time: the file is version 4 with int3 bases and int8 factors; the
+    expanded and the factored model compute the same; quantization-aware healing keeps the plan, the
+    layout and the scales, and its loss falls."""
+    from conftest import CALIB, EVAL
+    from vlora_compress.calibrate import CalibConfig
+    from vlora_compress.heal import HealConfig, heal
+
+    folder = tiny_model(tmp_path / "llama", "llama")
+    start = tmp_path / "qlr.vlora.safetensors"
+    report = compress(folder, start, method="svd", ranks="uniform", rank=4, quantize="int8", base_quantize="int3",
+                      group_size=16, calib=CALIB, calibration=CalibConfig(samples=16, max_length=32, holdout=0))
+    vfile = VloraFile(start)
+    assert vfile.checkpoint.metadata["vlora.version"] == "4"
+    assert {f["storage"] for f in report.families} == {"int3/g16 bases, int8 factors"}
+    fp = vfile.plan.families[0]
+    assert all(len(c.layers) == 1 and c.base == "synthetic" and c.ranks == (4,) for c in fp.chunks)
+    infos = vfile.checkpoint.infos
+    base, factor = fp.synthetic_base_key(0), fp.key(fp.layers[0]) + ".vlora_B"
+    assert infos[base].dtype == "U8" and tuple(infos[base].shape) == (fp.shape[0], -(-fp.shape[1] * 3 // 8))
+    assert infos[factor].dtype == "I8"
+    x = {"input_ids": torch.randint(5, 250, (2, 11), generator=torch.Generator().manual_seed(0))}
+    dense, factored = load_model(start, folder), load_factored(start, folder)
+    with torch.no_grad():
+        assert (dense(**x).logits - factored(**x).logits).abs().max() < 1e-4
+    out = tmp_path / "h.vlora.safetensors"
+    healed = heal(start, folder, CALIB, out, HealConfig(steps=20, batch_size=16, lr=3e-4, max_length=32,
+                                                         eval_samples=16, local_steps=0), eval_data=EVAL)
+    after = VloraFile(out)
+    assert after.plan == vfile.plan and after.nbytes == vfile.nbytes
+    assert healed.losses[-1] < healed.losses[0]  # distillation through the quantizer trains the Q + B A
+    assert healed.after <= healed.before  # and never writes worse
+    for name in (base, factor):  # training moves integers at the file's own (searched) scales
+        assert torch.equal(after.checkpoint.read(name + ".scale"), vfile.checkpoint.read(name + ".scale"))
+
+
+def test_a_low_rank_increment_over_int3_beats_int3_alone_within_the_same_budget_on_minilm(minilm_dir, tmp_path):
+    """The real MiniLM, calibrated: at 11% of the stack's bytes int4 does not fit, int3 alone
+    (9.8%) leaves 1.2% unused, and int3 bases under low-rank int4 increments spend it: every
+    family's output error on the calibration inputs falls (by 9 to 13%, measured)."""
+    from conftest import CALIB
+    from vlora_compress.calibrate import CalibConfig
+
+    calib = dict(calib=CALIB, calibration=CalibConfig(samples=64, holdout=0))
+    alone = compress(minilm_dir, tmp_path / "q.vlora.safetensors", method="dense", quantize="int3", **calib)
+    report = compress(minilm_dir, tmp_path / "qlr.vlora.safetensors", method="svd", ranks="uniform",
+                      quantize="int4", base_quantize="int3", target_size="0.11", target_of="stack", **calib)
+    assert alone.stack_size_ratio < report.stack_size_ratio <= 0.11 and report.rank >= 16
+    before = {f["suffix"]: f["mean_out_error"] for f in alone.families}
+    after = {f["suffix"]: f["mean_out_error"] for f in report.families}
+    assert before.keys() == after.keys() and len(after) == 6
+    assert all(after[k] < 0.95 * before[k] for k in after), (before, after)
+    assert sum(after.values()) < 0.92 * sum(before.values()), (before, after)

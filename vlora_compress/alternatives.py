@@ -12,7 +12,10 @@ of (bytes, score) on the eval's data and metric:
 - ``int4 alone, GPTQ`` (``compare`` ``gptq``, the default, when the file was calibrated): the same
   int4 storage with the integers chosen by GPTQ on the file's calibration (one more compress,
   ``--method dense --quantize int4``): the yardstick users at 4 bits compare with, far better
-  than rounding to nearest on a language model (SmolLM2: perplexity ratio 1.11 against 1.55);
+  than rounding to nearest on a language model (SmolLM2: perplexity ratio 1.11 against 1.55).
+  A file whose stacks are smaller than int4's gets it at its own bytes instead (``yardstick``):
+  the largest of int3 and int2, in groups of the eval's size, 64 or 32, that fits under them,
+  GPTQ-rounded, with the same scheme rounded to nearest beside it (``int3 g64 alone``);
 - ``per-layer SVD`` (asked for with ``compare`` ``svd``): whitened per-layer SVD with uniform ranks,
   sized to the file's bytes, with the file's calibration;
 - ``this file``.
@@ -32,6 +35,7 @@ from pathlib import Path
 from .checkpoint import open_checkpoint
 from .evaluate import EvalConfig, EvalReport, evaluate_models, quantize_stacks, task_head
 from .models import load_model, load_preprocessor, resolve_device
+from .quantize import nbytes as quantized_nbytes
 from .report import human_bytes
 from .stacks import find_stacks
 
@@ -45,14 +49,42 @@ class Row:
     command: str | None = None  # what makes it (None: the source, or the file itself)
 
 
+YARDSTICK_GROUPS = (64, 32)  # group sizes a sub-4-bit yardstick may take, beside the eval's own
+
+
+def yardstick(families: list[dict], stack_bytes: int, group_size: int) -> tuple[str, int]:
+    """(scheme, group size) of quantization alone to set beside a file whose stacks store
+    ``stack_bytes``: int4 in groups of ``group_size`` (the 4-bit yardstick) unless the file is
+    smaller than that, then the largest int3 or int2 storage, in groups of ``group_size``, 64 or
+    32, that fits under the file's bytes (the smallest there is when none does). ``families`` are
+    the report's, with their ``shape`` and ``layers``."""
+    def cost(scheme: str, group: int) -> int:
+        return sum(quantized_nbytes(tuple(f["shape"]), scheme, group) * len(f["layers"]) for f in families)
+
+    if cost("int4", group_size) <= stack_bytes:
+        return "int4", group_size
+    options = sorted({(cost(s, g), s, g) for s in ("int4", "int3", "int2") for g in (group_size, *YARDSTICK_GROUPS)})
+    fitting = [o for o in options if o[0] <= stack_bytes]
+    _, scheme, group = fitting[-1] if fitting else options[0]
+    return scheme, group
+
+
+def scheme_label(scheme: str, group: int, group_size: int) -> str:
+    """``int4`` for the eval's own group size (and int8), ``int3 g64`` otherwise: a row's name."""
+    return scheme if scheme == "int8" or group == group_size else f"{scheme} g{group}"
+
+
 def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: EvalConfig, original_bytes: int,
-                 file_bytes: int, svd_file=None, progress: bool = False, gptq_file=None) -> tuple[EvalReport, dict]:
+                 file_bytes: int, svd_file=None, progress: bool = False, gptq_file=None,
+                 gptq_scheme: tuple[str, int] | None = None) -> tuple[EvalReport, dict]:
     """(the file's EvalReport, the ``alternatives`` block) on ``data``.
 
     ``source`` is the original checkpoint (a folder or file; ``config_dir`` its folder);
     ``svd_file(bytes)``, when ``svd`` is compared, writes the per-layer SVD file of that size and
     returns (its path, its command, its tensor bytes); ``gptq_file()``, when ``gptq`` is compared
-    (None: not calibrated), likewise the GPTQ int4 file. Each is removed once scored."""
+    (None: not calibrated), likewise the GPTQ file, in ``gptq_scheme`` (scheme, group size; int4
+    in the eval's groups when not given), scored beside that scheme rounded to nearest. Each is
+    removed once scored."""
     device = resolve_device(eval_config.device)
     preprocessor = load_preprocessor(config_dir)
     kind = task_head(eval_config.task)
@@ -76,17 +108,22 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
             Row("this file", file_bytes, headline.model, time.perf_counter() - started)]
     with open_checkpoint(source) as ckpt:
         stack_bytes = sum(fam.nbytes for s in find_stacks(ckpt.infos) for fam in s.families)
-    for scheme in [c for c in eval_config.compare if c in ("int8", "int4")]:
+    g = eval_config.group_size
+    gptq_scheme = gptq_scheme or ("int4", g)
+    nearest = [(c, g) for c in eval_config.compare if c in ("int8", "int4")]
+    if "gptq" in eval_config.compare and gptq_file is not None and gptq_scheme not in nearest:
+        nearest.append(gptq_scheme)  # the GPTQ yardstick's own scheme, rounded to nearest, beside it
+    for scheme, group in nearest:
         started = time.perf_counter()
         model = load_model(source, bare, kind).to(device)
-        stored = quantize_stacks(model, Path(source), scheme, eval_config.group_size)  # the stacks' bytes so stored
+        stored = quantize_stacks(model, Path(source), scheme, group)  # the stacks' bytes so stored
         _, m = score(model)
         del model
-        group = f" --group-size {eval_config.group_size}" if scheme != "int8" else ""
-        rows.append(Row(f"{scheme} alone", original_bytes - stack_bytes + stored, m[0].model,
+        flag = f" --group-size {group}" if scheme != "int8" else ""
+        rows.append(Row(f"{scheme_label(scheme, group, g)} alone", original_bytes - stack_bytes + stored, m[0].model,
                         time.perf_counter() - started,
-                        f"vlora-compress {source} --method dense --quantize {scheme}{group}"))
-    made = [("gptq", "int4 alone, GPTQ", gptq_file),
+                        f"vlora-compress {source} --method dense --quantize {scheme}{flag} --rounding nearest"))
+    made = [("gptq", f"{scheme_label(*gptq_scheme, g)} alone, GPTQ", gptq_file),
             ("svd", "per-layer SVD", svd_file and (lambda: svd_file(file_bytes)))]
     for key, name, make in made:
         if key not in eval_config.compare or make is None:  # not asked for, or not calibrated

@@ -227,6 +227,7 @@ def _joined(parts: list[FamilyPlan]) -> FamilyPlan:
     """One family's plan from its blocks' plans: their chunks in order."""
     first = parts[0]
     for fp in parts[1:]:
-        if (fp.quant, fp.store_dtype, fp.group_size) != (first.quant, first.store_dtype, first.group_size):
+        if (fp.quant, fp.base_quant, fp.store_dtype, fp.group_size) != \
+                (first.quant, first.base_quant, first.store_dtype, first.group_size):
             raise VloraError(f"{first.name}: its blocks were planned in different storages")  # one scheme per family
     return replace(first, chunks=tuple(c for fp in parts for c in fp.chunks))

@@ -175,6 +175,8 @@ def _against_alternative(subject, facts: dict, name: str, max_drop: float) -> Ru
         raise VloraError(f"`max_drop_vs` must be one of {', '.join(ALTERNATIVE_ROWS)}, not {name!r}")
     rows = {r["name"]: r for r in block["rows"]}
     row = rows.get(ALTERNATIVE_ROWS[name])
+    if row is None and name == "gptq":  # below 4 bits the GPTQ yardstick is at the file's bytes (int3 g64 alone, GPTQ)
+        row = next((r for n, r in rows.items() if n.endswith(" alone, GPTQ")), None)
     if row is None:
         raise VloraError(f"{subject}: the report's alternatives have no {ALTERNATIVE_ROWS[name]!r} row")
     mine = rows["this file"]["value"]

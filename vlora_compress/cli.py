@@ -112,7 +112,8 @@ def compress_cmd(
     device: Annotated[str, typer.Option("--device", help="Where every stage runs (calibration, whitening, decompositions, alignment, planning, eval and --distill): auto (CUDA when present), cpu, cuda or cuda:N. Weights keep their dtype; only the writer is on the CPU.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
-    quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row), or int4, int3 or int2 (per group of a row, packed 4, 3 or 2 bits a value); each increment is fitted against the quantized layer before it. auto: the planner picks per family, by measured error at equal bytes, between more rank in fewer bits and less rank in the store dtype (none, int8, int4).")] = "none",
+    quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row), or int4, int3 or int2 (per group of a row, packed 4, 3 or 2 bits a value); each increment is fitted against the quantized layer before it. auto: the planner picks per family, by measured error at equal bytes, between more rank in fewer bits and less rank in the store dtype (none, int8, int4), every layer dense in int8 to int2 (quantization alone), and every layer a dense int4, int3 or int2 base under a low-rank int4 increment (W ≈ Q + BA).")] = "none",
+    base_quantize: Annotated[Optional[str], typer.Option("--base-quantize", help="Store bases as int8, int4, int3 or int2 apart from their factors (--quantize). With --method svd every layer becomes its own base in these integers under a rank-r increment fitted to what the rounding lost (W ≈ Q + BA, CALDERA's form); with vlora, each chunk's base.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", help="int4, int3, int2: values per float16 scale along a row.")] = 128,
     rounding: Annotated[str, typer.Option("--rounding", help="How calibrated layers stored as integers are rounded: gptq (each input column's error spread over the columns not yet rounded, against the calibration Grams) or nearest. Without --calib always nearest.")] = "gptq",
     quantize_passthrough: Annotated[bool, typer.Option("--quantize-passthrough", help="Also store large pass-through matrices (2-D, at least 65,536 values: embeddings, a head) with the --quantize scheme (int8 under auto); expand gives them back in their own dtype.")] = False,
@@ -137,7 +138,7 @@ def compress_cmd(
     config = CompressConfig(
         rank=rank, chunks=chunks, method=method, base=base, topology=topology, shared=shared, bounds=bounds, ranks=ranks,
         align=align, target_size=target_size, target_of=target_of, target_bits=target_bits, svd=svd, dtype=dtype, quantize=quantize,
-        group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
+        base_quantize=base_quantize, group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,
                                 gram_dtype=gram_dtype, gram_dir=gram_dir),
         sequential=sequential, feedback=feedback, planning=planning, device=device,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .align import align_stack, detect_layout, read_config
-from .alternatives import alternatives
+from .alternatives import alternatives, yardstick
 from .blockwise import BlockPlanner
 from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
@@ -160,10 +160,11 @@ def compress(
         folder = config_folder(config_dir or source)
         if cfg.compare:
             svd = lambda nbytes: _svd_alternative(source, out, config, calib, config_dir, tokenizer, nbytes)  # noqa: E731
+            scheme = yardstick(report.families, report.stack_compressed_bytes, cfg.group_size)
             gptq = None if calib is None else \
-                lambda: _gptq_alternative(source, out, config, calib, config_dir, tokenizer, cfg.group_size)  # noqa: E731
+                lambda: _gptq_alternative(source, out, config, calib, config_dir, tokenizer, *scheme)  # noqa: E731
             result, alts = alternatives(out, folder, config_dir or config_folder(source), eval_data, cfg,
-                                        report.original_bytes, report.compressed_bytes, svd, progress, gptq)
+                                        report.original_bytes, report.compressed_bytes, svd, progress, gptq, scheme)
             report = replace(report, evaluation=result.to_dict(), alternatives=alts)
         else:
             result = evaluate(out, eval_data, cfg, reference=folder,
@@ -182,13 +183,14 @@ def _svd_alternative(source, out: Path, config: CompressConfig, calib, config_di
     return _alternative_file(source, out, "svd", svd_config, calib, config_dir, tokenizer, flags)
 
 
-def _gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, group_size: int):
-    """(path, command, tensor bytes) of int4 alone with GPTQ rounding on the file's calibration:
-    the report's ``int4 alone, GPTQ`` row."""
-    gptq_config = replace(config, method="dense", quantize="int4", group_size=group_size, rounding="gptq",
+def _gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, scheme: str,
+                      group_size: int):
+    """(path, command, tensor bytes) of quantization alone in ``scheme`` with GPTQ rounding on the
+    file's calibration: the report's ``int4 alone, GPTQ`` row (alternatives.yardstick)."""
+    gptq_config = replace(config, method="dense", quantize=scheme, group_size=group_size, rounding="gptq",
                           target_size=None, target_bits=None, base="auto", chunks=None, align=False, ranks="uniform",
-                          quantize_passthrough=False)
-    flags = f"--method dense --quantize int4 --group-size {group_size}"
+                          quantize_passthrough=False, base_quantize=None)
+    flags = f"--method dense --quantize {scheme} --group-size {group_size}"
     return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, flags)
 
 

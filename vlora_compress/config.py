@@ -90,6 +90,9 @@ class CompressConfig:
     niter: int = 4  # power iterations of the randomised SVD
     quantize: str = "none"  # none | int8 | int4 | int3 | int2: integer storage of bases and factors (quantize.py);
     # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
+    base_quantize: str | None = None  # int8 | int4 | int3 | int2: the bases' integers where they differ from
+    # `quantize`'s (the factors'): with method svd every layer is its own base in these integers under a
+    # rank-r increment, W ≈ Q + B A; with vlora each chunk's base is (VLoRA over a quantized base)
     group_size: int = 128  # int4, int3, int2: values per scale along a row
     rounding: str = "gptq"  # integers of calibrated layers: gptq (chosen against the inputs' Grams,
     # quantize.gptq) | nearest; without calibration always nearest
@@ -148,6 +151,14 @@ class CompressConfig:
         if self.quantize not in QUANTIZE_CHOICES:
             raise VloraError(f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
         check_scheme(self.family_scheme, self.group_size)
+        if self.base_quantize is not None:
+            if self.base_quantize not in SCHEMES or self.base_quantize == "none":
+                raise VloraError(f"`base_quantize` must be one of {', '.join(SCHEMES[1:])}, not {self.base_quantize!r}")
+            if self.quantize == "auto" or self.method == "dense" or self.topology == "shared" or self.base == "none":
+                raise VloraError("`base_quantize` stores bases apart from their factors: it takes `method` svd or "
+                                 "vlora with bases, a `quantize` that is not auto (auto weighs quantized bases "
+                                 "itself), and no `topology` shared")
+            check_scheme(self.base_quantize, self.group_size)
         if self.rounding not in ROUNDINGS:
             raise VloraError(f"`rounding` must be one of {', '.join(ROUNDINGS)}, not {self.rounding!r}")
         if self.quantize_passthrough and self.quantize == "none":

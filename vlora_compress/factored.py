@@ -28,19 +28,20 @@ import torch.nn.functional as F
 from .errors import VloraError
 from .fileformat import VloraFile, factorised_keys
 from .plan import FamilyPlan, Plan, family_matrices, walk
-from .quantize import straight_through
+from .quantize import SCALE_SUFFIX, straight_through
 
 
 class FactoredStore(torch.nn.Module):
     """Every stored base and factor of a VLoRA file, once, under its file name.
 
-    ``quant`` maps a name to its (scheme, group size) where the file stores integers. With
+    ``quant`` maps a name to its (scheme, group size, the file's float16 scales) where the file stores
+    integers; training keeps the scales and moves the integers. With
     ``quantization_aware`` set, modules read such a tensor through a straight-through quantizer,
     so training sees exactly the values the file will hold; loaded from a file the values are
     already on the grid and the flag is left off.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, tuple[str, int]] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, tuple] | None = None):
         super().__init__()
         self.names = list(tensors)
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -242,7 +243,8 @@ def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, 
     stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _ in family_matrices(fp)}
     if dtype is not None:
         stored = {k: v.to(dtype) for k, v in stored.items()}
-    quant = {name: (q.scheme, q.group_size) for name, q in vfile.quantized.items() if name in stored}
+    quant = {name: (q.scheme, q.group_size, vfile.checkpoint.read(name + SCALE_SUFFIX))  # the file's scales, kept
+             for name, q in vfile.quantized.items() if name in stored}
     attach(model, vfile.plan, FactoredStore(stored, quant), read=placeholders.__getitem__)
     return model.eval()
 

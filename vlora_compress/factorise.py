@@ -137,14 +137,16 @@ class Whitener:
             return None  # no usable signal: the caller falls back to plain SVD
         return cls(q, lam + damping * scale, side, damping * scale)
 
-    def hessian(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(U, order, side), what GPTQ rounding reads (quantize.gptq): the inputs in order of falling
-        Hessian diagonal (GPTQ's "act order": the most used inputs rounded first, while the most
-        columns are left to take their error), and U the upper Cholesky factor of (G + δI)⁻¹ with
-        rows and columns in that order."""
-        order = torch.argsort((self.vectors.square() * self.values).sum(1), descending=True)
+    def hessian(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """(U, order, side, diagonal), what GPTQ rounding reads (quantize.quantize): the inputs in
+        order of falling Hessian diagonal (GPTQ's "act order": the most used inputs rounded first,
+        while the most columns are left to take their error), U the upper Cholesky factor of
+        (G + δI)⁻¹ with rows and columns in that order, and the diagonal of G + δI itself (what
+        the scale search weighs each input's error by)."""
+        diagonal = (self.vectors.square() * self.values).sum(1)
+        order = torch.argsort(diagonal, descending=True)
         h_inv = self.gram_inv[order][:, order]
-        return torch.linalg.cholesky((h_inv + h_inv.T) / 2, upper=True), order, self.side
+        return torch.linalg.cholesky((h_inv + h_inv.T) / 2, upper=True), order, self.side, diagonal
 
     def whiten(self, m: torch.Tensor) -> torch.Tensor:
         """M S for a weight stored (out, in), Sᵀ M for Conv1D's (in, out): the output-error view,
@@ -195,19 +197,20 @@ def fit_family(
     coefficients over it as the layer comes, whitened by the inputs the compressed model feeds it.
     """
     orig = DTYPES[plan.dtype]
+    held = None  # (weight, whitening) a one-layer chunk's base read, for its increment
     for t in walk(plan):
         if not t.over:  # the chunk's base, and a shared chunk's basis
             chunk = plan.chunks[t.chunk]
             if t.basis is not None:
                 entries, basis_hat = _fit_basis(plan, chunk, t, *(bases or (read, whitener)), config)
                 yield from entries
-            if chunk.base == "synthetic":
-                entries, base_hat = encode(plan, t.base, synthetic_base(plan, chunk, read, whitener))
+            if chunk.base == "synthetic":  # a one-layer chunk's weight and whitening are read here once
+                entries, base_hat, held = _fit_synthetic(plan, chunk, t.base, read, whitener, config)
                 yield from entries
             elif t.layer is not None:
                 w = read(t.key)
                 wh = whitener(t.key)
-                entries, base_hat = encode(plan, t.key, w, _hessian(plan, config, wh))
+                entries, base_hat = encode(plan, t.key, w, _hessian(plan, t.key, config, wh))
                 yield from entries
                 if rebuilt is not None:
                     rebuilt(t.key, base_hat.to(orig))
@@ -218,15 +221,15 @@ def fit_family(
             last_hat = base_hat
             continue
         key, rank = t.key, t.rank
-        w = read(key)
+        w, wh = held if held is not None else (read(key), whitener(key))
+        held = None
         if base_hat is None:
             base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
         ref_hat = base_hat if t.over == "base" else last_hat
         method = choose_svd(plan.shape, rank, config.svd)
-        wh = whitener(key)
         delta = w.float() - ref_hat
         memo = (svd_cache, key) if svd_cache is not None and t.base is None else None
-        hessian = _hessian(plan, config, wh) if rank else None  # for the factor that reads the layer's inputs
+        hessian = _hessian(plan, t.factors[0], config, wh) if rank else None  # for the factor reading the inputs
         if t.basis is not None:  # the chunk's basis is A: only the layer's coefficients are its own
             a = basis_hat
             entries_b, b = encode(plan, t.factors[0], coefficients(delta, a, wh),
@@ -239,7 +242,7 @@ def fit_family(
                 b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
             kb, ka = t.factors
             entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
-            if plan.quant != "none":  # B as stored is not the B the SVD gave: refit A to it
+            if plan.quant_of(kb) != "none":  # B as stored is not the B the SVD gave: refit A to it
                 a = refit_right(b, delta, wh)
             entries_a, a = encode(plan, ka, a, hessian if wh is not None and wh.side == 1 else None)
             yield from entries_b
@@ -257,11 +260,36 @@ def fit_family(
         yield fit
 
 
-def _hessian(plan: FamilyPlan, config: CompressConfig, wh: Whitener | None) -> tuple | None:
-    """What GPTQ rounding reads, where the family is stored as integers, calibrated, and asked to."""
-    if plan.quant == "none" or wh is None or config.rounding != "gptq":
+def _hessian(plan: FamilyPlan, name: str, config: CompressConfig, wh: Whitener | None) -> tuple | None:
+    """What GPTQ rounding of the matrix ``name`` reads, where it is stored as integers, calibrated,
+    and asked to."""
+    if plan.quant_of(name) == "none" or wh is None or config.rounding != "gptq":
         return None
     return wh.hessian()
+
+
+def _fit_synthetic(plan: FamilyPlan, chunk, name: str, read, whitener, config: CompressConfig):
+    """(stored entries, the base as stored in float32, (W, whitening) of a one-layer chunk or None) of
+    a chunk's synthetic base: a reader such as sequential.py gives a layer's weight and whitening
+    once, so the increment step takes them from here.
+
+    Over several layers the base is their whitened mean (synthetic_base), rounded against their
+    summed inputs. Over one layer it is the layer itself, rounded by GPTQ against its own inputs:
+    the quantized part of W ≈ Q + B A, whose increment the walk then fits to the whitened error
+    W - Q (the first step of CALDERA, Saha et al. 2024). CALDERA goes on alternating, rounding Q
+    again from W - B A; on MiniLM that measured no better (docs/planning.md), since GPTQ has
+    already spread each column's error over the rest, so it is not done."""
+    if len(chunk.layers) > 1:
+        wh = None
+        if plan.quant_of(name) != "none" and config.rounding == "gptq":
+            whs = [whitener(plan.key(layer)) for layer in chunk.layers]
+            if all(w is not None for w in whs):
+                wh = Whitener.from_gram(sum(w.gram for w in whs), whs[0].side, config.calibration.damping)
+        return (*encode(plan, name, synthetic_base(plan, chunk, read, whitener), _hessian(plan, name, config, wh)),
+                None)
+    key = plan.key(chunk.layers[0])
+    w, wh = read(key), whitener(key)
+    return (*encode(plan, name, w.float(), _hessian(plan, name, config, wh)), (w, wh))
 
 
 def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfig):
@@ -282,7 +310,7 @@ def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfi
                              for key, wh in zip(keys, whs)])
         _, a = truncated_svd(stacked, t.rank, method, config.seed, config.niter)
     del stacked
-    return encode(plan, t.basis, a, _hessian(plan, config, common))
+    return encode(plan, t.basis, a, _hessian(plan, t.basis, config, common))
 
 
 def coefficients(delta: torch.Tensor, a: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
@@ -304,17 +332,18 @@ def refit_right(b: torch.Tensor, delta: torch.Tensor, wh: Whitener | None) -> to
     return torch.linalg.lstsq(b64, d64).solution.float()
 
 
-def encode(plan: FamilyPlan, name: str, t: torch.Tensor,
-           hessian: tuple | None = None) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+def encode(plan: FamilyPlan, name: str, t: torch.Tensor, hessian: tuple | None = None,
+           scale: torch.Tensor | None = None) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
     """(stored entries, what they read back as in float32): the closed loop fits from the latter,
     so rounding to the store dtype or to integers never compounds down a chain. ``hessian`` (for
-    the matrix that reads the layer's inputs) has the integers chosen by GPTQ."""
-    store = DTYPES[plan.store_dtype]
-    if plan.quant == "none":
+    the matrix that reads the layer's inputs) has the integers chosen by GPTQ; ``scale`` keeps given
+    scales (healing writes trained values back at the file's own)."""
+    store, scheme = DTYPES[plan.store_dtype], plan.quant_of(name)
+    if scheme == "none":
         stored = t.to(store)
         return [(name, stored)], stored.float()
-    q, s = quantize(t, plan.quant, plan.group_size, hessian)
-    back = dequantize(q, s, tuple(t.shape), plan.quant, plan.group_size).to(store)
+    q, s = quantize(t, scheme, plan.group_size, hessian, scale)
+    back = dequantize(q, s, tuple(t.shape), scheme, plan.group_size).to(store)
     return [(name, q), (name + SCALE_SUFFIX, s)], back.float()
 
 

@@ -26,7 +26,8 @@ FORMAT_NAME = "vlora"
 FORMAT_VERSION = 1  # files without quantized storage
 QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.md, section 9)
 SHARED_VERSION = 3  # version 2 plus chunks that share one basis (topology shared, docs/format.md section 10)
-READS = (str(FORMAT_VERSION), str(QUANTIZED_VERSION), str(SHARED_VERSION))
+BASE_QUANT_VERSION = 4  # version 3 plus bases stored in a scheme of their own (`base_quant`, docs/format.md section 11)
+READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION))
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
 
@@ -99,9 +100,9 @@ class Quantized:
 
 def read_matrix(fp: FamilyPlan, shape: tuple[int, int], name: str, raw, where: str | None = None) -> torch.Tensor:
     """A base or factor as stored entries ``raw(name)`` hold it: dequantized when quantized."""
-    if fp.quant == "none":
+    if fp.quant_of(name) == "none":
         return raw(name)
-    return read_quantized(Quantized(fp.quant, fp.group_size, shape, fp.store_dtype), name, raw, where)
+    return read_quantized(Quantized(fp.quant_of(name), fp.group_size, shape, fp.store_dtype), name, raw, where)
 
 
 def read_quantized(spec: Quantized, name: str, raw, where: str | None = None) -> torch.Tensor:
@@ -117,9 +118,12 @@ def quantized_entries(name: str, shape: tuple[int, int], scheme: str, group_size
 
 def family_layout(fp: FamilyPlan) -> list[Entry]:
     """Stored tensors of one family: each matrix, or when quantized its integers and then its scales."""
-    if fp.quant == "none":
-        return [(name, fp.store_dtype, shape) for name, shape in family_matrices(fp)]
-    return [e for name, shape in family_matrices(fp) for e in quantized_entries(name, shape, fp.quant, fp.group_size)]
+    out: list[Entry] = []
+    for name, shape in family_matrices(fp):
+        scheme = fp.quant_of(name)
+        out += ([(name, fp.store_dtype, shape)] if scheme == "none"
+                else quantized_entries(name, shape, scheme, fp.group_size))
+    return out
 
 
 def factorised_keys(plan: Plan) -> set[str]:
@@ -142,7 +146,10 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
 
 
 def version_of(plan: Plan) -> int:
-    """The least format version that holds the plan: shared bases need 3, integer storage 2."""
+    """The least format version that holds the plan: bases in their own scheme need 4, shared bases
+    3, integer storage 2."""
+    if any(fp.base_quant is not None for fp in plan.families):
+        return BASE_QUANT_VERSION
     return SHARED_VERSION if _shared(plan) else QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION
 
 
@@ -192,12 +199,14 @@ class VloraFile:
             raise VloraError(f"{self.path}: {e}") from None
         if int(version) < version_of(self.plan):
             raise VloraError(f"{self.path}: corrupted plan: a version {version} file cannot hold "
-                             + ("shared bases" if _shared(self.plan) else "quantized tensors"))
+                             + ("bases in their own scheme" if version_of(self.plan) == BASE_QUANT_VERSION
+                                else "shared bases" if _shared(self.plan) else "quantized tensors"))
         self._check_passthrough()
         self._check_layout()
         # what reads back as floats: name -> how
-        self.quantized = {name: Quantized(fp.quant, fp.group_size, shape, fp.store_dtype)
-                          for fp in self.plan.families if fp.quant != "none" for name, shape in family_matrices(fp)}
+        self.quantized = {name: Quantized(fp.quant_of(name), fp.group_size, shape, fp.store_dtype)
+                          for fp in self.plan.families for name, shape in family_matrices(fp)
+                          if fp.quant_of(name) != "none"}
         source = self.source.by_key()
         for q in self.plan.passthrough:
             dt, shape = source[q.key]

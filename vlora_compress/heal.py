@@ -32,6 +32,7 @@ from .factorise import encode
 from .localheal import heal_locally
 from .fileformat import VloraFile, factorised_keys, header_metadata, layout
 from .plan import INCREMENT_SUFFIXES, family_matrices
+from .quantize import SCALE_SUFFIX
 from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
 from .models import batches, resolve_device, takes_text, token_limit
 from .progress import Progress
@@ -838,8 +839,9 @@ def _write(vfile: VloraFile, trained: dict[str, torch.Tensor], out: Path) -> Non
     encoded = {}
     for fp in vfile.plan.families:
         for name, _ in family_matrices(fp):
-            if name in trained:
-                encoded.update(encode(fp, name, trained[name].detach().cpu().float())[0])
+            if name in trained:  # at the file's own scales, which quantization-aware training kept
+                scale = vfile.checkpoint.read(name + SCALE_SUFFIX) if fp.quant_of(name) != "none" else None
+                encoded.update(encode(fp, name, trained[name].detach().cpu().float(), scale=scale)[0])
     with SafetensorsWriter(out, entries, meta) as writer, torch.no_grad():
         for name, dtype, _ in entries:
             if name in encoded:

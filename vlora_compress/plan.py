@@ -76,8 +76,22 @@ class FamilyPlan:
     dtype: str  # original dtype
     store_dtype: str  # dtype of the stored base and factors (after dequantizing, when quantized)
     chunks: tuple[ChunkPlan, ...]
-    quant: str = "none"  # none | int8 | int4
-    group_size: int = 128  # int4 only
+    quant: str = "none"  # none | int8 | int4 | int3 | int2: the factors' scheme, and the bases' too unless
+    group_size: int = 128  # int4, int3, int2: values per scale along a row
+    base_quant: str | None = None  # the bases' scheme where it is not ``quant``: a quantized base under
+    # low-rank increments (a one-layer chunk is W ≈ Q + B A, CALDERA's form)
+
+    def quant_of(self, name: str) -> str:
+        """The scheme a stored matrix of the family is in: ``base_quant`` for a chunk's base where
+        it is set, ``quant`` for everything else."""
+        if self.base_quant is None:
+            return self.quant
+        bases = {self.base_key(c) for c in range(len(self.chunks))}
+        return self.base_quant if name in bases else self.quant
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant != "none" or self.base_quant not in (None, "none")
 
     def key(self, layer: int) -> str:
         return layer_key(self.stack, layer, self.suffix)
@@ -89,7 +103,8 @@ class FamilyPlan:
     def summary(self) -> dict:
         """The identifying fields every report of a family starts with."""
         return {"family": self.name, "stack": self.stack, "suffix": self.suffix, "shape": list(self.shape),
-                "dtype": self.dtype, "store_dtype": self.store_dtype, "quant": self.quant, "group_size": self.group_size}
+                "dtype": self.dtype, "store_dtype": self.store_dtype, "quant": self.quant, "group_size": self.group_size,
+                "base_quant": self.base_quant}
 
     def synthetic_base_key(self, chunk: int) -> str:
         return layer_key(self.stack, f"vlora_base{chunk}", self.suffix)
@@ -189,7 +204,7 @@ class Plan:
 
     @property
     def quantized(self) -> bool:
-        return bool(self.passthrough) or any(f.quant != "none" for f in self.families)
+        return bool(self.passthrough) or any(f.quantized for f in self.families)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,7 +293,7 @@ def _family_plan(data) -> FamilyPlan:
         chunks.append(ChunkPlan(_list(c["layers"], "chunk layers"), _list(c["ranks"], "chunk ranks"), c["base"],
                                 c.get("topology", "chain")))
     return FamilyPlan(f["stack"], f["suffix"], _list(f["shape"], "a family's shape"), f["dtype"], f["store_dtype"],
-                      tuple(chunks), f.get("quant", "none"), f.get("group_size", 128))
+                      tuple(chunks), f.get("quant", "none"), f.get("group_size", 128), f.get("base_quant"))
 
 
 def _quantized_tensor(data) -> QuantizedTensor:
@@ -324,6 +339,8 @@ def _check_family(f: FamilyPlan, stacks: dict[str, set[int]]) -> None:
     if not all(isinstance(dt, str) and dt in FLOAT_DTYPES for dt in (f.dtype, f.store_dtype)):
         raise VloraError(f"corrupted plan: {f.name} has dtype {_brief(f.dtype)}/{_brief(f.store_dtype)}")
     _check_storage(f.quant, f.group_size, f.name)
+    if f.base_quant is not None:
+        _check_storage(f.base_quant, f.group_size, f.name + "'s bases")
     if f.stack not in stacks:
         raise VloraError(f"corrupted plan: {f.name} names stack {f.stack!r}, which the plan does not list")
     if not f.chunks:
@@ -430,7 +447,8 @@ def matrix_bytes(shape: tuple[int, int], store_dtype: str, quant: str = "none", 
 
 def family_bytes(fp: FamilyPlan) -> int:
     """Stored bytes of a family plan: its bases and its factors (fileformat.family_layout's sum)."""
-    return sum(matrix_bytes(shape, fp.store_dtype, fp.quant, fp.group_size) for _, shape in family_matrices(fp))
+    return sum(matrix_bytes(shape, fp.store_dtype, fp.quant_of(name), fp.group_size)
+               for name, shape in family_matrices(fp))
 
 
 def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:
@@ -449,8 +467,12 @@ def _dense_family(fam: Family, config: CompressConfig) -> FamilyPlan:
 
 
 def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
-    chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
+    if config.base_quantize is not None:  # every layer W ≈ Q + B A: its own quantized base, one increment
+        chunks = tuple(ChunkPlan((layer,), (rank,), base="synthetic", topology="star") for layer in fam.layers)
+        return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, chunks, config.family_scheme,
+                          config.group_size, config.base_quantize)
+    chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
     return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,),
                                        config.family_scheme, config.group_size))
 
@@ -466,6 +488,7 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
             topology = "star" if config.topology == "star" else "chain"
             chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
+    base_quant = config.base_quantize if config.topology != "shared" else None
     return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks),
-                                       config.family_scheme, config.group_size))
+                                       config.family_scheme, config.group_size, base_quant))
 

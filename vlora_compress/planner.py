@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import AUTO_SCHEMES
+from .quantize import AUTO_SCHEMES, SCHEMES
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import read_matrix
@@ -46,19 +46,25 @@ from .stacks import Family, Stack
 MAX_AUTO_CHUNKS = 3
 AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
 SHARED_GROUPS = (2, 3, 4)  # layers a shared basis serves: Basis Sharing finds 2 to 4 alike
+QLR_BASES = ("int4", "int3", "int2")  # --quantize auto: schemes of a quantized base under a low-rank increment
+QLR_FACTORS = "int4"  # and of its factors: twice int8's rank at equal bytes, measured better (docs/planning.md)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    base: str  # first | mean | best | none
+    base: str  # first | mean | best | none | own (every layer its own base: with base_quant, W ≈ Q + B A)
     topology: str  # chain | star
     chunks: int
-    quant: str = "none"  # none (the store dtype) | int8 | int4
+    quant: str = "none"  # none (the store dtype) | int8 | int4 | int3 | int2
     dense: bool = False  # every layer its own base, nothing low rank: quantization alone
+    base_quant: str | None = None  # the bases' scheme where it is not ``quant``: with base ``own`` every
+    # layer W ≈ Q + B A (CALDERA's form), else each chunk's base (VLoRA over a quantized base)
 
     @property
     def label(self) -> str:
         bits = "" if self.quant == "none" else f", {self.quant}"
+        if self.base == "own":
+            return f"{self.base_quant} + low rank" + bits
         if self.topology == "shared":
             return f"shared basis, {self.chunks} group{'s' if self.chunks > 1 else ''}" + bits
         if self.base == "none":
@@ -137,7 +143,7 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
             continue
         if len(cands) == 1:  # nothing to choose between: no need to measure
             return (cand, fp, float("nan")), [], []
-        est = float("nan") if cand.dense else spectral_error(fp, weights, whitener, spectra)
+        est = float("nan") if _rounded(cand) else spectral_error(fp, weights, whitener, spectra)
         planned.append((est, i, cand, fp))
     del spectra
     short = _short_list(planned, config)
@@ -170,6 +176,8 @@ def form(cand: Candidate) -> str:
     group) or dense."""
     if cand.dense:
         return "dense"
+    if cand.base == "own":
+        return "quantized + low rank"
     if cand.topology == "shared":
         return "shared"
     return "per-layer" if cand.base == "none" else "vlora"
@@ -180,8 +188,8 @@ def _short_list(planned: list, config: CompressConfig) -> list:
     best of each form there (per-layer SVD, VLoRA, shared basis: the estimates are not equally
     optimistic across forms, a stacked spectrum the most, so no form may crowd another out of
     the fit), the best in each integer storage ``--quantize auto`` adds, and every dense candidate."""
-    ranked = sorted((t for t in planned if not t[2].dense), key=lambda t: t[:2])
-    short = [t for t in planned if t[2].dense]
+    ranked = sorted((t for t in planned if not _rounded(t[2])), key=lambda t: t[:2])
+    short = [t for t in planned if _rounded(t[2])]
     for quant in dict.fromkeys(t[2].quant for t in ranked):
         mine = [t for t in ranked if t[2].quant == quant]
         short += mine[:SHORT_LIST if quant == config.family_scheme else 1]
@@ -189,6 +197,12 @@ def _short_list(planned: list, config: CompressConfig) -> list:
     for kind in dict.fromkeys(form(t[2]) for t in reference):
         short += [t for t in reference if form(t[2]) == kind][:1]
     return list({t[1]: t for t in short}.values())  # once each, by candidate index
+
+
+def _rounded(cand: Candidate) -> bool:
+    """Whether a candidate's error is mostly its integers' rounding, which singular values do not
+    see (dense, and a quantized base under its increments): such candidates are always fitted."""
+    return cand.dense or cand.base == "own"
 
 
 def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
@@ -254,19 +268,26 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     budget (``target``, else the uniform plan's bytes), and the bytes its pick leaves are spent
     again. The result is kept only if, measured with every family compressed at once, it beats the
     uniform plan: an allocation never ships when it measures worse.
+
+    Under ``--quantize auto`` a family's options also hold other bits (``_bit_options``): every
+    layer dense in each scheme, and a quantized base of each scheme under a low-rank increment at
+    the family's budget and half as much again, so the Lagrangian moves bits between families, not
+    only rank: int4 where the model is sensitive, int2 under a low-rank term where it is not.
     """
-    options = []  # per family: [(bytes, error, plan)]
+    options = []  # per family: [(bytes, error, plan, candidate)]
     total = 0
     for (fam, cand, budget), fp in zip(chosen, uniform):
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
         spectra: dict = {}
         opts = [(family_bytes(fp), 0.0 if exact(fp) else meter(rebuild_in_memory(fp, weights, whitener, config, cache)),
-                 fp)]
-        for scale in RANK_SCALES:
-            alt = fit_candidate(fam, cand, weights, whitener, config, int(budget * scale), spectra)
-            if alt is not None and family_bytes(alt) != opts[0][0]:
-                opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config, cache)), alt))
+                 fp, cand)]
+        tries = [(cand, scale) for scale in RANK_SCALES] + (_bit_options(cand) if config.quantize == "auto" else [])
+        for other, scale in tries:
+            alt = fit_candidate(fam, other, weights, whitener, config, int(budget * scale), spectra)
+            if alt is not None and all(alt != o[2] for o in opts):
+                opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config, cache)), alt,
+                             other))
         del cache, spectra
         options.append(opts)
         total += family_bytes(fp)
@@ -278,7 +299,10 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     err_uniform = meter(_rebuild_all(chosen, uniform, config, read, whitener))
     err_alloc = meter(_rebuild_all(chosen, allocated, config, read, whitener))
     if err_alloc < err_uniform:
-        return allocated, f"ranks: allocated by measured sensitivity, output error {err_alloc:.4g} vs {err_uniform:.4g} uniform"
+        moved = [f"{fam.name} {cand.label} -> {opts[i][3].label}" for (fam, cand, _), opts, i in zip(chosen, options, picked)
+                 if opts[i][3] != cand]
+        return allocated, (f"ranks: allocated by measured sensitivity, output error {err_alloc:.4g} vs {err_uniform:.4g} uniform"
+                           + (f"; bits moved: {'; '.join(moved)}" if moved else ""))
     return list(uniform), f"ranks: uniform kept, output error {err_uniform:.4g} vs {err_alloc:.4g} allocated"
 
 
@@ -293,11 +317,13 @@ def _spend_slack(chosen, options, picked: list[int], total: int, config, read, w
     slack = total - sum(family_bytes(fp) for fp in plans)
 
     def slope(opts, i):  # the steepest measured fall in error per byte above the picked option
-        nbytes, err, _ = opts[i]
-        return max(((err - e) / (b - nbytes) for b, e, _ in opts if b > nbytes), default=0.0)
+        nbytes, err = opts[i][:2]
+        return max(((err - o[1]) / (o[0] - nbytes) for o in opts if o[0] > nbytes), default=0.0)
 
     for j in sorted(range(len(plans)), key=lambda j: -slope(options[j], picked[j])):
-        fam, cand, _ = chosen[j]
+        fam, cand = chosen[j][0], options[j][picked[j]][3]  # the picked option's form and bits
+        if cand.dense:  # a fixed size: nothing to grow
+            continue
         step = candidate_bytes(fam, cand, 2, config) - candidate_bytes(fam, cand, 1, config)
         if slack < step:  # not one more rank of this family: no refit
             continue
@@ -308,6 +334,18 @@ def _spend_slack(chosen, options, picked: list[int], total: int, config, read, w
             slack -= family_bytes(grown) - have
             plans[j] = grown
     return plans
+
+
+BIT_SCALES = (1.0, 1.5)  # budgets, as shares of a family's, at which --quantize auto's allocation tries other bits
+
+
+def _bit_options(cand: Candidate) -> list[tuple[Candidate, float]]:
+    """(candidate, budget scale) of the other bits a family may take under ``--quantize auto``: every
+    layer dense in each scheme (its bytes are its own; the scale only lets it fit), and each quantized
+    base under a low-rank increment at ``BIT_SCALES``; the chosen candidate's own are already tried."""
+    dense = [(Candidate("first", "chain", 1, q, dense=True), max(RANK_SCALES)) for q in SCHEMES if q != "none"]
+    based = [(Candidate("own", "star", 1, QLR_FACTORS, base_quant=q), scale) for q in QLR_BASES for scale in BIT_SCALES]
+    return [(c, scale) for c, scale in dense + based if c != cand]
 
 
 def _lagrangian(options, budget: int) -> list[int]:
@@ -348,9 +386,12 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
     schemes = AUTO_SCHEMES if config.quantize == "auto" else (config.quantize,)  # auto: more rank, or fewer bits
     out = []
+    bq = config.base_quantize
     for q in schemes:
         for b in bases:
-            if b == "none":
+            if b == "none" and bq is not None and config.method == "svd":  # every layer W ≈ Q + B A
+                out.append(Candidate("own", "star", 1, q, base_quant=bq))
+            elif b == "none":
                 if config.topology != "shared":
                     out.append(Candidate("none", "star", 1, q))
                 if config.topology == "shared" or (config.topology == "auto" and config.shared):
@@ -358,9 +399,16 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
                               else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
                     out += [Candidate("none", "shared", k, q) for k in groups if 1 <= k and 2 * k <= n_layers]
                 continue
-            out += [Candidate(b, t, k, q) for t in topologies if t != "shared" for k in counts if k <= n_layers]
-        if base == "auto" and not config.chunks and q != "none":
-            out.append(Candidate("first", "chain", n_layers, q, dense=True))  # the yardstick, as a choice
+            out += [Candidate(b, t, k, q, base_quant=bq) for t in topologies if t != "shared" for k in counts
+                    if k <= n_layers]
+    if base == "auto" and not config.chunks:
+        # quantization alone, the yardstick, as a choice: every layer dense in the scheme, or under
+        # auto in each (bits as a choice), with below 8 bits a dense layer under a low-rank increment
+        # that mends what its rounding lost (W ≈ Q + B A)
+        dense = SCHEMES if config.quantize == "auto" else schemes
+        out += [Candidate("first", "chain", n_layers, q, dense=True) for q in dense if q != "none"]
+        if config.quantize == "auto":
+            out += [Candidate("own", "star", 1, QLR_FACTORS, base_quant=q) for q in QLR_BASES]
     return out
 
 
@@ -371,6 +419,9 @@ def reference(config: CompressConfig, n_layers: int) -> Candidate:
     base = "none" if config.topology == "shared" else "first" if base == "auto" else base
     topology = "chain" if config.topology == "auto" else config.topology
     chunks = 1 if base == "none" and topology != "shared" else min(config.chunks or 1, n_layers)
+    if config.base_quantize is not None:  # bases in integers of their own; with svd, every layer's
+        return Candidate("own" if base == "none" else base, "star" if base == "none" else topology, chunks,
+                         config.family_scheme, base_quant=config.base_quantize)
     return Candidate(base, topology, chunks, config.family_scheme)
 
 
@@ -379,20 +430,20 @@ def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressCon
     at most every layer dense, which is what fit_candidate stores where factors would cost more."""
     m, n = fam.shape
     r = min(rank, m, n)
-    size = lambda shape: matrix_bytes(shape, _store(fam, config), cand.quant, config.group_size)  # noqa: E731
+    size = lambda shape, q=cand.quant: matrix_bytes(shape, _store(fam, config), q, config.group_size)  # noqa: E731
     bases, increments = _counts(fam, cand)
     if cand.topology == "shared":  # a basis per group, every layer its own coefficients
         factored = min(cand.chunks, len(fam.layers)) * size((r, n)) + increments * size((m, r))
     else:
-        factored = bases * size((m, n)) + increments * (size((m, r)) + size((r, n)))
-    return factored if cand.dense else min(factored, len(fam.layers) * size((m, n)))
+        factored = bases * size((m, n), cand.base_quant or cand.quant) + increments * (size((m, r)) + size((r, n)))
+    return factored if _rounded(cand) else min(factored, len(fam.layers) * size((m, n), cand.base_quant or cand.quant))
 
 
 def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
     """(dense bases, increments): a mean base is stored once and every layer is an increment; a
     layer base is a layer; a zero base is stored nowhere."""
-    if cand.base == "none":
-        return 0, len(fam.layers)
+    if cand.base in ("none", "own"):
+        return (len(fam.layers) if cand.base == "own" else 0), len(fam.layers)
     chunks = min(cand.chunks, len(fam.layers))
     return chunks, len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
 
@@ -455,6 +506,9 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     rank = _fit_rank(min(fam.shape), lambda r: candidate_bytes(fam, cand, r, config) <= budget) if _counts(fam, cand)[1] else 0
     if rank < 1:
         return None
+    if cand.base == "own":  # every layer W ≈ Q + B A: its own chunk, a quantized base, one increment
+        chunks = [ChunkPlan((layer,), (rank,), "synthetic", "star") for layer in fam.layers]
+        return _family_plan(fam, config, chunks, cand.quant, cand.base_quant)
     if cand.topology == "shared":  # contiguous groups of equal size, one basis each
         chunks = [ChunkPlan(fam.layers[a:b], (rank,) * (b - a), "none", "shared")
                   for a, b in split_equal(n_layers, cand.chunks)]
@@ -474,8 +528,9 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
         elif cand.base in ("first", "mean") or len(layers) == 1:
             chunks.append(ChunkPlan(layers, (0,) + (rank,) * (len(layers) - 1), layers[0], cand.topology))
         else:
-            chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant))
-    return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant))
+            chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant,
+                                     cand.base_quant))
+    return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant, cand.base_quant))
 
 
 def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[int, int], ...]:
@@ -544,21 +599,23 @@ def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitene
     return err / total if total > 0 else err
 
 
-def _best_base(fam, layers, rank, topology, weights, whitener, config, quant: str) -> ChunkPlan:
+def _best_base(fam, layers, rank, topology, weights, whitener, config, quant: str, base_quant=None) -> ChunkPlan:
     """The chunk's layer that, as its base, leaves the least residual over the chunk."""
     best = None
     for b in layers:
         chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, topology)
-        fp = _family_plan(fam, config, [chunk], quant)
+        fp = _family_plan(fam, config, [chunk], quant, base_quant)
         err = family_error(fam, weights, rebuild_in_memory(fp, weights, whitener, config), whitener)
         if best is None or err < best[0]:
             best = (err, chunk)
     return best[1]
 
 
-def _family_plan(fam: Family, config: CompressConfig, chunks, quant: str) -> FamilyPlan:
+def _family_plan(fam: Family, config: CompressConfig, chunks, quant: str, base_quant: str | None = None) -> FamilyPlan:
+    """``base_quant`` is kept only where some chunk has a base to store in it."""
+    base_quant = base_quant if any(c.base != "none" for c in chunks) else None
     return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, _store(fam, config), tuple(chunks),
-                      quant, config.group_size)
+                      quant, config.group_size, base_quant)
 
 
 def _store(fam: Family, config: CompressConfig) -> str:

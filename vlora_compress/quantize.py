@@ -55,37 +55,93 @@ def nbytes(shape: tuple[int, int], scheme: str, group_size: int) -> int:
     return p[0] * p[1] + 2 * s[0] * s[1]
 
 
-def quantize(x: torch.Tensor, scheme: str, group_size: int = 128,
-             hessian: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, scheme: str, group_size: int = 128, hessian: tuple | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(integers, float16 scales) of a 2-D tensor.
 
-    ``hessian`` = (U, order, side) chooses the integers by GPTQ instead of rounding each to
-    nearest: the inputs are rounded in ``order``, U is the upper Cholesky factor of H⁻¹ in that
-    order for the inputs' Hessian H = XᵀX + δI (factorise.Whitener.hessian), and ``side`` says
-    where the input dimension is (1: columns, as nn.Linear stores (out, in); 0: rows, as Conv1D
-    stores (in, out)). The scales are round-to-nearest's either way, fixed before rounding (GPTQ's
-    static groups), so the stored layout is the same."""
+    ``hessian`` = (U, order, side[, diagonal]) chooses the integers by GPTQ instead of rounding
+    each to nearest: the inputs are rounded in ``order``, U is the upper Cholesky factor of H⁻¹ in
+    that order for the inputs' Hessian H = XᵀX + δI (factorise.Whitener.hessian), and ``side``
+    says where the input dimension is (1: columns, as nn.Linear stores (out, in); 0: rows, as
+    Conv1D stores (in, out)). The scales are fixed before rounding (GPTQ's static groups), so the
+    stored layout is the same: max|x|/L, or below 8 bits searched scales (_scales, weighted by
+    H's ``diagonal``) where GPTQ then leaves less output error; round-to-nearest takes max|x|/L.
+    ``scale`` given (a file's own, as healing writes back to it) is used as it is."""
     x = x.float()
     rows, cols = x.shape
     level = LEVELS[scheme]
     groups = _grouped(x, scheme, group_size)  # (rows, n_groups, g)
-    scale = (groups.abs().amax(-1) / level).to(SCALE_DTYPE)
-    # a scale that underflows float16 (or an all-zero group) would divide by zero: 1 stores zeros exactly
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    fixed = scale is not None
+    scale = _scales(groups, level) if scale is None else scale.to(device=x.device, dtype=SCALE_DTYPE)
     if hessian is None:
         q = torch.round(groups / scale.float()[..., None]).clamp(-level, level)
         q = q.reshape(rows, -1)[:, :cols]
     else:
-        per_value = _grouped(torch.ones_like(x), scheme, group_size) * scale.float()[..., None]
-        per_value = per_value.reshape(rows, -1)[:, :cols]
-        u, order, side = hessian
-        w, step = (x, per_value) if side == 1 else (x.T, per_value.T)
-        q = torch.empty_like(w)
-        q[:, order] = gptq(w[:, order], step[:, order], level, u)
-        q = q if side == 1 else q.T
+        search = CLIP and level < 127 and not fixed  # searched scales too: kept where GPTQ then does better
+        q, err = _gptq_at(x, scale, scheme, group_size, hessian, measure=search)
+        if search:
+            weights = None  # each value's error weighted by how strongly the layer reads its input
+            if len(hessian) > 3 and hessian[2] == 1:
+                weights = _grouped(hessian[3].to(x)[None, :], scheme, group_size)
+            searched = _scales(groups, level, search=True, weights=weights)
+            if not torch.equal(searched, scale):
+                q2, err2 = _gptq_at(x, searched, scheme, group_size, hessian)
+                if err2 < err:
+                    q, scale = q2, searched
     if scheme == "int8":
         return q.to(torch.int8).contiguous(), scale
     return pack_bits(q.to(torch.int8), BITS[scheme]), scale
+
+
+def _gptq_at(x: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int, hessian,
+             measure: bool = True) -> tuple[torch.Tensor, float]:
+    """(integers GPTQ chooses at these scales, the output error they leave, tr(ΔW H ΔWᵀ) = ||ΔW U⁻¹||²
+    with H⁻¹ = UᵀU in GPTQ's order; NaN without ``measure``: the solve costs about what GPTQ does)."""
+    rows, cols = x.shape
+    per_value = _grouped(torch.ones_like(x), scheme, group_size) * scale.float()[..., None]
+    per_value = per_value.reshape(rows, -1)[:, :cols]
+    u, order, side = hessian[:3]
+    w, step = (x, per_value) if side == 1 else (x.T, per_value.T)
+    w, step = w[:, order], step[:, order]
+    q_ordered = gptq(w, step, LEVELS[scheme], u)
+    err = math.nan
+    if measure:
+        delta = (w - q_ordered * step).double()
+        err = float(torch.linalg.solve_triangular(u.to(delta), delta, upper=True, left=False).square().sum())
+    q = torch.empty_like(w)
+    q[:, order] = q_ordered
+    return (q if side == 1 else q.T), err
+
+
+CLIP_GRID = 20  # scales tried per group, from max|x|/level down to CLIP_LOW of it
+CLIP_LOW = 0.5
+CLIP = True
+
+
+def _scales(groups: torch.Tensor, level: int, search: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """float16 scales, one a group: max|x|/level, or with ``search`` of the scales from that down to
+    CLIP_LOW of it the one whose rounding to nearest leaves the least squared error in the group,
+    each value's error weighted by ``weights`` (its input's Hessian diagonal, so an input the layer
+    reads strongly keeps its outliers). Clipping a few outliers buys a finer step for the rest; the
+    caller (quantize, under GPTQ) keeps the searched scales only where GPTQ's output error with them
+    is lower, as it is not always (a heavy-tailed int4 matrix may need its outliers)."""
+    top = groups.abs().amax(-1)
+    best = (top / level).to(SCALE_DTYPE)
+    if search:
+        best_err = None
+        for alpha in torch.linspace(1.0, CLIP_LOW, CLIP_GRID).tolist():
+            s = (alpha * top / level).to(SCALE_DTYPE)
+            s = torch.where(s > 0, s, torch.ones_like(s)).float()[..., None]
+            err = (groups / s).round_().clamp_(-level, level).mul_(s).sub_(groups).square_()
+            err = (err if weights is None else err.mul_(weights)).sum(-1)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best = torch.where(better, s[..., 0].to(SCALE_DTYPE), best)
+                best_err = torch.where(better, err, best_err)
+    # a scale that underflows float16 (or an all-zero group) would divide by zero: 1 stores zeros exactly
+    return torch.where(best > 0, best, torch.ones_like(best))
 
 
 GPTQ_BLOCK = 128  # columns whose error is spread within the block before one update of the rest
@@ -131,21 +187,23 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], sch
     return (_grouped(values, scheme, group_size) * s[..., None]).reshape(rows, -1)[:, :cols]
 
 
-def fake_quantize(x: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
-    """What the stored matrix reads back as: the closed-loop fit works from this."""
+def fake_quantize(x: torch.Tensor, scheme: str, group_size: int = 128, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What the stored matrix reads back as (at ``scale`` where given): the closed-loop fit works from this."""
     if scheme == "none":
         return x.float()
-    q, s = quantize(x, scheme, group_size)
+    q, s = quantize(x, scheme, group_size, scale=scale)
     return dequantize(q, s, tuple(x.shape), scheme, group_size)
 
 
-def straight_through(x: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
+def straight_through(x: torch.Tensor, scheme: str, group_size: int = 128,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """Forward: the stored (quantized) values; backward: the identity, so float master weights train
-    against exactly what the file will hold (quantization-aware healing)."""
+    against exactly what the file will hold (quantization-aware healing). ``scale``: the file's
+    scales, kept (healing trains the integers; searched scales would be lost to max-abs ones)."""
     if scheme == "none":
         return x
     with torch.no_grad():
-        target = fake_quantize(x.detach(), scheme, group_size).to(x.dtype)
+        target = fake_quantize(x.detach(), scheme, group_size, scale).to(x.dtype)
     return x + (target - x).detach()
 
 

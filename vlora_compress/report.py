@@ -74,7 +74,9 @@ class CompressReport:
                     "bases": [c.base for c in fp.chunks],
                     "topologies": [c.topology for c in fp.chunks],
                     "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
-                    "storage": storage_label(fp.quant, fp.group_size, fp.store_dtype),
+                    "storage": (storage_label(fp.quant, fp.group_size, fp.store_dtype) if fp.base_quant is None else
+                                f"{storage_label(fp.base_quant, fp.group_size, fp.store_dtype)} bases, "
+                                f"{storage_label(fp.quant, fp.group_size, fp.store_dtype)} factors"),
                     "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
                     "compressed_bytes": sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)),
                     "mean_rel_error": sum(errs) / len(errs),

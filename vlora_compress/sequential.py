@@ -66,10 +66,11 @@ class Stream:
 
 
 def sequential_family(fp: FamilyPlan, bases: bool = False) -> bool:
-    """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none,
-    and a shared basis (fitted from all its group's weights and Grams at once) only where ``bases``
+    """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none
+    (or the chunk one layer, whose base is made from that layer: W ≈ Q + B A), and a shared basis (fitted from all its group's weights and Grams at once) only where ``bases``
     gives those up front (the original model's), so that only the coefficients follow the stream."""
-    return all((c.base == "none" or c.base == c.layers[0]) and (bases or c.topology != "shared") for c in fp.chunks)
+    return all((c.base == "none" or c.base == c.layers[0] or len(c.layers) == 1) and (bases or c.topology != "shared")
+               for c in fp.chunks)
 
 
 class SequentialFit:
