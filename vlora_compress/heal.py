@@ -211,9 +211,25 @@ def heal(vlora_path: str | Path, teacher: str | Path, data: str | Path, out: str
 
 def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force: bool, progress: bool,
           eval_data, eval_name: str | None, resume: bool, on_step) -> HealReport:
+    """Heals in the process group that torchrun describes, joined here and left at the end where
+    this call joined it: gloo's threads outliving the group at interpreter exit can crash a process
+    that has finished its work."""
+    joined = _join_group(config.device)
+    try:
+        return _heal_in_group(vlora_path, teacher, texts, out, config, force, progress, eval_data, eval_name,
+                              resume, on_step)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _heal_in_group(vlora_path, teacher, texts: list[str], out, config: HealConfig, force: bool, progress: bool,
+                   eval_data, eval_name: str | None, resume: bool, on_step) -> HealReport:
     started = time.perf_counter()
     out = Path(out)
-    rank, world = _distributed(config.device)
+    rank, world = _distributed()
     if rank == 0:
         check_output(out, force)
     vfile = VloraFile(vlora_path)
@@ -407,18 +423,28 @@ def _heal_locally(student, teacher_model, vfile: VloraFile, tok, texts: list[str
     return report.to_dict()
 
 
-def _distributed(device_name: str) -> tuple[int, int]:
-    """(rank, world size); joins the process group that torchrun describes in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+def _join_group(device_name: str) -> bool:
+    """Joins the process group that torchrun describes in the environment, unless one process or
+    already joined; whether it did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    device = resolve_device(device_name)
+    if device.type == "cuda":  # this process's GPU, before anything (NCCL, fully_shard's mesh) picks cuda:0
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) in the process group joined, or (0, 1) in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        device = resolve_device(device_name)
-        if device.type == "cuda":  # this process's GPU, before anything (NCCL, fully_shard's mesh) picks cuda:0
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
