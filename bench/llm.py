@@ -51,10 +51,14 @@ QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in in
     ("3.5 bits: int3 g32 alone, GPTQ", dict(method="dense", quantize="int3", group_size=32)),
     ("3.5 bits: int3 g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int3",
                                                group_size=64, target_bits=3.5)),
+    ("3.5 bits: int3-midrise g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
+                                                       base_quantize="int3-midrise", group_size=64, target_bits=3.5)),
     ("3.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=3.5)),
     ("2.5 bits: int2 g32 alone, GPTQ", dict(method="dense", quantize="int2", group_size=32)),
     ("2.5 bits: int2 g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int2",
                                                group_size=64, target_bits=2.5)),
+    ("2.5 bits: int2-midrise g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
+                                                       base_quantize="int2-midrise", group_size=64, target_bits=2.5)),
     ("2.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=2.5)),
 ]
 

@@ -20,14 +20,17 @@ import torch
 from .checkpoint import DTYPES, FLOAT_DTYPES, ITEMSIZE, Checkpoint, open_checkpoint
 from .errors import VloraError
 from .plan import DIM_LIMIT, FamilyPlan, Plan, family_matrices, is_whole
-from .quantize import SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
+from .quantize import MIDRISE, SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
 
 FORMAT_NAME = "vlora"
 FORMAT_VERSION = 1  # files without quantized storage
 QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.md, section 9)
 SHARED_VERSION = 3  # version 2 plus chunks that share one basis (topology shared, docs/format.md section 10)
 BASE_QUANT_VERSION = 4  # version 3 plus bases stored in a scheme of their own (`base_quant`, docs/format.md section 11)
-READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION))
+GRID_VERSION = 5  # version 4 plus the mid-rise schemes int3-midrise and int2-midrise (docs/format.md section 12)
+READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION, GRID_VERSION))
+HOLDS = {GRID_VERSION: "mid-rise schemes", BASE_QUANT_VERSION: "bases in their own scheme",
+         SHARED_VERSION: "shared bases", QUANTIZED_VERSION: "quantized tensors"}
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
 
@@ -146,8 +149,11 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
 
 
 def version_of(plan: Plan) -> int:
-    """The least format version that holds the plan: bases in their own scheme need 4, shared bases
-    3, integer storage 2."""
+    """The least format version that holds the plan: mid-rise schemes need 5, bases in their own
+    scheme 4, shared bases 3, integer storage 2."""
+    schemes = {q.quant for q in plan.passthrough} | {s for fp in plan.families for s in (fp.quant, fp.base_quant)}
+    if schemes & MIDRISE:
+        return GRID_VERSION
     if any(fp.base_quant is not None for fp in plan.families):
         return BASE_QUANT_VERSION
     return SHARED_VERSION if _shared(plan) else QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION
@@ -197,10 +203,9 @@ class VloraFile:
             self.plan = Plan.from_dict(plan)
         except VloraError as e:
             raise VloraError(f"{self.path}: {e}") from None
-        if int(version) < version_of(self.plan):
-            raise VloraError(f"{self.path}: corrupted plan: a version {version} file cannot hold "
-                             + ("bases in their own scheme" if version_of(self.plan) == BASE_QUANT_VERSION
-                                else "shared bases" if _shared(self.plan) else "quantized tensors"))
+        need = version_of(self.plan)
+        if int(version) < need:
+            raise VloraError(f"{self.path}: corrupted plan: a version {version} file cannot hold {HOLDS[need]}")
         self._check_passthrough()
         self._check_layout()
         # what reads back as floats: name -> how

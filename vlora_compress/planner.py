@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import AUTO_SCHEMES, SCHEMES
+from .quantize import AUTO_SCHEMES
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import read_matrix
@@ -46,7 +46,10 @@ from .stacks import Family, Stack
 MAX_AUTO_CHUNKS = 3
 AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
 SHARED_GROUPS = (2, 3, 4)  # layers a shared basis serves: Basis Sharing finds 2 to 4 alike
-QLR_BASES = ("int4", "int3", "int2")  # --quantize auto: schemes of a quantized base under a low-rank increment
+DENSE_SCHEMES = ("int8", "int4", "int3", "int2")  # --quantize auto: every layer dense (mid-rise grids alone measure worse)
+# --quantize auto: schemes of a quantized base under a low-rank increment (below 4 bits the mid-rise
+# grids, measured better there: docs/planning.md)
+QLR_BASES = ("int4", "int3-midrise", "int2-midrise")
 QLR_FACTORS = "int4"  # and of its factors: twice int8's rank at equal bytes, measured better (docs/planning.md)
 
 
@@ -343,7 +346,7 @@ def _bit_options(cand: Candidate) -> list[tuple[Candidate, float]]:
     """(candidate, budget scale) of the other bits a family may take under ``--quantize auto``: every
     layer dense in each scheme (its bytes are its own; the scale only lets it fit), and each quantized
     base under a low-rank increment at ``BIT_SCALES``; the chosen candidate's own are already tried."""
-    dense = [(Candidate("first", "chain", 1, q, dense=True), max(RANK_SCALES)) for q in SCHEMES if q != "none"]
+    dense = [(Candidate("first", "chain", 1, q, dense=True), max(RANK_SCALES)) for q in DENSE_SCHEMES]
     based = [(Candidate("own", "star", 1, QLR_FACTORS, base_quant=q), scale) for q in QLR_BASES for scale in BIT_SCALES]
     return [(c, scale) for c, scale in dense + based if c != cand]
 
@@ -405,7 +408,7 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
         # quantization alone, the yardstick, as a choice: every layer dense in the scheme, or under
         # auto in each (bits as a choice), with below 8 bits a dense layer under a low-rank increment
         # that mends what its rounding lost (W ≈ Q + B A)
-        dense = SCHEMES if config.quantize == "auto" else schemes
+        dense = DENSE_SCHEMES if config.quantize == "auto" else schemes
         out += [Candidate("first", "chain", n_layers, q, dense=True) for q in dense if q != "none"]
         if config.quantize == "auto":
             out += [Candidate("own", "star", 1, QLR_FACTORS, base_quant=q) for q in QLR_BASES]

@@ -7,7 +7,10 @@ nearest, or with calibration chosen by GPTQ against the inputs' Grams (``gptq``)
   [-127, 127], ``x ≈ q · scale``;
 - int4: one scale per group of ``group_size`` consecutive values in a row (the last group may be
   shorter), ``q`` in [-7, 7] stored as ``q + 8`` in a nibble, even columns in the low nibble and odd
-  columns in the high one; a row of odd length is padded with one zero nibble.
+  columns in the high one; a row of odd length is padded with one zero nibble;
+- int3, int2: groups as int4, ``q`` in [-3, 3] or [-1, 1], three or two bits a value in a
+  little-endian bit stream; int3-midrise, int2-midrise: the same with half-integer ``q`` that use
+  every code (int2-midrise: ±1/2, ±3/2), no zero level (docs/format.md, sections 9 and 12).
 
 The few lines here are the whole scheme: a library (torchao, bitsandbytes) would bring its own
 tensor subclasses or CUDA kernels and a layout this file format would have to follow, while the
@@ -25,10 +28,28 @@ import torch
 
 from .errors import VloraError
 
-SCHEMES = ("none", "int8", "int4", "int3", "int2")
+SCHEMES = ("none", "int8", "int4", "int3", "int2", "int3-midrise", "int2-midrise")
 AUTO_SCHEMES = ("none", "int8", "int4")  # what --quantize auto weighs (below 4 bits, round-off dominates)
-BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
-LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1}  # symmetric: q in [-level, level]
+BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "int3-midrise": 3, "int2-midrise": 2}
+LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1, "int3-midrise": 3, "int2-midrise": 1}  # symmetric: q in [-level, level]
+# mid-rise grids use every code: q in {-L-1/2, ..., L+1/2} (int2-midrise: ±1/2, ±3/2), stored as q - 1/2,
+# with no zero level, where the mid-tread int2 (-1, 0, 1) leaves one of four codes unused and int3
+# one of eight. Alone they measure worse (a group's many small values lose their exact zero); as the
+# base under a low-rank increment, better (docs/planning.md)
+MIDRISE = {"int3-midrise", "int2-midrise"}
+
+
+def top(scheme: str) -> float:
+    """The largest grid value: max|x| / scale at max-abs scales."""
+    return LEVELS[scheme] + (0.5 if scheme in MIDRISE else 0.0)
+
+
+def to_grid(v: torch.Tensor, scheme: str) -> torch.Tensor:
+    """``v`` (values over their scale) rounded to the nearest grid value, as floats."""
+    t = top(scheme)
+    if scheme in MIDRISE:
+        return (torch.floor(v) + 0.5).clamp_(-t, t)
+    return torch.round(v).clamp_(-t, t)
 SCALE_DTYPE = torch.float16
 SCALE_TAG = "F16"
 SCALE_SUFFIX = ".scale"
@@ -69,27 +90,28 @@ def quantize(x: torch.Tensor, scheme: str, group_size: int = 128, hessian: tuple
     ``scale`` given (a file's own, as healing writes back to it) is used as it is."""
     x = x.float()
     rows, cols = x.shape
-    level = LEVELS[scheme]
     groups = _grouped(x, scheme, group_size)  # (rows, n_groups, g)
     fixed = scale is not None
-    scale = _scales(groups, level) if scale is None else scale.to(device=x.device, dtype=SCALE_DTYPE)
+    scale = _scales(groups, scheme) if scale is None else scale.to(device=x.device, dtype=SCALE_DTYPE)
     if hessian is None:
-        q = torch.round(groups / scale.float()[..., None]).clamp(-level, level)
+        q = to_grid(groups / scale.float()[..., None], scheme)
         q = q.reshape(rows, -1)[:, :cols]
     else:
-        search = CLIP and level < 127 and not fixed  # searched scales too: kept where GPTQ then does better
+        search = CLIP and scheme != "int8" and not fixed  # searched scales too: kept where GPTQ then does better
         q, err = _gptq_at(x, scale, scheme, group_size, hessian, measure=search)
         if search:
             weights = None  # each value's error weighted by how strongly the layer reads its input
             if len(hessian) > 3 and hessian[2] == 1:
                 weights = _grouped(hessian[3].to(x)[None, :], scheme, group_size)
-            searched = _scales(groups, level, search=True, weights=weights)
+            searched = _scales(groups, scheme, search=True, weights=weights)
             if not torch.equal(searched, scale):
                 q2, err2 = _gptq_at(x, searched, scheme, group_size, hessian)
                 if err2 < err:
                     q, scale = q2, searched
     if scheme == "int8":
         return q.to(torch.int8).contiguous(), scale
+    if scheme in MIDRISE:
+        q = q - 0.5  # half-integers to integers in [-2^(bits-1), 2^(bits-1) - 1]
     return pack_bits(q.to(torch.int8), BITS[scheme]), scale
 
 
@@ -103,7 +125,7 @@ def _gptq_at(x: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int,
     u, order, side = hessian[:3]
     w, step = (x, per_value) if side == 1 else (x.T, per_value.T)
     w, step = w[:, order], step[:, order]
-    q_ordered = gptq(w, step, LEVELS[scheme], u)
+    q_ordered = gptq(w, step, scheme, u)
     err = math.nan
     if measure:
         delta = (w - q_ordered * step).double()
@@ -118,21 +140,21 @@ CLIP_LOW = 0.5
 CLIP = True
 
 
-def _scales(groups: torch.Tensor, level: int, search: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """float16 scales, one a group: max|x|/level, or with ``search`` of the scales from that down to
+def _scales(groups: torch.Tensor, scheme: str, search: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """float16 scales, one a group: max|x|/top, or with ``search`` of the scales from that down to
     CLIP_LOW of it the one whose rounding to nearest leaves the least squared error in the group,
     each value's error weighted by ``weights`` (its input's Hessian diagonal, so an input the layer
     reads strongly keeps its outliers). Clipping a few outliers buys a finer step for the rest; the
     caller (quantize, under GPTQ) keeps the searched scales only where GPTQ's output error with them
     is lower, as it is not always (a heavy-tailed int4 matrix may need its outliers)."""
-    top = groups.abs().amax(-1)
-    best = (top / level).to(SCALE_DTYPE)
+    peak, level = groups.abs().amax(-1), top(scheme)
+    best = (peak / level).to(SCALE_DTYPE)
     if search:
         best_err = None
         for alpha in torch.linspace(1.0, CLIP_LOW, CLIP_GRID).tolist():
-            s = (alpha * top / level).to(SCALE_DTYPE)
+            s = (alpha * peak / level).to(SCALE_DTYPE)
             s = torch.where(s > 0, s, torch.ones_like(s)).float()[..., None]
-            err = (groups / s).round_().clamp_(-level, level).mul_(s).sub_(groups).square_()
+            err = to_grid(groups / s, scheme).mul_(s).sub_(groups).square_()
             err = (err if weights is None else err.mul_(weights)).sum(-1)
             if best_err is None:
                 best_err = err
@@ -140,15 +162,17 @@ def _scales(groups: torch.Tensor, level: int, search: bool = False, weights: tor
                 better = err < best_err
                 best = torch.where(better, s[..., 0].to(SCALE_DTYPE), best)
                 best_err = torch.where(better, err, best_err)
-    # a scale that underflows float16 (or an all-zero group) would divide by zero: 1 stores zeros exactly
-    return torch.where(best > 0, best, torch.ones_like(best))
+    # a scale that underflows float16 (or an all-zero group) would divide by zero. 1 stores zeros exactly
+    # on a grid with a zero; a mid-rise grid has none, and stores them as ±tiny/2 at the least normal scale
+    floor = torch.finfo(SCALE_DTYPE).tiny if scheme in MIDRISE else 1.0
+    return torch.where(best > 0, best, torch.full_like(best, floor))
 
 
 GPTQ_BLOCK = 128  # columns whose error is spread within the block before one update of the rest
 
 
-def gptq(w: torch.Tensor, scale: torch.Tensor, level: int, u: torch.Tensor) -> torch.Tensor:
-    """Integers for ``w`` (out x in) at fixed per-value ``scale``, chosen one input column at a time
+def gptq(w: torch.Tensor, scale: torch.Tensor, scheme: str, u: torch.Tensor) -> torch.Tensor:
+    """Grid values for ``w`` (out x in) at fixed per-value ``scale``, chosen one input column at a time
     with each column's rounding error spread over the columns not yet rounded (GPTQ, Frantar et
     al. 2023: the optimal update under the Hessian H = XᵀX, read from the upper Cholesky factor
     ``u`` of H⁻¹). It minimises the layer's output error ‖(W − Ŵ)X‖ where round-to-nearest
@@ -164,7 +188,7 @@ def gptq(w: torch.Tensor, scale: torch.Tensor, level: int, u: torch.Tensor) -> t
         err = torch.empty_like(block)
         for j in range(end - start):
             c = start + j
-            qj = torch.round(block[:, j] / scale[:, c]).clamp(-level, level)
+            qj = to_grid(block[:, j] / scale[:, c], scheme)
             q[:, c] = qj
             e = (block[:, j] - qj * scale[:, c]) / u[c, c]
             block[:, j + 1:] -= e[:, None] * u[c, c + 1:end][None, :]
@@ -184,6 +208,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], sch
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise VloraError(f"{name}: corrupted scales (not finite and positive)")
     values = q.float() if scheme == "int8" else unpack_bits(q, cols, BITS[scheme]).float()
+    if scheme in MIDRISE:
+        values += 0.5
     return (_grouped(values, scheme, group_size) * s[..., None]).reshape(rows, -1)[:, :cols]
 
 
