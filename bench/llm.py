@@ -60,6 +60,8 @@ QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in in
     ("2.5 bits: int2-midrise g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
                                                        base_quantize="int2-midrise", group_size=64, target_bits=2.5)),
     ("2.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=2.5)),
+    ("2.25 bits: int2-midrise g128 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
+                                                         base_quantize="int2-midrise", target_bits=2.25)),
 ]
 
 CHILD = """

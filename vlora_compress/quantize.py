@@ -34,9 +34,12 @@ BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "int3-midrise": 3, "int2-mid
 LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1, "int3-midrise": 3, "int2-midrise": 1}  # symmetric: q in [-level, level]
 # mid-rise grids use every code: q in {-L-1/2, ..., L+1/2} (int2-midrise: ±1/2, ±3/2), stored as q - 1/2,
 # with no zero level, where the mid-tread int2 (-1, 0, 1) leaves one of four codes unused and int3
-# one of eight. Alone they measure worse (a group's many small values lose their exact zero); as the
-# base under a low-rank increment, better (docs/planning.md)
+# one of eight. Alone they measure worse end to end (a group's many small values lose their exact
+# zero); as the base under a low-rank increment, better (docs/planning.md)
 MIDRISE = {"int3-midrise", "int2-midrise"}
+SCALE_DTYPE = torch.float16
+SCALE_TAG = "F16"
+SCALE_SUFFIX = ".scale"
 
 
 def top(scheme: str) -> float:
@@ -50,9 +53,6 @@ def to_grid(v: torch.Tensor, scheme: str) -> torch.Tensor:
     if scheme in MIDRISE:
         return (torch.floor(v) + 0.5).clamp_(-t, t)
     return torch.round(v).clamp_(-t, t)
-SCALE_DTYPE = torch.float16
-SCALE_TAG = "F16"
-SCALE_SUFFIX = ".scale"
 
 
 def packed_shape(shape: tuple[int, int], scheme: str) -> tuple[int, int]:
