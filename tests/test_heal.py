@@ -192,6 +192,13 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(minilm_dir,
         heal(small_start, minilm_dir, tiny_texts, tmp_path / "new.vlora.safetensors", cfg, resume=True)
 
 
+def _why(stderr: str) -> str:
+    """A failed run's stderr for the assertion: from a crash's Python stack where there is one
+    (PYTHONFAULTHANDLER), else its tail."""
+    crash = stderr.find("Fatal Python error")
+    return stderr[crash:crash + 4000] if crash >= 0 else stderr[-2000:]
+
+
 @pytest.fixture
 def tiny_texts(tmp_path):
     path = tmp_path / "texts.txt"
@@ -203,14 +210,14 @@ def test_ddp_on_two_gloo_processes_matches_one_process_layer_by_layer_and_end_to
     args = [str(small_start), "--teacher", str(minilm_dir), "--data", str(tiny_texts), "--steps", "4",
             "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--max-length", "32", "--device", "cpu", "-q",
             "--local-steps", "2", "--local-samples", "16", "--local-lr", "1e-3"]  # the block-local pass first, its gradients summed too
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints its stack
     one = tmp_path / "one.vlora.safetensors"
     two = tmp_path / "two.vlora.safetensors"
     subprocess.run([sys.executable, "-m", "vlora_compress.heal", *args, "-o", str(one)], check=True, env=env,
                    capture_output=True)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vlora_compress.heal", *args, "-o", str(two), "--json"], env=env,
                          capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _why(run.stderr)
     assert json.loads(run.stdout)["processes"] == 2
     assert _close_runs(_tensors(one), _tensors(two), _tensors(small_start)) > 50
 
@@ -241,14 +248,14 @@ def test_fsdp_on_two_gloo_processes_matches_one_process_and_holds_half(tiny_llam
     args = [str(start), "--teacher", str(tiny_llama), "--data", str(tiny_texts), "--steps", "4", "--batch-size", "8",
             "--lr", "1e-3", "--warmup", "1", "--max-length", "32", "--device", "cpu", "--local-steps", "2",
             "--local-samples", "16", "--local-lr", "1e-3", "--parallel", "fsdp", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints its stack
     one, two = tmp_path / "one.vlora.safetensors", tmp_path / "two.vlora.safetensors"
     single = subprocess.run([sys.executable, "-m", "vlora_compress.heal", *args, "-o", str(one)], env=env,
                             capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-2000:]
+    assert single.returncode == 0, _why(single.stderr)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "vlora_compress.heal", *args, "-o", str(two)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _why(run.stderr)
     a, b = json.loads(single.stdout), json.loads(run.stdout)
     assert b["processes"] == 2 and b["steps"] == a["steps"] == 4 and b["local"]["steps"] == a["local"]["steps"]
     assert b["after"] == pytest.approx(a["after"], rel=1e-3)
@@ -261,7 +268,7 @@ def test_fsdp_on_two_gloo_processes_matches_one_process_and_holds_half(tiny_llam
                             capture_output=True, text=True)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "vlora_compress.heal", *bf16, "-o", str(two), "--force"], env=env, capture_output=True, text=True)
-    assert single.returncode == 0 and run.returncode == 0, (single.stderr + run.stderr)[-2000:]
+    assert single.returncode == 0 and run.returncode == 0, _why(single.stderr + run.stderr)
     c, d = json.loads(single.stdout), json.loads(run.stdout)
     assert c["precision"] == d["precision"] == "bf16" and d["memory"]["teacher"] * 2 == b["memory"]["teacher"]
     assert d["memory"]["trained"] == b["memory"]["trained"]  # float32 masters
@@ -280,22 +287,22 @@ def test_sigterm_stops_an_fsdp_run_with_its_state_and_resume_gives_the_uninterru
     args = [str(start), "--teacher", str(tiny_llama), "--data", str(tiny_texts), "--steps", "40", "--batch-size", "8",
             "--lr", "1e-3", "--warmup", "2", "--max-length", "32", "--device", "cpu", "--local-steps", "0",
             "--parallel", "fsdp", "--save-every", "1", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints its stack
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                 "vlora_compress.heal", *args]
     whole, cut = tmp_path / "whole.vlora.safetensors", tmp_path / "cut.vlora.safetensors"
     run = subprocess.run([*torchrun, "-o", str(whole)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _why(run.stderr)
     proc = subprocess.Popen([*torchrun, "-o", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not state_path(cut).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)  # after the first step's save, long before the 40th
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "state saved to" in err, err[-2000:]
+    assert proc.returncode != 0 and "state saved to" in err, _why(err)
     assert state_path(cut).is_file() and not cut.exists()
     run = subprocess.run([*torchrun, "-o", str(cut), "--resume"], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _why(run.stderr)
     report = json.loads(run.stdout)
     assert 0 < report["resumed_from"] < 40 and report["steps"] == 40 and not state_path(cut).exists()
     a, b = _tensors(whole), _tensors(cut)
