@@ -31,7 +31,7 @@ from .errors import VloraError
 SCHEMES = ("none", "int8", "int4", "int3", "int2", "int3-midrise", "int2-midrise")
 AUTO_SCHEMES = ("none", "int8", "int4")  # what --quantize auto weighs (below 4 bits, round-off dominates)
 BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "int3-midrise": 3, "int2-midrise": 2}
-LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1, "int3-midrise": 3, "int2-midrise": 1}  # symmetric: q in [-level, level]
+LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1, "int3-midrise": 3, "int2-midrise": 1}  # q in [-level, level]; mid-rise: half a step more (top)
 # mid-rise grids use every code: q in {-L-1/2, ..., L+1/2} (int2-midrise: ±1/2, ±3/2), stored as q - 1/2,
 # with no zero level, where the mid-tread int2 (-1, 0, 1) leaves one of four codes unused and int3
 # one of eight. Alone they measure worse end to end (a group's many small values lose their exact
