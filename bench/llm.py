@@ -37,6 +37,18 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("default plan, planned by blocks", dict(planning="blocks")),
 ]
 
+
+def _at_bits(bits: float, scheme: str) -> list[tuple[str, dict]]:
+    """Rows at equal bits a weight over the stacks: ``scheme`` alone at a finer group (g32, GPTQ),
+    against a g64 base in it, and in its mid-rise grid, under an int4 low-rank increment, and the
+    planner's choice."""
+    low_rank = dict(method="svd", ranks="uniform", quantize="int4", group_size=64, target_bits=bits)
+    return [(f"{bits:g} bits: {scheme} g32 alone, GPTQ", dict(method="dense", quantize=scheme, group_size=32)),
+            (f"{bits:g} bits: {scheme} g64 + int4 low rank", dict(low_rank, base_quantize=scheme)),
+            (f"{bits:g} bits: {scheme}-midrise g64 + int4 low rank", dict(low_rank, base_quantize=f"{scheme}-midrise")),
+            (f"{bits:g} bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=bits))]
+
+
 QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in integers, calibrated
     ("int4 g128 alone, round-to-nearest", dict(method="dense", quantize="int4", rounding="nearest")),
     ("int4 g128 alone, GPTQ", dict(method="dense", quantize="int4", rounding="gptq")),
@@ -46,20 +58,7 @@ QUANTIZED = [  # --quantized: quantization alone, every stack matrix dense in in
     ("int3 g64 alone, GPTQ", dict(method="dense", quantize="int3", group_size=64, rounding="gptq")),
     ("int2 g64 alone, round-to-nearest", dict(method="dense", quantize="int2", group_size=64, rounding="nearest")),
     ("int2 g64 alone, GPTQ", dict(method="dense", quantize="int2", group_size=64, rounding="gptq")),
-    # at equal bits a weight over the stacks: quantization alone at a finer group, against low rank on a
-    # coarser grid and the planner's choice
-    ("3.5 bits: int3 g32 alone, GPTQ", dict(method="dense", quantize="int3", group_size=32)),
-    ("3.5 bits: int3 g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int3",
-                                               group_size=64, target_bits=3.5)),
-    ("3.5 bits: int3-midrise g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
-                                                       base_quantize="int3-midrise", group_size=64, target_bits=3.5)),
-    ("3.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=3.5)),
-    ("2.5 bits: int2 g32 alone, GPTQ", dict(method="dense", quantize="int2", group_size=32)),
-    ("2.5 bits: int2 g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int2",
-                                               group_size=64, target_bits=2.5)),
-    ("2.5 bits: int2-midrise g64 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
-                                                       base_quantize="int2-midrise", group_size=64, target_bits=2.5)),
-    ("2.5 bits: planner's choice (--quantize auto)", dict(quantize="auto", group_size=64, target_bits=2.5)),
+] + _at_bits(3.5, "int3") + _at_bits(2.5, "int2") + [
     ("2.25 bits: int2-midrise g128 + int4 low rank", dict(method="svd", ranks="uniform", quantize="int4",
                                                          base_quantize="int2-midrise", target_bits=2.25)),
 ]
