@@ -17,6 +17,9 @@ plan + int4, all through the same quantization-aware healing.
 9.8% of the stack's fp32 bytes with its scales) against int3-midrise bases under an int4 low-rank
 increment at 10%, and int2 g32 alone (7.8%) against int2-midrise bases under an int4 increment at 7.8%.
 
+--llm --below4 heals SmolLM2 at 2.5 bits a weight instead: int2 g32 alone (GPTQ) against int2-midrise
+bases under an int4 low-rank increment.
+
 --llm heals SmolLM2-135M-Instruct (bench/smollm2.py) compressed by the default plan to a share of its
 parameters removed (calibration: 128 windows of Pride and Prejudice, as bench/llm.py), on Emma, and
 scores perplexity on 32 windows of 128 tokens of Persuasion, as a ratio to the original's.
@@ -55,6 +58,11 @@ QUANTIZED_STARTS = {
 }
 NO_BUDGET = {"int4 alone"}  # its size is the scheme's, whatever the budget
 CALIBRATED = dict(calib=CALIB, calibration=CalibConfig(samples=512))
+LLM_BELOW4 = {  # --llm --below4: SmolLM2 at 2.5 bits a weight over the stacks
+    "int2 g32 alone, GPTQ": dict(method="dense", quantize="int2", group_size=32),
+    "int2-midrise g64 + int4 low rank": dict(method="svd", ranks="uniform", quantize="int4", base_quantize="int2-midrise",
+                                             group_size=64, target_bits=2.5),
+}
 BELOW4_STARTS = {  # name: (share of the stack's fp32 bytes or None for the scheme's own, options)
     "int3 alone, GPTQ": (None, dict(method="dense", quantize="int3")),
     "int3-midrise + int4 low rank": (0.10, dict(method="svd", ranks="uniform", quantize="int4",
@@ -158,11 +166,14 @@ def llm(args) -> None:
           f"{TRAIN.name}; perplexity on {samples} x 128 tokens of {EVAL.name}: original {original:.2f}")
     print(f"{'removed':>7} {'recipe':24} {'before':>7} {'after':>7} {'local steps':>11} {'e2e steps':>9} {'tokens':>8} {'s':>5}")
     rows = []
-    for removed in args.removed:
-        path = args.work / f"smollm2-default-plan-{removed:g}.vlora.safetensors"
+    starts = {name: (opts, f"smollm2-{name.replace(' ', '-').replace(',', '')}") for name, opts in LLM_BELOW4.items()}
+    if not args.below4:
+        starts = {f"{removed:.0%}": (dict(target_size=str(round(1 - removed, 4)), target_of="model"),
+                                   f"smollm2-default-plan-{removed:g}") for removed in args.removed}
+    for removed, (opts, stem) in starts.items():
+        path = args.work / f"{stem}.vlora.safetensors"
         if not path.exists():
-            compress(source, path, target_size=str(round(1 - removed, 4)), target_of="model", calib=CALIB,
-                     calibration=CalibConfig(samples=128))
+            compress(source, path, calib=CALIB, calibration=CalibConfig(samples=128), **opts)
         before = evaluate(path, EVAL, cfg, config_dir=source).metrics[0].model / original
         for recipe in args.recipe:
             out = args.work / f"smollm2-healed-{recipe}.vlora.safetensors"
@@ -175,7 +186,7 @@ def llm(args) -> None:
                        steps=rep.steps, tokens=rep.tokens + local["tokens"], seconds=time.perf_counter() - t0,
                        best_step=rep.best_step, evals=rep.evals)
             rows.append(row)
-            print(f"{removed:>7.0%} {recipe:24} {before:7.3f} {after:7.3f} {local['steps']:11d} {rep.steps:9d} "
+            print(f"{removed:>7} {recipe:24} {before:7.3f} {after:7.3f} {local['steps']:11d} {rep.steps:9d} "
                   f"{row['tokens']:8d} {row['seconds']:5.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"original_perplexity": original, "rows": rows}, indent=2))
