@@ -7,6 +7,7 @@ novels; docs/data.md) by mean cosine of pooled embeddings against the original, 
     python bench/heal.py [--minutes 4] [--budgets 0.5 0.35] [--recipe NAME ...] [--work DIR] [--json FILE]
     python bench/heal.py --quantized [--recipe default float-then-round]
     python bench/heal.py --below4 [--starts "int3 alone, GPTQ" ...]
+    python bench/heal.py --llm --below4 [--starts "int2 g32 alone, GPTQ" ...] [--minutes 5]
     python bench/heal.py --llm [--removed 0.2 0.35] [--minutes 10] [--recipe half-and-half layer-by-layer end-to-end]
 
 --quantized heals int4 starts at 12.5% and 6.25% of the stack's fp32 bytes: round-to-nearest int4
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+")
     ap.add_argument("--quantized", action="store_true", help="the int4 starts at 12.5%% and 6.25%%")
     ap.add_argument("--below4", action="store_true", help="starts below 4 bits a weight, each at its own size")
-    ap.add_argument("--starts", nargs="+", choices=list(STARTS) + list(QUANTIZED_STARTS) + list(BELOW4_STARTS))
+    ap.add_argument("--starts", nargs="+", choices=list(STARTS) + list(QUANTIZED_STARTS) + list(BELOW4_STARTS) + list(LLM_BELOW4))
     ap.add_argument("--recipe", nargs="+", default=["default"], choices=list(RECIPES))
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--work", type=Path, default=Path("bench-heal-work"))
@@ -166,7 +167,8 @@ def llm(args) -> None:
           f"{TRAIN.name}; perplexity on {samples} x 128 tokens of {EVAL.name}: original {original:.2f}")
     print(f"{'removed':>7} {'recipe':24} {'before':>7} {'after':>7} {'local steps':>11} {'e2e steps':>9} {'tokens':>8} {'s':>5}")
     rows = []
-    starts = {name: (opts, f"smollm2-{name.replace(' ', '-').replace(',', '')}") for name, opts in LLM_BELOW4.items()}
+    starts = {name: (opts, f"smollm2-{name.replace(' ', '-').replace(',', '')}") for name, opts in LLM_BELOW4.items()
+              if not args.starts or name in args.starts}
     if not args.below4:
         starts = {f"{removed:.0%}": (dict(target_size=str(round(1 - removed, 4)), target_of="model"),
                                    f"smollm2-default-plan-{removed:g}") for removed in args.removed}
