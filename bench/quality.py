@@ -41,6 +41,8 @@ METHODS = [
                                                    ranks="uniform")),
     ("shared basis, 2 groups of 3, whitened", dict(chunks=2, base="none", topology="shared", calib=True,
                                                    ranks="uniform")),
+    ("shared left basis, 3 groups of 2, whitened", dict(chunks=3, base="none", topology="shared-left", calib=True,
+                                                        ranks="uniform")),
     ("default plan, data-free", dict()),
     ("default plan, whitened", dict(calib=True)),
     ("default plan, whitened, aligned", dict(calib=True, align=True)),
@@ -66,6 +68,18 @@ QUANTIZED = [
     ("default plan, whitened, int4 g128", dict(calib=True, quantize="int4")),
     ("planner's choice of storage (--quantize auto)", dict(calib=True, quantize="auto")),
 ]
+
+
+def chosen(report) -> list[str]:
+    """What the planner chose per family, as its note says (the candidate's label and rank), with
+    each shared family's groups."""
+    out = []
+    for f in report.families:
+        note = next((n for n in report.notes if n.startswith(f["family"] + ": ")), "")
+        what = note[len(f["family"]) + 2:].split(", error")[0] if note else ",".join(sorted(set(f["topologies"])))
+        groups = " " + " ".join("-".join(map(str, c)) for c in f["chunks"]) if "shared" in what else ""
+        out.append(f"{f['suffix']}: {what}{groups}")
+    return out
 
 
 def main() -> None:
@@ -123,10 +137,13 @@ def main() -> None:
                 secs = time.perf_counter() - t
                 rows.append({"method": label, "budget": report.stack_size_ratio if fixed else budget,
                              "rank": report.rank,
-                             "stack_size_ratio": report.stack_size_ratio, "cosine": score, "seconds": secs})
+                             "stack_size_ratio": report.stack_size_ratio, "cosine": score, "seconds": secs,
+                             "chosen": chosen(report)})
                 rank = "fam." if report.rank is None else str(report.rank)
                 print(f"{label:51} {'-' if fixed else f'{budget:.1%}':>6} {rank:>5} {report.stack_size_ratio:11.3f} "
                       f"{score:7.3f} {secs:8.1f}", flush=True)
+                if "default plan" in label:
+                    print("  chosen: " + "; ".join(rows[-1]["chosen"]))
                 if opts.get("quantize") == "auto":
                     print("  chosen: " + "; ".join(f"{f['suffix']} {f['storage']} r{','.join(map(str, f['ranks'])) or '-'}"
                                                    for f in report.families))

@@ -11,6 +11,8 @@ PLANS = {
     "star over a mean base": dict(rank=6, chunks=2, base="mean", topology="star", bounds="equal", ranks="uniform"),
     "per-layer SVD": dict(rank=6, method="svd", ranks="uniform"),
     "a shared basis per 3 layers": dict(rank=6, chunks=2, base="none", topology="shared", ranks="uniform"),
+    "a shared left factor per 3 layers, int4": dict(rank=6, chunks=2, base="none", topology="shared-left",
+                                                    ranks="uniform", quantize="int4", group_size=32),
 }
 
 

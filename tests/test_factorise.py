@@ -219,3 +219,71 @@ def test_a_shared_basis_whitened_and_quantized_works_on_a_causal_lm(tmp_path):
         assert report.calibration["whitened_layers"] == 42
         errors[name] = hidden_error(folder, path, held)
     assert 0 < errors["float"] < 0.5 and errors["int8"] < 1.05 * errors["float"], errors
+
+
+def test_a_shared_left_factor_stores_one_left_factor_per_group_and_rebuilds_what_shares_it(tmp_path):
+    """Six layers that write through one rank-4 output subspace (W_l = B A_l): under shared-left two
+    groups of three rebuild every layer to float rounding, each layer storing only its A; the
+    input-side basis (topology shared) at that rank cannot; the file is version 6, and a plan that
+    claims version 5 with one is refused in one line."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(48, 4, generator=g)
+    weights = {f"layers.{i}.w.weight": b @ torch.randn(4, 40, generator=g) for i in range(6)}
+    src = tmp_path / "s.safetensors"
+    with SafetensorsWriter(src, [(key, "F32", (48, 40)) for key in weights]) as w:
+        for key, t in weights.items():
+            w.write(key, t)
+    left, right = tmp_path / "left.vlora.safetensors", tmp_path / "right.vlora.safetensors"
+    report = compress(src, left, rank=4, chunks=2, base="none", topology="shared-left", ranks="uniform")
+    compress(src, right, rank=4, chunks=2, base="none", topology="shared", ranks="uniform")
+    rebuilt, other = expand(left), expand(right)
+    for key, w in weights.items():
+        assert torch.allclose(rebuilt[key], w, atol=1e-4 * w.abs().max()), key
+    assert max((other[k] - w).norm() / w.norm() for k, w in weights.items()) > 0.1
+    with safe_open(str(left), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert {k: s for k, s in shapes.items() if "vlora_basis" in k} == {"layers.vlora_basis0.w.weight": (48, 4),
+                                                                      "layers.vlora_basis1.w.weight": (48, 4)}
+    assert not any(k.endswith(".vlora_B") for k in shapes) and sum(k.endswith(".vlora_A") for k in shapes) == 6
+    assert report.stack_compressed_bytes == (2 * 48 * 4 + 6 * 4 * 40) * 4
+    meta = VloraFile(left).checkpoint.metadata
+    assert meta["vlora.version"] == "6"
+    from vlora_compress.write import SafetensorsWriter as Writer
+
+    old = tmp_path / "old.vlora.safetensors"
+    with safe_open(str(left), "pt") as f, Writer(old, [(k, "F32", shapes[k]) for k in shapes],
+                                                  {**meta, "vlora.version": "5"}) as w:
+        for k in shapes:
+            w.write(k, f.get_tensor(k))
+    with pytest.raises(VloraError, match="a version 5 file cannot hold shared left factors"):
+        VloraFile(old)
+
+
+def test_a_shared_left_factor_whitened_is_the_best_shared_output_subspace(tmp_path, monkeypatch):
+    """Calibrated on a real Llama, B is the top left factor of the group's whitened weights side by
+    side, exact under each layer's own Gram: the summed whitened error it leaves is the tail of that
+    spectrum, the least any shared left factor of that rank can leave."""
+    import vlora_compress.sequential as seq
+    from safetensors.torch import load_file
+    from vlora_compress.factorise import Whitener
+
+    seen = {}
+    init = seq._Layer.__init__
+
+    def spy(self, modules, grams, alias, damping):
+        seen.update({key: grams[alias.get(key, key)] for key in modules})
+        init(self, modules, grams, alias, damping)
+
+    monkeypatch.setattr(seq._Layer, "__init__", spy)
+    folder = tiny_model(tmp_path / "llama4", "llama", num_hidden_layers=4)
+    path = tmp_path / "l.vlora.safetensors"
+    config = CalibConfig(samples=16, holdout=0)
+    compress(folder, path, rank=6, chunks=2, base="none", topology="shared-left", ranks="uniform", calib=CALIB,
+             calibration=config, feedback="none")
+    original, restored = load_file(str(folder / "model.safetensors")), expand(path)
+    keys = [f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)]  # the first group
+    whs = [Whitener.from_gram(seen[k], 1, config.damping) for k in keys]
+    side_by_side = torch.cat([wh.whiten(original[k].double()) for k, wh in zip(keys, whs)], dim=1)
+    tail = float(torch.linalg.svdvals(side_by_side)[6:].square().sum())
+    err = sum(float(wh.whiten((original[k] - restored[k]).double()).square().sum()) for k, wh in zip(keys, whs))
+    assert tail * 0.999 < err < 1.01 * tail, (err, tail)

@@ -90,8 +90,8 @@ def vlora_file(gpt2_file, tmp_path):
 
 
 def test_wrong_format_version_is_refused(vlora_file, tmp_path):
-    bad = _rewrite(vlora_file, tmp_path / "v6.safetensors", metadata={"vlora.version": "6"})
-    with pytest.raises(VloraError, match="format version .6.; this tool reads versions 1, 2, 3, 4, 5"):
+    bad = _rewrite(vlora_file, tmp_path / "v7.safetensors", metadata={"vlora.version": "7"})
+    with pytest.raises(VloraError, match="format version .7.; this tool reads versions 1, 2, 3, 4, 5, 6"):
         VloraFile(bad)
 
 

@@ -71,11 +71,12 @@ def test_the_teacher_cache_keeps_to_its_bound_and_changes_nothing_but_time(minil
     assert exc.value.code == 2 and "--teacher-cache" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_shared_basis_heals_as_one_tensor(minilm_dir, tmp_path):
-    """The basis a group of layers shares is one trainable tensor: it moves, and the healed file
-    keeps its plan and expands."""
+@pytest.mark.parametrize("topology", ["shared", "shared-left"])
+def test_a_shared_basis_heals_as_one_tensor(minilm_dir, tmp_path, topology):
+    """The basis a group of layers shares (either factor) is one trainable tensor: it moves, and the
+    healed file keeps its plan and expands."""
     start = tmp_path / "s.vlora.safetensors"
-    compress(minilm_dir, start, rank=8, chunks=2, base="none", topology="shared", ranks="uniform")
+    compress(minilm_dir, start, rank=8, chunks=2, base="none", topology=topology, ranks="uniform")
     healed = tmp_path / "h.vlora.safetensors"
     heal(start, minilm_dir, CALIB, healed, HealConfig(steps=3, batch_size=8, lr=1e-3, eval_samples=8),
          eval_data=EVAL)

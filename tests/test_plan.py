@@ -67,3 +67,44 @@ def test_family_bytes_is_the_layout_a_file_stores(options):
     plan = plan_equal([Stack("h", (0, 1, 2, 3), (fam,), ())], CompressConfig(**options))
     (fp,) = plan.families
     assert family_bytes(fp) == sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)) > 0
+
+
+def test_interleaved_chunks_are_walked_by_layer_and_each_rebuilds_over_its_own_terms():
+    """A chain over layers 0, 2, 4, a shared basis over 1 and 3, and a chain over a synthetic base for
+    5 and 6: the walk meets the layers in order (the sequential fit reaches each when the stream
+    does), a base just before its chunk's first layer; the layout stays chunk by chunk; and every
+    layer rebuilds over its own chunk's terms, as format.md section 6 says per chunk, however the
+    chunks interleave (expand and factored loading both)."""
+    import torch
+
+    from vlora_compress.factored import layer_terms
+    from vlora_compress.factorise import rebuild_family
+    from vlora_compress.plan import FamilyPlan, family_matrices, walk
+
+    fp = FamilyPlan("h", "w", (5, 7), "F32", "F32", (ChunkPlan((0, 2, 4), (0, 2, 2), 0, "chain"),
+                                                      ChunkPlan((1, 3), (2, 2), "none", "shared"),
+                                                      ChunkPlan((5, 6), (2, 2), "synthetic", "chain")))
+    terms = list(walk(fp))
+    assert [(t.chunk, t.layer) for t in terms] == [(0, 0), (1, None), (1, 1), (0, 2), (1, 3), (0, 4), (2, None),
+                                                   (2, 5), (2, 6)]
+    assert [t.layer for t in terms if t.last] == [3, 4, 6]
+    layout = [name for name, _ in family_matrices(fp)]
+    assert layout == ["h.0.w", "h.2.w.vlora_B", "h.2.w.vlora_A", "h.4.w.vlora_B", "h.4.w.vlora_A",
+                      "h.vlora_basis1.w", "h.1.w.vlora_B", "h.3.w.vlora_B",
+                      "h.vlora_base2.w", "h.5.w.vlora_B", "h.5.w.vlora_A", "h.6.w.vlora_B", "h.6.w.vlora_A"]
+    g = torch.Generator().manual_seed(0)
+    t = {name: torch.randn(shape, generator=g) for name, shape in family_matrices(fp)}
+    inc = lambda layer: t[f"h.{layer}.w.vlora_B"] @ t[f"h.{layer}.w.vlora_A"]  # noqa: E731
+    want = {0: t["h.0.w"], 1: t["h.1.w.vlora_B"] @ t["h.vlora_basis1.w"], 3: t["h.3.w.vlora_B"] @ t["h.vlora_basis1.w"]}
+    want[2] = want[0] + inc(2)
+    want[4] = want[2] + inc(4)
+    want[5] = t["h.vlora_base2.w"] + inc(5)
+    want[6] = want[5] + inc(6)
+    got = dict(rebuild_family(fp, t.__getitem__))
+    assert got.keys() == {f"h.{layer}.w" for layer in want}
+    for layer, w in want.items():
+        assert torch.allclose(got[f"h.{layer}.w"], w, atol=1e-5), layer
+    terms = layer_terms(fp)  # what factored loading sums per layer
+    assert terms[4] == ("h.0.w", [("h.2.w.vlora_B", "h.2.w.vlora_A"), ("h.4.w.vlora_B", "h.4.w.vlora_A")])
+    assert terms[3] == (None, [("h.3.w.vlora_B", "h.vlora_basis1.w")])
+    assert terms[6] == ("h.vlora_base2.w", [("h.5.w.vlora_B", "h.5.w.vlora_A"), ("h.6.w.vlora_B", "h.6.w.vlora_A")])

@@ -40,7 +40,7 @@ from .calibrate import Grams, OutputMeter, gram_hook
 from .errors import VloraError
 from .factorise import LayerFit, fit_family
 from .models import batches, token_limit
-from .plan import CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
+from .plan import SHARED, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
 from .planner import candidate_bytes, plan_measured, reference
 from .progress import Progress
 from .sequential import SequentialFit, Stream, _block_of, _output, _unload, sequential_family, stack_layers
@@ -104,7 +104,7 @@ class BlockPlanner(SequentialFit):
                 for i, c in enumerate(fp.chunks):
                     if c.base == "synthetic":
                         rename[fp.synthetic_base_key(i)] = fp.synthetic_base_key(offset + i)
-                    if c.topology == "shared":
+                    if c.topology in SHARED:
                         rename[fp.basis_key(i)] = fp.basis_key(offset + i)
             placed = lambda name, tensor: write(rename.get(name, name), tensor)  # noqa: E731
             # families on a whitened-mean base are fitted at once from the block's Grams: before the

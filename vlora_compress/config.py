@@ -19,7 +19,7 @@ from .quantize import SCHEMES, check_scheme
 SVD_METHODS = ("auto", "exact", "randomized")
 METHODS = ("vlora", "svd", "dense")
 BASES = ("auto", "first", "mean", "best", "none")
-TOPOLOGY_CHOICES = ("auto", "chain", "star", "shared")
+TOPOLOGY_CHOICES = ("auto", "chain", "star", "shared", "shared-left")
 BOUNDS = ("dp", "equal")
 RANK_CHOICES = ("measured", "uniform")
 TARGETS_OF = ("model", "stack")
@@ -124,9 +124,9 @@ class CompressConfig:
             raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
         if self.bounds not in BOUNDS:
             raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
-        if self.topology == "shared" and (self.base not in ("auto", "none") or self.method != "vlora"):
-            raise VloraError("`topology` shared stores a basis per chunk and no base: it takes `base` none or auto "
-                             "and `method` vlora")
+        if self.topology in ("shared", "shared-left") and (self.base not in ("auto", "none") or self.method != "vlora"):
+            raise VloraError(f"`topology` {self.topology} stores a basis per chunk and no base: it takes `base` none "
+                             "or auto and `method` vlora")
         if self.method in ("svd", "dense") and self.base not in ("auto", "none"):
             raise VloraError(f"`method` {self.method} stores every layer alone; it takes no `base` {self.base}")
         if self.target_bits is not None and (self.target_size is not None or isinstance(self.target_bits, bool)
@@ -154,7 +154,8 @@ class CompressConfig:
         if self.base_quantize is not None:
             if self.base_quantize not in SCHEMES or self.base_quantize == "none":
                 raise VloraError(f"`base_quantize` must be one of {', '.join(SCHEMES[1:])}, not {self.base_quantize!r}")
-            if self.quantize == "auto" or self.method == "dense" or self.topology == "shared" or self.base == "none":
+            if (self.quantize == "auto" or self.method == "dense" or self.topology in ("shared", "shared-left")
+                    or self.base == "none"):
                 raise VloraError("`base_quantize` stores bases apart from their factors: it takes `method` svd or "
                                  "vlora with bases, a `quantize` that is not auto (auto weighs quantized bases "
                                  "itself), and no `topology` shared")

@@ -10,6 +10,7 @@ import torch
 from .errors import VloraError
 from .factorise import rebuild_family
 from .fileformat import VloraFile, factorised_keys
+from .plan import walk
 from .progress import Progress
 from .write import SafetensorsWriter, check_output
 
@@ -49,7 +50,7 @@ def expand_order(vfile: VloraFile) -> list[str]:
     factorised = factorised_keys(vfile.plan)
     keys = [key for key, _, _ in vfile.source.tensors if key not in factorised]
     for fp in vfile.plan.families:
-        keys += [fp.key(layer) for c in fp.chunks for layer in c.rebuild_order()]
+        keys += [t.key for t in walk(fp) if t.layer is not None]
     return keys
 
 

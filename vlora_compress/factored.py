@@ -178,12 +178,12 @@ class VloraLinear(torch.nn.Module):
 def layer_terms(fp: FamilyPlan) -> dict[int, tuple[str | None, list[tuple[str, str]]]]:
     """layer -> (base tensor name or None, increments from the base to it), as expand rebuilds."""
     out = {}
-    path: list[tuple[str, str]] = []  # the increments to the layer the walk rebuilt last
+    paths: dict[int, list[tuple[str, str]]] = {}  # chunk -> the increments to its layer rebuilt last
     for t in walk(fp):
-        if t.over:
-            path = ([] if t.over == "base" else path) + ([t.factors] if t.factors else [])
-        else:
-            path = []
+        path = paths.pop(t.chunk, []) if t.over == "previous" else []
+        path = path + ([t.factors] if t.factors else [])
+        if not t.last:
+            paths[t.chunk] = path
         if t.layer is not None:
             out[t.layer] = (t.base, path)
     return out

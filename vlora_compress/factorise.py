@@ -197,15 +197,19 @@ def fit_family(
     coefficients over it as the layer comes, whitened by the inputs the compressed model feeds it.
     """
     orig = DTYPES[plan.dtype]
-    held = None  # (weight, whitening) a one-layer chunk's base read, for its increment
+    held = {}  # chunk -> (weight, whitening) a one-layer chunk's base read, for its increment
+    state = {}  # chunk -> [base as rebuilt (None: zeros), the chunk's layer rebuilt last, its basis]
     for t in walk(plan):
         if not t.over:  # the chunk's base, and a shared chunk's basis
             chunk = plan.chunks[t.chunk]
+            basis_hat = None
             if t.basis is not None:
                 entries, basis_hat = _fit_basis(plan, chunk, t, *(bases or (read, whitener)), config)
                 yield from entries
             if chunk.base == "synthetic":  # a one-layer chunk's weight and whitening are read here once
-                entries, base_hat, held = _fit_synthetic(plan, chunk, t.base, read, whitener, config)
+                entries, base_hat, one = _fit_synthetic(plan, chunk, t.base, read, whitener, config)
+                if one is not None:
+                    held[t.chunk] = one
                 yield from entries
             elif t.layer is not None:
                 w = read(t.key)
@@ -216,13 +220,15 @@ def fit_family(
                     rebuilt(t.key, base_hat.to(orig))
                 yield LayerFit(t.key, t.layer, "base", 0, _rel_error(w, base_hat.to(orig)) if measure else math.nan,
                                wh.output_error(w, base_hat.to(orig)) if wh and measure else None)
+                del w, wh
             else:  # a zero base: every layer is its own low-rank factors
                 base_hat = None  # zeros, made on the first layer's device
-            last_hat = base_hat
+            if not t.last:
+                state[t.chunk] = [base_hat, base_hat, basis_hat]
             continue
         key, rank = t.key, t.rank
-        w, wh = held if held is not None else (read(key), whitener(key))
-        held = None
+        w, wh = held.pop(t.chunk) if t.chunk in held else (read(key), whitener(key))
+        base_hat, last_hat, basis_hat = state.pop(t.chunk) if t.last else state[t.chunk]
         if base_hat is None:
             base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
         ref_hat = base_hat if t.over == "base" else last_hat
@@ -230,7 +236,12 @@ def fit_family(
         delta = w.float() - ref_hat
         memo = (svd_cache, key) if svd_cache is not None and t.base is None else None
         hessian = _hessian(plan, t.factors[0], config, wh) if rank else None  # for the factor reading the inputs
-        if t.basis is not None:  # the chunk's basis is A: only the layer's coefficients are its own
+        if t.shares_left:  # the chunk's basis is B: only the layer's A is its own
+            b = basis_hat
+            entries_a, a = encode(plan, t.factors[1], refit_right(b, delta, wh),
+                                  hessian if wh is not None and wh.side == 1 else None)
+            yield from entries_a
+        elif t.basis is not None:  # the chunk's basis is A: only the layer's coefficients are its own
             a = basis_hat
             entries_b, b = encode(plan, t.factors[0], coefficients(delta, a, wh),
                                   hessian if wh is not None and wh.side == 0 else None)
@@ -250,13 +261,15 @@ def fit_family(
         else:
             b, a = truncated_svd(delta, 0)
         last_hat = apply_increment(ref_hat, b, a)
+        if not t.last:
+            state[t.chunk] = [base_hat, last_hat, basis_hat]
         w_hat = last_hat.to(orig)
         if rebuilt is not None:
             rebuilt(key, w_hat)
         fit = LayerFit(key, t.layer, "increment", rank, _rel_error(w, w_hat) if measure else math.nan,
                        wh.output_error(w, w_hat) if wh and measure else None)
         # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
-        del w, w_hat, delta, wh, b, a
+        del w, w_hat, delta, wh, b, a, base_hat, last_hat, ref_hat, basis_hat
         yield fit
 
 
@@ -293,12 +306,21 @@ def _fit_synthetic(plan: FamilyPlan, chunk, name: str, read, whitener, config: C
 
 
 def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfig):
-    """(stored entries, A as stored in float32) of a shared chunk's basis: the top-``rank`` right
-    factor of the chunk's weights stacked, whitened by their summed Grams (each layer's own rows
-    for Conv1D), so that one A serves every layer as well as one can (Basis Sharing's basis)."""
+    """(stored entries, the basis as stored in float32) of a shared chunk's basis.
+
+    ``shared``: the top-``rank`` right factor A of the chunk's weights stacked, whitened by their
+    summed Grams (each layer's own rows for Conv1D), so that one A serves every layer as well as one
+    can (Basis Sharing's basis). ``shared-left``: the top-``rank`` left factor B of the weights side
+    by side, the same fit on their transposes. For nn.Linear that one is exact under each layer's
+    own whitening (Σ_l ||(W_l - B A_l) S_l||² is the rank-``rank`` fit of [W_1 S_1 | W_2 S_2 | ...],
+    since A_l S_l is free); for Conv1D it takes the summed Grams, as A does for nn.Linear."""
     keys = [plan.key(layer) for layer in chunk.layers]
+    shape = plan.shape
+    if t.shares_left:
+        read_t, whitener_t = read, whitener
+        read, whitener, shape = (lambda key: read_t(key).T), (lambda key: _flip(whitener_t(key))), shape[::-1]
     whs = [whitener(key) for key in keys]
-    method = choose_svd((plan.shape[0] * len(keys), plan.shape[1]), t.rank, config.svd)
+    method = choose_svd((shape[0] * len(keys), shape[1]), t.rank, config.svd)
     common = None
     if all(wh is not None for wh in whs) and whs[0].side == 1:  # the inputs' summed Gram whitens A
         common = Whitener.from_gram(sum(wh.gram for wh in whs), 1, config.calibration.damping)
@@ -310,7 +332,14 @@ def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfi
                              for key, wh in zip(keys, whs)])
         _, a = truncated_svd(stacked, t.rank, method, config.seed, config.niter)
     del stacked
+    if t.shares_left:  # back to the family's own orientation: B, and the Gram its rows read
+        a, common = a.T.contiguous(), _flip(common)
     return encode(plan, t.basis, a, _hessian(plan, t.basis, config, common))
+
+
+def _flip(wh: Whitener | None) -> Whitener | None:
+    """The same whitening for the transposed matrix (its inputs on the other side)."""
+    return None if wh is None else Whitener(wh.vectors, wh.values, 1 - wh.side, wh.damping)
 
 
 def coefficients(delta: torch.Tensor, a: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
@@ -369,17 +398,23 @@ def synthetic_base(plan: FamilyPlan, chunk, read, whitener) -> torch.Tensor:
 def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, Ŵ)`` for every layer of the family, in the original dtype."""
     orig = DTYPES[plan.dtype]
+    state = {}  # chunk -> [base as rebuilt (None: zeros), the chunk's layer rebuilt last]
     for t in walk(plan):
         if not t.over:  # a chunk's base: None is zeros, made on the first factors' device below
-            base_hat = last_hat = get(t.base).float() if t.base is not None else None
+            base_hat = get(t.base).float() if t.base is not None else None
             if t.layer is not None:
                 yield t.key, base_hat.to(orig)
+            if not t.last:
+                state[t.chunk] = [base_hat, base_hat]
             continue
+        base_hat, last_hat = state.pop(t.chunk) if t.last else state[t.chunk]
         factors = tuple(map(get, t.factors)) if t.factors else None
         if base_hat is None:  # (a zero base has a rank at every layer)
             base_hat = last_hat = torch.zeros(plan.shape, device=factors[0].device if factors else None)
         ref_hat = base_hat if t.over == "base" else last_hat
         last_hat = apply_increment(ref_hat, *factors) if factors is not None else ref_hat.clone()
+        if not t.last:
+            state[t.chunk] = [base_hat, last_hat]
         yield t.key, last_hat.to(orig)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import DTYPES, FLOAT_DTYPES, ITEMSIZE, Checkpoint, open_checkpoint
 from .errors import VloraError
-from .plan import DIM_LIMIT, FamilyPlan, Plan, family_matrices, is_whole
+from .plan import DIM_LIMIT, SHARED, FamilyPlan, Plan, family_matrices, is_whole
 from .quantize import MIDRISE, SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
 
 FORMAT_NAME = "vlora"
@@ -28,8 +28,10 @@ QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.m
 SHARED_VERSION = 3  # version 2 plus chunks that share one basis (topology shared, docs/format.md section 10)
 BASE_QUANT_VERSION = 4  # version 3 plus bases stored in a scheme of their own (`base_quant`, docs/format.md section 11)
 GRID_VERSION = 5  # version 4 plus the mid-rise schemes int3-midrise and int2-midrise (docs/format.md section 12)
-READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION, GRID_VERSION))
-HOLDS = {GRID_VERSION: "mid-rise schemes", BASE_QUANT_VERSION: "bases in their own scheme",
+LEFT_VERSION = 6  # version 5 plus chunks that share their left factor (topology shared-left, docs/format.md section 13)
+READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION, GRID_VERSION,
+                               LEFT_VERSION))
+HOLDS = {LEFT_VERSION: "shared left factors", GRID_VERSION: "mid-rise schemes", BASE_QUANT_VERSION: "bases in their own scheme",
          SHARED_VERSION: "shared bases", QUANTIZED_VERSION: "quantized tensors"}
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
@@ -149,8 +151,10 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
 
 
 def version_of(plan: Plan) -> int:
-    """The least format version that holds the plan: mid-rise schemes need 5, bases in their own
-    scheme 4, shared bases 3, integer storage 2."""
+    """The least format version that holds the plan: shared left factors need 6, mid-rise schemes
+    5, bases in their own scheme 4, shared bases 3, integer storage 2."""
+    if any(c.topology == "shared-left" for fp in plan.families for c in fp.chunks):
+        return LEFT_VERSION
     schemes = {q.quant for q in plan.passthrough} | {s for fp in plan.families for s in (fp.quant, fp.base_quant)}
     if schemes & MIDRISE:
         return GRID_VERSION
@@ -160,7 +164,7 @@ def version_of(plan: Plan) -> int:
 
 
 def _shared(plan: Plan) -> bool:
-    return any(c.topology == "shared" for fp in plan.families for c in fp.chunks)
+    return any(c.topology in SHARED for fp in plan.families for c in fp.chunks)
 
 
 def header_metadata(plan: Plan, source: SourceInfo, config: dict) -> dict[str, str]:

@@ -6,6 +6,7 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 
 from __future__ import annotations
 
+import heapq
 import reprlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -17,7 +18,8 @@ from .quantize import SCALE_SUFFIX, check_scheme
 from .quantize import nbytes as quantized_nbytes
 from .stacks import Family, Stack, layer_key
 
-TOPOLOGIES = ("chain", "star", "shared")
+TOPOLOGIES = ("chain", "star", "shared", "shared-left")
+SHARED = ("shared", "shared-left")  # one factor per chunk that all its layers read: the right one, or the left
 BASE_KINDS = ("synthetic", "none")
 PASSTHROUGH_MIN = 1 << 16  # quantize_passthrough takes 2-D pass-through tensors of at least this many values
 DIM_LIMIT = 1 << 64  # safetensors stores dimensions as unsigned 64-bit integers
@@ -32,7 +34,9 @@ class ChunkPlan:
     own low-rank factors, i.e. per-layer SVD). ``ranks`` lines up with ``layers``; a base layer has
     rank 0, and any other layer with rank 0 equals its reference exactly. Topology ``shared`` (over
     a zero base, one rank for all) stores one right factor for the chunk, its basis (under
-    ``basis_key``), and each layer its own left factor over it: W_l = B_l A (Basis Sharing's form).
+    ``basis_key``), and each layer its own left factor over it: W_l = B_l A (Basis Sharing's form;
+    for nn.Linear the inputs' side). ``shared-left`` shares the left factor instead, W_l = B A_l
+    (for nn.Linear the outputs' side: layers that write into one subspace).
     """
 
     layers: tuple[int, ...]
@@ -50,7 +54,7 @@ class ChunkPlan:
         Chain: each layer over its neighbour nearer the base, so every reference was rebuilt just
         before. Star: every layer over the base.
         """
-        if self.topology in ("star", "shared"):
+        if self.topology in ("star",) + SHARED:
             return [(layer, None) for layer in self.layers if layer != self.base]
         if self.base_layer is None:
             return [(layer, prev) for prev, layer in zip((None,) + self.layers[:-1], self.layers)]
@@ -142,39 +146,57 @@ class Term:
     key: str | None  # that layer's weight
     base: str | None  # the chunk's stored base tensor; None: a zero base
     over: str  # what the step adds to: "" (the step *is* the base), "base" (the chunk's base: a
-    # star, or a chain's first link) or "previous" (the layer the walk rebuilt just before: a chain)
+    # star, or a chain's first link) or "previous" (the chunk's layer rebuilt just before: a chain)
     rank: int
-    factors: tuple[str, str] | None  # (B, A) names where the rank is not 0; A is the chunk's basis
-    # when it has one
-    basis: str | None = None  # the chunk's shared right factor (topology shared), rank x n
+    factors: tuple[str, str] | None  # (B, A) names where the rank is not 0; one of them is the chunk's
+    # basis when it has one (A under ``shared``, B under ``shared-left``)
+    basis: str | None = None  # the chunk's shared factor: rank x n (shared) or m x rank (shared-left)
+    last: bool = False  # the chunk's last term: nothing after it reads what the chunk holds
+    shares_left: bool = False  # the basis is the left factor (topology shared-left)
 
 
 def walk(fp: FamilyPlan) -> Iterator[Term]:
-    """The family's terms in the one order that fitting, the layout, expand, factored loading and
-    healing all follow: per chunk its base, then each layer over the base or over the layer just
-    before it (ChunkPlan.steps), so that what compress writes is what every reader rebuilds."""
-    for ci, chunk in enumerate(fp.chunks):
-        base, basis = fp.base_key(ci), fp.basis_key(ci) if chunk.topology == "shared" else None
-        layer = chunk.base_layer
-        yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "",
-                   chunk.ranks[0] if basis else 0, None, basis)
-        for layer, ref in chunk.steps():
-            key, rank = fp.key(layer), chunk.rank_of(layer)
-            over = "base" if ref is None or ref == chunk.base else "previous"
-            factors = (increment_keys(key)[0], basis or increment_keys(key)[1]) if rank else None
-            yield Term(ci, layer, key, base, over, rank, factors, basis)
+    """The family's terms in the one order that fitting, expand, factored loading and healing all
+    follow: per chunk its base, then each layer over the base or over the layer just before it in
+    the chunk (ChunkPlan.steps), so that what compress writes is what every reader rebuilds.
+
+    Chunks whose layers interleave (a shared basis over layers 0 and 2, another over 1 and 3) are
+    merged by layer, each chunk's own order kept, a base just before its chunk's first step: the
+    sequential fit meets each layer when the stream reaches it. A reader keeps what it holds per
+    chunk (``Term.chunk``); ``Term.last`` marks a chunk's last term, after which it may let go."""
+    runs = [list(_chunk_terms(fp, ci, chunk)) for ci, chunk in enumerate(fp.chunks)]
+    for run in runs:
+        run[-1] = replace(run[-1], last=True)
+    first = [min(chunk.layers) for chunk in fp.chunks]  # where a base that is no layer goes
+    return heapq.merge(*runs, key=lambda t: first[t.chunk] if t.layer is None else t.layer)
+
+
+def _chunk_terms(fp: FamilyPlan, ci: int, chunk: ChunkPlan) -> Iterator[Term]:
+    base, basis = fp.base_key(ci), fp.basis_key(ci) if chunk.topology in SHARED else None
+    layer = chunk.base_layer
+    yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "",
+               chunk.ranks[0] if basis else 0, None, basis, shares_left=chunk.topology == "shared-left")
+    for layer, ref in chunk.steps():
+        key, rank = fp.key(layer), chunk.rank_of(layer)
+        over = "base" if ref is None or ref == chunk.base else "previous"
+        kb, ka = increment_keys(key)
+        factors = ((basis, ka) if chunk.topology == "shared-left" else (kb, basis or ka)) if rank else None
+        yield Term(ci, layer, key, base, over, rank, factors, basis, shares_left=chunk.topology == "shared-left")
 
 
 def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
-    """The family's bases and factors as matrices, (name, shape), in the order fit_family writes them."""
+    """The family's bases and factors as matrices, (name, shape), chunk by chunk in walk order: the
+    layout (docs/format.md section 4), whatever order interleaved chunks are fitted in."""
     m, n = fp.shape
     out = []
-    for t in walk(fp):
+    for t in sorted(walk(fp), key=lambda t: t.chunk):  # stable: each chunk's own order
         if not t.over:
             out += [(t.base, (m, n))] if t.base is not None else []
-            out += [(t.basis, (t.rank, n))] if t.basis is not None else []  # stored once, read by every layer
+            if t.basis is not None:  # stored once, read by every layer
+                out += [(t.basis, (m, t.rank) if t.shares_left else (t.rank, n))]
         elif t.factors:
-            out += [(t.factors[0], (m, t.rank))] + ([(t.factors[1], (t.rank, n))] if t.basis is None else [])
+            out += [] if t.shares_left else [(t.factors[0], (m, t.rank))]
+            out += [] if t.basis is not None and not t.shares_left else [(t.factors[1], (t.rank, n))]
     return out
 
 
@@ -351,7 +373,7 @@ def _check_family(f: FamilyPlan, stacks: dict[str, set[int]]) -> None:
             raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
         if not isinstance(c.topology, str) or c.topology not in TOPOLOGIES:
             raise VloraError(f"corrupted plan: {f.name} has unknown topology {_brief(c.topology)}")
-        if c.topology == "shared" and (c.base != "none" or len(set(c.ranks)) != 1 or c.ranks[0] < 1):
+        if c.topology in SHARED and (c.base != "none" or len(set(c.ranks)) != 1 or c.ranks[0] < 1):
             raise VloraError(f"corrupted plan: a shared chunk of {f.name} needs a zero base and one rank of at "
                              "least 1 for all its layers")
         if not (is_whole(c.base) or isinstance(c.base, str)):
@@ -411,7 +433,7 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
     """
     stack_plans, family_plans, notes = [], [], []
     for stack in stacks:
-        per_layer = config.method in ("svd", "dense") or (config.base == "none" and config.topology != "shared")
+        per_layer = config.method in ("svd", "dense") or (config.base == "none" and config.topology not in SHARED)
         chunks = 1 if per_layer else (config.chunks or 1)
         if chunks > len(stack.layers):
             raise VloraError(
@@ -425,7 +447,7 @@ def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
                 notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
             if config.method == "dense":
                 fp = _dense_family(fam, config)
-            elif config.topology == "shared":
+            elif config.topology in SHARED:
                 fp = _chain_family(fam, stack.layers, bounds, rank, config)
             elif config.method == "svd" or config.base == "none":
                 fp = _per_layer_family(fam, rank, config)
@@ -481,14 +503,14 @@ def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: Compress
     chunks = []
     for start, end in bounds:
         layers = tuple(layer for layer in stack_layers[start:end] if layer in fam.layers)
-        if layers and config.topology == "shared":  # one basis per chunk, every layer its coefficients
-            chunks.append(ChunkPlan(layers, (rank,) * len(layers), base="none", topology="shared"))
+        if layers and config.topology in SHARED:  # one basis per chunk, every layer its coefficients
+            chunks.append(ChunkPlan(layers, (rank,) * len(layers), base="none", topology=config.topology))
         elif layers:
             ranks = (0,) + (rank,) * (len(layers) - 1)
             topology = "star" if config.topology == "star" else "chain"
             chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
     store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    base_quant = config.base_quantize if config.topology != "shared" else None
+    base_quant = config.base_quantize if config.topology not in SHARED else None
     return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks),
                                        config.family_scheme, config.group_size, base_quant))
 

@@ -10,8 +10,10 @@ then fitted at that same budget, closed loop and whitened when calibrated:
   whose choice leaves the least residual) with a ``chain`` or ``star`` topology, for each chunk
   count allowed. Chunk bounds come from dynamic programming over contiguous partitions, minimising
   the energy of the consecutive-layer deltas that a rank-r increment cannot hold;
-- with ``shared`` (``--shared``), a basis shared by each group of at most 2, 3 or 4 contiguous
-  layers, every layer its own coefficients (Basis Sharing's form).
+- with ``shared`` (``--shared``), a basis shared by each group of at most 2, 3 or 4 layers, every
+  layer its own coefficients: the right factor shared (Basis Sharing's form; nn.Linear's inputs)
+  or the left one (``shared-left``: the outputs), the groups adjacent layers or the layers most
+  alike in what their top subspaces keep of each other, adjacent or not (similar_groups).
 
 With ``--quantize auto`` every form is also tried in int8 and int4 at the same bytes (a higher
 rank in fewer bits against a lower rank in the store dtype), so the storage is chosen by the same
@@ -24,8 +26,9 @@ model's final hidden-state error on held-back calibration samples when a meter i
 summed (whitened when calibrated) squared output error of the family's layers, else their weight
 error. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
 topologies + per-layer SVD = 13 candidates per family (x 3 storages, plus every layer dense in int8
-and in int4, under ``--quantize auto``) and fits at most 4 (8 under auto); ``best`` is tried only
-when asked for, since it fits every layer of a chunk as the base.
+and in int4, under ``--quantize auto``) and fits at most 4 (8 under auto); ``--shared`` adds 2 sides
+x up to 3 group counts x 2 groupings, and one fit per side; ``best`` is tried only when asked for,
+since it fits every layer of a chunk as the base.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .quantize import AUTO_SCHEMES
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import read_matrix
-from .plan import (STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper, family_bytes,
+from .plan import (SHARED, STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper, family_bytes,
                    family_matrices, matrix_bytes, split_equal)
 from .stacks import Family, Stack
 
@@ -62,14 +65,18 @@ class Candidate:
     dense: bool = False  # every layer its own base, nothing low rank: quantization alone
     base_quant: str | None = None  # the bases' scheme where it is not ``quant``: with base ``own`` every
     # layer W ≈ Q + B A (CALDERA's form), else each chunk's base (VLoRA over a quantized base)
+    grouping: str = "adjacent"  # a shared basis's groups: adjacent layers, or ``similar`` (by how much of
+    # each other's whitened energy their top subspaces keep, adjacent or not: similar_groups)
 
     @property
     def label(self) -> str:
         bits = "" if self.quant == "none" else f", {self.quant}"
         if self.base == "own":
             return f"{self.base_quant} + low rank" + bits
-        if self.topology == "shared":
-            return f"shared basis, {self.chunks} group{'s' if self.chunks > 1 else ''}" + bits
+        if self.topology in SHARED:
+            by = " by similarity" if self.grouping == "similar" else ""
+            left = " left" if self.topology == "shared-left" else ""
+            return f"shared{left} basis, {self.chunks} group{'s' if self.chunks > 1 else ''}{by}" + bits
         if self.base == "none":
             return "per-layer SVD" + bits
         if self.dense:
@@ -146,7 +153,8 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
             continue
         if len(cands) == 1:  # nothing to choose between: no need to measure
             return (cand, fp, float("nan")), [], []
-        est = float("nan") if _rounded(cand) else spectral_error(fp, weights, whitener, spectra)
+        est = float("nan") if _rounded(cand) else spectral_error(fp, weights, whitener, spectra,
+                                                                 config.calibration.damping)
         planned.append((est, i, cand, fp))
     del spectra
     short = _short_list(planned, config)
@@ -181,8 +189,8 @@ def form(cand: Candidate) -> str:
         return "dense"
     if cand.base == "own":
         return "quantized + low rank"
-    if cand.topology == "shared":
-        return "shared"
+    if cand.topology in SHARED:
+        return cand.topology
     return "per-layer" if cand.base == "none" else "vlora"
 
 
@@ -208,7 +216,7 @@ def _rounded(cand: Candidate) -> bool:
     return cand.dense or cand.base == "own"
 
 
-def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
+def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict, damping: float = 1e-2) -> float:
     """The family's relative (whitened) output error that the plan's truncations alone would leave,
     every reference taken as the matrix it stands for (open loop): Σ_l tail_{r_l}((W_l - R_l) S_l)
     over Σ_l ||W_l S_l||², with R_l zero (per-layer), the chunk's base layer, the layer before
@@ -219,11 +227,13 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
     or worse (errors down a chain); the short list is fitted and measured to settle that."""
     err = total = 0.0
     for chunk in fp.chunks:
-        if chunk.topology == "shared":  # the best one right factor for the group: its layers stacked
-            name = ("shared", chunk.layers)
+        if chunk.topology in SHARED:  # the best one factor for the group: its layers stacked, or side by side
+            name = (chunk.topology, chunk.layers)
             if name not in spectra:
-                spectra[name] = torch.linalg.svdvals(torch.cat([_whiten(weights[x].double(), whitener(fp.key(x)))
-                                                                for x in chunk.layers]))
+                left = chunk.topology == "shared-left"
+                common = _common_whitener(fp, chunk.layers, whitener, left, damping)
+                spectra[name] = torch.linalg.svdvals(torch.cat([_whiten(weights[x].double(), common(fp.key(x)))
+                                                                for x in chunk.layers], dim=1 if left else 0))
             err += float(spectra[name][chunk.ranks[0]:].square().sum())
             continue
         mean = None
@@ -247,6 +257,20 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict) -> float:
             spectra["norm", layer] = float(_whiten(weights[layer].double(), whitener(fp.key(layer))).square().sum())
         total += spectra["norm", layer]
     return err / total if total > 0 else err
+
+
+def _common_whitener(fam: Family, layers, whitener, left: bool, damping: float, name: str = "family"):
+    """The whitening to compare ``layers`` by when one factor (the left one where ``left``) is
+    shared. Where that factor is on the side the whitening does not act on (nn.Linear's outputs,
+    Conv1D's), each layer's own whitening leaves its subspace as it is: ``whitener`` itself, exact.
+    Where it is on the inputs' side, one whitening for all, by the mean of the layers' Grams, as
+    _fit_basis whitens a group's basis by their sum."""
+    whs = {fam.key(x): whitener(fam.key(x)) for x in layers}
+    if any(wh is None for wh in whs.values()) or (next(iter(whs.values())).side == 0) != left:
+        return whitener
+    side = next(iter(whs.values())).side
+    mean = Whitener.from_gram(sum(wh.gram for wh in whs.values()) / len(whs), side, damping)
+    return lambda key: mean if key in whs else whitener(key)
 
 
 def _spectrum(key: str, delta: torch.Tensor, whitener) -> torch.Tensor:
@@ -395,14 +419,16 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
             if b == "none" and bq is not None and config.method == "svd":  # every layer W ≈ Q + B A
                 out.append(Candidate("own", "star", 1, q, base_quant=bq))
             elif b == "none":
-                if config.topology != "shared":
+                if config.topology not in SHARED:
                     out.append(Candidate("none", "star", 1, q))
-                if config.topology == "shared" or (config.topology == "auto" and config.shared):
-                    groups = ([config.chunks] if config.chunks and config.topology == "shared"
+                shared = [config.topology] if config.topology in SHARED else list(SHARED) if config.shared else []
+                if shared and config.topology in SHARED + ("auto",):
+                    groups = ([config.chunks] if config.chunks and config.topology in SHARED
                               else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
-                    out += [Candidate("none", "shared", k, q) for k in groups if 1 <= k and 2 * k <= n_layers]
+                    out += [Candidate("none", t, k, q, grouping=g) for t in shared for k in groups
+                            if 1 <= k and 2 * k <= n_layers for g in ("adjacent", "similar")]
                 continue
-            out += [Candidate(b, t, k, q, base_quant=bq) for t in topologies if t != "shared" for k in counts
+            out += [Candidate(b, t, k, q, base_quant=bq) for t in topologies if t not in SHARED for k in counts
                     if k <= n_layers]
     if base == "auto" and not config.chunks:
         # quantization alone, the yardstick, as a choice: every layer dense in the scheme, or under
@@ -419,9 +445,9 @@ def reference(config: CompressConfig, n_layers: int) -> Candidate:
     """The form whose bytes at ``config.rank`` set every candidate's budget: the one asked for,
     with ``auto`` read as first-layer bases in a chain, and no ``--chunks`` as one chunk."""
     base = "none" if config.method == "svd" else config.base
-    base = "none" if config.topology == "shared" else "first" if base == "auto" else base
+    base = "none" if config.topology in SHARED else "first" if base == "auto" else base
     topology = "chain" if config.topology == "auto" else config.topology
-    chunks = 1 if base == "none" and topology != "shared" else min(config.chunks or 1, n_layers)
+    chunks = 1 if base == "none" and topology not in SHARED else min(config.chunks or 1, n_layers)
     if config.base_quantize is not None:  # bases in integers of their own; with svd, every layer's
         return Candidate("own" if base == "none" else base, "star" if base == "none" else topology, chunks,
                          config.family_scheme, base_quant=config.base_quantize)
@@ -435,8 +461,9 @@ def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressCon
     r = min(rank, m, n)
     size = lambda shape, q=cand.quant: matrix_bytes(shape, _store(fam, config), q, config.group_size)  # noqa: E731
     bases, increments = _counts(fam, cand)
-    if cand.topology == "shared":  # a basis per group, every layer its own coefficients
-        factored = min(cand.chunks, len(fam.layers)) * size((r, n)) + increments * size((m, r))
+    if cand.topology in SHARED:  # a basis per group, every layer its own coefficients
+        basis, own = ((m, r), (r, n)) if cand.topology == "shared-left" else ((r, n), (m, r))
+        factored = min(cand.chunks, len(fam.layers)) * size(basis) + increments * size(own)
     else:
         factored = bases * size((m, n), cand.base_quant or cand.quant) + increments * (size((m, r)) + size((r, n)))
     return factored if _rounded(cand) else min(factored, len(fam.layers) * size((m, n), cand.base_quant or cand.quant))
@@ -512,9 +539,14 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
     if cand.base == "own":  # every layer W ≈ Q + B A: its own chunk, a quantized base, one increment
         chunks = [ChunkPlan((layer,), (rank,), "synthetic", "star") for layer in fam.layers]
         return _family_plan(fam, config, chunks, cand.quant, cand.base_quant)
-    if cand.topology == "shared":  # contiguous groups of equal size, one basis each
-        chunks = [ChunkPlan(fam.layers[a:b], (rank,) * (b - a), "none", "shared")
-                  for a, b in split_equal(n_layers, cand.chunks)]
+    if cand.topology in SHARED:  # groups of equal size, one basis each
+        groups = adjacent = [fam.layers[a:b] for a, b in split_equal(n_layers, cand.chunks)]
+        if cand.grouping == "similar":
+            groups = similar_groups(fam, weights, whitener, rank, adjacent, spectra, cand.topology == "shared-left",
+                                    config.calibration.damping)
+            if groups == adjacent:  # nothing the adjacent candidate does not already try
+                return None
+        chunks = [ChunkPlan(g, (rank,) * len(g), "none", cand.topology) for g in groups]
         return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant))
     if cand.base == "none":
         return dense_if_cheaper(_family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")],
@@ -534,6 +566,84 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
             chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant,
                                      cand.base_quant))
     return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant, cand.base_quant))
+
+
+def similar_groups(fam: Family, weights, whitener, rank: int, groups: list[tuple[int, ...]],
+                   spectra: dict | None = None, left: bool = False, damping: float = 1e-2) -> list[tuple[int, ...]]:
+    """Groups of the same sizes as ``groups`` whose layers share a basis best, adjacent or not
+    (Geo-Sharing's point: the layers that share best need not be neighbours).
+
+    What two layers lose by sharing is measured as the energy one rank-``rank`` basis of the pair
+    leaves: the tail of their whitened weights stacked (side by side for a shared left factor), as a
+    share of their energy, the quantity spectral_error estimates for a whole group. Where the shared
+    factor is the one the whitening acts on (the inputs' side), every layer is whitened by the
+    family's mean Gram (``_common_whitener``): a basis shared in the inputs' own coordinates is one
+    subspace under one whitening, and would look like several under each layer's own. It is computed in
+    the span of each layer's top 2·``rank`` singular vectors (a 2·``rank``-square eigenproblem a pair,
+    so a 7B model's 11008-wide projections cost what SmolLM2's do). A group's loss is the sum of its
+    pairs'. From ``groups`` and from a greedy start (the cheapest pairs first), the swap of two layers
+    between groups that lowers the total most is made until none does; the lower of the two results
+    is kept, so ``groups`` comes back where nothing beats it. Each group is ascending and the groups
+    are ordered by their first layer, as the format wants. ``spectra`` keeps each layer's singular
+    vectors for the family's other candidates."""
+    spectra = {} if spectra is None else spectra
+    layers, side = list(fam.layers), "left" if left else "right"
+    keep = min(2 * rank, *fam.shape)
+    tops = {}
+    common = _common_whitener(fam, layers, whitener, left, damping)
+    for x in layers:
+        if (side, x) not in spectra:
+            m = _whiten(weights[x].double(), common(fam.key(x)))
+            _, sv, vh = torch.linalg.svd(m.T if left else m, full_matrices=False)  # a left subspace: the transpose's right
+            spectra[side, x] = (sv, vh)
+        sv, vh = spectra[side, x]
+        tops[x] = (sv[:keep, None] * vh[:keep], float(sv.square().sum()))  # S V: what the layer's energy reads
+    loss = {}
+    for i, x in enumerate(layers):
+        for y in layers[i + 1:]:
+            (a, ea), (b, eb) = tops[x], tops[y]
+            q = torch.linalg.qr(torch.cat([a, b]).T).Q  # the pair's top directions
+            kept = torch.linalg.eigvalsh((a @ q).T @ (a @ q) + (b @ q).T @ (b @ q)).flip(0)[:rank].sum()
+            loss[x, y] = loss[y, x] = max(ea + eb - float(kept), 0.0) / max(ea + eb, 1e-30)
+
+    def total(members):
+        return sum(loss[x, y] for g in members for i, x in enumerate(g) for y in g[i + 1:])
+
+    def improve(members):
+        members = [list(g) for g in members]
+        where = {x: g for g, ms in enumerate(members) for x in ms}
+
+        def cost(x, g, without=None):  # x's summed loss with a group's members
+            return sum(loss[x, y] for y in members[g] if y not in (x, without))
+
+        for _ in range(len(layers) ** 2):  # each swap lowers the total: this bounds it generously
+            best, swap = 1e-12, None
+            for x in layers:
+                for y in layers:
+                    gx, gy = where[x], where[y]
+                    if gx < gy:
+                        gain = cost(x, gx) + cost(y, gy) - cost(x, gy, y) - cost(y, gx, x)
+                        if gain > best:
+                            best, swap = gain, (x, y)
+            if swap is None:
+                break
+            x, y = swap
+            gx, gy = where[x], where[y]
+            members[gx][members[gx].index(x)], members[gy][members[gy].index(y)] = y, x
+            where[x], where[y] = gy, gx
+        return sorted((tuple(sorted(g)) for g in members), key=lambda g: g[0])
+
+    greedy, left_over = [], set(layers)  # each group seeded by the cheapest pair left, filled by the cheapest joins
+    for size in sorted((len(g) for g in groups), reverse=True):
+        pairs = [(loss[x, y], x, y) for x in left_over for y in left_over if x < y]
+        group = list(min(pairs)[1:]) if size > 1 and pairs else [min(left_over)]
+        while len(group) < size:
+            group.append(min(left_over - set(group), key=lambda z: sum(loss[z, y] for y in group)))
+        greedy.append(group)
+        left_over -= set(group)
+    start = improve(groups)
+    other = improve(greedy)
+    return other if total(other) < total(start) * (1 - 1e-9) else start
 
 
 def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[int, int], ...]:

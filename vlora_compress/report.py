@@ -70,7 +70,7 @@ class CompressReport:
                 {
                     **fp.summary(),
                     "layers": list(fp.layers),
-                    "chunks": [[c.layers[0], c.layers[-1]] for c in fp.chunks],
+                    "chunks": [list(c.layers) for c in fp.chunks],  # interleaved where shared groups are
                     "bases": [c.base for c in fp.chunks],
                     "topologies": [c.topology for c in fp.chunks],
                     "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),

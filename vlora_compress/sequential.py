@@ -45,7 +45,7 @@ from .calibrate import sibling_input, token_rows
 from .errors import VloraError
 from .factorise import LayerFit, Whitener, fit_family
 from .models import batches, model_device, module_for_key, token_limit
-from .plan import CompressConfig, FamilyPlan, Plan
+from .plan import SHARED, CompressConfig, FamilyPlan, Plan
 from .progress import Progress
 
 
@@ -69,7 +69,7 @@ def sequential_family(fp: FamilyPlan, bases: bool = False) -> bool:
     """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none
     (or the chunk one layer, whose base is made from that layer: W ≈ Q + B A), and a shared basis (fitted from all its group's weights and Grams at once) only where ``bases``
     gives those up front (the original model's), so that only the coefficients follow the stream."""
-    return all((c.base == "none" or c.base == c.layers[0] or len(c.layers) == 1) and (bases or c.topology != "shared")
+    return all((c.base == "none" or c.base == c.layers[0] or len(c.layers) == 1) and (bases or c.topology not in SHARED)
                for c in fp.chunks)
 
 
