@@ -23,6 +23,7 @@ from vlora_compress.evaluate import EvalConfig, evaluate
 
 CALIB = BUNDLED / "austen-calibration.txt"
 EVAL = BUNDLED / "austen-evaluation.txt"
+OTHER = BUNDLED / "austen-training.txt"  # Emma: held-back samples from text neither calibration nor eval uses
 
 CORE = dict(base="first", topology="chain", bounds="equal", ranks="uniform")
 # (label, options); every one is run at every budget it fits
@@ -47,6 +48,8 @@ METHODS = [
     ("default plan, whitened", dict(calib=True)),
     ("default plan, whitened, aligned", dict(calib=True, align=True)),
     ("default plan, whitened, --shared", dict(calib=True, shared=True)),
+    ("default plan, whitened, measured on Emma", dict(calib=True, holdout_data=OTHER)),
+    ("default plan, whitened, --shared, measured on Emma", dict(calib=True, shared=True, holdout_data=OTHER)),
 ]
 # --quantized: bytes in the stack's fp32 bytes, quantization stacked on low rank, against RTN alone
 QUANTIZED = [
@@ -121,13 +124,14 @@ def main() -> None:
             for label, opts in methods:
                 opts = dict(opts)
                 calib = CALIB if opts.pop("calib", False) else None
-                fixed = opts.pop("fixed", False)  # a size of its own (quantization alone): once, not per budget
+                fixed = opts.pop("fixed", False)
+                other = opts.pop("holdout_data", None)  # the planner's held-back samples from other text  # a size of its own (quantization alone): once, not per budget
                 if fixed and i:
                     continue
                 size = {} if fixed else dict(target_size=budget, target_of="stack")
                 t = time.perf_counter()
                 try:
-                    report = compress(source, out, calib=calib, calibration=CalibConfig(samples=args.calib_samples),
+                    report = compress(source, out, calib=calib, calibration=CalibConfig(samples=args.calib_samples, holdout_data=other),
                                       force=True, **size, **opts)
                 except Exception as e:  # a budget the bases alone exceed: say so, do not hide the row
                     print(f"{label:51} {budget:6.0%} {'-':>5} {'-':>11} {'-':>7}  ({e})")

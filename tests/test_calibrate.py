@@ -152,3 +152,40 @@ def test_a_causal_lm_is_calibrated_on_windows_of_running_text_and_an_encoder_on_
     assert report.calibration["packing"] == "lines"
     with pytest.raises(VloraError, match="packing"):
         CalibConfig(packing="pages")
+
+
+def test_held_back_samples_can_come_from_other_text_and_the_planner_measures_on_them(minilm_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--holdout-data: the Grams take the calibration file's first samples, all of them, and the
+    samples every candidate plan is measured on are the other file's first ones; the report records
+    which. A missing file is one line and exit 2, and no output is written."""
+    import importlib
+
+    comp = importlib.import_module("vlora_compress.compress")  # the module, not the function the package exports
+    from conftest import EVAL
+    from vlora_compress.calibrate import read_calibration
+    from vlora_compress.cli import compress_main
+
+    tok = load_preprocessor(minilm_dir)
+    lines = lambda path: [x.strip() for x in path.read_text().splitlines() if x.strip()]  # noqa: E731
+    samples, held = read_calibration(tok, CALIB, CalibConfig(samples=6, holdout=3, holdout_data=EVAL))
+    assert samples == lines(CALIB)[:6] and held == lines(EVAL)[:3]
+    measured = []
+    meter = comp.OutputMeter
+
+    def spy(model, preprocessor, held, *args, **kwargs):
+        measured.append(list(held))
+        return meter(model, preprocessor, held, *args, **kwargs)
+
+    monkeypatch.setattr(comp, "OutputMeter", spy)
+    out = tmp_path / "m.vlora.safetensors"
+    report = compress(minilm_dir, out, rank=4, ranks="uniform", calib=CALIB,
+                      calibration=CalibConfig(samples=8, holdout=4, holdout_data=EVAL))
+    assert measured == [lines(EVAL)[:4]] and report.calibration["samples"] == 8
+    assert report.calibration["holdout_data"] == str(EVAL)
+    with pytest.raises(SystemExit) as exc:
+        compress_main([str(minilm_dir), "--calib", str(CALIB), "--holdout-data", str(tmp_path / "none.txt"),
+                       "-o", str(tmp_path / "x.vlora.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "none.txt" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.vlora.safetensors").exists()

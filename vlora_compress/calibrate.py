@@ -100,8 +100,14 @@ def read_calibration(preprocessor, data: str | Path | list, config: CalibConfig,
                      causal: bool = False) -> tuple[list, list]:
     """(samples for the Grams, held-back samples): the first ``samples``, then ``holdout`` more, of
     the file's (or list's) lines or, packed in windows (``packing``), of its windows of
-    ``max_length`` tokens. Too few for both keeps at least half for the Grams.
+    ``max_length`` tokens. Too few for both keeps at least half for the Grams. With
+    ``holdout_data`` the held-back samples are that file's first ``holdout``, read the same way.
     """
+    if config.holdout_data is not None and config.holdout:
+        alone = replace(config, holdout=0, holdout_data=None)
+        samples = read_calibration(preprocessor, data, alone, causal)[0]
+        held = read_calibration(preprocessor, config.holdout_data, replace(alone, samples=config.holdout), causal)[0]
+        return samples, held
     want = config.samples + config.holdout
     if isinstance(data, (list, tuple)) and not data:
         raise VloraError("`calib` is an empty list of samples")

@@ -94,6 +94,8 @@ def compress_cmd(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
     calibration_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N lines, or windows).")] = 512,
     calibration_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration sample (a line is cut there; a window is that long).")] = 128,
+    calibration_holdout: Annotated[int, typer.Option("--calib-holdout", help="Further samples kept back from the Grams, on which the planner measures every candidate plan (the model's output error).")] = 32,
+    holdout_data: Annotated[Optional[Path], typer.Option("--holdout-data", help="Read the --calib-holdout samples from this file (the same kinds as --calib) instead of the calibration data's tail: plans measured on text the calibration did not see.")] = None,
     calibration_packing: Annotated[str, typer.Option("--calib-packing", help="Text samples: lines (one per line), windows (the text run together, cut every --calib-max-length tokens) or auto (windows for a causal LM, lines otherwise).")] = "auto",
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="Store calibration Grams as fp64 or fp32 (half the memory).")] = "fp64",
     gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
@@ -140,7 +142,8 @@ def compress_cmd(
         align=align, target_size=target_size, target_of=target_of, target_bits=target_bits, svd=svd, dtype=dtype, quantize=quantize,
         base_quantize=base_quantize, group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,
-                                gram_dtype=gram_dtype, gram_dir=gram_dir),
+                                gram_dtype=gram_dtype, gram_dir=gram_dir, holdout=calibration_holdout,
+                                holdout_data=holdout_data),
         sequential=sequential, feedback=feedback, planning=planning, device=device,
     )
     report = compress(

@@ -388,6 +388,7 @@ def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, 
         "damping": calib_config.damping,
         "gram_bytes": max(grams.nbytes if grams is not None else 0, sequential.gram_bytes if sequential else 0),
         "holdout_samples": calib_config.holdout,
+        "holdout_data": calib_config.holdout_data,  # None: the calibration data's tail
         "sequential_layers": len(fitted),
         "feedback": sequential.feedback if sequential is not None else None,
         "planning": ("blocks" if isinstance(sequential, BlockPlanner) else "model") if planned else None,

@@ -43,12 +43,16 @@ class CalibConfig:
     batch_size: int = 32
     damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
     holdout: int = 32  # further samples kept back from the Grams, to measure plans on
+    holdout_data: str | None = None  # read those from this file's first samples instead of the
+    # calibration data's: plans measured on text the calibration did not see (docs/planning.md)
     gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
     gram_dir: str | None = None  # keep the Grams in memory-mapped files here, not in RAM
 
     def __post_init__(self):
         if self.gram_dir is not None:
             object.__setattr__(self, "gram_dir", str(self.gram_dir))  # a path, recorded as text
+        if self.holdout_data is not None:
+            object.__setattr__(self, "holdout_data", str(self.holdout_data))
         if self.gram_dtype not in GRAM_DTYPE_NAMES:
             raise VloraError(f"`calibration.gram_dtype` must be fp64 or fp32, not {self.gram_dtype!r}")
         if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
