@@ -34,6 +34,8 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("per-layer SVD, measured ranks", dict(method="svd")),
     ("default plan", dict()),  # --planning auto: on the model here, since it and its Grams fit
     ("default plan, shared bases tried (--shared)", dict(shared=True)),
+    ("default plan, shared bases tried, measured on Emma (--shared --holdout-data)",
+     dict(shared=True, holdout_data=str(DATA / "austen-training.txt"))),
     ("default plan, planned by blocks", dict(planning="blocks")),
 ]
 
@@ -128,8 +130,10 @@ def main() -> None:
                 continue
             out = Path(tmp) / "out.vlora.safetensors"
             target = {} if removed is None else {"target_size": str(round(1 - removed, 4)), "target_of": "model"}
+            options = dict(options)
+            calibration = {"samples": args.calib_samples, "holdout_data": options.pop("holdout_data", None)}
             job = {"source": str(folder), "out": str(out), **target, "calib": str(CALIB),
-                   "calibration": {"samples": args.calib_samples}, **options}
+                   "calibration": calibration, **options}
             done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True)
             if done.returncode:
                 print(f"{label}: failed\n{done.stderr[-2000:]}", flush=True)
