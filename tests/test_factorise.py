@@ -206,15 +206,17 @@ def test_a_shared_basis_is_refused_with_a_base_and_in_a_plan_that_gives_it_one(t
         Plan.from_dict(plan)
 
 
-def test_a_shared_basis_whitened_and_quantized_works_on_a_causal_lm(tmp_path):
-    """Calibrated, the basis is whitened by its group's summed Grams and each layer's coefficients
-    by its own: a working model at the bytes per-layer SVD takes, and in int8 nearly the same."""
+@pytest.mark.parametrize("topology", ["shared", "shared-left"])
+def test_a_shared_basis_whitened_and_quantized_works_on_a_causal_lm(tmp_path, topology):
+    """Calibrated, a right basis is whitened by its group's summed Grams and each layer's
+    coefficients by its own (a left basis by each layer's own Gram): a working model at the bytes
+    per-layer SVD takes, and in int8 nearly the same."""
     folder = tiny_model(tmp_path / "llama6", "llama", num_hidden_layers=6)
     held, _ = read_calibration(load_preprocessor(folder), EVAL, CalibConfig(samples=16, holdout=0), causal=True)
     errors = {}
     for name, opts in (("float", {}), ("int8", dict(quantize="int8"))):
         path = tmp_path / f"{name}.vlora.safetensors"
-        report = compress(folder, path, rank=8, chunks=3, base="none", topology="shared", ranks="uniform",
+        report = compress(folder, path, rank=8, chunks=3, base="none", topology=topology, ranks="uniform",
                           calib=CALIB, calibration=CalibConfig(samples=32), **opts)
         assert report.calibration["whitened_layers"] == 42
         errors[name] = hidden_error(folder, path, held)
