@@ -108,3 +108,19 @@ def test_interleaved_chunks_are_walked_by_layer_and_each_rebuilds_over_its_own_t
     assert terms[4] == ("h.0.w", [("h.2.w.vlora_B", "h.2.w.vlora_A"), ("h.4.w.vlora_B", "h.4.w.vlora_A")])
     assert terms[3] == (None, [("h.3.w.vlora_B", "h.vlora_basis1.w")])
     assert terms[6] == ("h.vlora_base2.w", [("h.5.w.vlora_B", "h.5.w.vlora_A"), ("h.6.w.vlora_B", "h.6.w.vlora_A")])
+
+
+def test_residual_ranks_belong_to_shared_chunks_one_per_layer():
+    """A plan with residual ranks on a chain, too few of them, or out of range is refused in one
+    line; on a shared chunk they round-trip, and a plan without them writes no field at all."""
+    fam = Family("m.layers", "q.weight", (0, 1, 2, 3), (8, 8), "F32")
+    plan = plan_equal([Stack("m.layers", (0, 1, 2, 3), (fam,), ())], CompressConfig(rank=2, chunks=2))
+    data = plan.to_dict()
+    assert all("residual" not in c for c in data["families"][0]["chunks"])
+    shared = {"layers": [0, 2], "ranks": [2, 2], "base": "none", "topology": "shared-left", "residual": [1, 1]}
+    data["families"][0]["chunks"] = [shared, {**shared, "layers": [1, 3]}]
+    assert Plan.from_dict(data).families[0].chunks[1].residual == (1, 1)
+    for bad in ({"topology": "chain", "base": 0, "ranks": [0, 2]}, {"residual": [1]}, {"residual": [1, 9]}):
+        data["families"][0]["chunks"] = [{**shared, **bad}, {**shared, "layers": [1, 3]}]
+        with pytest.raises(VloraError, match="residual ranks"):
+            Plan.from_dict(data)

@@ -229,3 +229,40 @@ def test_interleaved_shared_groups_are_fitted_layer_by_layer_and_load_as_expande
     ids = torch.randint(5, 250, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (dense(input_ids=ids).logits - factored(input_ids=ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("topology", ["shared", "shared-left"])
+def test_a_shared_basis_with_residual_factors_round_trips_quantized_factored_and_healed(tmp_path, monkeypatch,
+                                                                                         topology):
+    """The planner's shared basis plus residual factors, fitted layer by layer on a real Llama in
+    int4: the file is version 6 and stores each layer's residual factors, factored loading computes
+    what the expanded model does, and healing trains the residual factors and keeps the plan."""
+    import vlora_compress.planner as planner
+    from safetensors import safe_open
+    from vlora_compress.factored import load_factored
+    from vlora_compress.fileformat import VloraFile
+    from vlora_compress.heal import HealConfig, heal
+
+    only = lambda config, n: [planner.Candidate("none", topology, 2, config.family_scheme, residual=True)]  # noqa: E731
+    monkeypatch.setattr(planner, "candidates", only)
+    folder = tiny_model(tmp_path / "llama4", "llama", num_hidden_layers=4)
+    path = tmp_path / "r.vlora.safetensors"
+    report = compress(folder, path, rank=4, ranks="uniform", shared=True, quantize="int4", group_size=32, calib=CALIB,
+                      calibration=CalibConfig(samples=16))
+    assert report.calibration["sequential_layers"] == 28
+    vfile = VloraFile(path)
+    assert vfile.checkpoint.metadata["vlora.version"] == "6"
+    assert all(c.topology == topology and c.residual and all(c.residual) for f in vfile.plan.families for c in f.chunks)
+    with safe_open(str(path), "pt") as f:
+        residual = [k for k in f.keys() if ".residual.vlora_" in k]
+    assert len(residual) == 2 * 2 * 28  # b and a, integers and scales, of every layer
+    dense, factored = load_model(path, folder), load_factored(path, folder)
+    ids = torch.randint(5, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (dense(input_ids=ids).logits - factored(input_ids=ids).logits).abs().max() < 1e-4
+    healed = tmp_path / "h.vlora.safetensors"
+    heal(path, folder, CALIB, healed, HealConfig(steps=2, batch_size=4, lr=1e-2, eval_samples=4))
+    after = VloraFile(healed)
+    assert after.plan == vfile.plan
+    key = "model.layers.1.mlp.up_proj.weight.residual.vlora_A"
+    assert not torch.equal(after.get(key), vfile.get(key))

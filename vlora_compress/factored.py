@@ -181,7 +181,7 @@ def layer_terms(fp: FamilyPlan) -> dict[int, tuple[str | None, list[tuple[str, s
     paths: dict[int, list[tuple[str, str]]] = {}  # chunk -> the increments to its layer rebuilt last
     for t in walk(fp):
         path = paths.pop(t.chunk, []) if t.over == "previous" else []
-        path = path + ([t.factors] if t.factors else [])
+        path = path + ([t.factors] if t.factors else []) + ([t.residual] if t.residual else [])
         if not t.last:
             paths[t.chunk] = path
         if t.layer is not None:

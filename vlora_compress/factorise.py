@@ -232,7 +232,6 @@ def fit_family(
         if base_hat is None:
             base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
         ref_hat = base_hat if t.over == "base" else last_hat
-        method = choose_svd(plan.shape, rank, config.svd)
         delta = w.float() - ref_hat
         memo = (svd_cache, key) if svd_cache is not None and t.base is None else None
         hessian = _hessian(plan, t.factors[0], config, wh) if rank else None  # for the factor reading the inputs
@@ -247,20 +246,15 @@ def fit_family(
                                   hessian if wh is not None and wh.side == 0 else None)
             yield from entries_b
         elif rank:
-            if wh is not None:
-                b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
-            else:
-                b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
-            kb, ka = t.factors
-            entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
-            if plan.quant_of(kb) != "none":  # B as stored is not the B the SVD gave: refit A to it
-                a = refit_right(b, delta, wh)
-            entries_a, a = encode(plan, ka, a, hessian if wh is not None and wh.side == 1 else None)
-            yield from entries_b
-            yield from entries_a
+            entries, b, a = _fit_pair(plan, t.factors, delta, rank, wh, config, memo)
+            yield from entries
         else:
             b, a = truncated_svd(delta, 0)
         last_hat = apply_increment(ref_hat, b, a)
+        if t.residual:  # a shared chunk's layer's own factors: what the shared part left, fitted to it
+            entries, b, a = _fit_pair(plan, t.residual, w.float() - last_hat, t.residual_rank, wh, config, memo=None)
+            yield from entries
+            last_hat = apply_increment(last_hat, b, a)
         if not t.last:
             state[t.chunk] = [base_hat, last_hat, basis_hat]
         w_hat = last_hat.to(orig)
@@ -271,6 +265,24 @@ def fit_family(
         # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
         del w, w_hat, delta, wh, b, a, base_hat, last_hat, ref_hat, basis_hat
         yield fit
+
+
+def _fit_pair(plan: FamilyPlan, names: tuple[str, str], delta: torch.Tensor, rank: int, wh: Whitener | None,
+              config: CompressConfig, memo=None) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """(stored entries, B and A as stored in float32) of the rank-``rank`` fit of ``delta``,
+    whitened when calibrated; where B is stored rounded, A is refitted to B as stored."""
+    method = choose_svd(plan.shape, rank, config.svd)
+    if wh is not None:
+        b, a = whitened_svd(delta, rank, wh, method, config.seed, config.niter, memo)
+    else:
+        b, a = truncated_svd(delta, rank, method, config.seed, config.niter, memo)
+    kb, ka = names
+    hessian = _hessian(plan, kb, config, wh)
+    entries_b, b = encode(plan, kb, b, hessian if wh is not None and wh.side == 0 else None)
+    if plan.quant_of(kb) != "none":  # B as stored is not the B the SVD gave: refit A to it
+        a = refit_right(b, delta, wh)
+    entries_a, a = encode(plan, ka, a, hessian if wh is not None and wh.side == 1 else None)
+    return entries_b + entries_a, b, a
 
 
 def _hessian(plan: FamilyPlan, name: str, config: CompressConfig, wh: Whitener | None) -> tuple | None:
@@ -313,7 +325,8 @@ def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfi
     can (Basis Sharing's basis). ``shared-left``: the top-``rank`` left factor B of the weights side
     by side, the same fit on their transposes. For nn.Linear that one is exact under each layer's
     own whitening (Σ_l ||(W_l - B A_l) S_l||² is the rank-``rank`` fit of [W_1 S_1 | W_2 S_2 | ...],
-    since A_l S_l is free); for Conv1D it takes the summed Grams, as A does for nn.Linear."""
+    since A_l S_l is free); for Conv1D it takes the summed Grams, as A does for nn.Linear. Where the
+    chunk's layers have residual factors, the basis alternates with them (RESIDUAL_ROUNDS)."""
     keys = [plan.key(layer) for layer in chunk.layers]
     shape = plan.shape
     if t.shares_left:
@@ -324,17 +337,35 @@ def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfi
     common = None
     if all(wh is not None for wh in whs) and whs[0].side == 1:  # the inputs' summed Gram whitens A
         common = Whitener.from_gram(sum(wh.gram for wh in whs), 1, config.calibration.damping)
-    if common is not None:
-        stacked = torch.cat([read(key).double() for key in keys])
-        _, a = whitened_svd(stacked, t.rank, common, method, config.seed, config.niter)
-    else:  # Conv1D's whitening acts on the rows, each layer's own; data-free: the weights as they are
-        stacked = torch.cat([read(key).double() if wh is None or wh.side == 1 else wh.whiten(read(key).double())
-                             for key, wh in zip(keys, whs)])
-        _, a = truncated_svd(stacked, t.rank, method, config.seed, config.niter)
-    del stacked
+
+    def basis(mats):  # the top-rank right factor of the matrices stacked
+        if common is not None:
+            return whitened_svd(torch.cat([m.double() for m in mats]), t.rank, common, method, config.seed,
+                                config.niter)[1]
+        # Conv1D's whitening acts on the rows, each layer's own; data-free: the weights as they are
+        stacked = torch.cat([m.double() if wh is None or wh.side == 1 else wh.whiten(m.double())
+                             for m, wh in zip(mats, whs)])
+        return truncated_svd(stacked, t.rank, method, config.seed, config.niter)[1]
+
+    a = basis([read(key) for key in keys])
+    own = chunk.residual_of(chunk.layers[0])
+    for _ in range(RESIDUAL_ROUNDS if own else 0):
+        # with residual factors, the basis should hold what the layers share, not each one's own
+        # strongest directions: take each layer's rank-``own`` part of what the basis leaves off it,
+        # and fit the basis again to what remains (alternating least squares)
+        rest = []
+        for key, wh in zip(keys, whs):
+            w = read(key).float()
+            d = w - coefficients(w, a, wh) @ a
+            b_r, a_r = whitened_svd(d, own, wh) if wh is not None else truncated_svd(d, own)
+            rest.append(w - b_r @ a_r)
+        a = basis(rest)
     if t.shares_left:  # back to the family's own orientation: B, and the Gram its rows read
         a, common = a.T.contiguous(), _flip(common)
     return encode(plan, t.basis, a, _hessian(plan, t.basis, config, common))
+
+
+RESIDUAL_ROUNDS = 10  # alternations of a shared basis with its layers' residual factors
 
 
 def _flip(wh: Whitener | None) -> Whitener | None:
@@ -413,6 +444,8 @@ def rebuild_family(plan: FamilyPlan, get: Callable[[str], torch.Tensor]) -> Iter
             base_hat = last_hat = torch.zeros(plan.shape, device=factors[0].device if factors else None)
         ref_hat = base_hat if t.over == "base" else last_hat
         last_hat = apply_increment(ref_hat, *factors) if factors is not None else ref_hat.clone()
+        if t.residual:
+            last_hat = apply_increment(last_hat, *map(get, t.residual))
         if not t.last:
             state[t.chunk] = [base_hat, last_hat]
         yield t.key, last_hat.to(orig)

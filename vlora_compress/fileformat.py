@@ -28,10 +28,11 @@ QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.m
 SHARED_VERSION = 3  # version 2 plus chunks that share one basis (topology shared, docs/format.md section 10)
 BASE_QUANT_VERSION = 4  # version 3 plus bases stored in a scheme of their own (`base_quant`, docs/format.md section 11)
 GRID_VERSION = 5  # version 4 plus the mid-rise schemes int3-midrise and int2-midrise (docs/format.md section 12)
-LEFT_VERSION = 6  # version 5 plus chunks that share their left factor (topology shared-left, docs/format.md section 13)
+LEFT_VERSION = 6  # version 5 plus chunks that share their left factor (topology shared-left) and shared chunks'
+# per-layer residual factors (docs/format.md section 13)
 READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION, GRID_VERSION,
                                LEFT_VERSION))
-HOLDS = {LEFT_VERSION: "shared left factors", GRID_VERSION: "mid-rise schemes", BASE_QUANT_VERSION: "bases in their own scheme",
+HOLDS = {LEFT_VERSION: "shared left factors or residual factors", GRID_VERSION: "mid-rise schemes", BASE_QUANT_VERSION: "bases in their own scheme",
          SHARED_VERSION: "shared bases", QUANTIZED_VERSION: "quantized tensors"}
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
@@ -153,7 +154,7 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
 def version_of(plan: Plan) -> int:
     """The least format version that holds the plan: shared left factors need 6, mid-rise schemes
     5, bases in their own scheme 4, shared bases 3, integer storage 2."""
-    if any(c.topology == "shared-left" for fp in plan.families for c in fp.chunks):
+    if any(c.topology == "shared-left" or any(c.residual) for fp in plan.families for c in fp.chunks):
         return LEFT_VERSION
     schemes = {q.quant for q in plan.passthrough} | {s for fp in plan.families for s in (fp.quant, fp.base_quant)}
     if schemes & MIDRISE:

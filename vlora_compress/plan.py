@@ -36,13 +36,19 @@ class ChunkPlan:
     a zero base, one rank for all) stores one right factor for the chunk, its basis (under
     ``basis_key``), and each layer its own left factor over it: W_l = B_l A (Basis Sharing's form;
     for nn.Linear the inputs' side). ``shared-left`` shares the left factor instead, W_l = B A_l
-    (for nn.Linear the outputs' side: layers that write into one subspace).
+    (for nn.Linear the outputs' side: layers that write into one subspace). ``residual`` (shared
+    topologies only; empty for none) gives each layer a rank of its own factors on top of the shared
+    part: W_l = B_l A + b_l a_l (or B A_l + b_l a_l), what the shared basis cannot hold.
     """
 
     layers: tuple[int, ...]
     ranks: tuple[int, ...]
     base: int | str
     topology: str = "chain"
+    residual: tuple[int, ...] = ()
+
+    def residual_of(self, layer: int) -> int:
+        return self.residual[self.layers.index(layer)] if self.residual else 0
 
     @property
     def base_layer(self) -> int | None:
@@ -130,6 +136,7 @@ class FamilyPlan:
 
 
 INCREMENT_SUFFIXES = (".vlora_B", ".vlora_A")
+RESIDUAL = ".residual"  # a shared chunk's layer's own factors: key + ".residual.vlora_B" and "...vlora_A"
 
 
 def increment_keys(key: str) -> tuple[str, str]:
@@ -153,6 +160,8 @@ class Term:
     basis: str | None = None  # the chunk's shared factor: rank x n (shared) or m x rank (shared-left)
     last: bool = False  # the chunk's last term: nothing after it reads what the chunk holds
     shares_left: bool = False  # the basis is the left factor (topology shared-left)
+    residual: tuple[str, str] | None = None  # (b, a) a shared chunk's layer adds after B A, when it has them
+    residual_rank: int = 0
 
 
 def walk(fp: FamilyPlan) -> Iterator[Term]:
@@ -181,7 +190,9 @@ def _chunk_terms(fp: FamilyPlan, ci: int, chunk: ChunkPlan) -> Iterator[Term]:
         over = "base" if ref is None or ref == chunk.base else "previous"
         kb, ka = increment_keys(key)
         factors = ((basis, ka) if chunk.topology == "shared-left" else (kb, basis or ka)) if rank else None
-        yield Term(ci, layer, key, base, over, rank, factors, basis, shares_left=chunk.topology == "shared-left")
+        own = chunk.residual_of(layer)
+        yield Term(ci, layer, key, base, over, rank, factors, basis, shares_left=chunk.topology == "shared-left",
+                   residual=increment_keys(key + RESIDUAL) if own else None, residual_rank=own)
 
 
 def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
@@ -197,6 +208,8 @@ def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
         elif t.factors:
             out += [] if t.shares_left else [(t.factors[0], (m, t.rank))]
             out += [] if t.basis is not None and not t.shares_left else [(t.factors[1], (t.rank, n))]
+        if t.residual:
+            out += [(t.residual[0], (m, t.residual_rank)), (t.residual[1], (t.residual_rank, n))]
     return out
 
 
@@ -229,7 +242,12 @@ class Plan:
         return bool(self.passthrough) or any(f.quantized for f in self.families)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for f in data["families"]:
+            for c in f["chunks"]:
+                if not c["residual"]:  # written only where a chunk has one: plans without read as before
+                    del c["residual"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -313,7 +331,7 @@ def _family_plan(data) -> FamilyPlan:
     for c in _list(f["chunks"], "chunks"):
         c = _object(c, "a chunk")
         chunks.append(ChunkPlan(_list(c["layers"], "chunk layers"), _list(c["ranks"], "chunk ranks"), c["base"],
-                                c.get("topology", "chain")))
+                                c.get("topology", "chain"), _list(c.get("residual", []), "chunk residual ranks")))
     return FamilyPlan(f["stack"], f["suffix"], _list(f["shape"], "a family's shape"), f["dtype"], f["store_dtype"],
                       tuple(chunks), f.get("quant", "none"), f.get("group_size", 128), f.get("base_quant"))
 
@@ -373,6 +391,10 @@ def _check_family(f: FamilyPlan, stacks: dict[str, set[int]]) -> None:
             raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
         if not isinstance(c.topology, str) or c.topology not in TOPOLOGIES:
             raise VloraError(f"corrupted plan: {f.name} has unknown topology {_brief(c.topology)}")
+        if c.residual and (c.topology not in SHARED or len(c.residual) != len(c.layers)
+                           or not all(is_whole(r) and 0 <= r <= min(f.shape) for r in c.residual)):
+            raise VloraError(f"corrupted plan: a chunk of {f.name} has residual ranks {_brief(list(c.residual))}: "
+                             "only a shared chunk has them, one whole rank in 0..min(m, n) per layer")
         if c.topology in SHARED and (c.base != "none" or len(set(c.ranks)) != 1 or c.ranks[0] < 1):
             raise VloraError(f"corrupted plan: a shared chunk of {f.name} needs a zero base and one rank of at "
                              "least 1 for all its layers")

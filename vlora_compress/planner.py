@@ -12,8 +12,9 @@ then fitted at that same budget, closed loop and whitened when calibrated:
   the energy of the consecutive-layer deltas that a rank-r increment cannot hold;
 - with ``shared`` (``--shared``), a basis shared by each group of at most 2, 3 or 4 layers, every
   layer its own coefficients: the right factor shared (Basis Sharing's form; nn.Linear's inputs)
-  or the left one (``shared-left``: the outputs), the groups adjacent layers or the layers most
-  alike in what their top subspaces keep of each other, adjacent or not (similar_groups).
+  or the left one (``shared-left``: the outputs), the groups adjacent layers or the layers
+  whose pairs lose least by sharing, adjacent or not (similar_groups); each also with residual factors
+  of every layer's own on top (W_l = B_l A + b_l a_l).
 
 With ``--quantize auto`` every form is also tried in int8 and int4 at the same bytes (a higher
 rank in fewer bits against a lower rank in the store dtype), so the storage is chosen by the same
@@ -27,7 +28,8 @@ summed (whitened when calibrated) squared output error of the family's layers, e
 error. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
 topologies + per-layer SVD = 13 candidates per family (x 3 storages, plus every layer dense in int8
 and in int4, under ``--quantize auto``) and fits at most 4 (8 under auto); ``--shared`` adds 2 sides
-x up to 3 group counts x 2 groupings, and one fit per side; ``best`` is tried only when asked for,
+x up to 3 group counts x 2 groupings x with or without residual factors, and a fit for the best of
+each side and each; ``best`` is tried only when asked for,
 since it fits every layer of a chunk as the base.
 """
 
@@ -65,8 +67,9 @@ class Candidate:
     dense: bool = False  # every layer its own base, nothing low rank: quantization alone
     base_quant: str | None = None  # the bases' scheme where it is not ``quant``: with base ``own`` every
     # layer W ≈ Q + B A (CALDERA's form), else each chunk's base (VLoRA over a quantized base)
-    grouping: str = "adjacent"  # a shared basis's groups: adjacent layers, or ``similar`` (by how much of
-    # each other's whitened energy their top subspaces keep, adjacent or not: similar_groups)
+    grouping: str = "adjacent"  # a shared basis's groups: adjacent layers, or ``similar`` (the layers whose
+    # pairs lose least by sharing, adjacent or not: similar_groups)
+    residual: bool = False  # a shared basis plus each layer's own factors at residual_rank(rank)
 
     @property
     def label(self) -> str:
@@ -76,7 +79,8 @@ class Candidate:
         if self.topology in SHARED:
             by = " by similarity" if self.grouping == "similar" else ""
             left = " left" if self.topology == "shared-left" else ""
-            return f"shared{left} basis, {self.chunks} group{'s' if self.chunks > 1 else ''}{by}" + bits
+            plus = " + residual" if self.residual else ""
+            return f"shared{left} basis{plus}, {self.chunks} group{'s' if self.chunks > 1 else ''}{by}" + bits
         if self.base == "none":
             return "per-layer SVD" + bits
         if self.dense:
@@ -190,7 +194,7 @@ def form(cand: Candidate) -> str:
     if cand.base == "own":
         return "quantized + low rank"
     if cand.topology in SHARED:
-        return cand.topology
+        return cand.topology + (" + residual" if cand.residual else "")
     return "per-layer" if cand.base == "none" else "vlora"
 
 
@@ -234,7 +238,7 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict, damping: fl
                 common = _common_whitener(fp, chunk.layers, whitener, left, damping)
                 spectra[name] = torch.linalg.svdvals(torch.cat([_whiten(weights[x].double(), common(fp.key(x)))
                                                                 for x in chunk.layers], dim=1 if left else 0))
-            err += float(spectra[name][chunk.ranks[0]:].square().sum())
+            err += float(spectra[name][chunk.ranks[0]:].square().sum())  # a residual's gain is not estimated
             continue
         mean = None
         for layer, ref in chunk.steps():
@@ -425,8 +429,8 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
                 if shared and config.topology in SHARED + ("auto",):
                     groups = ([config.chunks] if config.chunks and config.topology in SHARED
                               else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
-                    out += [Candidate("none", t, k, q, grouping=g) for t in shared for k in groups
-                            if 1 <= k and 2 * k <= n_layers for g in ("adjacent", "similar")]
+                    out += [Candidate("none", t, k, q, grouping=g, residual=res) for t in shared for k in groups
+                            if 1 <= k and 2 * k <= n_layers for g in ("adjacent", "similar") for res in (False, True)]
                 continue
             out += [Candidate(b, t, k, q, base_quant=bq) for t in topologies if t not in SHARED for k in counts
                     if k <= n_layers]
@@ -461,9 +465,11 @@ def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressCon
     r = min(rank, m, n)
     size = lambda shape, q=cand.quant: matrix_bytes(shape, _store(fam, config), q, config.group_size)  # noqa: E731
     bases, increments = _counts(fam, cand)
-    if cand.topology in SHARED:  # a basis per group, every layer its own coefficients
+    if cand.topology in SHARED:  # a basis per group, every layer its own coefficients (and residual factors)
         basis, own = ((m, r), (r, n)) if cand.topology == "shared-left" else ((r, n), (m, r))
-        factored = min(cand.chunks, len(fam.layers)) * size(basis) + increments * size(own)
+        s = residual_rank(r) if cand.residual else 0
+        residual = size((m, s)) + size((s, n)) if s else 0
+        factored = min(cand.chunks, len(fam.layers)) * size(basis) + increments * (size(own) + residual)
     else:
         factored = bases * size((m, n), cand.base_quant or cand.quant) + increments * (size((m, r)) + size((r, n)))
     return factored if _rounded(cand) else min(factored, len(fam.layers) * size((m, n), cand.base_quant or cand.quant))
@@ -546,7 +552,8 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
                                     config.calibration.damping)
             if groups == adjacent:  # nothing the adjacent candidate does not already try
                 return None
-        chunks = [ChunkPlan(g, (rank,) * len(g), "none", cand.topology) for g in groups]
+        own = (residual_rank(rank),) if cand.residual else ()
+        chunks = [ChunkPlan(g, (rank,) * len(g), "none", cand.topology, own * len(g)) for g in groups]
         return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant))
     if cand.base == "none":
         return dense_if_cheaper(_family_plan(fam, config, [ChunkPlan(fam.layers, (rank,) * n_layers, "none", "star")],
@@ -566,6 +573,13 @@ def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: Compr
             chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant,
                                      cand.base_quant))
     return dense_if_cheaper(_family_plan(fam, config, chunks, cand.quant, cand.base_quant))
+
+
+def residual_rank(rank: int) -> int:
+    """A shared candidate's per-layer residual rank at shared rank ``rank``: a quarter of it (at
+    least 1), so that most bytes stay in the shared part and each layer keeps a few directions of
+    its own that the group's basis cannot hold."""
+    return max(1, rank // 4)
 
 
 def similar_groups(fam: Family, weights, whitener, rank: int, groups: list[tuple[int, ...]],
