@@ -152,7 +152,7 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
 
 
 def version_of(plan: Plan) -> int:
-    """The least format version that holds the plan: shared left factors need 6, mid-rise schemes
+    """The least format version that holds the plan: shared left factors or residual factors need 6, mid-rise schemes
     5, bases in their own scheme 4, shared bases 3, integer storage 2."""
     if any(c.topology == "shared-left" or any(c.residual) for fp in plan.families for c in fp.chunks):
         return LEFT_VERSION
