@@ -28,9 +28,9 @@ summed (whitened when calibrated) squared output error of the family's layers, e
 error. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
 topologies + per-layer SVD = 13 candidates per family (x 3 storages, plus every layer dense in int8
 and in int4, under ``--quantize auto``) and fits at most 4 (8 under auto); ``--shared`` adds 2 sides
-x up to 3 group counts x 2 groupings x with or without residual factors, and a fit for the best of
-each side and each; ``best`` is tried only when asked for,
-since it fits every layer of a chunk as the base.
+x up to 3 group counts x 2 groupings x with or without residual factors, and one fit for the best
+of each side with and without residual factors; ``best`` is tried only when asked for, since it
+fits every layer of a chunk as the base.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict, damping: fl
     return err / total if total > 0 else err
 
 
-def _common_whitener(fam: Family, layers, whitener, left: bool, damping: float, name: str = "family"):
+def _common_whitener(fam: Family, layers, whitener, left: bool, damping: float):
     """The whitening to compare ``layers`` by when one factor (the left one where ``left``) is
     shared. Where that factor is on the side the whitening does not act on (nn.Linear's outputs,
     Conv1D's), each layer's own whitening leaves its subspace as it is: ``whitener`` itself, exact.
@@ -604,7 +604,9 @@ def similar_groups(fam: Family, weights, whitener, rank: int, groups: list[tuple
     layers, side = list(fam.layers), "left" if left else "right"
     keep = min(2 * rank, *fam.shape)
     tops = {}
-    common = _common_whitener(fam, layers, whitener, left, damping)
+    # the family's mean Gram is made once: later candidates find every layer's vectors in ``spectra``
+    common = (_common_whitener(fam, layers, whitener, left, damping) if any((side, x) not in spectra for x in layers)
+              else None)
     for x in layers:
         if (side, x) not in spectra:
             m = _whiten(weights[x].double(), common(fam.key(x)))
