@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import CALIB, EVAL, hidden_error, tiny_model
-from vlora_compress import CalibConfig, VloraError, compress, expand
+from vlora_compress import CalibConfig, VloraError, compress, expand, inspect_vlora
 from vlora_compress.calibrate import read_calibration
 from vlora_compress.factorise import apply_increment, choose_svd, truncated_svd
 from vlora_compress.fileformat import VloraFile
@@ -190,6 +190,9 @@ def test_a_shared_basis_stores_one_right_factor_per_group_and_rebuilds_what_shar
     chunks = json.loads(VloraFile(shared).checkpoint.metadata["vlora.plan"])["families"][0]["chunks"]
     assert [(c["layers"], c["base"], c["topology"]) for c in chunks] == [([0, 1, 2], "none", "shared"),
                                                                          ([3, 4, 5], "none", "shared")]
+    info = inspect_vlora(shared)  # the bases a plot of bytes draws are dense ones: a shared basis is a factor
+    assert info["families"][0]["bytes"] == {"bases": 0, "increments": report.stack_compressed_bytes}
+    assert info["bytes_by_role"]["increments"] == report.stack_compressed_bytes
 
 
 def test_a_shared_basis_is_refused_with_a_base_and_in_a_plan_that_gives_it_one(tmp_path):

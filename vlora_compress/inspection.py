@@ -17,7 +17,7 @@ from rich.table import Table
 from .checkpoint import open_checkpoint
 from .errors import VloraError
 from .fileformat import VloraFile, family_layout, layout
-from .plan import INCREMENT_SUFFIXES
+from .plan import INCREMENT_SUFFIXES, SHARED
 from .progress import Progress
 from .quantize import SCALE_SUFFIX
 from .report import human_bytes, nbytes, storage_label
@@ -233,14 +233,17 @@ def inspect_vlora(path: str | Path) -> dict:
     bases = increments = 0
     families = []
     for fp in plan.families:
+        shared = {fp.basis_key(ci) for ci, c in enumerate(fp.chunks) if c.topology in SHARED}
+        mine = {"bases": 0, "increments": 0}  # a shared basis is a factor, not a dense base
         for name, dt, shape in family_layout(fp):
-            if name.removesuffix(SCALE_SUFFIX).endswith(INCREMENT_SUFFIXES):
-                increments += nbytes(dt, shape)
-            else:
-                bases += nbytes(dt, shape)
+            entry = name.removesuffix(SCALE_SUFFIX)
+            factor = entry.endswith(INCREMENT_SUFFIXES) or entry in shared
+            mine["increments" if factor else "bases"] += nbytes(dt, shape)
+        bases, increments = bases + mine["bases"], increments + mine["increments"]
         families.append(
             {
                 **fp.summary(),
+                "bytes": mine,
                 "chunks": [
                     {"layers": list(c.layers), "base": c.base, "topology": c.topology, "ranks": list(c.ranks)}
                     for c in fp.chunks

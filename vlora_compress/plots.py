@@ -45,13 +45,10 @@ def plot_bytes(info: dict, out: str | Path) -> Path:
     """Where a VLoRA file's bytes went: bases, increments and pass-through, per stack and outside."""
     out, plt = _target(out), _pyplot()
     per_stack: dict[str, dict[str, int]] = {}
-    for f in info["families"]:
+    for f in info["families"]:  # the file's own layout, counted by inspect_vlora: every form's bytes
         row = per_stack.setdefault(f["stack"] or "(top level)", {"bases": 0, "increments": 0})
-        m, n = f["shape"]
-        item = {"F32": 4, "F64": 8}.get(f["store_dtype"], 2)
-        for c in f["chunks"]:
-            row["bases"] += item * m * n * (c["base"] != "none")
-            row["increments"] += item * sum(r * (m + n) for r in c["ranks"])
+        row["bases"] += f["bytes"]["bases"]
+        row["increments"] += f["bytes"]["increments"]
     names = list(per_stack) + ["pass-through"]
     bases = [per_stack[k]["bases"] / 1e6 for k in per_stack] + [0]
     incs = [per_stack[k]["increments"] / 1e6 for k in per_stack] + [0]
