@@ -347,25 +347,36 @@ def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfi
                              for m, wh in zip(mats, whs)])
         return truncated_svd(stacked, t.rank, method, config.seed, config.niter)[1]
 
-    a = basis([read(key) for key in keys])
+    weights = [read(key).float() for key in keys]
+    a = basis(weights)
     own = chunk.residual_of(chunk.layers[0])
+    small = choose_svd(shape, own, config.svd) if own else "exact"
+    last = math.inf
     for _ in range(RESIDUAL_ROUNDS if own else 0):
         # with residual factors, the basis should hold what the layers share, not each one's own
         # strongest directions: take each layer's rank-``own`` part of what the basis leaves off it,
-        # and fit the basis again to what remains (alternating least squares)
-        rest = []
-        for key, wh in zip(keys, whs):
-            w = read(key).float()
+        # and fit the basis again to what remains (alternating least squares, which lowers the
+        # whitened error every round; stopped when a round gains less than RESIDUAL_TOL of it)
+        rest, err = [], 0.0
+        for w, wh in zip(weights, whs):
             d = w - coefficients(w, a, wh) @ a
-            b_r, a_r = whitened_svd(d, own, wh) if wh is not None else truncated_svd(d, own)
-            rest.append(w - b_r @ a_r)
+            b_r, a_r = (whitened_svd(d, own, wh, small, config.seed, config.niter) if wh is not None
+                        else truncated_svd(d, own, small, config.seed, config.niter))
+            part = b_r @ a_r
+            err += float((d - part).double().square().sum() if wh is None else wh.whiten((d - part).double()).square().sum())
+            rest.append(w - part)
+        if err > last * (1 - RESIDUAL_TOL):
+            break
+        last = err
         a = basis(rest)
+    del weights
     if t.shares_left:  # back to the family's own orientation: B, and the Gram its rows read
         a, common = a.T.contiguous(), _flip(common)
     return encode(plan, t.basis, a, _hessian(plan, t.basis, config, common))
 
 
-RESIDUAL_ROUNDS = 10  # alternations of a shared basis with its layers' residual factors
+RESIDUAL_ROUNDS = 10  # at most this many alternations of a shared basis with its layers' residual factors
+RESIDUAL_TOL = 0.01  # ... stopped when a round lowers the whitened error by less than this share
 
 
 def _flip(wh: Whitener | None) -> Whitener | None:
