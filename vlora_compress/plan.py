@@ -69,11 +69,6 @@ class ChunkPlan:
         backward = [(self.layers[i], self.layers[i + 1]) for i in range(p - 1, -1, -1)]
         return forward + backward
 
-    def rebuild_order(self) -> list[int]:
-        """Every layer of the chunk in the order expand rebuilds it: a base layer first."""
-        head = [self.base] if self.base_layer is not None else []
-        return head + [layer for layer, _ in self.steps()]
-
     def rank_of(self, layer: int) -> int:
         return self.ranks[self.layers.index(layer)]
 
