@@ -73,7 +73,8 @@ calib = opts.pop("calibration")
 t = time.perf_counter()
 r = compress(opts.pop("source"), opts.pop("out"), calibration=CalibConfig(**calib), force=True, **opts)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "size_ratio": r.size_ratio, "rank": r.rank, "notes": r.notes}))
+                  "size_ratio": r.size_ratio, "rank": r.rank, "notes": r.notes,
+                  "decisions": r.decisions}))
 """
 
 
@@ -147,6 +148,9 @@ def main() -> None:
             print(f"{share} removed | {label} | {stats['seconds']:.0f} s ({stats['seconds'] / floor:.1f}x floor) | "
                   f"peak RSS {stats['peak_rss'] / 2**30:.2f} GiB | size {stats['size_ratio']:.3f} | "
                   f"perplexity {ppl:.2f} (ratio {ppl / original:.2f})", flush=True)
+            for d in stats["decisions"]:  # what each family chose, as the plan records it
+                c = d["candidates"][d["chosen"]]
+                print(f"  chosen: {d['family']}: {c['label']}" + (f" at rank {c['rank']}" if c["rank"] else ""))
     if args.json:
         args.json.write_text(json.dumps({"original_perplexity": original, "rows": rows}, indent=2))
 

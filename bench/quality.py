@@ -74,12 +74,16 @@ QUANTIZED = [
 
 
 def chosen(report) -> list[str]:
-    """What the planner chose per family, as its note says (the candidate's label and rank), with
-    each shared family's groups."""
+    """What the planner chose per family (the candidate's label and rank, from its recorded
+    decision), with each shared family's groups."""
+    decided = {d["family"]: d["candidates"][d["chosen"]] for d in report.decisions}
     out = []
     for f in report.families:
-        note = next((n for n in report.notes if n.startswith(f["family"] + ": ")), "")
-        what = note[len(f["family"]) + 2:].split(", error")[0] if note else ",".join(sorted(set(f["topologies"])))
+        c = decided.get(f["family"])
+        if c is None:  # nothing was weighed (one candidate)
+            what = ",".join(sorted(set(f["topologies"])))
+        else:
+            what = c["label"] + (f" at rank {c['rank']}" if c["rank"] else "")
         groups = " " + " ".join("-".join(map(str, c)) for c in f["chunks"]) if "shared" in what else ""
         out.append(f"{f['suffix']}: {what}{groups}")
     return out

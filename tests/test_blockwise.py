@@ -67,6 +67,9 @@ def test_the_default_plan_by_blocks_beats_per_layer_svd_and_lands_on_its_target(
             assert len({layer // 2 for layer in chunk["layers"]}) == 1, chunk  # never across a block's bounds
     assert report.notes[0] == "planned by blocks of layers"
     assert all(note.startswith(("layers 0-1: ", "layers 2-3: ", "layers 4-5: ")) for note in report.notes[1:])
+    # each block's families decided on the block's own measure, and recorded so
+    assert {d["scope"] for d in report.decisions} == {"layers 0-1", "layers 2-3", "layers 4-5"}
+    assert len(report.decisions) == 3 * len(plan["families"])
     assert hidden_error(llama6, plan_file, held_out) < 0.5 * hidden_error(llama6, svd_file, held_out)
 
 

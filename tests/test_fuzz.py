@@ -160,6 +160,10 @@ def _source_tensor(m: dict, key: str) -> list:
 
 
 Q0 = "model.layers.1.self_attn.q_proj.weight"
+WEIGHED = {"label": "per-layer SVD", "form": "per-layer", "rank": 4, "storage": "none", "bytes": 100, "estimate": 0.2,
+           "error": 0.1}
+DECISION = {"family": "model.layers.*.self_attn.q_proj.weight", "budget": 100, "measure": "model",
+            "candidates": [WEIGHED], "chosen": 0}
 # (file, change to the parsed plan/source/config, the words of the refusal): one case per check
 REFUSALS = [
     ("chain", lambda m: m["source"].update(nbytes=0), "nbytes 0 is not a positive whole number"),
@@ -197,6 +201,12 @@ REFUSALS = [
      "'model.layers.0.self_attn.q_proj.weight' is planned twice"),
     ("chain", lambda m: m["plan"].update(notes=[None]), "notes are not all text"),
     ("chain", lambda m: m["plan"].update(aligned="no"), "'aligned' is 'no', not true or false"),
+    ("chain", lambda m: m["plan"].update(decisions={}), "decisions is {}, not a list"),
+    ("chain", lambda m: m["plan"].update(decisions=[{"family": "f"}]), "field 'candidates' is missing"),
+    ("chain", lambda m: m["plan"].update(decisions=[{**DECISION, "chosen": 1}]), "chosen 1 of 1 candidates"),
+    ("chain", lambda m: m["plan"].update(decisions=[{**DECISION, "measure": "vibes"}]), "measure that is not"),
+    ("chain", lambda m: m["plan"].update(decisions=[{**DECISION, "candidates": [{**WEIGHED, "error": "0.1"}]}]),
+     "has a candidate of the wrong types"),
     ("chain", lambda m: _source_tensor(m, "model.norm.weight").__setitem__(0, Q0 + ".vlora_B"),
      f"tensor '{Q0}.vlora_B' has two places in the layout"),
     ("chain", lambda m: m.update(config=[]), "vlora.config is not a JSON object"),

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import CALIB, CORE
-from vlora_compress import compress, expand, synthetic
+from vlora_compress import compress, expand, inspect_vlora, synthetic
 from vlora_compress.calibrate import CalibConfig
 from vlora_compress.checkpoint import open_checkpoint
 from vlora_compress.factorise import Whitener, synthetic_base
 from vlora_compress.plan import ChunkPlan, FamilyPlan
+from vlora_compress.report import decision_line
 from vlora_compress.planner import partition
 
 
@@ -71,11 +72,20 @@ def test_every_base_and_topology_round_trips_through_expand(gpt2_file, tmp_path,
 
 def test_auto_never_loses_to_per_layer_svd_by_its_own_measure(gpt2_file, tmp_path):
     report = compress(gpt2_file, tmp_path / "a.vlora.safetensors", rank=8, chunks=2)
-    for note in report.notes:
-        chosen = float(note.split("error ")[1].split(" ")[0].rstrip(","))
-        tried = dict(part.rsplit(" ", 1) for part in note.split("also tried: ")[1].rstrip(")").split("; "))
-        assert all(chosen <= float(v) for v in tried.values())
-        assert "per-layer SVD" in note  # the baseline is always among the candidates
+    assert len(report.decisions) == len(report.families)
+    for d in report.decisions:
+        measured = [c for c in d["candidates"] if c["error"] is not None]
+        chosen = d["candidates"][d["chosen"]]
+        assert len(measured) >= 2 and all(chosen["error"] <= c["error"] for c in measured)
+        assert chosen["bytes"] <= d["budget"] and d["measure"] == "weights"  # data-free: the weights' error
+        assert any(c["label"] == "per-layer SVD" for c in measured)  # the baseline is always measured
+    # the notes are rendered from that data: one line per family, the chosen form and its error first
+    lines = [line[2:] for line in report.to_markdown().splitlines() if line.startswith("- transformer.h.")]
+    assert lines == [decision_line(d) for d in report.decisions]
+    d = report.decisions[0]
+    assert lines[0].startswith(f"{d['family']}: {d['candidates'][d['chosen']]['label']}")
+    # and the file records them whole: vlora-inspect reads back what the report says
+    assert inspect_vlora(tmp_path / "a.vlora.safetensors")["decisions"] == report.decisions
 
 
 def test_whitened_mean_is_the_output_optimal_shared_matrix():
@@ -155,14 +165,16 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
         plan = plan_measured(stacks, config, ckpt.read, meter=meter)
     families = [f for s in stacks for f in s.families]
     assert len(candidates(config, len(families[0].layers))) == 13  # some do not fit the budget
-    assert len(plan.notes) == len(families)
+    assert len(plan.decisions) == len(families) and not plan.notes
     n_measured = 0
-    for note in plan.notes:
-        measured = note.split(" (not fitted")[0]
-        assert "per-layer SVD" in measured
-        ranked_out = note.split("by the estimate from singular values: ")[1].rstrip(")").split("; ")
-        n = measured.count(";") + 2  # the chosen one and the others tried
-        assert n in (SHORT_LIST, SHORT_LIST + 1) and len(ranked_out) >= 1
+    for d in plan.decisions:
+        measured = [c for c in d.candidates if c.error is not None]
+        assert "per-layer SVD" in [c.label for c in measured] and d.measure == "model"
+        n = len(measured)
+        assert n in (SHORT_LIST, SHORT_LIST + 1) and len(d.candidates) > n  # some ranked out by the estimate
+        # those ranked out all estimated worse than the short list's best estimate
+        assert min(c.estimate for c in measured) <= min(c.estimate for c in d.candidates if c.error is None)
+        assert d.taken.error == min(c.error for c in measured)  # the first measured: scores rise per call
         n_measured += n
     assert len(calls) == n_measured
 
@@ -171,9 +183,9 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
     config = CompressConfig(rank=8, ranks="uniform", shared=True)
     with open_checkpoint(gpt2_file) as ckpt:
         plan = plan_measured(find_stacks(ckpt.infos), config, ckpt.read, meter=meter)
-    for note in plan.notes:
-        measured = note.split(" (not fitted")[0]
-        assert "per-layer SVD" in measured and "shared basis" in measured and " base, " in measured, note
+    for d in plan.decisions:
+        forms = {c.form for c in d.candidates if c.error is not None}
+        assert {"per-layer", "vlora", "shared"} <= forms, d
 
 
 def _first_family_matters(ckpt, stacks):
@@ -295,7 +307,7 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
         stacks = find_stacks(ckpt.infos)
         dense = plan_measured(stacks, CompressConfig(rank=200, ranks="uniform"), ckpt.read, meter=meter)
         assert calls == [] and all(exact(fp) for fp in dense.families)
-        assert all(", error 0 " in note for note in dense.notes)
+        assert all(d.taken.error == 0 and d.taken.form == "dense" for d in dense.decisions)
         low = plan_measured(stacks, CompressConfig(rank=8, ranks="uniform"), ckpt.read, meter=meter)
     assert calls and not any(exact(fp) for fp in low.families)  # low rank is measured as before
 
@@ -328,7 +340,8 @@ def test_interleaved_planted_groups_are_found_by_similarity_not_adjacency(tmp_pa
     src = synthetic.write_checkpoint(tmp_path / "s.safetensors", specs, synthetic.planted_shared(0, 10, lambda l: l % 3))
     shared = compress(src, tmp_path / "s.vlora.safetensors", rank=3, ranks="uniform", shared=True)
     assert all(f["topologies"] == ["shared"] * 3 and f["chunks"] == [[0, 3], [1, 4], [2, 5]] for f in shared.families)
-    assert all("3 groups by similarity at rank" in n for n in shared.notes if "shared basis" in n), shared.notes
+    assert all(d["candidates"][d["chosen"]]["label"] == "shared basis, 3 groups by similarity"
+               for d in shared.decisions), shared.decisions
     per_layer = compress(src, tmp_path / "p.vlora.safetensors", method="svd", ranks="uniform", target_of="stack",
                          target_size=str(shared.stack_compressed_bytes))
     assert per_layer.stack_compressed_bytes <= shared.stack_compressed_bytes

@@ -340,7 +340,9 @@ def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
     assert got["thin.weight"]["storage"] == "F32" and min(got["thin.weight"]["ranks"]) >= 3  # exact in float
     assert got["thin.weight"]["max_rel_error"] < 1e-5 and got["noise.weight"]["max_rel_error"] < 0.01
     assert report.rank is None and report.stack_size_ratio <= 0.3
-    assert any("noise.weight: dense, int8" in n and "int4" in n for n in report.notes)  # what was weighed
+    noise = next(d for d in report.decisions if d["family"].endswith("noise.weight"))  # what was weighed
+    assert noise["candidates"][noise["chosen"]]["label"] == "dense, int8"
+    assert {"int8", "int4"} <= {c["storage"] for c in noise["candidates"] if c["error"] is not None}
     assert "auto: " in report.to_markdown() and "int8" in report.to_markdown()
     families = {f["suffix"]: f for f in inspect_vlora(out)["families"]}
     assert families["noise.weight"]["quant"] == "int8" and families["thin.weight"]["quant"] == "none"

@@ -8,6 +8,7 @@ whether cross-layer sharing can work on a model at all; ``inspect_vlora`` shows 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from .fileformat import VloraFile, family_layout, layout
 from .plan import INCREMENT_SUFFIXES, SHARED
 from .progress import Progress
 from .quantize import SCALE_SUFFIX
-from .report import human_bytes, nbytes, storage_label
+from .report import MEASURED_BY, human_bytes, nbytes, storage_label
 from .stacks import find_stacks
 
 SPECTRUM_HEAD = 64  # leading singular values kept per pair in JSON
@@ -269,6 +270,7 @@ def inspect_vlora(path: str | Path) -> dict:
         "passthrough_quantized": [{"key": q.key, "quant": q.quant, "group_size": q.group_size}
                                   for q in plan.passthrough],
         "notes": list(plan.notes),
+        "decisions": [asdict(d) for d in plan.decisions],  # what the planner weighed, per family
     }
 
 
@@ -405,8 +407,31 @@ def render_vlora(info: dict, console: Console) -> None:
                           str(c["base"]), c["topology"],
                           ",".join(map(str, c["ranks"])))
     console.print(table)
+    if info["decisions"]:
+        render_decisions(info["decisions"], console)
     for note in info["notes"]:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def render_decisions(decisions: list[dict], console: Console) -> None:
+    """The planner's decisions as a table: per family, every candidate it fitted and measured (the
+    chosen one marked), and how many more it ranked out by their estimate alone."""
+    measure = {d["measure"] for d in decisions}
+    what = MEASURED_BY[next(iter(measure))] if len(measure) == 1 else "each decision's measure"
+    table = Table(title=f"What the planner weighed at each family's budget: error is {what}")
+    for col in ("family", "candidate", "form", "rank", "stored", "estimate", "error", ""):
+        table.add_column(col, justify="left" if col in ("family", "candidate", "form") else "right", overflow="fold")
+    for d in decisions:
+        fitted = [(i, c) for i, c in enumerate(d["candidates"]) if c["error"] is not None]
+        for j, (i, c) in enumerate(fitted):
+            name = (f"{d['scope']}: " if d["scope"] else "") + d["family"]
+            table.add_row(name if j == 0 else "", c["label"], c["form"], str(c["rank"] or "dense"),
+                          human_bytes(c["bytes"]), "-" if c["estimate"] is None else f"{c['estimate']:.4g}",
+                          f"{c['error']:.4g}", "chosen" if i == d["chosen"] else "")
+        left = len(d["candidates"]) - len(fitted)
+        if left:
+            table.add_row("", f"({left} more ranked out by their estimate)", "", "", "", "", "", "")
+    console.print(table)
 
 
 def _span(layers: list[int]) -> str:

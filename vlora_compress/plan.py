@@ -225,12 +225,47 @@ class StackPlan:
 
 
 @dataclass(frozen=True)
+class Weighed:
+    """One candidate form the planner weighed for a family at the family's byte budget."""
+
+    label: str  # the candidate in words, e.g. "shared basis + residual, 10 groups by similarity, int4"
+    form: str  # per-layer | vlora | shared | shared-left (either + residual) | dense | quantized + low rank
+    rank: int  # the largest rank it stores within the budget (0: every layer dense)
+    storage: str  # the factors' scheme: none (the store dtype) | int8 | int4 | int3 | int2
+    bytes: int  # what it stores
+    estimate: float | None = None  # relative output error from singular values; None: not estimated
+    error: float | None = None  # measured, by the decision's ``measure``; None: not fitted (the short list left it out)
+
+
+MEASURES = ("model", "outputs", "weights")  # what a decision's errors are: the model's held-back output
+# error, the family's summed whitened output error, or its weight error
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner chose for one family (or one block's layers of it), and every candidate it
+    weighed: the plan's record of why it is what it is, which reports render."""
+
+    family: str
+    budget: int  # the bytes every candidate was fitted within
+    measure: str  # one of MEASURES
+    candidates: tuple[Weighed, ...]
+    chosen: int  # the index of the one taken: the least measured error
+    scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
+
+    @property
+    def taken(self) -> Weighed:
+        return self.candidates[self.chosen]
+
+
+@dataclass(frozen=True)
 class Plan:
     stacks: tuple[StackPlan, ...]
     families: tuple[FamilyPlan, ...]
     notes: tuple[str, ...] = field(default=())
     aligned: bool = False  # the stored weights are the layer-aligned (function-equivalent) ones
     passthrough: tuple[QuantizedTensor, ...] = ()  # pass-through tensors stored quantized
+    decisions: tuple[Decision, ...] = ()  # the planner's, per family, where it planned by measurement
 
     @property
     def quantized(self) -> bool:
@@ -242,6 +277,8 @@ class Plan:
             for c in f["chunks"]:
                 if not c["residual"]:  # written only where a chunk has one: plans without read as before
                     del c["residual"]
+        if not data["decisions"]:  # a plan made without measurement reads as before
+            del data["decisions"]
         return data
 
     @classmethod
@@ -256,7 +293,9 @@ class Plan:
             stacks = tuple(_stack_plan(s) for s in _list(data["stacks"], "stacks"))
             families = tuple(_family_plan(f) for f in _list(data["families"], "families"))
             passthrough = tuple(_quantized_tensor(q) for q in _list(data.get("passthrough", ()), "passthrough"))
-            plan = cls(stacks, families, _list(data.get("notes", ()), "notes"), data.get("aligned", False), passthrough)
+            decisions = tuple(_decision(d) for d in _list(data.get("decisions", ()), "decisions"))
+            plan = cls(stacks, families, _list(data.get("notes", ()), "notes"), data.get("aligned", False), passthrough,
+                       decisions)
         except KeyError as e:
             raise VloraError(f"corrupted plan: field {e} is missing") from None
         plan.validate()
@@ -283,6 +322,8 @@ class Plan:
                 raise VloraError(f"corrupted plan: pass-through {q.key!r} is listed as quantized with scheme none")
         if len({q.key for q in self.passthrough}) != len(self.passthrough):
             raise VloraError("corrupted plan: a pass-through tensor is listed twice")
+        for d in self.decisions:
+            _check_decision(d)
         planned = set()
         for f in self.families:
             _check_family(f, stacks)
@@ -334,6 +375,31 @@ def _family_plan(data) -> FamilyPlan:
 def _quantized_tensor(data) -> QuantizedTensor:
     q = _object(data, "a pass-through entry")
     return QuantizedTensor(q["key"], q["quant"], q.get("group_size", 128))
+
+
+def _decision(data) -> Decision:
+    d = _object(data, "a decision")
+    candidates = []
+    for c in _list(d["candidates"], "a decision's candidates"):
+        c = _object(c, "a weighed candidate")
+        candidates.append(Weighed(c["label"], c["form"], c["rank"], c["storage"], c["bytes"], c.get("estimate"),
+                                  c.get("error")))
+    return Decision(d["family"], d["budget"], d["measure"], tuple(candidates), d["chosen"], d.get("scope", ""))
+
+
+def _check_decision(d: Decision) -> None:
+    """Types a report renders without a second look: text, whole numbers, numbers or null."""
+    what = f"decision {_brief(d.family)}"
+    if not all(isinstance(x, str) for x in (d.family, d.scope)) or d.measure not in MEASURES:
+        raise VloraError(f"corrupted plan: {what} has a family, scope or measure that is not one of its kind")
+    if not is_whole(d.budget) or not d.candidates or not is_whole(d.chosen) or not 0 <= d.chosen < len(d.candidates):
+        raise VloraError(f"corrupted plan: {what} has budget {_brief(d.budget)} and chosen {_brief(d.chosen)} "
+                         f"of {len(d.candidates)} candidates")
+    number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))  # noqa: E731
+    for c in d.candidates:
+        if not (all(isinstance(x, str) for x in (c.label, c.form, c.storage)) and is_whole(c.rank)
+                and is_whole(c.bytes) and number(c.estimate) and number(c.error)):
+            raise VloraError(f"corrupted plan: {what} has a candidate of the wrong types: {_brief(c)}")
 
 
 def _check_stack(s: StackPlan) -> None:

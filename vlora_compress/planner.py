@@ -35,6 +35,7 @@ fits every layer of a chunk as the base.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,8 +45,8 @@ from .quantize import AUTO_SCHEMES
 from .errors import VloraError
 from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import read_matrix
-from .plan import (SHARED, STORE_DTYPES, ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan, dense_if_cheaper, family_bytes,
-                   family_matrices, matrix_bytes, split_equal)
+from .plan import (SHARED, STORE_DTYPES, ChunkPlan, CompressConfig, Decision, FamilyPlan, Plan, StackPlan, Weighed,
+                   dense_if_cheaper, family_bytes, family_matrices, matrix_bytes, split_equal)
 from .stacks import Family, Stack
 
 MAX_AUTO_CHUNKS = 3
@@ -104,7 +105,7 @@ def plan_measured(
     the stacks' byte budget of a size target: measured rank allocation spends up to it (without
     one, up to what the uniform plan stores). Only one family's layers are held in memory at a time.
     """
-    stack_plans, family_plans, notes, chosen = [], [], [], []
+    stack_plans, family_plans, notes, chosen, decisions = [], [], [], [], []
     for stack in stacks:
         k_ref = config.chunks or 1
         if k_ref > len(stack.layers):
@@ -114,33 +115,29 @@ def plan_measured(
             budget = (budgets[fam.name] if budgets is not None
                       else candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config))
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-            best, tried, ranked_out = _choose(fam, candidates(config, len(fam.layers)), weights, whitener, config,
-                                              budget, meter)
+            best, weighed = _choose(fam, candidates(config, len(fam.layers)), weights, whitener, config, budget, meter)
             if best is None:
                 raise VloraError(f"{fam.name}: no candidate fits its budget of {budget:,} bytes")
-            cand, fp, score = best
-            rank = max((r for c in fp.chunks for r in c.ranks), default=0)
-            if tried:
-                others = "; ".join(f"{c.label} {s:.4g}" for c, s in tried if c != cand)
-                out = "; ".join(f"{c.label} {s:.4g}" for c, s in ranked_out)
-                label = cand.label if rank else Candidate("first", "chain", 1, cand.quant, dense=True).label
-                notes.append(f"{fam.name}: {label}{f' at rank {rank}' if rank else ''}, error {score:.4g}"
-                             + (f" (also tried: {others})" if others else "")
-                             + (f" (not fitted, by the estimate from singular values: {out})" if out else ""))
+            cand, fp, _ = best
+            if weighed:  # more than one candidate: the choice is a decision, recorded with what it weighed
+                measure = ("model" if meter is not None else
+                           "outputs" if whitener(fam.key(fam.layers[0])) is not None else "weights")
+                decisions.append(Decision(fam.name, budget, measure, tuple(w for w, _ in weighed),
+                                          next(i for i, (_, c) in enumerate(weighed) if c == cand)))
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         family_plans, note = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
         notes.append(note)
-    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
+    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes), decisions=tuple(decisions))
 
 
 SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and measured
 
 
 def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter):
-    """(best (candidate, plan, score) or None, [(candidate, score)] of those fitted, [(candidate,
-    estimate)] of those the short list left out)
+    """(best (candidate, plan, score) or None, [(Weighed, candidate)] of every candidate that fits,
+    in the order tried: empty where there was only one)
 
     Every candidate is planned at the budget and ranked by spectral_error, an estimate from singular
     values that all candidates of the family share (no fit: on SmolLM2 fitting every candidate cost
@@ -156,13 +153,13 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
         if fp is None:
             continue
         if len(cands) == 1:  # nothing to choose between: no need to measure
-            return (cand, fp, float("nan")), [], []
+            return (cand, fp, float("nan")), []
         est = float("nan") if _rounded(cand) else spectral_error(fp, weights, whitener, spectra,
                                                                  config.calibration.damping)
         planned.append((est, i, cand, fp))
     del spectra
     short = _short_list(planned, config)
-    best, tried = None, []
+    best, scores = None, {}
     cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
     for _, i, cand, fp in sorted(short, key=lambda t: t[1]):
         if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
@@ -171,11 +168,23 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
             rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
             score = meter(rebuilt) if meter is not None else family_error(fam, weights, rebuilt, whitener)
             del rebuilt
-        tried.append((cand, score))
+        scores[i] = score
         if best is None or score < best[2] * (1 - 1e-9):
             best = (cand, fp, score)
-    fitted = {t[1] for t in short}
-    return best, tried, [(c, est) for est, i, c, _ in sorted(planned, key=lambda t: t[:2]) if i not in fitted]
+    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731 - JSON has no NaN
+    weighed = [(Weighed(_shown(cand, fp).label, form(_shown(cand, fp)), _top_rank(fp), cand.quant, family_bytes(fp),
+                        finite(est), finite(scores.get(i))), cand) for est, i, cand, fp in planned]
+    return best, weighed
+
+
+def _top_rank(fp: FamilyPlan) -> int:
+    return max((r for c in fp.chunks for r in c.ranks), default=0)
+
+
+def _shown(cand: Candidate, fp: FamilyPlan) -> Candidate:
+    """The candidate as what it stores: one that came out every layer dense (its budget past the
+    break-even) is named so."""
+    return cand if _top_rank(fp) else Candidate("first", "chain", 1, cand.quant, dense=True)
 
 
 def exact(fp: FamilyPlan) -> bool:

@@ -7,8 +7,9 @@ averaged away without the maximum beside it.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -53,6 +54,8 @@ class CompressReport:
     alternatives: dict | None = None  # with the evaluation: the obvious alternatives' bytes and scores,
     # and a verdict (alternatives.py)
     quantize: str = "none"  # what was asked for: none | int8 | int4 | auto (families say what was chosen)
+    decisions: list[dict] = field(default_factory=list)  # the planner's, per family: every candidate
+    # it weighed, its bytes, estimated and measured error (plan.Decision), rendered by decision_line
 
     @classmethod
     def build(cls, *, output, source_path, source, entries, plan, config, fits, file_bytes, seconds,
@@ -121,6 +124,7 @@ class CompressReport:
             calibration=calibration,
             passthrough=_passthrough_summary(plan, source, entries),
             quantize=config.quantize,
+            decisions=[asdict(d) for d in plan.decisions],
         )
 
     def to_dict(self) -> dict:
@@ -161,8 +165,8 @@ class CompressReport:
             lines += ["", markdown_eval(self.evaluation)]
         if self.alternatives:
             lines += [markdown_alternatives(self.alternatives)]
-        if self.notes:
-            lines += ["", *[f"- {n}" for n in self.notes]]
+        if self.decisions or self.notes:
+            lines += ["", *[f"- {decision_line(d)}" for d in self.decisions], *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
 
     def render(self, console: Console) -> None:
@@ -219,8 +223,36 @@ class CompressReport:
             render_eval(self.evaluation, console)
         if self.alternatives:
             render_alternatives(self.alternatives, console)
+        for d in self.decisions:
+            console.print(f"[cyan]chosen:[/] {decision_line(d)}")
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}")
+
+
+MEASURED_BY = {"model": "the model's held-back output error", "outputs": "the family's whitened output error",
+               "weights": "the family's weight error"}
+
+
+def decision_line(d: dict) -> str:
+    """A planner's decision (plan.Decision as a dict) in one line: what the family took, at what rank
+    and measured error, every other candidate measured, and those only estimated from singular values."""
+    taken = d["candidates"][d["chosen"]]
+    rank = f" at rank {taken['rank']}" if taken["rank"] else ""
+    line = (f"{d['scope'] + ': ' if d.get('scope') else ''}{d['family']}: {taken['label']}{rank}, "
+            f"error {_num(taken['error'])}")
+    others = [c for i, c in enumerate(d["candidates"]) if i != d["chosen"] and c["error"] is not None]
+    out = sorted((c for c in d["candidates"] if c["error"] is None),
+                 key=lambda c: math.inf if c["estimate"] is None else c["estimate"])
+    if others:
+        line += " (also tried: " + "; ".join(f"{c['label']} {_num(c['error'])}" for c in others) + ")"
+    if out:
+        line += (" (not fitted, by the estimate from singular values: "
+                 + "; ".join(f"{c['label']} {_num(c['estimate'])}" for c in out) + ")")
+    return line
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def storage_label(quant: str, group_size: int, store_dtype: str) -> str:
