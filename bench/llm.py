@@ -148,9 +148,10 @@ def main() -> None:
             print(f"{share} removed | {label} | {stats['seconds']:.0f} s ({stats['seconds'] / floor:.1f}x floor) | "
                   f"peak RSS {stats['peak_rss'] / 2**30:.2f} GiB | size {stats['size_ratio']:.3f} | "
                   f"perplexity {ppl:.2f} (ratio {ppl / original:.2f})", flush=True)
-            for d in stats["decisions"]:  # what each family chose, as the plan records it
-                c = d["candidates"][d["chosen"]]
-                print(f"  chosen: {d['family']}: {c['label']}" + (f" at rank {c['rank']}" if c["rank"] else ""))
+            for d in stats["decisions"]:  # what each family chose (and stored after allocation), as the plan records it
+                c = d["allocated"] or d["candidates"][d["chosen"]]
+                print(f"  chosen: {d['scope'] + ': ' if d['scope'] else ''}{d['family']}: {c['label']}"
+                      + (f" at rank {c['rank']}" if c["rank"] else ""))
     if args.json:
         args.json.write_text(json.dumps({"original_perplexity": original, "rows": rows}, indent=2))
 

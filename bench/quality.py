@@ -76,14 +76,13 @@ QUANTIZED = [
 def chosen(report) -> list[str]:
     """What the planner chose per family (the candidate's label and rank, from its recorded
     decision), with each shared family's groups."""
-    decided = {d["family"]: d["candidates"][d["chosen"]] for d in report.decisions}
     out = []
     for f in report.families:
-        c = decided.get(f["family"])
-        if c is None:  # nothing was weighed (one candidate)
-            what = ",".join(sorted(set(f["topologies"])))
-        else:
-            what = c["label"] + (f" at rank {c['rank']}" if c["rank"] else "")
+        mine = [d for d in report.decisions if d["family"] == f["family"]]  # one per block under --planning blocks
+        picks = [(d, d["allocated"] or d["candidates"][d["chosen"]]) for d in mine]
+        what = ("; ".join((f"{d['scope']}: " if d["scope"] else "") + c["label"]
+                          + (f" at rank {c['rank']}" if c["rank"] else "") for d, c in picks)
+                or ",".join(sorted(set(f["topologies"]))))  # nothing was weighed (one candidate)
         groups = " " + " ".join("-".join(map(str, c)) for c in f["chunks"]) if "shared" in what else ""
         out.append(f"{f['suffix']}: {what}{groups}")
     return out

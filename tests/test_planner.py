@@ -250,6 +250,14 @@ def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matter
     first = plan.families[0]
     bits = lambda fp: 8 * family_bytes(fp) / (fp.shape[0] * fp.shape[1] * len(fp.layers))  # noqa: E731
     assert "bits moved" in plan.notes[-1]  # some family's scheme or form changed in the allocation
+    # and each family's decision records it: what was chosen at its budget, and what the file stores
+    decided = {d.family: d for d in plan.decisions}
+    for fp in plan.families:
+        d = decided[fp.name]
+        assert (d.allocated or d.taken).bytes == family_bytes(fp)
+        assert (d.allocated or d.taken).storage == fp.quant
+    assert any(d.allocated is not None and (d.allocated.storage, d.allocated.form) != (d.taken.storage, d.taken.form)
+               for d in plan.decisions)
     assert bits(first) >= 4.0 and all(bits(fp) < bits(first) for fp in plan.families[1:]), \
         [bits(fp) for fp in plan.families]
     assert sum(family_bytes(fp) for fp in plan.families) <= total

@@ -83,7 +83,8 @@ class BlockPlanner(SequentialFit):
                     plan = yield from self._block(block, mods, streams, held, write, parts, bar)
                     span = f"layers {block.layers[0]}-{block.layers[-1]}"
                     notes += [f"{span}: {note}" for note in plan.notes]
-                    decisions += [replace(d, scope=span) for d in plan.decisions]
+                    decisions += [replace(d, scope=span, measure="block" if d.measure == "model" else d.measure)
+                                  for d in plan.decisions]
                     for fp in plan.families:
                         parts.setdefault(fp.name, []).append(fp)
         self.plan = Plan(tuple(stack_plans), tuple(_joined(fps) for fps in parts.values()), tuple(notes),

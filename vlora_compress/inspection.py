@@ -7,6 +7,7 @@ whether cross-layer sharing can work on a model at all; ``inspect_vlora`` shows 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from .fileformat import VloraFile, family_layout, layout
 from .plan import INCREMENT_SUFFIXES, SHARED
 from .progress import Progress
 from .quantize import SCALE_SUFFIX
-from .report import MEASURED_BY, human_bytes, nbytes, storage_label
+from .report import MEASURED_BY, human_bytes, nbytes, short_number, storage_label
 from .stacks import find_stacks
 
 SPECTRUM_HEAD = 64  # leading singular values kept per pair in JSON
@@ -270,7 +271,7 @@ def inspect_vlora(path: str | Path) -> dict:
         "passthrough_quantized": [{"key": q.key, "quant": q.quant, "group_size": q.group_size}
                                   for q in plan.passthrough],
         "notes": list(plan.notes),
-        "decisions": [asdict(d) for d in plan.decisions],  # what the planner weighed, per family
+        "decisions": [json.loads(json.dumps(asdict(d))) for d in plan.decisions],  # what the planner weighed
     }
 
 
@@ -422,13 +423,14 @@ def render_decisions(decisions: list[dict], console: Console) -> None:
     for col in ("family", "candidate", "form", "rank", "stored", "estimate", "error", ""):
         table.add_column(col, justify="left" if col in ("family", "candidate", "form") else "right", overflow="fold")
     for d in decisions:
-        fitted = [(i, c) for i, c in enumerate(d["candidates"]) if c["error"] is not None]
-        for j, (i, c) in enumerate(fitted):
+        shown = [(i, c) for i, c in enumerate(d["candidates"]) if c["error"] is not None or i == d["chosen"]]
+        rows = [(c, "chosen" if i == d["chosen"] else "") for i, c in shown]
+        rows += [(d["allocated"], "stored")] if d.get("allocated") else []  # after rank allocation
+        for j, (c, mark) in enumerate(rows):
             name = (f"{d['scope']}: " if d["scope"] else "") + d["family"]
             table.add_row(name if j == 0 else "", c["label"], c["form"], str(c["rank"] or "dense"),
-                          human_bytes(c["bytes"]), "-" if c["estimate"] is None else f"{c['estimate']:.4g}",
-                          f"{c['error']:.4g}", "chosen" if i == d["chosen"] else "")
-        left = len(d["candidates"]) - len(fitted)
+                          human_bytes(c["bytes"]), short_number(c["estimate"]), short_number(c["error"]), mark)
+        left = len(d["candidates"]) - len(shown)
         if left:
             table.add_row("", f"({left} more ranked out by their estimate)", "", "", "", "", "", "")
     console.print(table)

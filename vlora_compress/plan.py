@@ -7,6 +7,7 @@ plan written by ``compress`` is exactly what ``expand`` follows. The math lives 
 from __future__ import annotations
 
 import heapq
+import math
 import reprlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -237,8 +238,9 @@ class Weighed:
     error: float | None = None  # measured, by the decision's ``measure``; None: not fitted (the short list left it out)
 
 
-MEASURES = ("model", "outputs", "weights")  # what a decision's errors are: the model's held-back output
-# error, the family's summed whitened output error, or its weight error
+MEASURES = ("model", "block", "outputs", "weights")  # what a decision's errors are: the model's output
+# error on held-back samples, a block's (--planning blocks), the family's summed whitened output
+# error, or its weight error
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,8 @@ class Decision:
     candidates: tuple[Weighed, ...]
     chosen: int  # the index of the one taken: the least measured error
     scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
+    allocated: Weighed | None = None  # what the file stores instead, where measured rank allocation
+    # moved bytes or bits to or from the family after the choice (its errors are not the family's alone: None)
 
     @property
     def taken(self) -> Weighed:
@@ -379,12 +383,15 @@ def _quantized_tensor(data) -> QuantizedTensor:
 
 def _decision(data) -> Decision:
     d = _object(data, "a decision")
-    candidates = []
-    for c in _list(d["candidates"], "a decision's candidates"):
-        c = _object(c, "a weighed candidate")
-        candidates.append(Weighed(c["label"], c["form"], c["rank"], c["storage"], c["bytes"], c.get("estimate"),
-                                  c.get("error")))
-    return Decision(d["family"], d["budget"], d["measure"], tuple(candidates), d["chosen"], d.get("scope", ""))
+    candidates = [_weighed(c) for c in _list(d["candidates"], "a decision's candidates")]
+    allocated = d.get("allocated")
+    return Decision(d["family"], d["budget"], d["measure"], tuple(candidates), d["chosen"], d.get("scope", ""),
+                    None if allocated is None else _weighed(allocated))
+
+
+def _weighed(data) -> Weighed:
+    c = _object(data, "a weighed candidate")
+    return Weighed(c["label"], c["form"], c["rank"], c["storage"], c["bytes"], c.get("estimate"), c.get("error"))
 
 
 def _check_decision(d: Decision) -> None:
@@ -392,13 +399,14 @@ def _check_decision(d: Decision) -> None:
     what = f"decision {_brief(d.family)}"
     if not all(isinstance(x, str) for x in (d.family, d.scope)) or d.measure not in MEASURES:
         raise VloraError(f"corrupted plan: {what} has a family, scope or measure that is not one of its kind")
-    if not is_whole(d.budget) or not d.candidates or not is_whole(d.chosen) or not 0 <= d.chosen < len(d.candidates):
+    if (not is_whole(d.budget) or d.budget < 0 or not d.candidates or not is_whole(d.chosen)
+            or not 0 <= d.chosen < len(d.candidates)):
         raise VloraError(f"corrupted plan: {what} has budget {_brief(d.budget)} and chosen {_brief(d.chosen)} "
                          f"of {len(d.candidates)} candidates")
-    number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))  # noqa: E731
-    for c in d.candidates:
-        if not (all(isinstance(x, str) for x in (c.label, c.form, c.storage)) and is_whole(c.rank)
-                and is_whole(c.bytes) and number(c.estimate) and number(c.error)):
+    number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))  # noqa: E731
+    for c in d.candidates + ((d.allocated,) if d.allocated is not None else ()):
+        if not (all(isinstance(x, str) for x in (c.label, c.form, c.storage)) and is_whole(c.rank) and c.rank >= 0
+                and is_whole(c.bytes) and c.bytes >= 0 and number(c.estimate) and number(c.error)):
             raise VloraError(f"corrupted plan: {what} has a candidate of the wrong types: {_brief(c)}")
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -114,30 +114,33 @@ def plan_measured(
         for fam in stack.families:
             budget = (budgets[fam.name] if budgets is not None
                       else candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config))
+            measure = ("model" if meter is not None else
+                       "outputs" if whitener(fam.key(fam.layers[0])) is not None else "weights")
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
             best, weighed = _choose(fam, candidates(config, len(fam.layers)), weights, whitener, config, budget, meter)
             if best is None:
                 raise VloraError(f"{fam.name}: no candidate fits its budget of {budget:,} bytes")
-            cand, fp, _ = best
-            if weighed:  # more than one candidate: the choice is a decision, recorded with what it weighed
-                measure = ("model" if meter is not None else
-                           "outputs" if whitener(fam.key(fam.layers[0])) is not None else "weights")
-                decisions.append(Decision(fam.name, budget, measure, tuple(w for w, _ in weighed),
-                                          next(i for i, (_, c) in enumerate(weighed) if c == cand)))
+            cand, fp, index = best
+            # more than one candidate: the choice is a decision, recorded with what it weighed
+            decisions.append(Decision(fam.name, budget, measure, tuple(weighed), index) if weighed else None)
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
-        family_plans, note = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
+        uniform = family_plans
+        family_plans, note, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
         notes.append(note)
-    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes), decisions=tuple(decisions))
+        decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
+                     for d, old, new, c in zip(decisions, uniform, family_plans, picked)]
+    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes),
+                decisions=tuple(d for d in decisions if d is not None))
 
 
 SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and measured
 
 
 def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter):
-    """(best (candidate, plan, score) or None, [(Weighed, candidate)] of every candidate that fits,
-    in the order tried: empty where there was only one)
+    """(best (candidate, plan, its index in the list) or None, [Weighed] of every candidate that
+    fits, in the order tried: empty where there was only one)
 
     Every candidate is planned at the budget and ranked by spectral_error, an estimate from singular
     values that all candidates of the family share (no fit: on SmolLM2 fitting every candidate cost
@@ -153,7 +156,7 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
         if fp is None:
             continue
         if len(cands) == 1:  # nothing to choose between: no need to measure
-            return (cand, fp, float("nan")), []
+            return (cand, fp, 0), []
         est = float("nan") if _rounded(cand) else spectral_error(fp, weights, whitener, spectra,
                                                                  config.calibration.damping)
         planned.append((est, i, cand, fp))
@@ -170,11 +173,19 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
             del rebuilt
         scores[i] = score
         if best is None or score < best[2] * (1 - 1e-9):
-            best = (cand, fp, score)
-    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731 - JSON has no NaN
-    weighed = [(Weighed(_shown(cand, fp).label, form(_shown(cand, fp)), _top_rank(fp), cand.quant, family_bytes(fp),
-                        finite(est), finite(scores.get(i))), cand) for est, i, cand, fp in planned]
-    return best, weighed
+            best = (cand, fp, score, i)
+    if best is None:
+        return None, []
+    at = [i for _, i, _, _ in planned]
+    weighed = [_weighed(cand, fp, est, scores.get(i)) for est, i, cand, fp in planned]
+    return (*best[:2], at.index(best[3])), weighed
+
+
+def _weighed(cand: Candidate, fp: FamilyPlan, estimate: float | None = None, error: float | None = None) -> Weighed:
+    """A candidate and its plan as a decision records them (JSON has no NaN: None for none)."""
+    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
+    shown = _shown(cand, fp)
+    return Weighed(shown.label, form(shown), _top_rank(fp), cand.quant, family_bytes(fp), finite(estimate), finite(error))
 
 
 def _top_rank(fp: FamilyPlan) -> int:
@@ -300,7 +311,7 @@ RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to mea
 
 
 def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter,
-                   target: int | None = None) -> tuple[list[FamilyPlan], str]:
+                   target: int | None = None) -> tuple[list[FamilyPlan], str, list[Candidate]]:
     """Move bytes between families to where the model's measured output error falls fastest.
 
     Each family is refitted alone at a few scaled budgets and the model's held-back output error
@@ -334,16 +345,17 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     total = max(total, target or 0)  # a target's rounding to whole ranks leaves bytes too
     picked = _lagrangian(options, total)
     allocated = _spend_slack(chosen, options, picked, total, config, read, whitener)
+    kept = [cand for _, cand, _ in chosen]
     if allocated == list(uniform):
-        return list(uniform), "ranks: uniform (no reallocation measured better per family)"
+        return list(uniform), "ranks: uniform (no reallocation measured better per family)", kept
     err_uniform = meter(_rebuild_all(chosen, uniform, config, read, whitener))
     err_alloc = meter(_rebuild_all(chosen, allocated, config, read, whitener))
     if err_alloc < err_uniform:
         moved = [f"{fam.name} {cand.label} -> {opts[i][3].label}" for (fam, cand, _), opts, i in zip(chosen, options, picked)
                  if opts[i][3] != cand]
         return allocated, (f"ranks: allocated by measured sensitivity, output error {err_alloc:.4g} vs {err_uniform:.4g} uniform"
-                           + (f"; bits moved: {'; '.join(moved)}" if moved else ""))
-    return list(uniform), f"ranks: uniform kept, output error {err_uniform:.4g} vs {err_alloc:.4g} allocated"
+                           + (f"; bits moved: {'; '.join(moved)}" if moved else "")), [opts[i][3] for opts, i in zip(options, picked)]
+    return list(uniform), f"ranks: uniform kept, output error {err_uniform:.4g} vs {err_alloc:.4g} allocated", kept
 
 
 def _spend_slack(chosen, options, picked: list[int], total: int, config, read, whitener) -> list[FamilyPlan]:

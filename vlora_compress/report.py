@@ -124,7 +124,7 @@ class CompressReport:
             calibration=calibration,
             passthrough=_passthrough_summary(plan, source, entries),
             quantize=config.quantize,
-            decisions=[asdict(d) for d in plan.decisions],
+            decisions=[json.loads(json.dumps(asdict(d))) for d in plan.decisions],  # lists, as JSON reads back
         )
 
     def to_dict(self) -> dict:
@@ -229,8 +229,8 @@ class CompressReport:
             console.print(f"[yellow]note:[/] {note}")
 
 
-MEASURED_BY = {"model": "the model's held-back output error", "outputs": "the family's whitened output error",
-               "weights": "the family's weight error"}
+MEASURED_BY = {"model": "the model's held-back output error", "block": "the block's held-back output error",
+               "outputs": "the family's whitened output error", "weights": "the family's weight error"}
 
 
 def decision_line(d: dict) -> str:
@@ -239,19 +239,22 @@ def decision_line(d: dict) -> str:
     taken = d["candidates"][d["chosen"]]
     rank = f" at rank {taken['rank']}" if taken["rank"] else ""
     line = (f"{d['scope'] + ': ' if d.get('scope') else ''}{d['family']}: {taken['label']}{rank}, "
-            f"error {_num(taken['error'])}")
+            f"error {short_number(taken['error'])}")
     others = [c for i, c in enumerate(d["candidates"]) if i != d["chosen"] and c["error"] is not None]
     out = sorted((c for c in d["candidates"] if c["error"] is None),
                  key=lambda c: math.inf if c["estimate"] is None else c["estimate"])
     if others:
-        line += " (also tried: " + "; ".join(f"{c['label']} {_num(c['error'])}" for c in others) + ")"
+        line += " (also tried: " + "; ".join(f"{c['label']} {short_number(c['error'])}" for c in others) + ")"
     if out:
         line += (" (not fitted, by the estimate from singular values: "
-                 + "; ".join(f"{c['label']} {_num(c['estimate'])}" for c in out) + ")")
+                 + "; ".join(f"{c['label']} {short_number(c['estimate'])}" for c in out) + ")")
+    if d.get("allocated"):
+        a = d["allocated"]
+        line += f"; stored after rank allocation as {a['label']}" + (f" at rank {a['rank']}" if a["rank"] else "")
     return line
 
 
-def _num(x: float | None) -> str:
+def short_number(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
