@@ -302,7 +302,7 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
     candidate stores each layer whole and exactly; the model is not run for them (SmolLM2's k and
     v projections at 35% removed cost 8 forward passes for a known 0), and the family is dense."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planner import exact, plan_measured
+    from vlora_compress.planner import _choose, candidate_bytes, candidates, exact, plan_measured, reference
     from vlora_compress.stacks import find_stacks
 
     calls = []
@@ -317,7 +317,16 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
         assert calls == [] and all(exact(fp) for fp in dense.families)
         assert all(d.taken.error == 0 and d.taken.form == "dense" for d in dense.decisions)
         low = plan_measured(stacks, CompressConfig(rank=8, ranks="uniform"), ckpt.read, meter=meter)
+        # the tie goes to per-layer SVD, so that rank allocation then tries per-layer SVD at lower
+        # budgets for the family, not the scaled-down chain that happened to come first
+        fam = stacks[0].families[0]
+        weights = {layer: ckpt.read(fam.key(layer)).float() for layer in fam.layers}
+        config = CompressConfig(rank=200)
+        budget = candidate_bytes(fam, reference(config, len(fam.layers)), 200, config)
+        (cand, fp, _), weighed = _choose(fam, candidates(config, len(fam.layers)), weights, lambda k: None, config,
+                                         budget, meter)
     assert calls and not any(exact(fp) for fp in low.families)  # low rank is measured as before
+    assert exact(fp) and (cand.base, cand.topology) == ("none", "star") and weighed[0].label != "per-layer SVD"
 
 
 def test_planted_shared_subspaces_come_back_as_shared_bases_and_beat_per_layer_svd_at_equal_bytes(tmp_path):

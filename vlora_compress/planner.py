@@ -164,7 +164,10 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
     short = _short_list(planned, config)
     best, scores = None, {}
     cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
-    for _, i, cand, fp in sorted(short, key=lambda t: t[1]):
+    # per-layer SVD first, so that it wins ties: where every form comes out dense (a budget past the
+    # break-even) the family is then per-layer SVD, whose scaled budgets rank allocation tries next
+    # (SmolLM2's k and v at 35% removed were a first-layer chain, whose scaled-down options are worse)
+    for _, i, cand, fp in sorted(short, key=lambda t: (form(t[2]) != "per-layer", t[1])):
         if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
             score = 0.0
         else:
