@@ -606,6 +606,9 @@ def residual_rank(rank: int) -> int:
     return max(1, rank // 4)
 
 
+PAIR_SPAN = 4  # similar_groups reads each layer in its top PAIR_SPAN x rank directions (all of them where fewer)
+
+
 def similar_groups(fam: Family, weights, whitener, rank: int, groups: list[tuple[int, ...]],
                    spectra: dict | None = None, left: bool = False, damping: float = 1e-2) -> list[tuple[int, ...]]:
     """Groups of the same sizes as ``groups`` whose layers share a basis best, adjacent or not
@@ -617,16 +620,17 @@ def similar_groups(fam: Family, weights, whitener, rank: int, groups: list[tuple
     factor is the one the whitening acts on (the inputs' side), every layer is whitened by the
     family's mean Gram (``_common_whitener``): a basis shared in the inputs' own coordinates is one
     subspace under one whitening, and would look like several under each layer's own. It is computed in
-    the span of each layer's top 2·``rank`` singular vectors (a 2·``rank``-square eigenproblem a pair,
-    so a 7B model's 11008-wide projections cost what SmolLM2's do). A group's loss is the sum of its
-    pairs'. From ``groups`` and from a greedy start (the cheapest pairs first), the swap of two layers
+    the span of each layer's top ``PAIR_SPAN``·``rank`` singular vectors (exact where that is all of
+    them, as on SmolLM2; a 7B model's 11008-wide projections cost an eigenproblem of at most
+    2·``PAIR_SPAN``·``rank`` a pair), once a pair: the stacked spectrum is kept in ``spectra`` and
+    serves every later candidate of the family whose rank needs no more than half that span. A
+    group's loss is the sum of its pairs'. From ``groups`` and from a greedy start (the cheapest pairs first), the swap of two layers
     between groups that lowers the total most is made until none does; the lower of the two results
     is kept, so ``groups`` comes back where nothing beats it. Each group is ascending and the groups
     are ordered by their first layer, as the format wants. ``spectra`` keeps each layer's singular
     vectors for the family's other candidates."""
     spectra = {} if spectra is None else spectra
     layers, side = list(fam.layers), "left" if left else "right"
-    keep = min(2 * rank, *fam.shape)
     tops = {}
     # the family's mean Gram is made once: later candidates find every layer's vectors in ``spectra``
     common = (_common_whitener(fam, layers, whitener, left, damping) if any((side, x) not in spectra for x in layers)
@@ -636,15 +640,23 @@ def similar_groups(fam: Family, weights, whitener, rank: int, groups: list[tuple
             m = _whiten(weights[x].double(), common(fam.key(x)))
             _, sv, vh = torch.linalg.svd(m.T if left else m, full_matrices=False)  # a left subspace: the transpose's right
             spectra[side, x] = (sv, vh)
-        sv, vh = spectra[side, x]
-        tops[x] = (sv[:keep, None] * vh[:keep], float(sv.square().sum()))  # S V: what the layer's energy reads
+        tops[x] = spectra[side, x]
+    # each pair's stacked spectrum, kept for every later rank: one eigenproblem a pair for all of a
+    # family's candidates (before, one a pair per candidate: 12 per family under --shared)
+    pairs = spectra.setdefault((side, "pairs"), {})
     loss = {}
     for i, x in enumerate(layers):
         for y in layers[i + 1:]:
-            (a, ea), (b, eb) = tops[x], tops[y]
-            q = torch.linalg.qr(torch.cat([a, b]).T).Q  # the pair's top directions
-            kept = torch.linalg.eigvalsh((a @ q).T @ (a @ q) + (b @ q).T @ (b @ q)).flip(0)[:rank].sum()
-            loss[x, y] = loss[y, x] = max(ea + eb - float(kept), 0.0) / max(ea + eb, 1e-30)
+            if (x, y) not in pairs or pairs[x, y][0] < min(2 * rank, len(tops[x][0])):
+                keep = min(PAIR_SPAN * rank, len(tops[x][0]))
+                (sa, va), (sb, vb) = tops[x], tops[y]
+                ab = torch.cat([sa[:keep, None] * va[:keep], sb[:keep, None] * vb[:keep]])  # S V: what their energy reads
+                gram = ab @ ab.T if ab.shape[0] <= ab.shape[1] else ab.T @ ab
+                kept = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).cumsum(0)
+                pairs[x, y] = (keep, kept, float(sa.square().sum() + sb.square().sum()))
+            _, kept, energy = pairs[x, y]
+            held = float(kept[min(rank, len(kept)) - 1]) if rank else 0.0
+            loss[x, y] = loss[y, x] = max(energy - held, 0.0) / max(energy, 1e-30)
 
     def total(members):
         return sum(loss[x, y] for g in members for i, x in enumerate(g) for y in g[i + 1:])
