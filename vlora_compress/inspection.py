@@ -7,9 +7,7 @@ whether cross-layer sharing can work on a model at all; ``inspect_vlora`` shows 
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -271,7 +269,7 @@ def inspect_vlora(path: str | Path) -> dict:
         "passthrough_quantized": [{"key": q.key, "quant": q.quant, "group_size": q.group_size}
                                   for q in plan.passthrough],
         "notes": list(plan.notes),
-        "decisions": [json.loads(json.dumps(asdict(d))) for d in plan.decisions],  # what the planner weighed
+        "decisions": [d.to_dict() for d in plan.decisions],  # what the planner weighed
     }
 
 

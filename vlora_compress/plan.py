@@ -261,6 +261,12 @@ class Decision:
     def taken(self) -> Weighed:
         return self.candidates[self.chosen]
 
+    def to_dict(self) -> dict:
+        """The decision as JSON reads it back (lists, not tuples), for reports and vlora-inspect."""
+        data = asdict(self)
+        data["candidates"] = list(data["candidates"])
+        return data
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -124,7 +124,7 @@ class CompressReport:
             calibration=calibration,
             passthrough=_passthrough_summary(plan, source, entries),
             quantize=config.quantize,
-            decisions=[json.loads(json.dumps(asdict(d))) for d in plan.decisions],  # lists, as JSON reads back
+            decisions=[d.to_dict() for d in plan.decisions],
         )
 
     def to_dict(self) -> dict:
