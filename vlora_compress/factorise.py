@@ -363,7 +363,8 @@ def _fit_basis(plan: FamilyPlan, chunk, t, read, whitener, config: CompressConfi
             b_r, a_r = (whitened_svd(d, own, wh, small, config.seed, config.niter) if wh is not None
                         else truncated_svd(d, own, small, config.seed, config.niter))
             part = b_r @ a_r
-            err += float((d - part).double().square().sum() if wh is None else wh.whiten((d - part).double()).square().sum())
+            left = (d - part).double()  # what the basis and the layer's residual leave
+            err += float((left if wh is None else wh.whiten(left)).square().sum())
             rest.append(w - part)
         if err > last * (1 - RESIDUAL_TOL):
             break
