@@ -389,8 +389,13 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     """Pairs of layers on one rank-12 input subspace, each layer with a rank-3 term of its own: at
     the bytes of a rank-12 shared basis plus rank-3 residual factors (which hold both exactly), a
     plain shared basis reaches rank 16 (a pair stacked is rank 18) and per-layer SVD rank 11 (each
-    layer is rank 15): the basis plus residual comes within a tenth of either's error."""
+    layer is rank 15). As written (the basis alternating with the residual factors) the basis plus
+    residual comes within a tenth of either's error; the planner's trial fit, which does not
+    alternate, already measures it best, and above what is written."""
     from vlora_compress.config import CompressConfig
+    from vlora_compress.factorise import fit_family, rebuild_family
+    from vlora_compress.fileformat import read_matrix
+    from vlora_compress.plan import family_matrices
     from vlora_compress.planner import Candidate, candidate_bytes, fit_candidate, rebuild_in_memory, residual_rank
     from vlora_compress.stacks import Family
 
@@ -403,15 +408,24 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     residual = Candidate("none", "shared", 3, residual=True)
     budget = candidate_bytes(fam, residual, 12, config)
     assert residual_rank(12) == 3
-    errors, ranks = {}, {}
+
+    def error(rebuilt):
+        return max(float((rebuilt[fam.key(x)] - w).norm() / w.norm()) for x, w in weights.items())
+
+    errors, ranks, plans = {}, {}, {}
     for cand in (residual, Candidate("none", "shared", 3), Candidate("none", "star", 1)):
-        fp = fit_candidate(fam, cand, weights, lambda key: None, config, budget, {})
+        fp = plans[cand.label] = fit_candidate(fam, cand, weights, lambda key: None, config, budget, {})
         ranks[cand.label] = (fp.chunks[0].ranks[0], fp.chunks[0].residual)
-        rebuilt = rebuild_in_memory(fp, weights, lambda key: None, config)
-        errors[cand.label] = max(float((rebuilt[fam.key(x)] - w).norm() / w.norm()) for x, w in weights.items())
+        errors[cand.label] = error(rebuild_in_memory(fp, weights, lambda key: None, config))
     assert ranks == {"shared basis + residual, 3 groups": (12, (3, 3)), "shared basis, 3 groups": (16, ()),
                      "per-layer SVD": (11, ())}
+    fp = plans["shared basis + residual, 3 groups"]
+    by_key = {fam.key(x): w for x, w in weights.items()}
+    stored = {item[0]: item[1] for item in fit_family(fp, by_key.__getitem__, config) if isinstance(item, tuple)}
+    shapes = dict(family_matrices(fp))
+    written = error(dict(rebuild_family(fp, lambda name: read_matrix(fp, shapes[name], name, stored.__getitem__))))
+    trial = errors.pop("shared basis + residual, 3 groups")
+    assert trial < min(errors.values()), (trial, errors)
     # the basis alternates with the residual factors (factorise.RESIDUAL_ROUNDS) and is near, not at,
     # the exact split after its rounds; the others lose a fifth to a third
-    plus = errors.pop("shared basis + residual, 3 groups")
-    assert plus < 0.1 * min(errors.values()), (plus, errors)
+    assert written < 0.1 * min(errors.values()), (written, trial, errors)

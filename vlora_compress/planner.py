@@ -43,7 +43,7 @@ import torch
 
 from .quantize import AUTO_SCHEMES
 from .errors import VloraError
-from .factorise import Whitener, fit_family, rebuild_family, synthetic_base
+from .factorise import PLAN_ROUNDS, Whitener, fit_family, rebuild_family, synthetic_base
 from .fileformat import read_matrix
 from .plan import (SHARED, STORE_DTYPES, ChunkPlan, CompressConfig, Decision, FamilyPlan, Plan, StackPlan, Weighed,
                    dense_if_cheaper, family_bytes, family_matrices, matrix_bytes, split_equal)
@@ -740,9 +740,11 @@ def chain_cost(fam: Family, weights, whitener, rank: int, spectra: dict | None =
 
 def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig,
                       svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """Fit ``fp`` and rebuild its layers exactly as compress and expand would, without writing."""
+    """Fit ``fp`` and rebuild its layers exactly as compress and expand would, without writing,
+    except that a shared basis does not alternate with residual factors (``PLAN_ROUNDS``): the
+    written fit's rounds only lower the summed whitened error of what is measured here."""
     by_key = {fp.key(layer): weights[layer] for c in fp.chunks for layer in c.layers}
-    walk = fit_family(fp, by_key.__getitem__, config, whitener, svd_cache=svd_cache, measure=False)
+    walk = fit_family(fp, by_key.__getitem__, config, whitener, svd_cache=svd_cache, measure=False, rounds=PLAN_ROUNDS)
     stored = {item[0]: item[1] for item in walk if isinstance(item, tuple)}
     shapes = dict(family_matrices(fp))
     return dict(rebuild_family(fp, lambda name: read_matrix(fp, shapes[name], name, stored.__getitem__)))
