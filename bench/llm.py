@@ -74,7 +74,8 @@ t = time.perf_counter()
 r = compress(opts.pop("source"), opts.pop("out"), calibration=CalibConfig(**calib), force=True, **opts)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "size_ratio": r.size_ratio, "rank": r.rank, "notes": r.notes,
-                  "decisions": r.decisions}))
+                  "decisions": r.decisions,
+                  "ranks": {f["suffix"]: f["ranks"] for f in r.families}}))
 """
 
 
@@ -148,6 +149,9 @@ def main() -> None:
             print(f"{share} removed | {label} | {stats['seconds']:.0f} s ({stats['seconds'] / floor:.1f}x floor) | "
                   f"peak RSS {stats['peak_rss'] / 2**30:.2f} GiB | size {stats['size_ratio']:.3f} | "
                   f"perplexity {ppl:.2f} (ratio {ppl / original:.2f})", flush=True)
+            if not stats["decisions"]:  # one form (per-layer SVD): what allocation gave each family
+                print("  ranks: " + ", ".join(f"{name.split('.')[-2]} {'/'.join(map(str, r)) or 'dense'}"
+                                            for name, r in stats["ranks"].items()))
             for d in stats["decisions"]:  # what each family chose (and stored after allocation), as the plan records it
                 c = d["allocated"] or d["candidates"][d["chosen"]]
                 print(f"  chosen: {d['scope'] + ': ' if d['scope'] else ''}{d['family']}: {c['label']}"
