@@ -33,6 +33,7 @@ VARIANTS = [  # (label, options): every one at every share removed
     ("per-layer SVD, uniform ranks, feedback outputs", dict(method="svd", ranks="uniform", feedback="outputs")),
     ("per-layer SVD, measured ranks", dict(method="svd")),
     ("default plan", dict()),  # --planning auto: on the model here, since it and its Grams fit
+    ("default plan, measured by hidden states (--measure hidden)", dict(measure="hidden")),  # not next-token KL
     ("default plan, shared bases tried (--shared)", dict(shared=True)),
     ("default plan, shared bases tried, measured on Emma (--shared --holdout-data)",
      dict(shared=True, holdout_data=str(DATA / "austen-training.txt"))),
@@ -133,7 +134,8 @@ def main() -> None:
             out = Path(tmp) / "out.vlora.safetensors"
             target = {} if removed is None else {"target_size": str(round(1 - removed, 4)), "target_of": "model"}
             options = dict(options)
-            calibration = {"samples": args.calib_samples, "holdout_data": options.pop("holdout_data", None)}
+            calibration = {"samples": args.calib_samples, "holdout_data": options.pop("holdout_data", None),
+                           "measure": options.pop("measure", "auto")}
             job = {"source": str(folder), "out": str(out), **target, "calib": str(CALIB),
                    "calibration": calibration, **options}
             done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True)

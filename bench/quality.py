@@ -47,6 +47,7 @@ METHODS = [
     ("default plan, data-free", dict()),
     ("default plan, whitened", dict(calib=True)),
     ("default plan, whitened, aligned", dict(calib=True, align=True)),
+    ("default plan, whitened, measured by hidden states", dict(calib=True, measure="hidden")),
     ("default plan, whitened, --shared", dict(calib=True, shared=True)),
     ("default plan, whitened, measured on Emma", dict(calib=True, holdout_data=OTHER)),
     ("default plan, whitened, --shared, measured on Emma", dict(calib=True, shared=True, holdout_data=OTHER)),
@@ -130,13 +131,15 @@ def main() -> None:
                 opts = dict(opts)
                 calib = CALIB if opts.pop("calib", False) else None
                 fixed = opts.pop("fixed", False)
+                measure = opts.pop("measure", "auto")  # what the planner measures by (embedding here, by default)
                 other = opts.pop("holdout_data", None)  # the planner's held-back samples from other text  # a size of its own (quantization alone): once, not per budget
                 if fixed and i:
                     continue
                 size = {} if fixed else dict(target_size=budget, target_of="stack")
                 t = time.perf_counter()
                 try:
-                    report = compress(source, out, calib=calib, calibration=CalibConfig(samples=args.calib_samples, holdout_data=other),
+                    report = compress(source, out, calib=calib, calibration=CalibConfig(samples=args.calib_samples, holdout_data=other,
+                                                                                 measure=measure),
                                       force=True, **size, **opts)
                 except Exception as e:  # a budget the bases alone exceed: say so, do not hide the row
                     print(f"{label:51} {budget:6.0%} {'-':>5} {'-':>11} {'-':>7}  ({e})")

@@ -189,3 +189,94 @@ def test_held_back_samples_can_come_from_other_text_and_the_planner_measures_on_
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "none.txt" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.vlora.safetensors").exists()
+
+
+def _texts(n: int) -> list[str]:
+    return [x.strip() for x in CALIB.read_text().splitlines() if x.strip()][:n]
+
+
+def test_a_causal_lm_is_measured_by_next_token_kl_from_the_original(tiny_llama, monkeypatch):
+    """measure logits: with the reference's every token kept it is the exact mean KL of the next-token
+    distributions over real tokens; keeping only the likeliest few (the rest as one outcome) gives a
+    lower bound that is still most of it, and the original itself measures 0."""
+    from vlora_compress import calibrate as cal
+    from vlora_compress.calibrate import OutputMeter
+
+    lm, tok = load_model(tiny_llama, head="causal-lm"), load_preprocessor(tiny_llama)
+    lm.lm_head.weight.data *= 30  # peaked next-token distributions, as a trained LM's (a random one's are flat)
+    texts = _texts(6)
+    key = "model.layers.1.mlp.down_proj.weight"
+    w = lm.model.layers[1].mlp.down_proj.weight.detach().clone()
+    torch.manual_seed(1)
+    bent = {key: w + 0.5 * w.std() * torch.randn_like(w)}
+
+    def exact_kl():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        mask = enc["attention_mask"].bool()
+        with torch.no_grad():
+            p = torch.log_softmax(lm(**enc).logits.double(), -1)[mask]
+            lm.model.layers[1].mlp.down_proj.weight.data = bent[key]
+            q = torch.log_softmax(lm(**enc).logits.double(), -1)[mask]
+            lm.model.layers[1].mlp.down_proj.weight.data = w
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    meter = OutputMeter(lm, tok, texts, 64, measure="logits", batch_size=4)
+    assert meter.name == "logits" and meter({}) == pytest.approx(0, abs=1e-9)
+    want = exact_kl()
+    assert want > 1e-3 and meter(bent) == pytest.approx(want, rel=1e-4)  # 256 tokens: the whole vocabulary
+    assert torch.equal(lm.model.layers[1].mlp.down_proj.weight, w)  # the weights are put back
+    monkeypatch.setattr(cal, "TOP_TOKENS", 16)
+    coarse = OutputMeter(lm, tok, texts, 64, measure="logits")(bent)
+    assert 0.5 * want < coarse <= want
+
+
+def test_a_model_without_a_head_is_measured_by_its_pooled_embeddings(minilm_dir):
+    """measure embedding: the mean of 1 - cosine between pooled sentence embeddings, as vlora-eval
+    scores an embedding model; the hidden-state measure of the same change is another number."""
+    from vlora_compress.calibrate import OutputMeter
+    from vlora_compress.models import pooled_embedding
+
+    model, tok = load_model(minilm_dir, head="base"), load_preprocessor(minilm_dir)
+    texts = _texts(8)
+    key = "encoder.layer.2.intermediate.dense.weight"
+    module = module_for_key(model, key)[1]
+    w = module.weight.detach().clone()
+    bent = {key: truncated_svd(w, 8)[0] @ truncated_svd(w, 8)[1]}
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        e0 = pooled_embedding(model(**enc), enc["attention_mask"])
+        module.weight.data = bent[key]
+        e1 = pooled_embedding(model(**enc), enc["attention_mask"])
+        module.weight.data = w
+    want = float(1 - (e0 * e1).sum(-1).mean())
+    meter = OutputMeter(model, tok, texts, 64, measure="embedding", batch_size=3)
+    assert meter.name == "embedding" and want > 1e-3
+    assert meter(bent) == pytest.approx(want, rel=1e-4)
+    assert OutputMeter(model, tok, texts, 64)(bent) != pytest.approx(want, rel=0.1)
+
+
+def test_plans_are_measured_by_what_the_model_is_scored_by_unless_told(tiny_llama, tmp_path, capsys):
+    """auto: a causal LM's decisions are next-token KL (its head loaded with it), --measure hidden
+    gives the final hidden states; logits on a model without a language-model head is one line and
+    exit 2, with nothing written."""
+    from vlora_compress.cli import compress_main
+
+    def measures(**calibration):
+        report = compress(tiny_llama, tmp_path / "l.vlora.safetensors", target_size="0.6", calib=CALIB, force=True,
+                          calibration=CalibConfig(samples=24, holdout=6, **calibration))
+        return {d["measure"] for d in report.decisions}
+
+    assert measures() == {"logits"}
+    assert measures(measure="hidden") == {"model"}
+    with pytest.raises(VloraError, match="measure"):
+        CalibConfig(measure="vibes")
+    from conftest import tiny_model
+
+    bert = tiny_model(tmp_path / "bert", "bert-classifier")
+    out = tmp_path / "b.vlora.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        compress_main([str(bert), "--calib", str(CALIB), "--calib-samples", "16", "--target-size", "0.6",
+                       "--measure", "logits", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--measure" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -83,8 +83,7 @@ class BlockPlanner(SequentialFit):
                     plan = yield from self._block(block, mods, streams, held, write, parts, bar)
                     span = f"layers {block.layers[0]}-{block.layers[-1]}"
                     notes += [f"{span}: {note}" for note in plan.notes]
-                    decisions += [replace(d, scope=span, measure="block" if d.measure == "model" else d.measure)
-                                  for d in plan.decisions]
+                    decisions += [replace(d, scope=span) for d in plan.decisions]
                     for fp in plan.families:
                         parts.setdefault(fp.name, []).append(fp)
         self.plan = Plan(tuple(stack_plans), tuple(_joined(fps) for fps in parts.values()), tuple(notes),
@@ -190,6 +189,8 @@ class BlockPlanner(SequentialFit):
 class BlockMeter(OutputMeter):
     """The output error of one block of layers with some weights replaced, on the held-back
     samples' stream at the block's input: what planning by blocks measures by."""
+
+    name = "block"
 
     def __init__(self, fit: SequentialFit, mods: list[torch.nn.Module], held: list[Stream]):
         self.model, self.read, self._modules = fit.model, fit.read, {}

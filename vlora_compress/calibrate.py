@@ -22,7 +22,7 @@ from .config import CalibConfig
 from .data import read_corpus, read_images, read_texts
 from .errors import VloraError
 from .factorise import Whitener
-from .models import batches, head_of, model_device, module_for_key, takes_text, token_limit
+from .models import batches, head_of, model_device, module_for_key, pooled_embedding, takes_text, token_limit
 from .progress import Progress
 
 
@@ -134,19 +134,44 @@ def text_windows(tokenizer, text: str, length: int, limit: int) -> list[str]:
     return windows
 
 
+TOP_TOKENS = 256  # next-token KL: the reference's likeliest tokens kept per position, the rest as one
+
+
 class OutputMeter:
-    """The model's final hidden-state error, with some weights replaced, on held-back samples.
+    """The model's output error, with some weights replaced, on held-back samples.
 
     This is what ``auto`` planning decides by: the error at the model's output, not in the weights.
+    ``measure`` says which output (config.MEASURES, resolved by ``resolve_measure``):
+
+    - ``hidden``: the final hidden states' relative squared error over real tokens;
+    - ``logits``: for a causal LM (``model`` then has its head), the mean KL divergence of the next-token
+      distributions from the original's, per real token: what perplexity feels. The original's
+      ``TOP_TOKENS`` likeliest tokens are kept per position and the rest of the vocabulary counted as
+      one outcome (exact for those tokens; a lower bound otherwise), so the reference holds 256
+      numbers a token, not the vocabulary;
+    - ``embedding``: the mean of 1 - cosine between the pooled sentence embeddings (the mean over real
+      tokens of the last hidden state, as ``vlora-eval --task embedding`` scores them).
+
     A subclass measures somewhere else by giving other ``_outputs`` (blockwise.BlockMeter: the
-    output of one block of layers).
+    output of one block of layers). ``name`` is what a decision records its errors as (plan.MEASURES).
     """
 
-    def __init__(self, model, preprocessor, samples: list, max_length: int, read=None, batch_size: int = 32):
-        self.model, self.read = model, read
-        self.batches = list(batches(preprocessor, samples, batch_size, token_limit(model, max_length)))
+    measure = "hidden"
+
+    def __init__(self, model, preprocessor, samples: list, max_length: int, read=None, batch_size: int = 32,
+                 measure: str = "hidden"):
+        self.model, self.read, self.measure = model, read, measure
+        limit = token_limit(model, max_length)
+        if measure == "logits":  # a batch's log-probabilities are tokens x vocabulary floats: at most 256 MB
+            vocab = model.get_output_embeddings().weight.shape[0]
+            batch_size = max(1, min(batch_size, 2**26 // (limit * vocab)))
+        self.batches = list(batches(preprocessor, samples, batch_size, limit))
         self._modules: dict[str, torch.nn.Module] = {}
-        self.reference = list(self._outputs())
+        self.reference = [self._reference(out) for out in self._outputs()]
+
+    @property
+    def name(self) -> str:
+        return {"hidden": "model"}.get(self.measure, self.measure)
 
     def __call__(self, replacements: dict[str, torch.Tensor]) -> float:
         saved = []
@@ -157,9 +182,9 @@ class OutputMeter:
                 module.weight.data = w.to(device=module.weight.device, dtype=module.weight.dtype).reshape(
                     module.weight.shape)
             err = total = 0.0
-            for h, ref in zip(self._outputs(), self.reference):
-                err += float((h - ref).square().sum())
-                total += float(ref.square().sum())
+            for out, ref in zip(self._outputs(), self.reference):
+                e, n = self._error(out, ref)
+                err, total = err + e, total + n
             return err / total
         finally:
             for module, data in saved:
@@ -174,12 +199,56 @@ class OutputMeter:
         return self._modules[key]
 
     def _outputs(self) -> Iterator[torch.Tensor]:
-        """Each held-back batch's final hidden states (real tokens, float64), one batch at a time."""
+        """What each held-back batch gives, one batch at a time: its real tokens' final hidden states
+        (float64) or next-token log-probabilities (float32), or its samples' pooled embeddings."""
         device = model_device(self.model)
         for inputs, mask, _ in self.batches:
+            mask = mask.to(device) if mask is not None else None
             with torch.no_grad():
-                h = self.model(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state.double()
-            yield h[mask.to(device)] if mask is not None else h
+                out = self.model(**{k: v.to(device) for k, v in inputs.items()})
+                if self.measure == "embedding":
+                    yield pooled_embedding(out, mask).double()
+                    continue
+                h = out.logits if self.measure == "logits" else out.last_hidden_state
+                h = h[mask] if mask is not None else h.flatten(0, -2)
+                yield torch.log_softmax(h.float(), -1) if self.measure == "logits" else h.double()
+
+    def _reference(self, out: torch.Tensor):
+        """What the original's outputs are kept as: under ``logits`` the likeliest tokens' indices and
+        log-probabilities, and the log of the rest's probability; else the outputs themselves."""
+        if self.measure != "logits":
+            return out
+        top, at = out.topk(min(TOP_TOKENS, out.shape[-1]), dim=-1)
+        return at, top.double(), _log_rest(top.double())
+
+    def _error(self, out: torch.Tensor, ref) -> tuple[float, float]:
+        """(summed error, what it is divided by) of one batch."""
+        if self.measure == "logits":
+            at, top, rest = ref
+            mine = out.gather(-1, at).double()
+            kl = (top.exp() * (top - mine)).sum(-1) + torch.xlogy(rest.exp(), rest.exp()) - rest.exp() * _log_rest(mine)
+            return float(kl.sum()), out.shape[0]
+        if self.measure == "embedding":
+            return float((1 - (out * ref).sum(-1)).sum()), out.shape[0]
+        return float((out - ref).square().sum()), float(ref.square().sum())
+
+
+def _log_rest(top: torch.Tensor) -> torch.Tensor:
+    """log(1 - Σ p) over the last dimension of log-probabilities ``top``: the log-probability of every
+    other token (clamped away from log 0, where the kept tokens hold all the mass)."""
+    return torch.log1p(-torch.logsumexp(top, -1).exp().clamp(max=1 - 1e-12))
+
+
+def resolve_measure(measure: str, model_config) -> str:
+    """What a plan is measured by: ``auto`` follows what ``vlora-eval`` scores the model by by
+    default (evaluate.default_task): next-token KL for a causal LM (perplexity), the pooled
+    embedding's cosine for a model without a head (embedding), the final hidden states otherwise."""
+    head = head_of(model_config)
+    if measure == "auto":
+        return {"causal-lm": "logits", "base": "embedding"}.get(head, "hidden")
+    if measure == "logits" and head != "causal-lm":
+        raise VloraError("`calibration.measure` logits needs a causal LM (a model with a language-model head)")
+    return measure
 
 
 def calibrate(model: torch.nn.Module, preprocessor, data: str | Path | list, keys: list[str],

@@ -96,6 +96,7 @@ def compress_cmd(
     calibration_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration sample (a line is cut there; a window is that long).")] = 128,
     calibration_holdout: Annotated[int, typer.Option("--calib-holdout", help="Further samples kept back from the Grams, on which the planner measures every candidate plan (the model's output error).")] = 32,
     holdout_data: Annotated[Optional[Path], typer.Option("--holdout-data", help="Read the --calib-holdout samples from this file (the same kinds as --calib) instead of the calibration data's tail: plans measured on text the calibration did not see.")] = None,
+    calibration_measure: Annotated[str, typer.Option("--measure", help="What the planner measures each candidate plan by on the held-back samples: logits (a causal LM's next-token KL from the original, what perplexity feels), embedding (1 - cosine of the pooled embeddings), hidden (the final hidden states' relative error) or auto (logits for a causal LM, embedding for a model without a head, else hidden).")] = "auto",
     calibration_packing: Annotated[str, typer.Option("--calib-packing", help="Text samples: lines (one per line), windows (the text run together, cut every --calib-max-length tokens) or auto (windows for a causal LM, lines otherwise).")] = "auto",
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="Store calibration Grams as fp64 or fp32 (half the memory).")] = "fp64",
     gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
@@ -143,7 +144,7 @@ def compress_cmd(
         base_quantize=base_quantize, group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
         calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,
                                 gram_dtype=gram_dtype, gram_dir=gram_dir, holdout=calibration_holdout,
-                                holdout_data=holdout_data),
+                                holdout_data=holdout_data, measure=calibration_measure),
         sequential=sequential, feedback=feedback, planning=planning, device=device,
     )
     report = compress(

@@ -15,7 +15,7 @@ import torch
 from .align import align_stack, detect_layout, read_config
 from .alternatives import alternatives, yardstick
 from .blockwise import BlockPlanner
-from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration
+from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration, resolve_measure
 from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .errors import Interrupted, VloraError
 from .evaluate import EvalConfig, default_task, evaluate
@@ -116,14 +116,19 @@ def compress(
             # model's Grams and every layer loaded; the sequential fit and planning by blocks load one
             # layer (block) at a time where they can (one stack)
             one_at_a_time = config.sequential and (by_blocks or not planned) and not at_once and len(stacks) == 1
-            model, preprocessor, samples, held, by_layer = _calibration_model(
+            on_model = planned and not by_blocks  # measured on the whole model's outputs (a causal LM's with its head)
+            model, preprocessor, samples, held, by_layer, lm = _calibration_model(
                 source, config_dir, calib, tokenizer, config.calibration, ckpt, aligned, device,
-                {f.key(layer) for f in stacks[0].families for layer in f.layers} if one_at_a_time else set())
+                {f.key(layer) for f in stacks[0].families for layer in f.layers} if one_at_a_time else set(),
+                with_head=on_model and config.calibration.measure in ("auto", "logits"))
             packed = packing(preprocessor, config.calibration, head_of(model.config) == "causal-lm")
-            if (planned and not by_blocks) or not config.sequential or at_once:  # the original's Grams: to plan or fit by
+            if on_model or not config.sequential or at_once:  # the original's Grams: to plan or fit by
                 keys = [f.key(layer) for s in stacks for f in s.families for layer in f.layers]
                 grams = calibrate(model, preprocessor, samples, keys, config.calibration, progress, ckpt.read)
-                meter = OutputMeter(model, preprocessor, held, config.calibration.max_length, ckpt.read) if held else None
+                if on_model and held:
+                    measure = _measure(config.calibration.measure, model, lm)
+                    meter = OutputMeter(lm if measure == "logits" else model, preprocessor, held,
+                                        config.calibration.max_length, ckpt.read, measure=measure)
         onload = (read, by_layer) if by_layer is not None else None
         with ExitStack() as spooling:
             spooled = sequential = None
@@ -339,20 +344,24 @@ def _align(stacks, read, config: dict | None) -> tuple[dict, list[str]]:
 
 
 def _calibration_model(source, config_dir, calib, tokenizer, calib_config: CalibConfig, ckpt, aligned, device,
-                       by_layer_keys: set[str]):
-    """(model, preprocessor, samples for the Grams, held-back samples, weights loaded by layer) of
-    the original model.
+                       by_layer_keys: set[str], with_head: bool = False):
+    """(model, preprocessor, samples for the Grams, held-back samples, weights loaded by layer, the
+    model with its language-model head) of the original model.
 
     A model in memory is used as it is, with ``tokenizer`` (or the preprocessor in ``config_dir``).
     From a path, the weights in ``by_layer_keys`` are not loaded but left to the sequential fit,
     which loads each layer's when it gets there (models.load_by_layer: the model never whole in
-    memory); the last item maps those keys to their parameters, or is None when the model was
+    memory); the fifth item maps those keys to their parameters, or is None when the model was
     loaded whole. With aligned weights the model runs aligned too: the same function, but the
     inputs of the output projections arrive permuted and rotated as the aligned weights expect them.
+    ``with_head``: a causal LM is loaded whole with its head, the model being its base (the same
+    modules), to measure plans by next-token KL; else (and for other models) the last item is None.
     """
-    by_layer = None
+    by_layer = lm = None
     if isinstance(source, torch.nn.Module):
         model = getattr(source, "base_model", source)  # the hidden states, as the "base" head gives them
+        if with_head and model is not source and source.get_output_embeddings() is not None:
+            lm = source
         preprocessor = tokenizer if tokenizer is not None else \
             load_preprocessor(config_dir) if config_dir is not None else None
         if preprocessor is None:
@@ -363,13 +372,27 @@ def _calibration_model(source, config_dir, calib, tokenizer, calib_config: Calib
         loaded = load_by_layer(path, cdir, "base", ckpt, by_layer_keys, device) if by_layer_keys else None
         if loaded is not None:
             model, by_layer = loaded
+        elif with_head and head_of(read_config(folder)) == "causal-lm":
+            lm = load_model(path, cdir, "causal-lm").to(device)
+            model = lm.base_model
         else:
             model = load_model(path, cdir, "base").to(device)
         preprocessor = tokenizer if tokenizer is not None else load_preprocessor(folder)
     if aligned:  # weights loaded by layer are read aligned when they are loaded
         set_tensors(model, {k: v for k, v in aligned.items() if not (by_layer and k in by_layer)}, ckpt.read)
     samples, held = read_calibration(preprocessor, calib, calib_config, head_of(model.config) == "causal-lm")
-    return model, preprocessor, samples, held, by_layer
+    return model, preprocessor, samples, held, by_layer, lm
+
+
+def _measure(asked: str, model, lm) -> str:
+    """What plans are measured by (calibrate.resolve_measure); ``auto`` on a causal LM given without
+    its head (a base model in memory) measures its final hidden states."""
+    measure = resolve_measure(asked, model.config)
+    if measure == "logits" and lm is None:
+        if asked == "auto":
+            return "hidden"
+        raise VloraError("`calibration.measure` logits needs the model with its language-model head")
+    return measure
 
 
 def _calibration_summary(grams: Grams | None, sequential: SequentialFit | None, calib, calib_config: CalibConfig,

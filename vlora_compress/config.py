@@ -30,6 +30,7 @@ FEEDBACK = ("none", "inputs", "outputs")
 PACKINGS = ("auto", "lines", "windows")
 ROUNDINGS = ("nearest", "gptq")
 PLANNINGS = ("auto", "blocks", "model")
+MEASURES = ("auto", "logits", "embedding", "hidden")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class CalibConfig:
     holdout: int = 32  # further samples kept back from the Grams, to measure plans on
     holdout_data: str | None = None  # read those from this file's first samples instead of the
     # calibration data's: plans measured on text the calibration did not see (docs/planning.md)
+    measure: str = "auto"  # what a plan's error on them is (calibrate.OutputMeter): logits (a causal LM's
+    # next-token KL from the original) | embedding (1 - cosine of pooled embeddings) | hidden (the final
+    # hidden states' relative squared error) | auto (logits for a causal LM, embedding for a model
+    # without a head, else hidden: what vlora-eval scores the model by)
     gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
     gram_dir: str | None = None  # keep the Grams in memory-mapped files here, not in RAM
 
@@ -59,6 +64,8 @@ class CalibConfig:
             raise VloraError(f"{self.gram_dir}: `calibration.gram_dir` must be an existing folder")
         if self.packing not in PACKINGS:
             raise VloraError(f"`calibration.packing` must be one of {', '.join(PACKINGS)}, not {self.packing!r}")
+        if self.measure not in MEASURES:
+            raise VloraError(f"`calibration.measure` must be one of {', '.join(MEASURES)}, not {self.measure!r}")
         if self.holdout < 0:
             raise VloraError(f"`calibration.holdout` must be at least 0, not {self.holdout}")
         for name in ("samples", "max_length", "batch_size"):

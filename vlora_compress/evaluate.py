@@ -19,7 +19,8 @@ from rich.table import Table
 from .checkpoint import open_checkpoint
 from .data import read_corpus, read_labelled, read_pairs, read_texts
 from .errors import VloraError
-from .models import batches, config_folder, head_of, load_model, load_preprocessor, model_device, resolve_device, takes_text, token_limit
+from .models import (batches, config_folder, head_of, load_model, load_preprocessor, model_device, pooled_embedding,
+                     resolve_device, takes_text, token_limit)
 from .progress import Progress
 
 TASKS = ("embedding", "perplexity", "classification", "logits")
@@ -239,13 +240,6 @@ def _forward_all(models, preprocessor, samples, config, progress, fn, memo: dict
                 memo[id(m)].append(result.cpu())
                 bar.advance()
     return [memo[id(m)] for m in models]
-
-
-def pooled_embedding(outputs, mask):
-    """Mean over real tokens of the last hidden state, normalised: the sentence embedding."""
-    h = outputs.last_hidden_state
-    m = mask[..., None].to(h.dtype)
-    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
 def _embedding(models, preprocessor, data, config, progress, memo=None):

@@ -26,7 +26,7 @@ from .checkpoint import DTYPES
 from .calibrate import text_windows
 from .data import read_corpus, read_texts
 from .errors import Interrupted, VloraError
-from .evaluate import EvalConfig, default_task, evaluate_models, pooled_embedding
+from .evaluate import EvalConfig, default_task, evaluate_models
 from .factored import load_factored
 from .factorise import encode
 from .localheal import heal_locally
@@ -34,7 +34,7 @@ from .fileformat import VloraFile, factorised_keys, header_metadata, layout
 from .plan import INCREMENT_SUFFIXES, family_matrices
 from .quantize import SCALE_SUFFIX
 from .models import config_folder, head_of, load_model, load_preprocessor, module_for_key, param_for_key
-from .models import batches, resolve_device, takes_text, token_limit
+from .models import batches, pooled_embedding, resolve_device, takes_text, token_limit
 from .progress import Progress
 from .write import SafetensorsWriter, atomic_output, check_output
 

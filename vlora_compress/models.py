@@ -46,8 +46,10 @@ def config_folder(path: str | Path) -> Path:
 
 
 def head_of(config) -> str:
-    """Which head the checkpoint was trained with, from ``config.architectures``."""
-    for arch in getattr(config, "architectures", None) or []:
+    """Which head the checkpoint was trained with, from ``config.architectures`` (a config, or its
+    config.json as a dict)."""
+    archs = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    for arch in archs or []:
         if arch.endswith(("ForCausalLM", "LMHeadModel")):
             return "causal-lm"
         if arch.endswith("ForSequenceClassification"):
@@ -55,6 +57,14 @@ def head_of(config) -> str:
         if arch.endswith("ForImageClassification"):
             return "image-classification"
     return "base"
+
+
+def pooled_embedding(outputs, mask):
+    """Mean over real tokens (``mask``; None: every one) of the last hidden state, normalised: the
+    sentence (or image) embedding."""
+    h = outputs.last_hidden_state
+    m = mask[..., None].to(h.dtype) if mask is not None else torch.ones_like(h[..., :1])
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
 def load_model(path: str | Path, config_dir: str | Path | None = None, head: str | None = None,

@@ -238,9 +238,10 @@ class Weighed:
     error: float | None = None  # measured, by the decision's ``measure``; None: not fitted (the short list left it out)
 
 
-MEASURES = ("model", "block", "outputs", "weights")  # what a decision's errors are: the model's output
-# error on held-back samples, a block's (--planning blocks), the family's summed whitened output
-# error, or its weight error
+MEASURES = ("logits", "embedding", "model", "block", "outputs", "weights")  # what a decision's errors are,
+# on held-back samples: a causal LM's next-token KL, the pooled embeddings' 1 - cosine, the model's final
+# hidden-state error, a block's output error (--planning blocks); or the family's summed whitened
+# output error, or its weight error (calibrate.OutputMeter)
 
 
 @dataclass(frozen=True)

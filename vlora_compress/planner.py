@@ -114,7 +114,7 @@ def plan_measured(
         for fam in stack.families:
             budget = (budgets[fam.name] if budgets is not None
                       else candidate_bytes(fam, reference(config, len(fam.layers)), config.rank, config))
-            measure = ("model" if meter is not None else
+            measure = (getattr(meter, "name", "model") if meter is not None else
                        "outputs" if whitener(fam.key(fam.layers[0])) is not None else "weights")
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
             best, weighed = _choose(fam, candidates(config, len(fam.layers)), weights, whitener, config, budget, meter)

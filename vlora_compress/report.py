@@ -229,7 +229,9 @@ class CompressReport:
             console.print(f"[yellow]note:[/] {note}")
 
 
-MEASURED_BY = {"model": "the model's held-back output error", "block": "the block's held-back output error",
+MEASURED_BY = {"logits": "the model's held-back next-token KL from the original",
+               "embedding": "the model's held-back embedding error (1 - cosine)",
+               "model": "the model's held-back hidden-state error", "block": "the block's held-back output error",
                "outputs": "the family's whitened output error", "weights": "the family's weight error"}
 
 
