@@ -118,6 +118,8 @@ def test_calibrated_auto_plan_ties_or_beats_per_layer_svd_on_the_real_model(mini
         scores[name] = evaluate(out, EVAL, EvalConfig(samples=48), reference=minilm_dir).metric(
             "cosine_to_reference").model
     assert scores["auto"] >= scores["svd"] - 0.01
+    # a model without a head is planned by what it is scored by: its pooled embeddings
+    assert {d["measure"] for d in reports["auto"].decisions} == {"embedding"}
     # the rank allocation either measured better than uniform ranks on held-back samples, or was dropped
     last = reports["auto"].notes[-1]
     mine, other = (float(x) for x in last.split("output error ")[1].replace(" uniform", "").replace(
