@@ -121,7 +121,7 @@ def test_calibrated_auto_plan_ties_or_beats_per_layer_svd_on_the_real_model(mini
     # a model without a head is planned by what it is scored by: its pooled embeddings
     assert {d["measure"] for d in reports["auto"].decisions} == {"embedding"}
     # the rank allocation either measured better than uniform ranks on held-back samples, or was dropped
-    last = reports["auto"].notes[-1]
+    last = next(n for n in reports["auto"].notes if n.startswith("ranks:"))
     mine, other = (float(x) for x in last.split("output error ")[1].replace(" uniform", "").replace(
         " allocated", "").split(" vs "))
     assert mine <= other
@@ -349,6 +349,58 @@ def test_planted_shared_subspaces_come_back_as_shared_bases_and_beat_per_layer_s
     restored, original = expand(tmp_path / "s.vlora.safetensors"), _dense(src)
     q = "model.layers.3.self_attn.q_proj.weight"
     assert (restored[q] - original[q]).norm() < 0.05 * original[q].norm()
+
+
+def test_a_form_that_wins_alone_but_loses_together_gives_way_to_per_layer_svd(tmp_path):
+    """Forms are chosen with one family compressed at a time; the plan is then checked with every
+    family compressed at once. Planted pairs sharing a subspace make a shared basis win each family
+    alone; the meter here also charges the first family's shared rows, but only when another family
+    is compressed beside it (errors that add up through the layers, as on all-MiniLM-L6-v2). That
+    family alone gives way to per-layer SVD at the same bytes, the note and its decision say so, and
+    the plan measures lower together than it did before the check."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.plan import family_bytes
+    from vlora_compress.planner import plan_measured
+    from vlora_compress.stacks import find_stacks
+
+    specs = synthetic.llama_keys(layers=4, d=64, ffn=96)
+    src = synthetic.write_checkpoint(tmp_path / "s.safetensors", specs, synthetic.planted_shared(0, 10, lambda l: l // 2))
+    with open_checkpoint(src) as ckpt:
+        stacks = find_stacks(ckpt.infos)
+        families = [f for s in stacks for f in s.families]
+        original = {f.key(layer): ckpt.read(f.key(layer)).double() for f in families for layer in f.layers}
+        first = [families[0].key(layer) for layer in families[0].layers]
+
+        def shares_rows(rebuilt):  # the first family's layers read one row space: a shared basis
+            stacked = torch.cat([rebuilt[k].double() for k in first])
+            s = torch.linalg.svdvals(stacked)
+            return int((s > 1e-6 * s[0]).sum()) < 0.75 * sum(
+                int((lambda v: (v > 1e-6 * v[0]).sum())(torch.linalg.svdvals(rebuilt[k].double()))) for k in first)
+
+        def meter(rebuilt):
+            err = sum(float((original[k] - w.double()).square().sum() / original[k].square().sum())
+                      for k, w in rebuilt.items())
+            together = len(rebuilt) > len(first)
+            return err + (1.0 if together and first[0] in rebuilt and shares_rows(rebuilt) else 0.0)
+
+        config = CompressConfig(rank=3, shared=True, ranks="uniform")
+        plan = plan_measured(stacks, config, ckpt.read, meter=meter)
+        unchecked = plan_measured(stacks, config, ckpt.read, meter=lambda r: meter(r) if len(r) <= len(first) else 0.0)
+    forms = {fp.name: fp.chunks[0].topology for fp in plan.families}
+    before = {fp.name: fp.chunks[0].topology for fp in unchecked.families}
+    assert all(t == "shared" for t in before.values()), before  # alone, sharing wins every family
+    per_layer = plan.families[0].chunks[0]
+    assert (per_layer.base, per_layer.topology) == ("none", "star"), per_layer  # per-layer SVD
+    assert all(forms[f.name] == "shared" for f in families[1:]), forms
+    note = plan.notes[-1]
+    assert note.startswith("checked together") and note.count("per-layer SVD ships") == 1, note
+    shipped = next(part for part in note.split("; ") if "ships" in part)
+    together, alone = (float(x) for x in shipped.split(": per-layer SVD ships")[0].split()[-5::4])
+    assert alone < together, shipped
+    decided = {d.family: d for d in plan.decisions}
+    swapped = decided[families[0].name]
+    assert swapped.taken.form.startswith("shared") and swapped.allocated.form == "per-layer"
+    assert family_bytes(plan.families[0]) <= family_bytes(unchecked.families[0])
 
 
 def test_interleaved_planted_groups_are_found_by_similarity_not_adjacency(tmp_path):
