@@ -343,7 +343,7 @@ def test_planted_shared_subspaces_come_back_as_shared_bases_and_beat_per_layer_s
     assert per_layer.stack_compressed_bytes <= shared.stack_compressed_bytes
     error = lambda report: sum(t["rel_error"] for t in report.tensors) / len(report.tensors)  # noqa: E731
     assert error(shared) < 0.3 * error(per_layer), (error(shared), error(per_layer))
-    # without --shared the same plan is never tried: the default keeps today's forms
+    # uncalibrated, the default (--shared auto) never tries the same plan: it keeps the earlier forms
     default = compress(src, tmp_path / "d.vlora.safetensors", rank=3, ranks="uniform")
     assert not any("shared" in f["topologies"] for f in default.families)
     restored, original = expand(tmp_path / "s.vlora.safetensors"), _dense(src)

@@ -197,14 +197,10 @@ def test_device_cpu_runs_every_stage_and_bf16_stays_bf16(tmp_path, capsys):
     assert exc.value.code == 2 and "--device 'tpu'" in err and not (tmp_path / "x.vlora.safetensors").exists()
 
 
-def test_interleaved_shared_groups_are_fitted_layer_by_layer_and_load_as_expanded(tmp_path):
-    """A real Llama whose layers 0 and 3, 1 and 4, 2 and 5 read one planted input subspace each:
-    calibrated with --shared, the planner groups them by similarity, the sequential fit meets each
-    interleaved group's layers as the stream reaches them (every layer fitted in the pass), and the
-    file rebuilds the planted weights; factored loading computes what the expanded model does."""
+def _planted_llama(tmp_path):
+    """A real 6-layer Llama whose layers 0 and 3, 1 and 4, 2 and 5 read one planted input subspace each."""
     from safetensors.torch import load_file, save_file
     from vlora_compress import synthetic
-    from vlora_compress.factored import load_factored
     from vlora_compress.stacks import split_key
 
     folder = tiny_model(tmp_path / "llama6", "llama", num_hidden_layers=6)
@@ -212,6 +208,40 @@ def test_interleaved_shared_groups_are_fitted_layer_by_layer_and_load_as_expande
     planted = synthetic.planted_shared(0, 10, lambda layer: layer % 3, scale=0.02, noise=0.01)
     weights = {k: planted(k, tuple(v.shape)) if split_key(k) and v.dim() == 2 else v for k, v in weights.items()}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder, weights
+
+
+def test_shared_bases_are_tried_by_default_where_next_token_kl_measures_the_plan(tmp_path):
+    """--shared auto: on the planted Llama, calibrated and measured by next-token KL (a causal LM's
+    default), the plan tries shared bases and finds the planted groups, and its notes say why; the
+    same model measured by its hidden states, or with --no-shared, never tries them. The file
+    records what was asked (auto), not what it resolved to."""
+    from vlora_compress.compress import SHARING_NOTE
+    from vlora_compress.fileformat import VloraFile
+
+    folder, _ = _planted_llama(tmp_path)
+    options = dict(rank=3, ranks="uniform", calib=CALIB)
+    tried = lambda report: {c["label"] for d in report.decisions for c in d["candidates"]  # noqa: E731
+                            if c["label"].startswith("shared")}
+    auto = compress(folder, tmp_path / "a.vlora.safetensors", calibration=CalibConfig(samples=32), **options)
+    assert auto.decisions[0]["measure"] == "logits" and SHARING_NOTE in auto.notes
+    assert tried(auto) and sum(f["chunks"] == [[0, 3], [1, 4], [2, 5]] for f in auto.families) >= 5, auto.families
+    assert VloraFile(tmp_path / "a.vlora.safetensors").config["shared"] is None
+    for name, extra in (("h", dict(calibration=CalibConfig(samples=32, measure="hidden"))),
+                        ("n", dict(calibration=CalibConfig(samples=32), shared=False))):
+        off = compress(folder, tmp_path / f"{name}.vlora.safetensors", **options, **extra)
+        assert off.decisions and not tried(off) and SHARING_NOTE not in off.notes
+        assert not any("shared" in f["topologies"] for f in off.families)
+
+
+def test_interleaved_shared_groups_are_fitted_layer_by_layer_and_load_as_expanded(tmp_path):
+    """A real Llama whose layers 0 and 3, 1 and 4, 2 and 5 read one planted input subspace each:
+    calibrated with --shared, the planner groups them by similarity, the sequential fit meets each
+    interleaved group's layers as the stream reaches them (every layer fitted in the pass), and the
+    file rebuilds the planted weights; factored loading computes what the expanded model does."""
+    from vlora_compress.factored import load_factored
+
+    folder, weights = _planted_llama(tmp_path)
     path = tmp_path / "m.vlora.safetensors"
     report = compress(folder, path, rank=3, ranks="uniform", shared=True, calib=CALIB,
                       calibration=CalibConfig(samples=32))

@@ -85,8 +85,11 @@ class CompressConfig:
     # dense: every layer whole, stored as `quantize` (and `dtype`) say: quantization alone
     base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
     topology: str = "auto"  # chain | star | shared (a basis per chunk, W_l = B_l A; zero base) | auto
-    shared: bool = False  # under topology auto, also try a basis shared by groups of 2 to 4 layers
-    # (off by default: on all-MiniLM-L6-v2 it measured worse end to end, docs/planning.md)
+    shared: bool | None = None  # under topology auto, also try a basis shared by groups of 2 to 4 layers;
+    # None (auto): on where the plan is measured by a causal LM's next-token KL (calibrated, planned on the
+    # model, `quantize` not auto), off elsewhere: it measured better end to end on SmolLM2-135M and worse on
+    # all-MiniLM-L6-v2 (docs/planning.md). compress() resolves it; the file records what was asked, and the
+    # plan's notes say where auto tried them
     bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
     ranks: str = "measured"  # measured: move bytes between families by measured output error
     # (needs calibration); uniform: one rank everywhere
@@ -133,6 +136,8 @@ class CompressConfig:
             raise VloraError(f"`topology` must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
         if self.ranks not in RANK_CHOICES:
             raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
+        if self.shared not in (None, True, False):
+            raise VloraError(f"`shared` must be true, false or null (auto), not {self.shared!r}")
         if self.bounds not in BOUNDS:
             raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
         if self.topology in ("shared", "shared-left") and (self.base not in ("auto", "none") or self.method != "vlora"):

@@ -10,11 +10,12 @@ then fitted at that same budget, closed loop and whitened when calibrated:
   whose choice leaves the least residual) with a ``chain`` or ``star`` topology, for each chunk
   count allowed. Chunk bounds come from dynamic programming over contiguous partitions, minimising
   the energy of the consecutive-layer deltas that a rank-r increment cannot hold;
-- with ``shared`` (``--shared``), a basis shared by each group of at most 2, 3 or 4 layers, every
-  layer its own coefficients: the right factor shared (Basis Sharing's form; nn.Linear's inputs)
-  or the left one (``shared-left``: the outputs), the groups adjacent layers or the layers
-  whose pairs lose least by sharing, adjacent or not (similar_groups); each also with residual factors
-  of every layer's own on top (W_l = B_l A + b_l a_l).
+- with ``shared`` (``--shared``; by default where next-token KL measures the plan, compress._shares),
+  a basis shared by each group of at most 2, 3 or 4 layers, every layer its own coefficients: the
+  right factor shared (Basis Sharing's form; nn.Linear's inputs) or the left one (``shared-left``:
+  the outputs), the groups adjacent layers or the layers whose pairs lose least by sharing,
+  adjacent or not (similar_groups); each also with residual factors of every layer's own on top
+  (W_l = B_l A + b_l a_l).
 
 With ``--quantize auto`` every form is also tried in int8 and int4 at the same bytes (a higher
 rank in fewer bits against a lower rank in the store dtype), so the storage is chosen by the same
