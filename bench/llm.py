@@ -36,6 +36,7 @@ VARIANTS = [  # (label, options): every one at every share removed
     # --shared auto tries shared bases (before issue 15's default: the row without them)
     ("default plan (shared bases tried: --shared auto)", dict()),
     ("default plan without shared bases (--no-shared)", dict(shared=False)),
+    ("default plan, aligned (--align)", dict(align=True)),  # neurons and heads aligned to the layer before
     ("default plan, measured by hidden states (--measure hidden)", dict(measure="hidden")),  # not next-token KL
     ("default plan, measured on Emma (--holdout-data)", dict(holdout_data=str(DATA / "austen-training.txt"))),
     ("default plan, planned by blocks", dict(planning="blocks")),
