@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from vlora_compress import compress
-from vlora_compress.factored import factored_bytes, load_factored
-from vlora_compress.models import load_model
+from vlora_compress.runtime.factored import factored_bytes, load_factored
+from vlora_compress.io.models import load_model
 
 PLANS = {
     "star over a mean base, 2 chunks": dict(base="mean", topology="star", chunks=2, bounds="equal", ranks="uniform"),

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 from vlora_compress import compress
-from vlora_compress.calibrate import CalibConfig
-from vlora_compress.data import BUNDLED
-from vlora_compress.evaluate import EvalConfig, evaluate
-from vlora_compress.heal import HealConfig, heal
+from vlora_compress.calibrate.grams import CalibConfig
+from vlora_compress.io.data import BUNDLED
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate
+from vlora_compress.heal.distill import HealConfig, heal
 
 CALIB = BUNDLED / "austen-calibration.txt"
 TRAIN = BUNDLED / "austen-training.txt"
@@ -196,7 +196,7 @@ def llm(args) -> None:
 
 def stack_share(path: Path) -> float:
     """Stored bytes of the factorised families over their fp32 bytes."""
-    from vlora_compress.inspection import inspect_vlora
+    from vlora_compress.report.inspection import inspect_vlora
 
     info = inspect_vlora(path)
     stored = info["bytes_by_role"]["bases"] + info["bytes_by_role"]["increments"]

@@ -86,11 +86,11 @@ def floor_seconds(folder: Path, samples: int, max_length: int) -> float:
     """One forward pass over the calibration samples, plus one float32 SVD of every stack matrix."""
     import torch
 
-    from vlora_compress.calibrate import read_calibration
-    from vlora_compress.checkpoint import open_checkpoint
+    from vlora_compress.calibrate.grams import read_calibration
+    from vlora_compress.io.checkpoint import open_checkpoint
     from vlora_compress.config import CalibConfig
-    from vlora_compress.models import batches, load_model, load_preprocessor
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.io.models import batches, load_model, load_preprocessor
+    from vlora_compress.io.stacks import find_stacks
 
     model, tok = load_model(folder, head="base"), load_preprocessor(folder)
     texts, _ = read_calibration(tok, CALIB, CalibConfig(samples=samples, holdout=0), causal=True)  # as compress packs them
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--quantized", action="store_true",
                     help="quantization alone (int4, int3, int2; rounded to nearest and by GPTQ) instead of the shares removed")
     args = ap.parse_args()
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     folder = smollm2_folder()
     cfg = EvalConfig(task="perplexity", samples=args.eval_samples)

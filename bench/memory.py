@@ -87,7 +87,7 @@ def main() -> None:
             ("safetensors load_file, every tensor in memory",
              f"from safetensors.torch import load_file; sd = {{k: v.clone() for k, v in load_file({str(src)!r}).items()}}"),
             ("transformers from_pretrained (bf16)",
-             f"from vlora_compress.models import load_model; m = load_model({str(model_dir)!r}, head='base')"),
+             f"from vlora_compress.io.models import load_model; m = load_model({str(model_dir)!r}, head='base')"),
             ("vlora compress --rank 4 --chunks 2 (fixed plan)",
              f"from vlora_compress import compress; compress({str(src)!r}, {str(vl)!r}, rank=4, chunks=2, "
              "base='first', topology='chain', bounds='equal', force=True)"),

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from vlora_compress import compress
-from vlora_compress.calibrate import CalibConfig
-from vlora_compress.data import BUNDLED
-from vlora_compress.evaluate import EvalConfig, evaluate
+from vlora_compress.calibrate.grams import CalibConfig
+from vlora_compress.io.data import BUNDLED
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
 CALIB = BUNDLED / "austen-calibration.txt"
 EVAL = BUNDLED / "austen-evaluation.txt"

@@ -105,8 +105,8 @@ def tiny_llama(tmp_path) -> Path:
 def hidden_error(folder: Path, path: Path, texts: list) -> float:
     """Relative squared error of the final hidden states of the file's model on ``texts``."""
     from vlora_compress import expand
-    from vlora_compress.calibrate import OutputMeter
-    from vlora_compress.models import load_model, load_preprocessor
+    from vlora_compress.calibrate.grams import OutputMeter
+    from vlora_compress.io.models import load_model, load_preprocessor
 
     model, tok = load_model(folder, head="base"), load_preprocessor(folder)
     return OutputMeter(model, tok, texts, 64)({k: v for k, v in expand(path).items() if k.endswith("proj.weight")})

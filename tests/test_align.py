@@ -3,10 +3,10 @@ import torch
 
 from conftest import CALIB, tiny_model
 from vlora_compress import compress, expand
-from vlora_compress.align import align_stack, detect_layout, read_config
-from vlora_compress.checkpoint import open_checkpoint
-from vlora_compress.models import load_model, load_preprocessor
-from vlora_compress.stacks import find_stacks
+from vlora_compress.fit.align import align_stack, detect_layout, read_config
+from vlora_compress.io.checkpoint import open_checkpoint
+from vlora_compress.io.models import load_model, load_preprocessor
+from vlora_compress.io.stacks import find_stacks
 
 TEXTS = ["It is a truth universally acknowledged that a single man must be in want of a wife.",
          "Anne Elliot had been forced into prudence in her youth."]
@@ -60,7 +60,7 @@ def test_alignment_preserves_outputs(tmp_path, arch):
     assert any("attn" in k for k in changed) == heads
     model, tok = load_model(folder, head="base"), load_preprocessor(folder)
     ref = _outputs(model, tok)
-    from vlora_compress.models import set_tensors
+    from vlora_compress.io.models import set_tensors
 
     set_tensors(model, aligned)
     assert torch.allclose(_outputs(model, tok), ref, atol=1e-4)
@@ -86,7 +86,7 @@ def test_alignment_preserves_minilm_and_shrinks_its_deltas(minilm_dir):
     assert before > 1.35 and after < before - 0.15  # measured: 1.42 -> 1.19
     model, tok = load_model(minilm_dir, head="base"), load_preprocessor(minilm_dir)
     ref = _outputs(model, tok)
-    from vlora_compress.models import set_tensors
+    from vlora_compress.io.models import set_tensors
 
     set_tensors(model, aligned)
     assert torch.allclose(_outputs(model, tok), ref, atol=1e-4)
@@ -97,7 +97,7 @@ def test_aligned_file_expands_to_an_equivalent_model(minilm_dir, tmp_path):
     report = compress(minilm_dir, out, rank=384, chunks=2, base="first", topology="chain", bounds="equal",
                       align=True)
     assert report.notes[0] == "encoder.layer: aligned as bert"
-    from vlora_compress.fileformat import VloraFile
+    from vlora_compress.io.fileformat import VloraFile
 
     assert VloraFile(out).plan.aligned
     model, tok = load_model(minilm_dir, head="base"), load_preprocessor(minilm_dir)
@@ -116,7 +116,7 @@ def test_unknown_layout_or_heads_is_skipped_with_a_note(gpt2_file, tmp_path):
 
 
 def test_calibrated_aligned_compression_runs(tiny_llama, tmp_path):
-    from vlora_compress.calibrate import CalibConfig
+    from vlora_compress.calibrate.grams import CalibConfig
 
     report = compress(tiny_llama, tmp_path / "l.vlora.safetensors", rank=8, chunks=2, align=True, calib=CALIB,
                       calibration=CalibConfig(samples=24, holdout=8))

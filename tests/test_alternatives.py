@@ -6,9 +6,9 @@ import pytest
 
 from conftest import CALIB, EVAL
 from vlora_compress import CalibConfig, compress
-from vlora_compress.alternatives import Row, verdict
-from vlora_compress.cli import compress_main, inspect_main
-from vlora_compress.evaluate import EvalConfig, evaluate
+from vlora_compress.evaluate.alternatives import Row, verdict
+from vlora_compress.cli.app import compress_main, inspect_main
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
 
 def test_minilm_report_shows_int8_and_int4_alone_at_their_exact_bytes_and_int8_dominates(minilm_dir, tmp_path,
@@ -109,8 +109,8 @@ def test_verdict_reads_the_rows_alone():
 def test_below_4_bits_the_gptq_yardstick_takes_the_files_bytes():
     """int4 in the eval's groups while the file is at least that large; below, the largest int3
     or int2 storage (groups of 128, 64 or 32) that fits under the file's stack bytes."""
-    from vlora_compress.alternatives import yardstick
-    from vlora_compress.quantize import nbytes
+    from vlora_compress.evaluate.alternatives import yardstick
+    from vlora_compress.fit.integers import nbytes
 
     families = [{"shape": [384, 384], "layers": list(range(6))}, {"shape": [1536, 384], "layers": list(range(6))}]
     cost = lambda scheme, group: sum(nbytes(tuple(f["shape"]), scheme, group) * 6 for f in families)  # noqa: E731

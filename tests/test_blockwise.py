@@ -9,9 +9,9 @@ from safetensors import safe_open
 
 from conftest import CALIB, EVAL, hidden_error, tiny_model
 from vlora_compress import CalibConfig, compress, expand
-from vlora_compress.calibrate import read_calibration
+from vlora_compress.calibrate.grams import read_calibration
 from vlora_compress.errors import VloraError
-from vlora_compress.models import load_preprocessor
+from vlora_compress.io.models import load_preprocessor
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_a_mean_base_fitted_before_the_layers_under_input_feedback(llama6, tmp_p
 
 
 def test_a_failure_in_a_later_block_leaves_no_file_and_no_spool(llama6, tmp_path, monkeypatch):
-    import vlora_compress.blockwise as blockwise
+    import vlora_compress.pipelines.blocks as blockwise
 
     real, calls = blockwise.plan_measured, []
 
@@ -140,7 +140,7 @@ def test_auto_plans_on_the_model_where_it_and_its_grams_fit_half_the_memory(llam
 
 
 def test_bad_planning_is_refused_naming_the_flag(llama6, tmp_path, capsys):
-    from vlora_compress.cli import compress_main
+    from vlora_compress.cli.app import compress_main
 
     with pytest.raises(SystemExit) as exc:
         compress_main([str(llama6), "--planning", "sideways", "-o", str(tmp_path / "o.vlora.safetensors")])

@@ -3,9 +3,9 @@ import torch
 
 from conftest import CALIB, CORE
 from vlora_compress import VloraError, compress
-from vlora_compress.calibrate import CalibConfig, calibrate
-from vlora_compress.factorise import truncated_svd, whitened_svd
-from vlora_compress.models import load_model, load_preprocessor, module_for_key
+from vlora_compress.calibrate.grams import CalibConfig, calibrate
+from vlora_compress.fit.factorise import truncated_svd, whitened_svd
+from vlora_compress.io.models import load_model, load_preprocessor, module_for_key
 
 
 def _keys(layers, names, prefix):
@@ -64,7 +64,7 @@ def test_gpt2_conv1d_whitening_lowers_the_true_output_error(tiny_gpt2):
 
 def test_calibrated_vlora_beats_data_free_on_the_real_model(minilm_dir, tmp_path):
     from conftest import EVAL
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     scores = {}
     for name, calib in (("plain", None), ("whitened", CALIB)):
@@ -126,7 +126,7 @@ def test_a_causal_lm_is_calibrated_on_windows_of_running_text_and_an_encoder_on_
     """auto packing: a causal LM reads the calibration text run together and cut every max_length
     tokens (the contexts it is evaluated on), an encoder reads one sample per line; either can be
     asked for, and the report says which was used."""
-    from vlora_compress.calibrate import read_calibration
+    from vlora_compress.calibrate.grams import read_calibration
 
     tok = load_preprocessor(tiny_llama)
     lines = [line.strip() for line in CALIB.read_text().splitlines() if line.strip()]
@@ -163,8 +163,8 @@ def test_held_back_samples_can_come_from_other_text_and_the_planner_measures_on_
 
     comp = importlib.import_module("vlora_compress.compress")  # the module, not the function the package exports
     from conftest import EVAL
-    from vlora_compress.calibrate import read_calibration
-    from vlora_compress.cli import compress_main
+    from vlora_compress.calibrate.grams import read_calibration
+    from vlora_compress.cli.app import compress_main
 
     tok = load_preprocessor(minilm_dir)
     lines = lambda path: [x.strip() for x in path.read_text().splitlines() if x.strip()]  # noqa: E731
@@ -199,8 +199,8 @@ def test_a_causal_lm_is_measured_by_next_token_kl_from_the_original(tiny_llama, 
     """measure logits: with the reference's every token kept it is the exact mean KL of the next-token
     distributions over real tokens; keeping only the likeliest few (the rest as one outcome) gives a
     lower bound that is still most of it, and the original itself measures 0."""
-    from vlora_compress import calibrate as cal
-    from vlora_compress.calibrate import OutputMeter
+    from vlora_compress.calibrate import grams as cal
+    from vlora_compress.calibrate.grams import OutputMeter
 
     lm, tok = load_model(tiny_llama, head="causal-lm"), load_preprocessor(tiny_llama)
     lm.lm_head.weight.data *= 30  # peaked next-token distributions, as a trained LM's (a random one's are flat)
@@ -233,8 +233,8 @@ def test_a_causal_lm_is_measured_by_next_token_kl_from_the_original(tiny_llama, 
 def test_a_model_without_a_head_is_measured_by_its_pooled_embeddings(minilm_dir):
     """measure embedding: the mean of 1 - cosine between pooled sentence embeddings, as vlora-eval
     scores an embedding model; the hidden-state measure of the same change is another number."""
-    from vlora_compress.calibrate import OutputMeter
-    from vlora_compress.models import pooled_embedding
+    from vlora_compress.calibrate.grams import OutputMeter
+    from vlora_compress.io.models import pooled_embedding
 
     model, tok = load_model(minilm_dir, head="base"), load_preprocessor(minilm_dir)
     texts = _texts(8)
@@ -259,7 +259,7 @@ def test_plans_are_measured_by_what_the_model_is_scored_by_unless_told(tiny_llam
     """auto: a causal LM's decisions are next-token KL (its head loaded with it), --measure hidden
     gives the final hidden states; logits on a model without a language-model head is one line and
     exit 2, with nothing written."""
-    from vlora_compress.cli import compress_main
+    from vlora_compress.cli.app import compress_main
 
     def measures(**calibration):
         report = compress(tiny_llama, tmp_path / "l.vlora.safetensors", target_size="0.6", calib=CALIB, force=True,

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import CORE
 from vlora_compress import compress
-from vlora_compress.check import Budgets, check, load_budgets
-from vlora_compress.cli import inspect_main
+from vlora_compress.evaluate.check import Budgets, check, load_budgets
+from vlora_compress.cli.app import inspect_main
 
 
 def run(args, capsys):

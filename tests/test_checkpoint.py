@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlora_compress import VloraError, synthetic
-from vlora_compress.checkpoint import open_checkpoint
+from vlora_compress.io.checkpoint import open_checkpoint
 
 SPECS = [(f"layers.{i}.w", (4, 4)) for i in range(3)]
 

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from vlora_compress import compress, expand, expand_to_file, synthetic
-from vlora_compress.checkpoint import open_checkpoint
+from vlora_compress.io.checkpoint import open_checkpoint
 
 from conftest import CORE
 
@@ -203,7 +203,7 @@ def test_one_config_carries_every_option_and_the_file_records_it_whole(gpt2_file
     """compress(source, out, config) and compress(source, out, **fields) write the same bytes, and
     the header's vlora.config reads back as the config that was asked for (target, align, calibration)."""
     from vlora_compress import CalibConfig, CompressConfig
-    from vlora_compress.fileformat import VloraFile
+    from vlora_compress.io.fileformat import VloraFile
 
     config = CompressConfig(rank=3, chunks=2, base="first", topology="chain", bounds="equal", ranks="uniform",
                             target_size="0.6", target_of="stack", align=True, quantize="int8",

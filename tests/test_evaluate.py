@@ -7,10 +7,10 @@ import torch
 
 from conftest import CALIB, CORE, EVAL, tiny_model
 from vlora_compress import VloraError, compress
-from vlora_compress.calibrate import CalibConfig
-from vlora_compress.cli import eval_main
-from vlora_compress.evaluate import EvalConfig, evaluate
-from vlora_compress.models import load_model, load_preprocessor
+from vlora_compress.calibrate.grams import CalibConfig
+from vlora_compress.cli.app import eval_main
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate
+from vlora_compress.io.models import load_model, load_preprocessor
 
 
 def test_embedding_full_rank_matches_and_low_rank_drops(minilm_dir, tmp_path):

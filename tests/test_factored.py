@@ -3,8 +3,8 @@ import torch
 
 from conftest import CORE, tiny_model
 from vlora_compress import compress
-from vlora_compress.factored import FactoredStore, VloraLinear, factored_bytes, load_factored
-from vlora_compress.models import load_model
+from vlora_compress.runtime.factored import FactoredStore, VloraLinear, factored_bytes, load_factored
+from vlora_compress.io.models import load_model
 
 PLANS = {
     "chain over the first layer": dict(rank=6, chunks=2, **CORE),
@@ -129,7 +129,7 @@ def test_a_chain_forms_each_weight_from_the_one_before_it(tmp_path):
 
 
 def test_partial_sums_stay_exact_across_layer_calls_steps_and_checkpointing(tmp_path):
-    from vlora_compress.heal import _train_mode
+    from vlora_compress.heal.distill import _train_mode
 
     folder, path = _chain_of_eight(tmp_path)
     f = load_factored(path, folder)

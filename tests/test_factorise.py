@@ -6,11 +6,11 @@ from safetensors import safe_open
 
 from conftest import CALIB, EVAL, hidden_error, tiny_model
 from vlora_compress import CalibConfig, VloraError, compress, expand, inspect_vlora
-from vlora_compress.calibrate import read_calibration
-from vlora_compress.factorise import apply_increment, choose_svd, truncated_svd
-from vlora_compress.fileformat import VloraFile
-from vlora_compress.models import load_preprocessor
-from vlora_compress.write import SafetensorsWriter
+from vlora_compress.calibrate.grams import read_calibration
+from vlora_compress.fit.factorise import apply_increment, choose_svd, truncated_svd
+from vlora_compress.io.fileformat import VloraFile
+from vlora_compress.io.models import load_preprocessor
+from vlora_compress.io.write import SafetensorsWriter
 
 
 def low_rank(m, n, r, seed=0):
@@ -80,7 +80,7 @@ def anisotropic_inputs(n_samples=400, n=32, seed=5, rank=None):
 
 
 def test_whitening_beats_plain_svd_on_output_error():
-    from vlora_compress.factorise import Whitener, whitened_svd
+    from vlora_compress.fit.factorise import Whitener, whitened_svd
 
     g = torch.Generator().manual_seed(6)
     w = torch.randn(24, 32, generator=g)
@@ -94,7 +94,7 @@ def test_whitening_beats_plain_svd_on_output_error():
 
 
 def test_singular_gram_never_crashes_or_gives_nan():
-    from vlora_compress.factorise import Whitener, whitened_svd
+    from vlora_compress.fit.factorise import Whitener, whitened_svd
 
     x = anisotropic_inputs(rank=5)
     gram = x.T @ x
@@ -117,7 +117,7 @@ def test_singular_gram_never_crashes_or_gives_nan():
 
 
 def test_conv1d_side_whitens_rows():
-    from vlora_compress.factorise import Whitener, whitened_svd
+    from vlora_compress.fit.factorise import Whitener, whitened_svd
 
     w = torch.randn(32, 24, generator=torch.Generator().manual_seed(8))  # (in, out) as GPT-2 stores it
     x = anisotropic_inputs()
@@ -131,7 +131,7 @@ def test_conv1d_side_whitens_rows():
 def test_a_whitener_holds_one_matrix_and_gives_a_root_and_its_inverse():
     """Kept as eigenvectors and damped eigenvalues (one n x n matrix, not two), it gives S with
     S Sᵀ = G + δI and S⁻¹."""
-    from vlora_compress.factorise import Whitener
+    from vlora_compress.fit.factorise import Whitener
 
     x = anisotropic_inputs()
     gram = x.T @ x
@@ -143,8 +143,8 @@ def test_a_whitener_holds_one_matrix_and_gives_a_root_and_its_inverse():
 
 
 def test_planning_keeps_whitenings_within_a_byte_budget_most_recent_first(monkeypatch):
-    import vlora_compress.calibrate as calibrate
-    from vlora_compress.calibrate import Grams
+    import vlora_compress.calibrate.grams as calibrate
+    from vlora_compress.calibrate.grams import Grams
 
     grams = Grams()
     for n, key in enumerate("abc"):
@@ -253,7 +253,7 @@ def test_a_shared_left_factor_stores_one_left_factor_per_group_and_rebuilds_what
     assert report.stack_compressed_bytes == (2 * 48 * 4 + 6 * 4 * 40) * 4
     meta = VloraFile(left).checkpoint.metadata
     assert meta["vlora.version"] == "6"
-    from vlora_compress.write import SafetensorsWriter as Writer
+    from vlora_compress.io.write import SafetensorsWriter as Writer
 
     old = tmp_path / "old.vlora.safetensors"
     with safe_open(str(left), "pt") as f, Writer(old, [(k, "F32", shapes[k]) for k in shapes],
@@ -268,9 +268,9 @@ def test_a_shared_left_factor_whitened_is_the_best_shared_output_subspace(tmp_pa
     """Calibrated on a real Llama, B is the top left factor of the group's whitened weights side by
     side, exact under each layer's own Gram: the summed whitened error it leaves is the tail of that
     spectrum, the least any shared left factor of that rank can leave."""
-    import vlora_compress.sequential as seq
+    import vlora_compress.pipelines.sequential as seq
     from safetensors.torch import load_file
-    from vlora_compress.factorise import Whitener
+    from vlora_compress.fit.factorise import Whitener
 
     seen = {}
     init = seq._Layer.__init__

@@ -8,13 +8,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlora_compress import VloraError, compress, expand, synthetic
-from vlora_compress.checkpoint import open_checkpoint
+from vlora_compress.io.checkpoint import open_checkpoint
 from vlora_compress.compress import source_info
-from vlora_compress.factorise import fit_family, truncated_svd
-from vlora_compress.fileformat import VloraFile, header_metadata, layout
+from vlora_compress.fit.factorise import fit_family, truncated_svd
+from vlora_compress.io.fileformat import VloraFile, header_metadata, layout
 from vlora_compress.plan import increment_keys
 from vlora_compress.plan import ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan
-from vlora_compress.write import SafetensorsWriter
+from vlora_compress.io.write import SafetensorsWriter
 
 from conftest import CORE
 

@@ -28,8 +28,8 @@ import torch
 from rich.console import Console
 
 from vlora_compress import VloraError, compress, synthetic
-from vlora_compress.expand import expand_to_file
-from vlora_compress.inspection import inspect_source, markdown_inspect, render_checkpoint, render_vlora
+from vlora_compress.runtime.expand import expand_to_file
+from vlora_compress.report.inspection import inspect_source, markdown_inspect, render_checkpoint, render_vlora
 
 from conftest import CORE
 

@@ -133,7 +133,7 @@ def test_the_same_options_write_the_same_bytes(name, models, pinned, tmp_path):
 
 @pytest.mark.slow
 def test_a_healed_file_keeps_its_bytes(models, pinned, tmp_path):
-    from vlora_compress.heal import HealConfig, heal
+    from vlora_compress.heal.distill import HealConfig, heal
 
     start = make("minilm-free-chain", models, tmp_path)
     healed = tmp_path / "healed.vlora.safetensors"

@@ -9,12 +9,12 @@ import torch
 
 from conftest import CALIB, CORE, EVAL
 from vlora_compress import VloraError, compress, expand
-from vlora_compress.check import Budgets, check
-from vlora_compress.cli import compress_main
-from vlora_compress.evaluate import EvalConfig, evaluate
-from vlora_compress.fileformat import VloraFile
+from vlora_compress.evaluate.check import Budgets, check
+from vlora_compress.cli.app import compress_main
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate
+from vlora_compress.io.fileformat import VloraFile
 from vlora_compress.errors import Interrupted
-from vlora_compress.heal import HealConfig, heal, state_path
+from vlora_compress.heal.distill import HealConfig, heal, state_path
 
 
 def test_healing_improves_the_held_out_metric_and_keeps_the_file_shape(minilm_dir, tmp_path):

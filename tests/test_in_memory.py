@@ -7,9 +7,9 @@ import torch
 
 from conftest import CALIB, tiny_model
 from vlora_compress import CalibConfig, VloraError, compress
-from vlora_compress.checkpoint import ModelCheckpoint, open_checkpoint
-from vlora_compress.models import hf, is_placeholder, load_preprocessor
-from vlora_compress.sequential import SequentialFit
+from vlora_compress.io.checkpoint import ModelCheckpoint, open_checkpoint
+from vlora_compress.io.models import hf, is_placeholder, load_preprocessor
+from vlora_compress.pipelines.sequential import SequentialFit
 
 PER_LAYER = dict(method="svd", ranks="uniform", calibration=CalibConfig(samples=24))
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from vlora_compress import compress, delta_spectra, inspect_checkpoint, inspect_vlora, synthetic
-from vlora_compress.checkpoint import open_checkpoint
-from vlora_compress.inspection import sparkline, subspace_sharing
-from vlora_compress.write import SafetensorsWriter
+from vlora_compress.io.checkpoint import open_checkpoint
+from vlora_compress.report.inspection import sparkline, subspace_sharing
+from vlora_compress.io.write import SafetensorsWriter
 
 from conftest import CALIB, CORE
 
@@ -86,7 +86,7 @@ def test_the_whitened_subspace_view_of_a_real_model(minilm_dir, tmp_path, capsys
     and draws it."""
     import json
 
-    from vlora_compress.cli import inspect_main
+    from vlora_compress.cli.app import inspect_main
 
     with pytest.raises(SystemExit) as exc:
         inspect_main([str(minilm_dir), "--spectra", "--rank", "16", "--json", "--calib", str(CALIB),

@@ -1,14 +1,14 @@
-"""Block-local healing (localheal.py) through heal(): each layer trained to give the teacher's output."""
+"""Block-local healing (heal/local.py) through heal(): each layer trained to give the teacher's output."""
 
 import pytest
 import torch
 
 from conftest import CALIB, CORE, EVAL
 from vlora_compress import compress, expand
-from vlora_compress.evaluate import EvalConfig, evaluate
-from vlora_compress.fileformat import VloraFile
-from vlora_compress.heal import HealConfig, heal
-from vlora_compress.report import healing_line, human_bytes, markdown_heal
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate
+from vlora_compress.io.fileformat import VloraFile
+from vlora_compress.heal.distill import HealConfig, heal
+from vlora_compress.report.compress_report import healing_line, human_bytes, markdown_heal
 
 LOCAL = dict(steps=0, batch_size=8, max_length=32, local_samples=64, local_batch_size=8, local_lr=1e-3, eval_samples=16)
 

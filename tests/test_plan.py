@@ -2,7 +2,7 @@ import pytest
 
 from vlora_compress import VloraError
 from vlora_compress.plan import ChunkPlan, CompressConfig, Plan, plan_equal, split_equal
-from vlora_compress.stacks import Family, Stack
+from vlora_compress.io.stacks import Family, Stack
 
 
 def test_split_equal_gives_contiguous_chunks_covering_every_layer():
@@ -58,9 +58,9 @@ def test_more_chunks_than_layers_names_the_stack():
                                      dict(rank=2, chunks=2, quantize="int8", dtype="fp16"), dict(method="svd", rank=9)])
 def test_family_bytes_is_the_layout_a_file_stores(options):
     """plan.family_bytes (what planning and the dense rule count) equals fileformat's stored layout."""
-    from vlora_compress.fileformat import family_layout
+    from vlora_compress.io.fileformat import family_layout
     from vlora_compress.plan import family_bytes
-    from vlora_compress.report import nbytes
+    from vlora_compress.report.compress_report import nbytes
 
     fam = Family("h", "w", (0, 1, 2, 3), (6, 10), "F32")
     plan = plan_equal([Stack("h", (0, 1, 2, 3), (fam,), ())], CompressConfig(**options))
@@ -76,8 +76,8 @@ def test_interleaved_chunks_are_walked_by_layer_and_each_rebuilds_over_its_own_t
     chunks interleave (expand and factored loading both)."""
     import torch
 
-    from vlora_compress.factored import layer_terms
-    from vlora_compress.factorise import rebuild_family
+    from vlora_compress.runtime.factored import layer_terms
+    from vlora_compress.fit.factorise import rebuild_family
     from vlora_compress.plan import FamilyPlan, family_matrices, walk
 
     fp = FamilyPlan("h", "w", (5, 7), "F32", "F32", (ChunkPlan((0, 2, 4), (0, 2, 2), 0, "chain"),

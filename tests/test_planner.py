@@ -6,12 +6,12 @@ import torch
 
 from conftest import CALIB, CORE
 from vlora_compress import compress, expand, inspect_vlora, synthetic
-from vlora_compress.calibrate import CalibConfig
-from vlora_compress.checkpoint import open_checkpoint
-from vlora_compress.factorise import Whitener, synthetic_base
+from vlora_compress.calibrate.grams import CalibConfig
+from vlora_compress.io.checkpoint import open_checkpoint
+from vlora_compress.fit.factorise import Whitener, synthetic_base
 from vlora_compress.plan import ChunkPlan, FamilyPlan
-from vlora_compress.report import decision_line
-from vlora_compress.planner import partition
+from vlora_compress.report.compress_report import decision_line
+from vlora_compress.planning.search import partition
 
 
 def _dense(path):
@@ -106,7 +106,7 @@ def test_whitened_mean_is_the_output_optimal_shared_matrix():
 
 def test_calibrated_auto_plan_ties_or_beats_per_layer_svd_on_the_real_model(minilm_dir, tmp_path):
     from conftest import EVAL
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     cfg = CalibConfig(samples=64, holdout=16)
     scores, reports = {}, {}
@@ -131,7 +131,7 @@ def test_ranks_past_the_break_even_store_the_matrix_dense(tmp_path):
     """Factors of rank r cost r (m + n): from mn/(m + n) on (21.8 for 48 x 40) the dense matrix is
     exact and no larger, so a plan never stores factors there (SmolLM2's k_proj once got
     192 x 192 + 192 x 576 factors, a third more than the matrix)."""
-    from vlora_compress.fileformat import VloraFile
+    from vlora_compress.io.fileformat import VloraFile
 
     specs = [(f"h.{i}.mlp.weight", (48, 40)) for i in range(4)]
     src = synthetic.write_checkpoint(tmp_path / "c.safetensors", specs)
@@ -152,8 +152,8 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
     best few and per-layer SVD are fitted and cost a forward pass of the model; the rest are still
     reported."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planner import SHORT_LIST, candidates, plan_measured
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.planning.search import SHORT_LIST, candidates, plan_measured
+    from vlora_compress.io.stacks import find_stacks
 
     calls = []
 
@@ -210,8 +210,8 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
     the family the model is most sensitive to gets more than its uniform share."""
     from vlora_compress.config import CompressConfig
     from vlora_compress.plan import family_bytes
-    from vlora_compress.planner import plan_measured
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.planning.search import plan_measured
+    from vlora_compress.io.stacks import find_stacks
 
     with open_checkpoint(gpt2_file) as ckpt:
         stacks = find_stacks(ckpt.infos)
@@ -237,8 +237,8 @@ def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matter
     changes, and the stack stays within its budget."""
     from vlora_compress.config import CompressConfig
     from vlora_compress.plan import family_bytes
-    from vlora_compress.planner import plan_measured, share_budget
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.planning.search import plan_measured, share_budget
+    from vlora_compress.io.stacks import find_stacks
 
     with open_checkpoint(gpt2_file) as ckpt:
         stacks = find_stacks(ckpt.infos)
@@ -271,9 +271,9 @@ def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt
     leaves; a chain carries each layer's error into the next reference, where the two part. The
     estimate must also rank: a higher rank estimates less error."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planner import (Candidate, candidate_bytes, family_error, fit_candidate, rebuild_in_memory,
+    from vlora_compress.planning.search import (Candidate, candidate_bytes, family_error, fit_candidate, rebuild_in_memory,
                                         spectral_error)
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.io.stacks import find_stacks
 
     config = CompressConfig(rank=4)
     with open_checkpoint(gpt2_file) as ckpt:
@@ -304,8 +304,8 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
     candidate stores each layer whole and exactly; the model is not run for them (SmolLM2's k and
     v projections at 35% removed cost 8 forward passes for a known 0), and the family is dense."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planner import _choose, candidate_bytes, candidates, exact, plan_measured, reference
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.planning.search import _choose, candidate_bytes, candidates, exact, plan_measured, reference
+    from vlora_compress.io.stacks import find_stacks
 
     calls = []
 
@@ -360,8 +360,8 @@ def test_a_form_that_wins_alone_but_loses_together_gives_way_to_per_layer_svd(tm
     the plan measures lower together than it did before the check."""
     from vlora_compress.config import CompressConfig
     from vlora_compress.plan import family_bytes
-    from vlora_compress.planner import plan_measured
-    from vlora_compress.stacks import find_stacks
+    from vlora_compress.planning.search import plan_measured
+    from vlora_compress.io.stacks import find_stacks
 
     specs = synthetic.llama_keys(layers=4, d=64, ffn=96)
     src = synthetic.write_checkpoint(tmp_path / "s.safetensors", specs, synthetic.planted_shared(0, 10, lambda l: l // 2))
@@ -427,8 +427,8 @@ def test_interleaved_planted_groups_are_found_by_similarity_not_adjacency(tmp_pa
 def test_similar_groups_keep_the_start_where_no_swap_pays():
     """Layers alike in pairs 0-1 and 2-3 stay as they are when started there; started interleaved,
     the swaps bring them back together; the groups keep their sizes and come back ascending."""
-    from vlora_compress.planner import similar_groups
-    from vlora_compress.stacks import Family
+    from vlora_compress.planning.search import similar_groups
+    from vlora_compress.io.stacks import Family
 
     g = torch.Generator().manual_seed(1)
     bases = [torch.linalg.qr(torch.randn(32, 4, generator=g)).Q.T for _ in range(2)]
@@ -447,11 +447,11 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     residual comes within a tenth of either's error; the planner's trial fit, which does not
     alternate, already measures it best, and above what is written."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.factorise import fit_family, rebuild_family
-    from vlora_compress.fileformat import read_matrix
+    from vlora_compress.fit.factorise import fit_family, rebuild_family
+    from vlora_compress.io.fileformat import read_matrix
     from vlora_compress.plan import family_matrices
-    from vlora_compress.planner import Candidate, candidate_bytes, fit_candidate, rebuild_in_memory, residual_rank
-    from vlora_compress.stacks import Family
+    from vlora_compress.planning.search import Candidate, candidate_bytes, fit_candidate, rebuild_in_memory, residual_rank
+    from vlora_compress.io.stacks import Family
 
     g = torch.Generator().manual_seed(3)
     bases = [torch.linalg.qr(torch.randn(96, 12, generator=g)).Q.T for _ in range(3)]

@@ -5,11 +5,11 @@ import torch
 
 from conftest import CORE, tiny_model
 from vlora_compress import VloraError, compress, expand, synthetic
-from vlora_compress.cli import expand_main
-from vlora_compress.factored import load_factored
-from vlora_compress.fileformat import VloraFile
-from vlora_compress.models import load_model
-from vlora_compress.quantize import dequantize, pack_int4, quantize, unpack_bits, unpack_int4
+from vlora_compress.cli.app import expand_main
+from vlora_compress.runtime.factored import load_factored
+from vlora_compress.io.fileformat import VloraFile
+from vlora_compress.io.models import load_model
+from vlora_compress.fit.integers import dequantize, pack_int4, quantize, unpack_bits, unpack_int4
 
 SPECS = [(f"h.{i}.mlp.weight", (48, 40)) for i in range(8)]
 
@@ -30,8 +30,8 @@ def test_gptq_searches_each_groups_scale_and_lowers_the_output_error(scheme, mon
     """With the inputs' Hessian, each group's scale is searched below max|x|/L (outliers clipped,
     weighted by how strongly the layer reads each input) and kept where GPTQ then leaves less
     output error on the inputs: never more than with max-abs scales, less at int2, the same layout."""
-    from vlora_compress import quantize as quantize_module
-    from vlora_compress.factorise import Whitener
+    from vlora_compress.fit import integers as quantize_module
+    from vlora_compress.fit.factorise import Whitener
 
     torch.manual_seed(0)
     x = torch.randn(2048, 24, dtype=torch.float64) @ torch.randn(24, 96, dtype=torch.float64)
@@ -104,7 +104,7 @@ def test_int4_packing_is_exact_for_every_value():
 def test_bit_packing_is_exact_for_every_value_and_length(bits):
     """int3 and int2 rows are little-endian bit streams, ceil(cols * bits / 8) bytes, every value
     coming back at every position and row length (a 3-bit value straddles bytes)."""
-    from vlora_compress.quantize import pack_bits, unpack_bits
+    from vlora_compress.fit.integers import pack_bits, unpack_bits
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     for cols in range(1, 26):
@@ -196,7 +196,7 @@ def test_plan_records_the_scheme_and_bad_options_are_refused(tmp_path):
 
 def test_quantization_only_baseline_in_vlora_eval(minilm_dir, tmp_path):
     from conftest import EVAL
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     scores = {}
     for scheme in ("int8", "int4"):
@@ -224,7 +224,7 @@ def test_planning_at_a_target_counts_the_quantized_bytes(tmp_path):
 def test_target_bits_is_a_budget_of_bits_a_weight_over_the_stacks(tmp_path, capsys):
     """--target-bits B: the stacks' stored bytes, scales included, at most B/8 a weight, and the
     largest rank that fits (one more would not); the report and the file say what was asked."""
-    from vlora_compress.cli import compress_main
+    from vlora_compress.cli.app import compress_main
 
     src = synthetic.write_checkpoint(tmp_path / "c.safetensors", SPECS, synthetic.planted_chain(4, 3, {0}))
     weights = sum(s[0] * s[1] for _, s in SPECS)  # every one a stacked matrix
@@ -245,7 +245,7 @@ def test_target_bits_is_a_budget_of_bits_a_weight_over_the_stacks(tmp_path, caps
 
 
 def test_straight_through_reads_the_grid_and_passes_the_gradient():
-    from vlora_compress.quantize import fake_quantize, straight_through
+    from vlora_compress.fit.integers import fake_quantize, straight_through
 
     x = torch.randn(6, 20, requires_grad=True)
     y = straight_through(x, "int4", 8)
@@ -256,8 +256,8 @@ def test_straight_through_reads_the_grid_and_passes_the_gradient():
 
 
 def test_passthrough_matrices_are_quantized_and_given_back_in_their_dtype(tmp_path, capsys):
-    from vlora_compress.cli import compress_main
-    from vlora_compress.inspection import inspect_vlora
+    from vlora_compress.cli.app import compress_main
+    from vlora_compress.report.inspection import inspect_vlora
     from vlora_compress.plan import PASSTHROUGH_MIN
 
     specs = synthetic.llama_keys(vocab=1100)  # embed and head: 1100 x 64 = 70,400 values each
@@ -296,7 +296,7 @@ def test_passthrough_matrices_are_quantized_and_given_back_in_their_dtype(tmp_pa
 
 def test_quantized_embeddings_load_into_transformers_and_damage_is_refused(minilm_dir, tmp_path, capsys):
     from conftest import EVAL
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     path, same = tmp_path / "m.vlora.safetensors", tmp_path / "same.vlora.safetensors"
     # the float embeddings alone are 52% of the model: the target is reachable only at their int8 size
@@ -323,7 +323,7 @@ def test_quantized_embeddings_load_into_transformers_and_damage_is_refused(minil
 
 
 def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
-    from vlora_compress.inspection import inspect_vlora
+    from vlora_compress.report.inspection import inspect_vlora
 
     def make(key, shape):
         g = torch.Generator().manual_seed(sum(map(ord, key)))
@@ -352,7 +352,7 @@ def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
 
 def test_auto_on_minilm_spends_what_int4_leaves_on_a_low_rank_correction(minilm_dir, tmp_path):
     from conftest import EVAL
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     path = tmp_path / "auto.vlora.safetensors"
     report = compress(minilm_dir, path, target_size="0.14", target_of="stack", quantize="auto",
@@ -373,8 +373,8 @@ def test_every_storage_gets_the_largest_rank_its_bytes_allow(scheme):
     """The planner sizes ranks on exact bytes: one rank more would overflow the budget. (A per-value
     estimate with room for scales once gave int8 151 where 159 fit, and cost it 0.02 of cosine.)"""
     from vlora_compress.plan import CompressConfig
-    from vlora_compress.planner import Candidate, candidate_bytes, fit_candidate
-    from vlora_compress.stacks import Family
+    from vlora_compress.planning.search import Candidate, candidate_bytes, fit_candidate
+    from vlora_compress.io.stacks import Family
 
     fam = Family("encoder.layer", "attention.self.query.weight", tuple(range(6)), (384, 384), "F32")
     config = CompressConfig(rank=128, chunks=3, quantize=scheme)
@@ -392,7 +392,7 @@ def test_int8_factors_cost_what_int8_costs_on_minilm(minilm_dir, tmp_path):
     int8 storage within 0.01 of the float file's mean cosine, int4 within 0.10 (measured on 128
     sentences with the full default plan: 0.562 float, 0.563 int8, 0.467 int4)."""
     from conftest import EVAL
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     cosine = {}
     for scheme, rank in (("none", 160), ("int8", 159), ("int4", 158)):
@@ -410,7 +410,7 @@ def test_gptq_integers_lower_the_output_error_in_the_same_layout(scheme, group, 
     """On correlated inputs, integers chosen by GPTQ against the inputs' Hessian leave less output
     error ‖(W − Ŵ)Xᵀ‖ than rounding to nearest, in the same layout (integers and one scale a
     group), whichever side the input dimension is on (nn.Linear's columns, Conv1D's rows)."""
-    from vlora_compress.factorise import Whitener
+    from vlora_compress.fit.factorise import Whitener
 
     torch.manual_seed(0)
     n_in, n_out = 96, 40
@@ -437,7 +437,7 @@ def test_gptq_rounding_lowers_the_output_error_of_a_real_model(minilm_dir, tmp_p
     the calibration inputs falls with GPTQ rounding against nearest, and the file records how it
     was rounded."""
     from conftest import CALIB
-    from vlora_compress.calibrate import CalibConfig
+    from vlora_compress.calibrate.grams import CalibConfig
 
     errors = {}
     for rounding in ("nearest", "gptq"):
@@ -459,8 +459,8 @@ def test_a_quantized_base_under_a_low_rank_increment_round_trips_and_heals(tmp_p
     int2-midrise ones); the expanded and the factored model compute the same; quantization-aware
     healing keeps the plan, the layout and the scales, and its loss falls."""
     from conftest import CALIB, EVAL
-    from vlora_compress.calibrate import CalibConfig
-    from vlora_compress.heal import HealConfig, heal
+    from vlora_compress.calibrate.grams import CalibConfig
+    from vlora_compress.heal.distill import HealConfig, heal
 
     folder = tiny_model(tmp_path / "llama", "llama")
     start = tmp_path / "qlr.vlora.safetensors"
@@ -496,7 +496,7 @@ def test_a_low_rank_increment_over_int3_beats_int3_alone_within_the_same_budget_
     (9.8%) leaves 1.2% unused, and int3 bases under low-rank int4 increments spend it: every
     family's output error on the calibration inputs falls (by 9 to 13%, measured)."""
     from conftest import CALIB
-    from vlora_compress.calibrate import CalibConfig
+    from vlora_compress.calibrate.grams import CalibConfig
 
     calib = dict(calib=CALIB, calibration=CalibConfig(samples=64, holdout=0))
     alone = compress(minilm_dir, tmp_path / "q.vlora.safetensors", method="dense", quantize="int3", **calib)
@@ -518,8 +518,8 @@ def test_the_zero_level_pays_alone_and_the_midrise_grid_under_a_low_rank_increme
     (likely: the mid-rise grid's error follows the weights' signs and adds up through the layers),
     which is why the planner is not left to choose between the two alone."""
     from conftest import CALIB, EVAL
-    from vlora_compress.calibrate import CalibConfig
-    from vlora_compress.evaluate import EvalConfig, evaluate
+    from vlora_compress.calibrate.grams import CalibConfig
+    from vlora_compress.evaluate.scoring import EvalConfig, evaluate
 
     calib = dict(calib=CALIB, calibration=CalibConfig(samples=64, holdout=0))
     cosine, meter = {}, {}

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import CALIB, CORE, EVAL
 from vlora_compress import compress
-from vlora_compress.calibrate import CalibConfig
-from vlora_compress.cli import compress_main, eval_main, inspect_main
-from vlora_compress.evaluate import EvalConfig
+from vlora_compress.calibrate.grams import CalibConfig
+from vlora_compress.cli.app import compress_main, eval_main, inspect_main
+from vlora_compress.evaluate.scoring import EvalConfig
 
 
 def run(main, args, capsys):

@@ -5,8 +5,8 @@ import torch
 
 from conftest import CALIB, EVAL, hidden_error, tiny_model
 from vlora_compress import CalibConfig, compress, expand
-from vlora_compress.calibrate import OutputMeter, read_calibration
-from vlora_compress.models import load_model, load_preprocessor, module_for_key
+from vlora_compress.calibrate.grams import OutputMeter, read_calibration
+from vlora_compress.io.models import load_model, load_preprocessor, module_for_key
 
 PER_LAYER = dict(method="svd", ranks="uniform")
 
@@ -68,8 +68,8 @@ def test_input_feedback_whitens_each_weight_by_what_the_compressed_weights_befor
                                                                                         monkeypatch):
     """Within a layer too: o_proj's Gram is taken after q, k and v are fitted, down_proj's after
     gate and up; so each equals the Gram of the model with every weight before it compressed."""
-    import vlora_compress.sequential as seq
-    from vlora_compress.calibrate import calibrate
+    import vlora_compress.pipelines.sequential as seq
+    from vlora_compress.calibrate.grams import calibrate
 
     seen: dict[str, torch.Tensor] = {}
     init = seq._Layer.__init__
@@ -122,9 +122,9 @@ def test_a_shared_basis_comes_from_the_original_grams_and_each_layer_fits_its_co
     """The basis is made at the group's first layer from the original model's weights and Grams (as
     fitting at once makes it); each layer's coefficients are then the least-squares best over it,
     whitened by the inputs the compressed layers before it feed it."""
-    import vlora_compress.sequential as seq
+    import vlora_compress.pipelines.sequential as seq
     from safetensors import safe_open
-    from vlora_compress.factorise import Whitener, coefficients
+    from vlora_compress.fit.factorise import Whitener, coefficients
 
     seen: dict[str, torch.Tensor] = {}
     init = seq._Layer.__init__
@@ -161,7 +161,7 @@ def test_a_shared_basis_comes_from_the_original_grams_and_each_layer_fits_its_co
 
 
 def test_bad_feedback_is_refused_naming_the_flag(tiny_llama, tmp_path, capsys):
-    from vlora_compress.cli import compress_main
+    from vlora_compress.cli.app import compress_main
 
     with pytest.raises(SystemExit) as exc:
         compress_main([str(tiny_llama), "--feedback", "sideways", "-o", str(tmp_path / "o.vlora.safetensors")])
@@ -174,7 +174,7 @@ def test_device_cpu_runs_every_stage_and_bf16_stays_bf16(tmp_path, capsys):
     the eval; a bf16 model is calibrated in bf16 and its file stores bf16."""
     from safetensors import safe_open
 
-    from vlora_compress.cli import compress_main
+    from vlora_compress.cli.app import compress_main
 
     folder = tiny_model(tmp_path / "llama", "llama", dtype=torch.bfloat16)
     model = load_model(folder, head="base")
@@ -201,7 +201,7 @@ def _planted_llama(tmp_path):
     """A real 6-layer Llama whose layers 0 and 3, 1 and 4, 2 and 5 read one planted input subspace each."""
     from safetensors.torch import load_file, save_file
     from vlora_compress import synthetic
-    from vlora_compress.stacks import split_key
+    from vlora_compress.io.stacks import split_key
 
     folder = tiny_model(tmp_path / "llama6", "llama", num_hidden_layers=6)
     weights = load_file(str(folder / "model.safetensors"))
@@ -217,7 +217,7 @@ def test_shared_bases_are_tried_by_default_where_next_token_kl_measures_the_plan
     same model measured by its hidden states, or with --no-shared, never tries them. The file
     records what was asked (auto), not what it resolved to."""
     from vlora_compress.compress import SHARING_NOTE
-    from vlora_compress.fileformat import VloraFile
+    from vlora_compress.io.fileformat import VloraFile
 
     folder, _ = _planted_llama(tmp_path)
     options = dict(rank=3, ranks="uniform", calib=CALIB)
@@ -239,7 +239,7 @@ def test_interleaved_shared_groups_are_fitted_layer_by_layer_and_load_as_expande
     calibrated with --shared, the planner groups them by similarity, the sequential fit meets each
     interleaved group's layers as the stream reaches them (every layer fitted in the pass), and the
     file rebuilds the planted weights; factored loading computes what the expanded model does."""
-    from vlora_compress.factored import load_factored
+    from vlora_compress.runtime.factored import load_factored
 
     folder, weights = _planted_llama(tmp_path)
     path = tmp_path / "m.vlora.safetensors"
@@ -274,11 +274,11 @@ def test_a_shared_basis_with_residual_factors_round_trips_quantized_factored_and
     """The planner's shared basis plus residual factors, fitted layer by layer on a real Llama in
     int4: the file is version 6 and stores each layer's residual factors, factored loading computes
     what the expanded model does, and healing trains the residual factors and keeps the plan."""
-    import vlora_compress.planner as planner
+    import vlora_compress.planning.search as planner
     from safetensors import safe_open
-    from vlora_compress.factored import load_factored
-    from vlora_compress.fileformat import VloraFile
-    from vlora_compress.heal import HealConfig, heal
+    from vlora_compress.runtime.factored import load_factored
+    from vlora_compress.io.fileformat import VloraFile
+    from vlora_compress.heal.distill import HealConfig, heal
 
     only = lambda config, n: [planner.Candidate("none", topology, 2, config.family_scheme, residual=True)]  # noqa: E731
     monkeypatch.setattr(planner, "candidates", only)

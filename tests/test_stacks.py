@@ -1,6 +1,6 @@
 from vlora_compress import synthetic
-from vlora_compress.checkpoint import TensorInfo
-from vlora_compress.stacks import find_stacks, split_key
+from vlora_compress.io.checkpoint import TensorInfo
+from vlora_compress.io.stacks import find_stacks, split_key
 
 
 def infos(specs, dtype="F32"):

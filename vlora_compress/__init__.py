@@ -1,18 +1,19 @@
 """vlora-compress: post-hoc Vertical LoRA compression of pretrained transformer checkpoints.
 
-The pipeline, one module per stage:
-checkpoint (read) -> stacks (find layer stacks) -> plan -> factorise -> write, with fileformat
-as the file's specification; expand, inspection and report sit on top. Every option of a
-compression is a field of one frozen ``CompressConfig`` (config.py).
+The package reads in pipeline order, a sub-package per stage: io (read a checkpoint, find its
+layer stacks, write the file, whose specification is io/fileformat.py) -> calibrate -> planning ->
+fit -> pipelines, joined by compress.py; then runtime (expand, factored), heal, evaluate, report
+and cli. Every option of a compression is a field of one frozen ``CompressConfig`` (config.py);
+what a file stores is a ``Plan`` (plan.py). docs/architecture.md has the map.
 """
 
 from .compress import compress
 from .config import CalibConfig, CompressConfig
 from .errors import VloraError
-from .expand import expand, expand_to_file
-from .inspection import delta_spectra, inspect_checkpoint, inspect_source, inspect_vlora
+from .runtime.expand import expand, expand_to_file
+from .report.inspection import delta_spectra, inspect_checkpoint, inspect_source, inspect_vlora
 from .plan import Plan
-from .report import CompressReport
+from .report.compress_report import CompressReport
 
 __version__ = "0.1.0"
 

@@ -12,31 +12,31 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .align import align_stack, detect_layout, read_config
-from .alternatives import alternatives, yardstick
-from .blockwise import BlockPlanner
-from .calibrate import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration, resolve_measure
-from .checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
+from .fit.align import align_stack, detect_layout, read_config
+from .evaluate.alternatives import alternatives, yardstick
+from .pipelines.blocks import BlockPlanner
+from .calibrate.grams import CalibConfig, Grams, OutputMeter, calibrate, packing, read_calibration, resolve_measure
+from .io.checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .errors import Interrupted, VloraError
-from .evaluate import EvalConfig, default_task, evaluate
-from .factorise import LayerFit, fit_family
-from .fileformat import SourceInfo, factorised_keys, header_metadata, layout
-from .models import (config_folder, device_memory, head_of, load_by_layer, load_model, load_preprocessor, model_device,
+from .evaluate.scoring import EvalConfig, default_task, evaluate
+from .fit.factorise import LayerFit, fit_family
+from .io.fileformat import SourceInfo, factorised_keys, header_metadata, layout
+from .io.models import (config_folder, device_memory, head_of, load_by_layer, load_model, load_preprocessor, model_device,
                      resolve_device, set_tensors)
 from .config import CompressConfig, parse_size
 from .plan import Plan, plan_equal, quantized_passthrough
-from .planner import plan_measured, rank_for_budget, share_budget
-from .quantize import SCALE_SUFFIX
-from .quantize import nbytes as quantized_nbytes
-from .quantize import quantize as to_integers
+from .planning.search import plan_measured, rank_for_budget, share_budget
+from .fit.integers import SCALE_SUFFIX
+from .fit.integers import nbytes as quantized_nbytes
+from .fit.integers import quantize as to_integers
 from .progress import Progress
-from .report import CompressReport
-from .sequential import SequentialFit, sequential_family
-from .stacks import find_stacks
-from .write import SafetensorsWriter, Spool, check_output
+from .report.compress_report import CompressReport
+from .pipelines.sequential import SequentialFit, sequential_family
+from .io.stacks import find_stacks
+from .io.write import SafetensorsWriter, Spool, check_output
 
 if TYPE_CHECKING:
-    from .heal import HealConfig
+    from .heal.distill import HealConfig
 
 
 def compress(
@@ -104,7 +104,7 @@ def compress(
             read = lambda key: aligned[key] if key in aligned else unaligned(key)  # noqa: E731
         grams = meter = model = by_layer = packed = None
         planned = _needs_search(config) or (calib is not None and config.ranks == "measured" and config.method != "dense")
-        # planned block by block as the stream flows (blockwise.py); --quantize auto plans on the model
+        # planned block by block as the stream flows (pipelines/blocks.py); --quantize auto plans on the model
         by_blocks, planning_note = (_by_blocks(ckpt, stacks, config, device)
                                     if planned and calib is not None and config.sequential and config.quantize != "auto"
                                     else (False, None))
@@ -216,7 +216,7 @@ def _heal_in_place(out: Path, teacher: Path, data, heal_config, progress: bool, 
     """Distil the teacher into the file just written, then put the healed file in its place.
 
     With eval data, healing scores before and after on it (``healing.before``/``after``)."""
-    from .heal import HealConfig, heal, state_path  # torch.distributed and friends only when healing
+    from .heal.distill import HealConfig, heal, state_path  # torch.distributed and friends only when healing
 
     heal_config = heal_config or HealConfig()
     if eval_data is not None and eval_config is not None and eval_config.samples:

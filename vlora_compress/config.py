@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import VloraError
-from .quantize import SCHEMES, check_scheme
+from .fit.integers import SCHEMES, check_scheme
 
 SVD_METHODS = ("auto", "exact", "randomized")
 METHODS = ("vlora", "svd", "dense")
@@ -35,7 +35,7 @@ MEASURES = ("auto", "logits", "embedding", "hidden")
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """How calibration data is read and its Grams kept (calibrate.py)."""
+    """How calibration data is read and its Grams kept (calibrate/grams.py)."""
 
     samples: int = 512  # calibration samples read from the file (its first ones)
     max_length: int = 128  # tokens per text sample
@@ -93,7 +93,7 @@ class CompressConfig:
     bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
     ranks: str = "measured"  # measured: move bytes between families by measured output error
     # (needs calibration); uniform: one rank everywhere
-    align: bool = False  # align each layer's neurons and heads to the layer before first (align.py)
+    align: bool = False  # align each layer's neurons and heads to the layer before first (fit/align.py)
     target_size: str | None = None  # a fraction ("0.35") or a size ("40MB"): the largest rank that fits
     target_of: str = "model"  # what target_size is a share of: model | stack
     target_bits: float | None = None  # instead of target_size: bits a weight over the stacks' factorised
@@ -102,7 +102,7 @@ class CompressConfig:
     dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
     seed: int = 0  # seeds the randomised SVD, so one input gives one output
     niter: int = 4  # power iterations of the randomised SVD
-    quantize: str = "none"  # none | int8 | int4 | int3 | int2: integer storage of bases and factors (quantize.py);
+    quantize: str = "none"  # none | int8 | int4 | int3 | int2: integer storage of bases and factors (fit/integers.py);
     # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
     base_quantize: str | None = None  # int8 | int4 | int3 | int2: the bases' integers where they differ from
     # `quantize`'s (the factors'): with method svd every layer is its own base in these integers under a
@@ -112,7 +112,7 @@ class CompressConfig:
     # quantize.gptq) | nearest; without calibration always nearest
     quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
     calibration: CalibConfig = field(default_factory=CalibConfig)  # used when calibration data is given
-    sequential: bool = True  # calibrated: Grams and fits a layer at a time (sequential.py), one layer's
+    sequential: bool = True  # calibrated: Grams and fits a layer at a time (pipelines/sequential.py), one layer's
     # Grams in memory; off: every Gram from the original model at once
     device: str = "auto"  # where calibration, whitening, decompositions, alignment and planning run:
     # auto (CUDA when present) | cpu | cuda | cuda:N; weights stay in their dtype, the CPU only at the writer
@@ -120,7 +120,7 @@ class CompressConfig:
     # what the compressed layers before it feed it) | outputs (and fitted to the original's outputs)
     planning: str = "auto"  # calibrated, sequential plans by measurement: blocks (each block of layers,
     # the chunk, planned on its own Grams and output error, then fitted and passed on: never the model
-    # or all Grams in memory; blockwise.py) | model (every Gram and the whole model's output error) |
+    # or all Grams in memory; pipelines/blocks.py) | model (every Gram and the whole model's output error) |
     # auto (model where the model and all its Grams take at most half the device's memory, else blocks)
 
     def __post_init__(self):

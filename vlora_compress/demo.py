@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import compress, delta_spectra
-from .calibrate import CalibConfig
-from .data import BUNDLED
+from .calibrate.grams import CalibConfig
+from .io.data import BUNDLED
 from .errors import VloraError
-from .evaluate import EvalConfig
-from .report import human_bytes, write_report
+from .evaluate.scoring import EvalConfig
+from .report.compress_report import human_bytes, write_report
 
 console = Console()
 CALIB = BUNDLED / "austen-calibration.txt"  # Pride and Prejudice

@@ -1,7 +1,7 @@
 """Plan what to store: chunk bounds, the base of each chunk, the topology and the rank of every layer.
 
 A plan is pure data (frozen dataclasses) that round-trips through the file header as JSON, so the
-plan written by ``compress`` is exactly what ``expand`` follows. The math lives in factorise.py.
+plan written by ``compress`` is exactly what ``expand`` follows. The math lives in fit/factorise.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import reprlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
-from .checkpoint import FLOAT_DTYPES, ITEMSIZE
+from .io.checkpoint import FLOAT_DTYPES, ITEMSIZE
 from .config import STORE_DTYPES, CompressConfig  # noqa: F401 - the plan's inputs, re-exported
 from .errors import VloraError
-from .quantize import SCALE_SUFFIX, check_scheme
-from .quantize import nbytes as quantized_nbytes
-from .stacks import Family, Stack, layer_key
+from .fit.integers import SCALE_SUFFIX, check_scheme
+from .fit.integers import nbytes as quantized_nbytes
+from .io.stacks import Family, Stack, layer_key
 
 TOPOLOGIES = ("chain", "star", "shared", "shared-left")
 SHARED = ("shared", "shared-left")  # one factor per chunk that all its layers read: the right one, or the left

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES
-from .stacks import split_key
-from .write import SafetensorsWriter
+from .io.checkpoint import DTYPE_NAMES
+from .io.stacks import split_key
+from .io.write import SafetensorsWriter
 
 Spec = tuple[str, tuple[int, ...]]
 
@@ -188,7 +188,7 @@ def llama_folder(folder: str | Path, layers: int = 4, d: int = 64, ffn: int = 17
     """A Llama model folder transformers loads offline: ``llama_keys`` weights (written one tensor
     at a time, so it may be larger than memory), its config.json and a word-level tokenizer
     trained on ``tokenizer_text`` (default: the shipped calibration text). Needs the ``hf`` extra."""
-    from .models import hf
+    from .io.models import hf
 
     t = hf()
     folder = Path(folder)
@@ -207,7 +207,7 @@ def word_tokenizer(folder: str | Path, text: str | Path | None = None, vocab: in
     text), saved in ``folder`` as transformers saves a fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from .models import hf
+    from .io.models import hf
 
     text = text or Path(__file__).resolve().parent / "data" / "austen-calibration.txt"
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))

@@ -1,0 +1,1 @@
+"""Scoring a file against the original, beside the alternatives, and checking budgets."""

@@ -1,0 +1,1 @@
+"""Fitting what a plan stores: alignment, low-rank factorisation, integers."""

@@ -1,0 +1,1 @@
+"""Healing: distilling the original into a file's own structure."""

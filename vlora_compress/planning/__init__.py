@@ -1,0 +1,1 @@
+"""Planning by measurement: which form, rank and storage each family takes."""

@@ -1,0 +1,1 @@
+"""Reports, inspection and plots."""

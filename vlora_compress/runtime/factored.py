@@ -1,0 +1,271 @@
+"""VLoRA files as factored transformers models: shared bases held once, no dense weight kept.
+
+Each factorised Linear (or GPT-2 Conv1D) becomes a ``VloraLinear`` whose weight is its chunk's
+base plus the increments on the path from the base to it, ``W_l = base + Σ B_k A_k`` (one term for
+star, the chain so far for chain), which is exactly what ``expand`` rebuilds. The bases and factors
+live once, as parameters of a ``FactoredStore`` on the model, so healing trains precisely what the
+file stores and gradients reach a shared base from every layer that uses it.
+
+A forward pass builds nothing it does not need: when the summed rank is small it runs
+``x·baseᵀ + (x·Aᵀ)·Bᵀ`` without forming the weight, and otherwise forms that one layer's weight
+for the duration of the call, so memory holds the compressed tensors, not a dense copy.
+
+A chain layer that forms its weight starts from the partial sum the layer before it formed in the
+same pass, ``W_l = W_{l-1} + B_l A_l``, instead of multiplying out every upstream factor again: a
+chunk of c layers costs c products, not c²/2. The store keeps one partial sum per chain, drops it
+after the model's forward, when a tensor it was built from changes, when backward consumes it, and
+on a change of grad mode. Under gradient checkpointing it keeps none (``partial_sums`` off): holding
+every layer's dense weight until backward is what checkpointing exists to avoid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import VloraError
+from ..io.fileformat import VloraFile, factorised_keys
+from ..plan import FamilyPlan, Plan, family_matrices, walk
+from ..fit.integers import SCALE_SUFFIX, straight_through
+
+
+class FactoredStore(torch.nn.Module):
+    """Every stored base and factor of a VLoRA file, once, under its file name.
+
+    ``quant`` maps a name to its (scheme, group size, the file's float16 scales) where the file stores
+    integers; training keeps the scales and moves the integers. With
+    ``quantization_aware`` set, modules read such a tensor through a straight-through quantizer,
+    so training sees exactly the values the file will hold; loaded from a file the values are
+    already on the grid and the flag is left off.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, tuple] | None = None):
+        super().__init__()
+        self.names = list(tensors)
+        self._index = {name: i for i, name in enumerate(self.names)}
+        # ParameterDict keys cannot hold dots; the file names stay in ``names``
+        self.tensors = torch.nn.ParameterList([torch.nn.Parameter(t) for t in tensors.values()])
+        self.quant = dict(quant or {})
+        self.quantization_aware = False
+        self.partial_sums = True
+        self._partial: dict[tuple, tuple] = {}  # (base, terms) -> (float32 weight, stamp)
+
+    def __getitem__(self, name: str) -> torch.nn.Parameter:
+        return self.tensors[self._index[name]]
+
+    def value(self, name: str) -> torch.Tensor:
+        """The tensor as a forward pass uses it."""
+        p = self[name]
+        if self.quantization_aware and name in self.quant:
+            return straight_through(p, *self.quant[name])
+        return p
+
+    def items(self):
+        return ((name, self.tensors[i]) for i, name in enumerate(self.names))
+
+    def _stamp(self, base: str | None, terms: tuple) -> tuple:
+        """What a partial sum depends on: each tensor's identity, storage and version (an optimizer
+        step or a copy under no_grad moves the version, a ``.data`` swap the storage), the
+        quantizer and grad mode."""
+        names = ([base] if base else []) + [n for term in terms for n in term]
+        return (torch.is_grad_enabled(), self.quantization_aware,
+                tuple((id(p), p.data_ptr(), p._version) for p in map(self.__getitem__, names)))
+
+    def partial(self, base: str | None, terms: tuple) -> torch.Tensor | None:
+        """The float32 sum of ``base`` and ``terms`` kept by the layer that formed it, if still exact."""
+        entry = self._partial.get((base, terms)) if self.partial_sums else None
+        if entry is None or entry[1] != self._stamp(base, terms):
+            return None
+        return entry[0]
+
+    def keep(self, base: str | None, terms: tuple, w: torch.Tensor) -> None:
+        """Keep ``w`` for the next layer of the chain, in place of the sum it was built from."""
+        if not self.partial_sums or not terms:
+            return
+        key = (base, terms)
+        self._partial.pop((base, terms[:-1]), None)
+        self._partial[key] = (w, self._stamp(base, terms))
+        if w.requires_grad:  # once backward has run through it, its graph is spent
+            w.register_hook(lambda grad: self._drop(key, w))
+
+    def _drop(self, key: tuple, w: torch.Tensor) -> None:
+        if key in self._partial and self._partial[key][0] is w:
+            del self._partial[key]
+
+    def forget(self) -> None:
+        self._partial.clear()
+
+
+class VloraLinear(torch.nn.Module):
+    """A Linear (weight ``(out, in)``) or Conv1D (weight ``(in, out)``) over shared factors."""
+
+    def __init__(self, store: FactoredStore, shape: tuple[int, int], base: str | None,
+                 terms: list[tuple[str, str]], bias: torch.nn.Parameter | None, conv1d: bool,
+                 feeds: bool = False):
+        super().__init__()
+        self.__dict__["store"] = store  # not a submodule: the model holds the store once
+        self.shape = tuple(shape)
+        self.base = base
+        self.terms = list(terms)
+        self.bias = bias
+        self.conv1d = conv1d
+        self.rank = sum(store[a].shape[0] for _, a in self.terms)
+        self.feeds = feeds  # the next layer of a chain builds on this one's weight
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[0] if self.conv1d else self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[1] if self.conv1d else self.shape[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with the terms' ranks side by side: the weight is base + B A."""
+        if not self.terms:
+            return None
+        s = self.store
+        return torch.cat([s.value(b) for b, _ in self.terms], 1), torch.cat([s.value(a) for _, a in self.terms], 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, formed on demand (float32 sums, as expand does), in the stored dtype."""
+        s = self.store
+        dtype = s[self.base].dtype if self.base else s[self.terms[0][0]].dtype
+        terms = tuple(self.terms)
+        upstream = s.partial(self.base, terms[:-1]) if len(terms) > 1 else None
+        if upstream is not None:  # the chain so far, as the layer before this one formed it
+            b, a = terms[-1]
+            w = upstream + s.value(b).float() @ s.value(a).float()
+        else:
+            w = s.value(self.base).float() if self.base else None
+            bf = self.factors()
+            if bf is not None:
+                delta = bf[0].float() @ bf[1].float()
+                w = delta if w is None else w + delta
+            if w is None:
+                w = torch.zeros(self.shape, device=s.tensors[0].device)
+        if self.feeds:
+            s.keep(self.base, terms, w)
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = self.shape
+        if self.rank * (m + n) >= m * n:  # low rank would cost more than the weight itself
+            w = self.weight.to(x.dtype)
+            y = x @ w if self.conv1d else F.linear(x, w)
+        else:
+            y = None
+            if self.base:
+                w = self.store.value(self.base).to(x.dtype)
+                y = x @ w if self.conv1d else F.linear(x, w)
+            bf = self.factors()
+            if bf is not None:
+                b, a = bf[0].to(x.dtype), bf[1].to(x.dtype)
+                low = (x @ b) @ a if self.conv1d else F.linear(F.linear(x, a), b)
+                y = low if y is None else y + low
+            if y is None:
+                y = x.new_zeros(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "conv1d" if self.conv1d else "linear"
+        return f"{kind} {self.in_features}->{self.out_features}, base={self.base or 'none'}, rank={self.rank}"
+
+
+def layer_terms(fp: FamilyPlan) -> dict[int, tuple[str | None, list[tuple[str, str]]]]:
+    """layer -> (base tensor name or None, increments from the base to it), as expand rebuilds."""
+    out = {}
+    paths: dict[int, list[tuple[str, str]]] = {}  # chunk -> the increments to its layer rebuilt last
+    for t in walk(fp):
+        path = paths.pop(t.chunk, []) if t.over == "previous" else []
+        path = path + ([t.factors] if t.factors else []) + ([t.residual] if t.residual else [])
+        if not t.last:
+            paths[t.chunk] = path
+        if t.layer is not None:
+            out[t.layer] = (t.base, path)
+    return out
+
+
+def attach(model: torch.nn.Module, plan: Plan, store: FactoredStore, read=None) -> dict[str, VloraLinear]:
+    """Swap every factorised module of ``model`` for a ``VloraLinear`` over ``store``; in place.
+
+    ``read(key)`` lets modules be found by value when transformers renamed them (see
+    ``models.module_for_key``). Returns checkpoint key -> new module.
+    """
+    from ..io.models import module_for_key
+
+    found = {}
+    for fp in plan.families:
+        for layer in fp.layers:
+            key = fp.key(layer)
+            hit = module_for_key(model, key, read)
+            if hit is None:
+                raise VloraError(f"{key} has no module in the model")
+            found[key] = (fp, layer, *hit)
+    model.add_module("vlora_store", store)
+    model.register_forward_hook(lambda *_: store.forget())  # partial sums live for one pass
+    out = {}
+    terms = {fp.name: layer_terms(fp) for fp in plan.families}
+    upstream = {(fp.name, base, tuple(path[:i])) for fp in plan.families
+                for base, path in terms[fp.name].values() for i in range(1, len(path))}
+    for key, (fp, layer, name, module) in found.items():
+        conv1d = type(module).__name__ == "Conv1D"
+        if not (isinstance(module, torch.nn.Linear) or conv1d):
+            raise VloraError(f"{key}: a {type(module).__name__} cannot run factored (only Linear and Conv1D)")
+        base, path = terms[fp.name][layer]
+        new = VloraLinear(store, fp.shape, base, path, module.bias, conv1d,
+                          feeds=(fp.name, base, tuple(path)) in upstream)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        out[key] = new
+    return out
+
+
+def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, head: str | None = None,
+                  dtype: torch.dtype | None = None):
+    """A transformers model that runs the VLoRA file factored, in eval mode.
+
+    Its memory is the file's tensors: the pass-through ones as transformers loads them, the bases
+    and factors once in the store (``dtype`` overrides their stored dtype, e.g. float32 to train).
+    """
+    from ..io.models import load_state_dict_model
+
+    vfile = VloraFile(vlora_path)
+    factorised = factorised_keys(vfile.plan)
+    placeholders = _placeholders(vfile, factorised)
+    state = {}
+    for key, _, _ in vfile.source.tensors:
+        state[key] = placeholders[key] if key in factorised else vfile.get(key)
+    model = load_state_dict_model(vfile.path, config_dir, head, state)
+    stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _ in family_matrices(fp)}
+    if dtype is not None:
+        stored = {k: v.to(dtype) for k, v in stored.items()}
+    quant = {name: (q.scheme, q.group_size, vfile.checkpoint.read(name + SCALE_SUFFIX))  # the file's scales, kept
+             for name, q in vfile.quantized.items() if name in stored}
+    attach(model, vfile.plan, FactoredStore(stored, quant), read=placeholders.__getitem__)
+    return model.eval()
+
+
+def _placeholders(vfile: VloraFile, keys: set[str]) -> dict[str, torch.Tensor]:
+    """One broadcast scalar per factorised weight: no memory, and a distinct value to be found by."""
+    from ..io.checkpoint import DTYPES
+
+    out = {}
+    for i, (key, dt, shape) in enumerate(k for k in vfile.source.tensors if k[0] in keys):
+        out[key] = torch.full((), float(i + 1), dtype=DTYPES[dt]).expand(shape)
+    return out
+
+
+def factored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
