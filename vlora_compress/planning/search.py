@@ -500,6 +500,7 @@ def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
         for b in bases:
             if b == "none" and bq is not None and config.method == "svd":  # every layer W ≈ Q + B A
                 out.append(Candidate("own", "star", 1, q, base_quant=bq))
+                continue
             elif b == "none":
                 if config.topology not in SHARED:
                     out.append(Candidate("none", "star", 1, q))
@@ -556,9 +557,14 @@ def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressCon
 def _counts(fam: Family, cand: Candidate) -> tuple[int, int]:
     """(dense bases, increments): a mean base is stored once and every layer is an increment; a
     layer base is a layer; a zero base is stored nowhere."""
+    if cand.dense:  # every layer whole, whatever the candidate's chunk count
+        return len(fam.layers), 0
     if cand.base in ("none", "own"):
         return (len(fam.layers) if cand.base == "own" else 0), len(fam.layers)
     chunks = min(cand.chunks, len(fam.layers))
+    if cand.base == "mean":  # a chunk of one layer is that layer, stored as its own base
+        alone = sum(1 for a, b in split_equal(len(fam.layers), chunks) if b - a == 1)
+        return chunks, len(fam.layers) - alone
     return chunks, len(fam.layers) - (chunks if cand.base in ("first", "best") else 0)
 
 
