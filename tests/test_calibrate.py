@@ -4,7 +4,7 @@ import torch
 from conftest import CALIB, CORE
 from vlora_compress import VloraError, compress
 from vlora_compress.calibrate.grams import CalibConfig, calibrate
-from vlora_compress.fit.factorise import truncated_svd, whitened_svd
+from vlora_compress.fit.svd import truncated_svd, whitened_svd
 from vlora_compress.io.models import load_model, load_preprocessor, module_for_key
 
 

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from conftest import CALIB, EVAL, hidden_error, tiny_model
 from vlora_compress import CalibConfig, VloraError, compress, expand, inspect_vlora
 from vlora_compress.calibrate.grams import read_calibration
-from vlora_compress.fit.factorise import apply_increment, choose_svd, truncated_svd
+from vlora_compress.fit.svd import apply_increment, choose_svd, truncated_svd
 from vlora_compress.io.fileformat import VloraFile
 from vlora_compress.io.models import load_preprocessor
 from vlora_compress.io.write import SafetensorsWriter
@@ -80,7 +80,7 @@ def anisotropic_inputs(n_samples=400, n=32, seed=5, rank=None):
 
 
 def test_whitening_beats_plain_svd_on_output_error():
-    from vlora_compress.fit.factorise import Whitener, whitened_svd
+    from vlora_compress.fit.svd import Whitener, whitened_svd
 
     g = torch.Generator().manual_seed(6)
     w = torch.randn(24, 32, generator=g)
@@ -94,7 +94,7 @@ def test_whitening_beats_plain_svd_on_output_error():
 
 
 def test_singular_gram_never_crashes_or_gives_nan():
-    from vlora_compress.fit.factorise import Whitener, whitened_svd
+    from vlora_compress.fit.svd import Whitener, whitened_svd
 
     x = anisotropic_inputs(rank=5)
     gram = x.T @ x
@@ -117,7 +117,7 @@ def test_singular_gram_never_crashes_or_gives_nan():
 
 
 def test_conv1d_side_whitens_rows():
-    from vlora_compress.fit.factorise import Whitener, whitened_svd
+    from vlora_compress.fit.svd import Whitener, whitened_svd
 
     w = torch.randn(32, 24, generator=torch.Generator().manual_seed(8))  # (in, out) as GPT-2 stores it
     x = anisotropic_inputs()
@@ -131,7 +131,7 @@ def test_conv1d_side_whitens_rows():
 def test_a_whitener_holds_one_matrix_and_gives_a_root_and_its_inverse():
     """Kept as eigenvectors and damped eigenvalues (one n x n matrix, not two), it gives S with
     S Sᵀ = G + δI and S⁻¹."""
-    from vlora_compress.fit.factorise import Whitener
+    from vlora_compress.fit.svd import Whitener
 
     x = anisotropic_inputs()
     gram = x.T @ x
@@ -201,12 +201,12 @@ def test_a_shared_basis_is_refused_with_a_base_and_in_a_plan_that_gives_it_one(t
         compress(tmp_path / "s.safetensors", tmp_path / "x.vlora.safetensors", topology="shared", base="first")
     path = tmp_path / "shared.vlora.safetensors"
     compress(tmp_path / "s.safetensors", path, rank=4, chunks=2, base="none", topology="shared", ranks="uniform")
-    from vlora_compress.plan import Plan
+    from vlora_compress.io.plan_record import read_plan
 
     plan = json.loads(VloraFile(path).checkpoint.metadata["vlora.plan"])
     plan["families"][0]["chunks"][0]["base"] = 0
     with pytest.raises(VloraError, match="shared chunk"):
-        Plan.from_dict(plan)
+        read_plan(plan)
 
 
 @pytest.mark.parametrize("topology", ["shared", "shared-left"])
@@ -270,7 +270,7 @@ def test_a_shared_left_factor_whitened_is_the_best_shared_output_subspace(tmp_pa
     spectrum, the least any shared left factor of that rank can leave."""
     import vlora_compress.pipelines.sequential as seq
     from safetensors.torch import load_file
-    from vlora_compress.fit.factorise import Whitener
+    from vlora_compress.fit.svd import Whitener
 
     seen = {}
     init = seq._Layer.__init__

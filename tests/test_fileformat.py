@@ -10,10 +10,12 @@ from safetensors.torch import save_file
 from vlora_compress import VloraError, compress, expand, synthetic
 from vlora_compress.io.checkpoint import open_checkpoint
 from vlora_compress.compress import source_info
-from vlora_compress.fit.factorise import fit_family, truncated_svd
+from vlora_compress.fit.factorise import fit_family
+from vlora_compress.fit.svd import truncated_svd
 from vlora_compress.io.fileformat import VloraFile, header_metadata, layout
 from vlora_compress.plan import increment_keys
-from vlora_compress.plan import ChunkPlan, CompressConfig, FamilyPlan, Plan, StackPlan
+from vlora_compress.config import CompressConfig
+from vlora_compress.plan import ChunkPlan, FamilyPlan, Plan, StackPlan
 from vlora_compress.io.write import SafetensorsWriter
 
 from conftest import CORE

@@ -1,7 +1,10 @@
 import pytest
 
 from vlora_compress import VloraError
-from vlora_compress.plan import ChunkPlan, CompressConfig, Plan, plan_equal, split_equal
+from vlora_compress import CompressConfig
+from vlora_compress.io.plan_record import read_plan
+from vlora_compress.plan import ChunkPlan, split_equal
+from vlora_compress.planning.fixed import plan_equal
 from vlora_compress.io.stacks import Family, Stack
 
 
@@ -33,7 +36,7 @@ def test_plan_equal_clips_rank_and_notes_it():
 def test_plan_round_trips_through_a_dict():
     fam = Family("m.layers", "q.weight", (0, 1, 2, 3, 4), (8, 8), "BF16")
     plan = plan_equal([Stack("m.layers", (0, 1, 2, 3, 4), (fam,), ())], CompressConfig(rank=2, chunks=2, dtype="fp32"))
-    again = Plan.from_dict(plan.to_dict())
+    again = read_plan(plan.to_dict())
     assert again == plan
     assert again.families[0].store_dtype == "F32" and again.families[0].dtype == "BF16"
 
@@ -118,8 +121,8 @@ def test_residual_ranks_belong_to_shared_chunks_one_per_layer():
     assert all("residual" not in c for c in data["families"][0]["chunks"])
     shared = {"layers": [0, 2], "ranks": [2, 2], "base": "none", "topology": "shared-left", "residual": [1, 1]}
     data["families"][0]["chunks"] = [shared, {**shared, "layers": [1, 3]}]
-    assert Plan.from_dict(data).families[0].chunks[1].residual == (1, 1)
+    assert read_plan(data).families[0].chunks[1].residual == (1, 1)
     for bad in ({"topology": "chain", "base": 0, "ranks": [0, 2]}, {"residual": [1]}, {"residual": [1, 9]}):
         data["families"][0]["chunks"] = [{**shared, **bad}, {**shared, "layers": [1, 3]}]
         with pytest.raises(VloraError, match="residual ranks"):
-            Plan.from_dict(data)
+            read_plan(data)

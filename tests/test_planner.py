@@ -8,10 +8,11 @@ from conftest import CALIB, CORE
 from vlora_compress import compress, expand, inspect_vlora, synthetic
 from vlora_compress.calibrate.grams import CalibConfig
 from vlora_compress.io.checkpoint import open_checkpoint
-from vlora_compress.fit.factorise import Whitener, synthetic_base
+from vlora_compress.fit.factorise import synthetic_base
+from vlora_compress.fit.svd import Whitener
 from vlora_compress.plan import ChunkPlan, FamilyPlan
 from vlora_compress.report.compress_report import decision_line
-from vlora_compress.planning.search import partition
+from vlora_compress.forms.vlora import partition
 
 
 def _dense(path):
@@ -152,7 +153,8 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
     best few and per-layer SVD are fitted and cost a forward pass of the model; the rest are still
     reported."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planning.search import SHORT_LIST, candidates, plan_measured
+    from vlora_compress.planning.search import SHORT_LIST, plan_measured
+    from vlora_compress.planning.space import candidates
     from vlora_compress.io.stacks import find_stacks
 
     calls = []
@@ -271,8 +273,9 @@ def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt
     leaves; a chain carries each layer's error into the next reference, where the two part. The
     estimate must also rank: a higher rank estimates less error."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planning.search import (Candidate, candidate_bytes, family_error, fit_candidate, rebuild_in_memory,
-                                        spectral_error)
+    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer, vlora
+    from vlora_compress.planning.estimate import spectral_error
+    from vlora_compress.planning.measure import family_error, rebuild_in_memory
     from vlora_compress.io.stacks import find_stacks
 
     config = CompressConfig(rank=4)
@@ -285,18 +288,18 @@ def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt
              for layer in fam.layers}  # Conv1D weights are (in, out): the Gram is over rows
     whitener = lambda key: Whitener.from_gram(grams[key], side=0)  # noqa: E731
     spectra, found = {}, {}
-    for cand in (Candidate("none", "star", 1), Candidate("first", "star", 2), Candidate("first", "chain", 1)):
+    for cand in (per_layer.candidate(), vlora.candidate("first", "star", 2), vlora.candidate("first", "chain", 1)):
         for rank in (4, 12):
             fp = fit_candidate(fam, cand, weights, whitener, config, candidate_bytes(fam, cand, rank, config), spectra)
             estimate = spectral_error(fp, weights, whitener, spectra)
             fitted = family_error(fam, weights, rebuild_in_memory(fp, weights, whitener, config), whitener)
-            found[cand.topology, cand.base, rank] = estimate
-            if cand.topology == "star":
+            found[cand.label, rank] = estimate
+            if cand.kind == "per-layer" or cand.topology == "star":
                 assert estimate == pytest.approx(fitted, rel=1e-4), cand
             else:
                 assert abs(estimate - fitted) > 1e-4 * fitted, "a chain carries error down: open loop differs"
-    for key in {k[:2] for k in found}:
-        assert found[key + (12,)] < found[key + (4,)]
+    for label in {k[0] for k in found}:
+        assert found[label, 12] < found[label, 4]
 
 
 def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_file):
@@ -304,7 +307,10 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
     candidate stores each layer whole and exactly; the model is not run for them (SmolLM2's k and
     v projections at 35% removed cost 8 forward passes for a known 0), and the family is dense."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.planning.search import _choose, candidate_bytes, candidates, exact, plan_measured, reference
+    from vlora_compress.forms import candidate_bytes
+    from vlora_compress.planning.measure import exact
+    from vlora_compress.planning.search import _choose, plan_measured
+    from vlora_compress.planning.space import candidates, reference
     from vlora_compress.io.stacks import find_stacks
 
     calls = []
@@ -328,7 +334,7 @@ def test_a_budget_past_the_break_even_is_stored_dense_without_measuring(gpt2_fil
         (cand, fp, _), weighed = _choose(fam, candidates(config, len(fam.layers)), weights, lambda k: None, config,
                                          budget, meter)
     assert calls and not any(exact(fp) for fp in low.families)  # low rank is measured as before
-    assert exact(fp) and (cand.base, cand.topology) == ("none", "star") and weighed[0].label != "per-layer SVD"
+    assert exact(fp) and cand.kind == "per-layer" and weighed[0].label != "per-layer SVD"
 
 
 def test_planted_shared_subspaces_come_back_as_shared_bases_and_beat_per_layer_svd_at_equal_bytes(tmp_path):
@@ -427,7 +433,7 @@ def test_interleaved_planted_groups_are_found_by_similarity_not_adjacency(tmp_pa
 def test_similar_groups_keep_the_start_where_no_swap_pays():
     """Layers alike in pairs 0-1 and 2-3 stay as they are when started there; started interleaved,
     the swaps bring them back together; the groups keep their sizes and come back ascending."""
-    from vlora_compress.planning.search import similar_groups
+    from vlora_compress.forms.shared import similar_groups
     from vlora_compress.io.stacks import Family
 
     g = torch.Generator().manual_seed(1)
@@ -450,7 +456,9 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     from vlora_compress.fit.factorise import fit_family, rebuild_family
     from vlora_compress.io.fileformat import read_matrix
     from vlora_compress.plan import family_matrices
-    from vlora_compress.planning.search import Candidate, candidate_bytes, fit_candidate, rebuild_in_memory, residual_rank
+    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer, shared
+    from vlora_compress.forms.shared import residual_rank
+    from vlora_compress.planning.measure import rebuild_in_memory
     from vlora_compress.io.stacks import Family
 
     g = torch.Generator().manual_seed(3)
@@ -459,7 +467,7 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
                @ torch.randn(3, 96, generator=g) * 0.1 for x in range(6)}
     fam = Family("h", "w", tuple(range(6)), (64, 96), "F32")
     config = CompressConfig(ranks="uniform")
-    residual = Candidate("none", "shared", 3, residual=True)
+    residual = shared.candidate("shared", 3, residual=True)
     budget = candidate_bytes(fam, residual, 12, config)
     assert residual_rank(12) == 3
 
@@ -467,7 +475,7 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
         return max(float((rebuilt[fam.key(x)] - w).norm() / w.norm()) for x, w in weights.items())
 
     errors, ranks, plans = {}, {}, {}
-    for cand in (residual, Candidate("none", "shared", 3), Candidate("none", "star", 1)):
+    for cand in (residual, shared.candidate("shared", 3), per_layer.candidate()):
         fp = plans[cand.label] = fit_candidate(fam, cand, weights, lambda key: None, config, budget, {})
         ranks[cand.label] = (fp.chunks[0].ranks[0], fp.chunks[0].residual)
         errors[cand.label] = error(rebuild_in_memory(fp, weights, lambda key: None, config))
@@ -483,3 +491,41 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     # the basis alternates with the residual factors (factorise.RESIDUAL_ROUNDS) and is near, not at,
     # the exact split after its rounds; the others lose a fifth to a third
     assert written < 0.1 * min(errors.values()), (written, trial, errors)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # VLoRA first and mean bases (3 chunks over 4 layers: two of one layer), per-layer SVD
+    dict(bounds="equal", shared=True),  # and shared bases, either side, with residual factors
+    dict(quantize="auto", group_size=16),  # and every storage, dense layers, quantized bases under low rank
+    dict(method="svd", base_quantize="int2-midrise", quantize="int4", group_size=16),  # W = Q + B A alone
+])
+def test_every_candidate_stores_the_bytes_it_was_sized_by_and_no_more_than_its_budget(options):
+    """The one byte rule: what the planner sizes a candidate's rank by (candidate_bytes) is what its
+    plan stores (plan.family_bytes, the file's layout), so no candidate ships past its budget. It
+    once charged a whitened-mean chunk of one layer an increment it does not store, counted every
+    layer dense as one layer, and listed stray zero-base chains beside W = Q + B A."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.forms import candidate_bytes, fit_candidate
+    from vlora_compress.io.stacks import Family
+    from vlora_compress.plan import family_bytes
+    from vlora_compress.planning.space import candidates
+
+    g = torch.Generator().manual_seed(0)
+    fam = Family("h", "w", (0, 1, 2, 3), (48, 80), "F32")
+    weights = {x: torch.randn(48, 80, generator=g) for x in fam.layers}
+    config = CompressConfig(**options)
+    cands = candidates(config, len(fam.layers))
+    assert len(set(cands)) == len(cands) and all("none base" not in c.label for c in cands)
+    dense_bytes = 4 * 48 * 80 * 4
+    fitted = 0
+    for cand in cands:
+        for budget in (dense_bytes // 8, dense_bytes // 3, dense_bytes // 2, dense_bytes):
+            fp = fit_candidate(fam, cand, weights, lambda key: None, config, budget, {})
+            if fp is None:
+                continue
+            fitted += 1
+            assert family_bytes(fp) <= budget, cand.label
+            rank = max(r for c in fp.chunks for r in c.ranks)
+            if config.bounds == "equal" and cand.grouping == "adjacent" and rank:
+                assert family_bytes(fp) == candidate_bytes(fam, cand, rank, config), cand.label
+    assert fitted >= len(cands)

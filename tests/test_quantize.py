@@ -31,7 +31,7 @@ def test_gptq_searches_each_groups_scale_and_lowers_the_output_error(scheme, mon
     weighted by how strongly the layer reads each input) and kept where GPTQ then leaves less
     output error on the inputs: never more than with max-abs scales, less at int2, the same layout."""
     from vlora_compress.fit import integers as quantize_module
-    from vlora_compress.fit.factorise import Whitener
+    from vlora_compress.fit.svd import Whitener
 
     torch.manual_seed(0)
     x = torch.randn(2048, 24, dtype=torch.float64) @ torch.randn(24, 96, dtype=torch.float64)
@@ -372,14 +372,14 @@ def test_auto_on_minilm_spends_what_int4_leaves_on_a_low_rank_correction(minilm_
 def test_every_storage_gets_the_largest_rank_its_bytes_allow(scheme):
     """The planner sizes ranks on exact bytes: one rank more would overflow the budget. (A per-value
     estimate with room for scales once gave int8 151 where 159 fit, and cost it 0.02 of cosine.)"""
-    from vlora_compress.plan import CompressConfig
-    from vlora_compress.planning.search import Candidate, candidate_bytes, fit_candidate
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer as per_layer_form, vlora
     from vlora_compress.io.stacks import Family
 
     fam = Family("encoder.layer", "attention.self.query.weight", tuple(range(6)), (384, 384), "F32")
     config = CompressConfig(rank=128, chunks=3, quantize=scheme)
-    budget = candidate_bytes(fam, Candidate("first", "chain", 3, scheme), 128, config)
-    per_layer = Candidate("none", "star", 1, scheme)
+    budget = candidate_bytes(fam, vlora.candidate("first", "chain", 3, scheme), 128, config)
+    per_layer = per_layer_form.candidate(scheme)
     plan = fit_candidate(fam, per_layer, {}, lambda key: None, config, budget)
     rank = plan.chunks[0].ranks[0]
     assert candidate_bytes(fam, per_layer, rank, config) <= budget < candidate_bytes(fam, per_layer, rank + 1, config)
@@ -410,7 +410,7 @@ def test_gptq_integers_lower_the_output_error_in_the_same_layout(scheme, group, 
     """On correlated inputs, integers chosen by GPTQ against the inputs' Hessian leave less output
     error ‖(W − Ŵ)Xᵀ‖ than rounding to nearest, in the same layout (integers and one scale a
     group), whichever side the input dimension is on (nn.Linear's columns, Conv1D's rows)."""
-    from vlora_compress.fit.factorise import Whitener
+    from vlora_compress.fit.svd import Whitener
 
     torch.manual_seed(0)
     n_in, n_out = 96, 40

@@ -124,7 +124,8 @@ def test_a_shared_basis_comes_from_the_original_grams_and_each_layer_fits_its_co
     whitened by the inputs the compressed layers before it feed it."""
     import vlora_compress.pipelines.sequential as seq
     from safetensors import safe_open
-    from vlora_compress.fit.factorise import Whitener, coefficients
+    from vlora_compress.fit.factorise import coefficients
+    from vlora_compress.fit.svd import Whitener
 
     seen: dict[str, torch.Tensor] = {}
     init = seq._Layer.__init__
@@ -274,14 +275,15 @@ def test_a_shared_basis_with_residual_factors_round_trips_quantized_factored_and
     """The planner's shared basis plus residual factors, fitted layer by layer on a real Llama in
     int4: the file is version 6 and stores each layer's residual factors, factored loading computes
     what the expanded model does, and healing trains the residual factors and keeps the plan."""
-    import vlora_compress.planning.search as planner
+    import vlora_compress.planning.space as space
+    from vlora_compress.forms import shared
     from safetensors import safe_open
     from vlora_compress.runtime.factored import load_factored
     from vlora_compress.io.fileformat import VloraFile
     from vlora_compress.heal.distill import HealConfig, heal
 
-    only = lambda config, n: [planner.Candidate("none", topology, 2, config.family_scheme, residual=True)]  # noqa: E731
-    monkeypatch.setattr(planner, "candidates", only)
+    only = lambda config, n: [shared.candidate(topology, 2, config.family_scheme, residual=True)]  # noqa: E731
+    monkeypatch.setattr(space, "candidates", only)
     folder = tiny_model(tmp_path / "llama4", "llama", num_hidden_layers=4)
     path = tmp_path / "r.vlora.safetensors"
     report = compress(folder, path, rank=4, ranks="uniform", shared=True, quantize="int4", group_size=32, calib=CALIB,

@@ -24,7 +24,8 @@ from .io.fileformat import SourceInfo, factorised_keys, header_metadata, layout
 from .io.models import (config_folder, device_memory, head_of, load_by_layer, load_model, load_preprocessor, model_device,
                      resolve_device, set_tensors)
 from .config import CompressConfig, parse_size
-from .plan import Plan, plan_equal, quantized_passthrough
+from .plan import Plan, quantized_passthrough
+from .planning.fixed import plan_equal
 from .planning.search import plan_measured, rank_for_budget, share_budget
 from .fit.integers import SCALE_SUFFIX
 from .fit.integers import nbytes as quantized_nbytes

@@ -1,23 +1,23 @@
-"""Plan what to store: chunk bounds, the base of each chunk, the topology and the rank of every layer.
+"""What a file stores: chunk bounds, the base of each chunk, the topology and the rank of every layer.
 
-A plan is pure data (frozen dataclasses) that round-trips through the file header as JSON, so the
-plan written by ``compress`` is exactly what ``expand`` follows. The math lives in fit/factorise.py.
+A plan is pure data (frozen dataclasses) that round-trips through the file header as JSON
+(io/plan_record.py reads and checks it), so the plan written by ``compress`` is exactly what
+``expand`` follows. ``walk`` is the one order every reader rebuilds a family in, and
+``family_matrices`` (with ``matrix_bytes``) the one rule for what it stores and its bytes. The
+forms that make plans are in forms/, the math in fit/factorise.py.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
-import reprlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
-from .io.checkpoint import FLOAT_DTYPES, ITEMSIZE
-from .config import STORE_DTYPES, CompressConfig  # noqa: F401 - the plan's inputs, re-exported
-from .errors import VloraError
-from .fit.integers import SCALE_SUFFIX, check_scheme
+from .config import CompressConfig
+from .fit.integers import SCALE_SUFFIX
 from .fit.integers import nbytes as quantized_nbytes
-from .io.stacks import Family, Stack, layer_key
+from .io.checkpoint import FLOAT_DTYPES, ITEMSIZE
+from .io.stacks import layer_key
 
 TOPOLOGIES = ("chain", "star", "shared", "shared-left")
 SHARED = ("shared", "shared-left")  # one factor per chunk that all its layers read: the right one, or the left
@@ -292,206 +292,6 @@ class Plan:
             del data["decisions"]
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        """Rebuild and validate a plan read from a file header; any defect is a VloraError.
-
-        JSON lists become tuples and nothing else is converted: ``validate`` refuses a value of the
-        wrong type in a sentence, where ``int()`` or ``str()`` would accept ``"3"`` or ``None``.
-        """
-        try:
-            data = _object(data, "the plan")
-            stacks = tuple(_stack_plan(s) for s in _list(data["stacks"], "stacks"))
-            families = tuple(_family_plan(f) for f in _list(data["families"], "families"))
-            passthrough = tuple(_quantized_tensor(q) for q in _list(data.get("passthrough", ()), "passthrough"))
-            decisions = tuple(_decision(d) for d in _list(data.get("decisions", ()), "decisions"))
-            plan = cls(stacks, families, _list(data.get("notes", ()), "notes"), data.get("aligned", False), passthrough,
-                       decisions)
-        except KeyError as e:
-            raise VloraError(f"corrupted plan: field {e} is missing") from None
-        plan.validate()
-        return plan
-
-    def validate(self) -> None:
-        """Every rule docs/format.md sets for a plan alone, types first: after this, code may index
-        and do arithmetic on the plan without meeting a value it did not expect."""
-        if not all(isinstance(n, str) for n in self.notes):
-            raise VloraError("corrupted plan: the notes are not all text")
-        if not isinstance(self.aligned, bool):
-            raise VloraError(f"corrupted plan: 'aligned' is {_brief(self.aligned)}, not true or false")
-        stacks = {}
-        for s in self.stacks:
-            _check_stack(s)
-            if s.prefix in stacks:
-                raise VloraError(f"corrupted plan: stack {s.prefix!r} is listed twice")
-            stacks[s.prefix] = set(s.layers)
-        for q in self.passthrough:
-            if not isinstance(q.key, str):
-                raise VloraError(f"corrupted plan: pass-through key {_brief(q.key)} is not a string")
-            _check_storage(q.quant, q.group_size, repr(q.key))
-            if q.quant == "none":
-                raise VloraError(f"corrupted plan: pass-through {q.key!r} is listed as quantized with scheme none")
-        if len({q.key for q in self.passthrough}) != len(self.passthrough):
-            raise VloraError("corrupted plan: a pass-through tensor is listed twice")
-        for d in self.decisions:
-            _check_decision(d)
-        planned = set()
-        for f in self.families:
-            _check_family(f, stacks)
-            for layer in f.layers:
-                if f.key(layer) in planned:  # expand would write it twice
-                    raise VloraError(f"corrupted plan: {f.key(layer)!r} is planned twice")
-                planned.add(f.key(layer))
-
-
-def is_whole(value) -> bool:
-    """An int that is not a bool: JSON's true would pass ``isinstance(value, int)``."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _brief(value) -> str:
-    """A value for a one-line message, however large or deep the JSON it came from."""
-    return reprlib.repr(value)
-
-
-def _object(value, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise VloraError(f"corrupted plan: {what} is {_brief(value)}, not a JSON object")
-    return value
-
-
-def _list(value, what: str) -> tuple:
-    if not isinstance(value, (list, tuple)):  # tuples: a plan's own to_dict()
-        raise VloraError(f"corrupted plan: {what} is {_brief(value)}, not a list")
-    return tuple(value)
-
-
-def _stack_plan(data) -> StackPlan:
-    s = _object(data, "a stack")
-    return StackPlan(s["prefix"], _list(s["layers"], "stack layers"),
-                     tuple(_list(b, "a chunk's bounds") for b in _list(s["bounds"], "stack bounds")))
-
-
-def _family_plan(data) -> FamilyPlan:
-    f = _object(data, "a family")
-    chunks = []
-    for c in _list(f["chunks"], "chunks"):
-        c = _object(c, "a chunk")
-        chunks.append(ChunkPlan(_list(c["layers"], "chunk layers"), _list(c["ranks"], "chunk ranks"), c["base"],
-                                c.get("topology", "chain"), _list(c.get("residual", []), "chunk residual ranks")))
-    return FamilyPlan(f["stack"], f["suffix"], _list(f["shape"], "a family's shape"), f["dtype"], f["store_dtype"],
-                      tuple(chunks), f.get("quant", "none"), f.get("group_size", 128), f.get("base_quant"))
-
-
-def _quantized_tensor(data) -> QuantizedTensor:
-    q = _object(data, "a pass-through entry")
-    return QuantizedTensor(q["key"], q["quant"], q.get("group_size", 128))
-
-
-def _decision(data) -> Decision:
-    d = _object(data, "a decision")
-    candidates = [_weighed(c) for c in _list(d["candidates"], "a decision's candidates")]
-    allocated = d.get("allocated")
-    return Decision(d["family"], d["budget"], d["measure"], tuple(candidates), d["chosen"], d.get("scope", ""),
-                    None if allocated is None else _weighed(allocated))
-
-
-def _weighed(data) -> Weighed:
-    c = _object(data, "a weighed candidate")
-    return Weighed(c["label"], c["form"], c["rank"], c["storage"], c["bytes"], c.get("estimate"), c.get("error"))
-
-
-def _check_decision(d: Decision) -> None:
-    """Types a report renders without a second look: text, whole numbers, numbers or null."""
-    what = f"decision {_brief(d.family)}"
-    if not all(isinstance(x, str) for x in (d.family, d.scope)) or d.measure not in MEASURES:
-        raise VloraError(f"corrupted plan: {what} has a family, scope or measure that is not one of its kind")
-    if (not is_whole(d.budget) or d.budget < 0 or not d.candidates or not is_whole(d.chosen)
-            or not 0 <= d.chosen < len(d.candidates)):
-        raise VloraError(f"corrupted plan: {what} has budget {_brief(d.budget)} and chosen {_brief(d.chosen)} "
-                         f"of {len(d.candidates)} candidates")
-    number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))  # noqa: E731
-    for c in d.candidates + ((d.allocated,) if d.allocated is not None else ()):
-        if not (all(isinstance(x, str) for x in (c.label, c.form, c.storage)) and is_whole(c.rank) and c.rank >= 0
-                and is_whole(c.bytes) and c.bytes >= 0 and number(c.estimate) and number(c.error)):
-            raise VloraError(f"corrupted plan: {what} has a candidate of the wrong types: {_brief(c)}")
-
-
-def _check_stack(s: StackPlan) -> None:
-    """Layers distinct whole numbers; bounds contiguous non-empty [start, end) pairs covering them."""
-    if not isinstance(s.prefix, str):
-        raise VloraError(f"corrupted plan: stack prefix {_brief(s.prefix)} is not a string")
-    layers = s.layers
-    if not layers or not all(is_whole(layer) and layer >= 0 for layer in layers) or len(set(layers)) != len(layers):
-        raise VloraError(f"corrupted plan: stack {s.prefix!r} has layers {_brief(list(s.layers))}, "
-                         "not one or more distinct whole numbers")
-    end = 0
-    for b in s.bounds:
-        if len(b) != 2 or not all(is_whole(x) for x in b) or b[0] != end or b[1] <= b[0]:
-            end = -1
-            break
-        end = b[1]
-    if end != len(s.layers):
-        raise VloraError(f"corrupted plan: stack {s.prefix!r} has bounds {_brief([list(b) for b in s.bounds])}, "
-                         f"not contiguous non-empty chunks covering its {len(s.layers)} layers")
-
-
-def _check_storage(scheme, group_size, what: str) -> None:
-    if not isinstance(scheme, str) or not is_whole(group_size):
-        raise VloraError(f"corrupted plan: {what} has quantization {_brief(scheme)} "
-                         f"with group size {_brief(group_size)}")
-    try:
-        check_scheme(scheme, group_size)
-    except VloraError as e:
-        raise VloraError(f"corrupted plan: {what}: {e}") from None
-
-
-def _check_family(f: FamilyPlan, stacks: dict[str, set[int]]) -> None:
-    """Types and rules of one family; ``stacks`` maps each stack's prefix to its layers."""
-    if not isinstance(f.stack, str) or not isinstance(f.suffix, str):
-        raise VloraError("corrupted plan: family names must be strings")
-    if len(f.shape) != 2 or not all(is_whole(d) and 1 <= d < DIM_LIMIT for d in f.shape):
-        raise VloraError(f"corrupted plan: {f.name} has shape {_brief(list(f.shape))}")
-    if not all(isinstance(dt, str) and dt in FLOAT_DTYPES for dt in (f.dtype, f.store_dtype)):
-        raise VloraError(f"corrupted plan: {f.name} has dtype {_brief(f.dtype)}/{_brief(f.store_dtype)}")
-    _check_storage(f.quant, f.group_size, f.name)
-    if f.base_quant is not None:
-        _check_storage(f.base_quant, f.group_size, f.name + "'s bases")
-    if f.stack not in stacks:
-        raise VloraError(f"corrupted plan: {f.name} names stack {f.stack!r}, which the plan does not list")
-    if not f.chunks:
-        raise VloraError(f"corrupted plan: {f.name} has no chunks")
-    for c in f.chunks:
-        if (not c.layers or not all(is_whole(layer) for layer in c.layers) or not all(is_whole(r) for r in c.ranks)
-                or len(c.ranks) != len(c.layers) or len(set(c.layers)) != len(c.layers)):
-            raise VloraError(f"corrupted plan: a chunk of {f.name} has mismatched layers and ranks")
-        if not isinstance(c.topology, str) or c.topology not in TOPOLOGIES:
-            raise VloraError(f"corrupted plan: {f.name} has unknown topology {_brief(c.topology)}")
-        if c.residual and (c.topology not in SHARED or len(c.residual) != len(c.layers)
-                           or not all(is_whole(r) and 0 <= r <= min(f.shape) for r in c.residual)):
-            raise VloraError(f"corrupted plan: a chunk of {f.name} has residual ranks {_brief(list(c.residual))}: "
-                             "only a shared chunk has them, one whole rank in 0..min(m, n) per layer")
-        if c.topology in SHARED and (c.base != "none" or len(set(c.ranks)) != 1 or c.ranks[0] < 1):
-            raise VloraError(f"corrupted plan: a shared chunk of {f.name} needs a zero base and one rank of at "
-                             "least 1 for all its layers")
-        if not (is_whole(c.base) or isinstance(c.base, str)):
-            raise VloraError(f"corrupted plan: base {_brief(c.base)} of {f.name} is not a layer or a kind")
-        if isinstance(c.base, str) and c.base not in BASE_KINDS:
-            raise VloraError(f"corrupted plan: {f.name} has unknown base kind {c.base!r}")
-        if isinstance(c.base, int) and c.base not in c.layers:
-            raise VloraError(f"corrupted plan: base {c.base!r} of {f.name} is not in its chunk")
-        if isinstance(c.base, int) and c.rank_of(c.base) != 0:
-            raise VloraError(f"corrupted plan: base layer {c.base} of {f.name} has a rank")
-        if any(r < 0 or r > min(f.shape) for r in c.ranks):
-            raise VloraError(f"corrupted plan: {f.name} has a rank outside 0..{min(f.shape)}")
-        outside = [layer for layer in c.layers if layer not in stacks[f.stack]]
-        if outside:
-            raise VloraError(f"corrupted plan: layer {outside[0]} of {f.name} is not a layer of stack {f.stack!r}")
-    # a family that stores nothing (zero bases at rank 0) has a shape no stored tensor confirms, and
-    # expand would allocate whatever the header claims; compress never writes one
-    if all(c.base == "none" and not any(c.ranks) for c in f.chunks):
-        raise VloraError(f"corrupted plan: {f.name} stores no tensor")
-
 
 def quantized_passthrough(tensors, factorised: set[str], config: CompressConfig) -> tuple[QuantizedTensor, ...]:
     """The pass-through tensors ``--quantize-passthrough`` stores as integers: 2-D floating-point
@@ -522,42 +322,6 @@ def split_equal(n_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:
     return tuple(bounds)
 
 
-def plan_equal(stacks: list[Stack], config: CompressConfig) -> Plan:
-    """The core plan: equal chunks, the first layer of each chunk as base, a closed-loop chain.
-
-    With ``method="svd"`` every family is one star chunk over a zero base: per-layer truncated SVD,
-    the obvious alternative every VLoRA result is measured against; with ``method="dense"`` every
-    layer is stored whole (in ``quantize``'s integers: quantization alone, the other one).
-    """
-    stack_plans, family_plans, notes = [], [], []
-    for stack in stacks:
-        per_layer = config.method in ("svd", "dense") or (config.base == "none" and config.topology not in SHARED)
-        chunks = 1 if per_layer else (config.chunks or 1)
-        if chunks > len(stack.layers):
-            raise VloraError(
-                f"`chunks` {config.chunks} is more than the {len(stack.layers)} layers of stack {stack.prefix!r}"
-            )
-        bounds = split_equal(len(stack.layers), chunks)
-        stack_plans.append(StackPlan(stack.prefix, stack.layers, bounds))
-        for fam in stack.families:
-            rank = min(config.rank, *fam.shape)
-            if rank < config.rank:
-                notes.append(f"{fam.name}: rank {config.rank} clipped to {rank}, the full rank of {list(fam.shape)}")
-            if config.method == "dense":
-                fp = _dense_family(fam, config)
-            elif config.topology in SHARED:
-                fp = _chain_family(fam, stack.layers, bounds, rank, config)
-            elif config.method == "svd" or config.base == "none":
-                fp = _per_layer_family(fam, rank, config)
-            else:
-                fp = _chain_family(fam, stack.layers, bounds, rank, config)
-            if config.method != "dense" and all(r == 0 for c in fp.chunks for r in c.ranks) and \
-                    len(fp.chunks) == len(fam.layers) > 1:
-                notes.append(f"{fam.name}: stored dense: rank-{rank} factors would cost more than the matrices")
-            family_plans.append(fp)
-    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes))
-
-
 def matrix_bytes(shape: tuple[int, int], store_dtype: str, quant: str = "none", group_size: int = 128) -> int:
     """Stored bytes of one matrix: its values in the store dtype, or integers and scales."""
     if quant != "none":
@@ -570,45 +334,4 @@ def family_bytes(fp: FamilyPlan) -> int:
     return sum(matrix_bytes(shape, fp.store_dtype, fp.quant_of(name), fp.group_size)
                for name, shape in family_matrices(fp))
 
-
-def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:
-    """The plan, or every layer dense when its factors would cost at least that: at a rank of
-    mn/(m + n) or more, factors are larger than the matrix and dense is exact."""
-    dense = replace(fp, chunks=tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fp.layers))
-    return dense if family_bytes(dense) <= family_bytes(fp) else fp
-
-
-def _dense_family(fam: Family, config: CompressConfig) -> FamilyPlan:
-    """Every layer its own base, nothing low rank: the stored form of quantization alone."""
-    chunks = tuple(ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in fam.layers)
-    store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, chunks, config.family_scheme,
-                      config.group_size)
-
-
-def _per_layer_family(fam: Family, rank: int, config: CompressConfig) -> FamilyPlan:
-    store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    if config.base_quantize is not None:  # every layer W ≈ Q + B A: its own quantized base, one increment
-        chunks = tuple(ChunkPlan((layer,), (rank,), base="synthetic", topology="star") for layer in fam.layers)
-        return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, chunks, config.family_scheme,
-                          config.group_size, config.base_quantize)
-    chunk = ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")
-    return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, (chunk,),
-                                       config.family_scheme, config.group_size))
-
-
-def _chain_family(fam: Family, stack_layers, bounds, rank: int, config: CompressConfig) -> FamilyPlan:
-    chunks = []
-    for start, end in bounds:
-        layers = tuple(layer for layer in stack_layers[start:end] if layer in fam.layers)
-        if layers and config.topology in SHARED:  # one basis per chunk, every layer its coefficients
-            chunks.append(ChunkPlan(layers, (rank,) * len(layers), base="none", topology=config.topology))
-        elif layers:
-            ranks = (0,) + (rank,) * (len(layers) - 1)
-            topology = "star" if config.topology == "star" else "chain"
-            chunks.append(ChunkPlan(layers, ranks, base=layers[0], topology=topology))
-    store = STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
-    base_quant = config.base_quantize if config.topology not in SHARED else None
-    return dense_if_cheaper(FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store, tuple(chunks),
-                                       config.family_scheme, config.group_size, base_quant))
 

@@ -1,7 +1,7 @@
 """Calibrate: run real samples through the original model and collect each layer's input Gram XᵀX.
 
 The Grams turn factorisation from "small weight error" into "small output error on real inputs"
-(whitening, factorise.Whitener). They are accumulated batch by batch in float64 from forward
+(whitening, fit/svd.Whitener). They are accumulated batch by batch in float64 from forward
 pre-hooks; activations are never stored. Layers fed the same input tensor (q, k and v; gate and up)
 share one Gram, found by the identity of the input tensor, so memory per transformer block is one
 (d × d) Gram per distinct input: for a 7B Llama about 1.4 GB in float64 per block, 44 GB in all.
@@ -21,7 +21,7 @@ import torch
 from ..config import CalibConfig
 from ..io.data import read_corpus, read_images, read_texts
 from ..errors import VloraError
-from ..fit.factorise import Whitener
+from ..fit.svd import Whitener
 from ..io.models import batches, head_of, model_device, module_for_key, pooled_embedding, takes_text, token_limit
 from ..progress import Progress
 

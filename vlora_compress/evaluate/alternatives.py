@@ -35,7 +35,7 @@ from pathlib import Path
 from ..io.checkpoint import open_checkpoint
 from ..evaluate.scoring import EvalConfig, EvalReport, evaluate_models, quantize_stacks, task_head
 from ..io.models import load_model, load_preprocessor, resolve_device
-from ..fit.integers import nbytes as quantized_nbytes
+from ..plan import matrix_bytes
 from ..report.compress_report import human_bytes
 from ..io.stacks import find_stacks
 
@@ -59,7 +59,7 @@ def yardstick(families: list[dict], stack_bytes: int, group_size: int) -> tuple[
     32, that fits under the file's bytes (the smallest there is when none does). ``families`` are
     the report's, with their ``shape`` and ``layers``."""
     def cost(scheme: str, group: int) -> int:
-        return sum(quantized_nbytes(tuple(f["shape"]), scheme, group) * len(f["layers"]) for f in families)
+        return sum(matrix_bytes(tuple(f["shape"]), f["dtype"], scheme, group) * len(f["layers"]) for f in families)
 
     if cost("int4", group_size) <= stack_bytes:
         return "int4", group_size

@@ -165,7 +165,8 @@ def quantize_stacks(loaded, path: Path, scheme: str, group_size: int) -> int:
     round-to-nearest at ``scheme`` (rows of the stored matrix as the channels). Returns the stack's
     bytes so stored, scales included."""
     from ..io.models import param_for_key
-    from ..fit.integers import fake_quantize, nbytes
+    from ..fit.integers import fake_quantize
+    from ..plan import matrix_bytes
     from ..io.stacks import find_stacks
 
     with open_checkpoint(path) as ckpt:
@@ -182,7 +183,7 @@ def quantize_stacks(loaded, path: Path, scheme: str, group_size: int) -> int:
                         raise VloraError(f"{path}: cannot find {key} in the model")
                     with torch.no_grad():
                         param.copy_(fake_quantize(param.detach(), scheme, group_size).reshape(param.shape))
-                    total += nbytes(fam.shape, scheme, group_size)
+                    total += matrix_bytes(fam.shape, fam.dtype, scheme, group_size)
     return total
 
 

@@ -82,7 +82,7 @@ def quantize(x: torch.Tensor, scheme: str, group_size: int = 128, hessian: tuple
 
     ``hessian`` = (U, order, side[, diagonal]) chooses the integers by GPTQ instead of rounding
     each to nearest: the inputs are rounded in ``order``, U is the upper Cholesky factor of H⁻¹ in
-    that order for the inputs' Hessian H = XᵀX + δI (factorise.Whitener.hessian), and ``side``
+    that order for the inputs' Hessian H = XᵀX + δI (fit/svd.Whitener.hessian), and ``side``
     says where the input dimension is (1: columns, as nn.Linear stores (out, in); 0: rows, as
     Conv1D stores (in, out)). The scales are fixed before rounding (GPTQ's static groups), so the
     stored layout is the same: max|x|/L, or below 8 bits searched scales (_scales, weighted by

@@ -19,7 +19,8 @@ import torch
 
 from ..io.checkpoint import DTYPES, FLOAT_DTYPES, ITEMSIZE, Checkpoint, open_checkpoint
 from ..errors import VloraError
-from ..plan import DIM_LIMIT, SHARED, FamilyPlan, Plan, family_matrices, is_whole
+from ..plan import DIM_LIMIT, SHARED, FamilyPlan, Plan, family_matrices
+from .plan_record import is_whole, read_plan
 from ..fit.integers import MIDRISE, SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
 
 FORMAT_NAME = "vlora"
@@ -205,7 +206,7 @@ class VloraFile:
             raise VloraError(f"{self.path}: corrupted plan: vlora.config is not a JSON object")
         try:
             self.source = SourceInfo.from_dict(source)
-            self.plan = Plan.from_dict(plan)
+            self.plan = read_plan(plan)
         except VloraError as e:
             raise VloraError(f"{self.path}: {e}") from None
         need = version_of(self.plan)

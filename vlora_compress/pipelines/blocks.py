@@ -41,7 +41,9 @@ from ..errors import VloraError
 from ..fit.factorise import LayerFit, fit_family
 from ..io.models import batches, token_limit
 from ..plan import SHARED, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
-from ..planning.search import candidate_bytes, plan_measured, reference
+from ..forms import candidate_bytes
+from ..planning.search import plan_measured
+from ..planning.space import reference
 from ..progress import Progress
 from ..pipelines.sequential import SequentialFit, Stream, _block_of, _output, _unload, sequential_family, stack_layers
 from ..io.stacks import Stack, split_key

@@ -43,7 +43,8 @@ import torch
 
 from ..calibrate.grams import sibling_input, token_rows
 from ..errors import VloraError
-from ..fit.factorise import LayerFit, Whitener, fit_family
+from ..fit.factorise import LayerFit, fit_family
+from ..fit.svd import Whitener
 from ..io.models import batches, model_device, module_for_key, token_limit
 from ..plan import SHARED, CompressConfig, FamilyPlan, Plan
 from ..progress import Progress

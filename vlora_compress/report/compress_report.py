@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..io.checkpoint import ITEMSIZE
-from ..io.fileformat import family_layout
+from ..plan import family_bytes
 from ..fit.integers import SCALE_SUFFIX
 
 
@@ -64,30 +64,7 @@ class CompressReport:
         original_bytes = sum(nbytes(dt, shape) for _, dt, shape in source.tensors)
         compressed_bytes = sum(nbytes(dt, shape) for _, dt, shape in entries)
         fit_by_key = {f.key: f for f in fits}
-        families = []
-        for fp in plan.families:
-            layer_fits = [fit_by_key[fp.key(layer)] for layer in fp.layers]
-            errs = [f.rel_error for f in layer_fits]
-            out_errs = [f.out_error for f in layer_fits if f.out_error is not None]
-            families.append(
-                {
-                    **fp.summary(),
-                    "layers": list(fp.layers),
-                    "chunks": [list(c.layers) for c in fp.chunks],  # interleaved where shared groups are
-                    "bases": [c.base for c in fp.chunks],
-                    "topologies": [c.topology for c in fp.chunks],
-                    "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
-                    "storage": (storage_label(fp.quant, fp.group_size, fp.store_dtype) if fp.base_quant is None else
-                                f"{storage_label(fp.base_quant, fp.group_size, fp.store_dtype)} bases, "
-                                f"{storage_label(fp.quant, fp.group_size, fp.store_dtype)} factors"),
-                    "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
-                    "compressed_bytes": sum(nbytes(dt, shape) for _, dt, shape in family_layout(fp)),
-                    "mean_rel_error": sum(errs) / len(errs),
-                    "max_rel_error": max(errs),
-                    "mean_out_error": sum(out_errs) / len(out_errs) if out_errs else None,
-                    "max_out_error": max(out_errs) if out_errs else None,
-                }
-            )
+        families = [family_summary(fp, [fit_by_key[fp.key(layer)] for layer in fp.layers]) for fp in plan.families]
         stack_orig = sum(f["original_bytes"] for f in families)
         stack_comp = sum(f["compressed_bytes"] for f in families)
         return cls(
@@ -108,15 +85,9 @@ class CompressReport:
             stack_compressed_bytes=stack_comp,
             stack_size_ratio=stack_comp / stack_orig if stack_orig else 1.0,
             seconds=seconds,
-            stacks=[
-                {
-                    "prefix": s.prefix,
-                    "layers": list(s.layers),
-                    "chunks": [[s.layers[a], s.layers[b - 1]] for a, b in s.bounds],
-                    "families": [fp.suffix for fp in plan.families if fp.stack == s.prefix],
-                }
-                for s in plan.stacks
-            ],
+            stacks=[{"prefix": s.prefix, "layers": list(s.layers),
+                     "chunks": [[s.layers[a], s.layers[b - 1]] for a, b in s.bounds],
+                     "families": [fp.suffix for fp in plan.families if fp.stack == s.prefix]} for s in plan.stacks],
             families=families,
             tensors=[asdict(f) for f in fits],
             notes=list(plan.notes),
@@ -233,6 +204,29 @@ MEASURED_BY = {"logits": "the model's held-back next-token KL from the original"
                "embedding": "the model's held-back embedding error (1 - cosine)",
                "model": "the model's held-back hidden-state error", "block": "the block's held-back output error",
                "outputs": "the family's whitened output error", "weights": "the family's weight error"}
+
+
+def family_summary(fp, layer_fits) -> dict:
+    """A family's line of the report: what it stores, its bytes, and its layers' fitted errors."""
+    errs = [f.rel_error for f in layer_fits]
+    out_errs = [f.out_error for f in layer_fits if f.out_error is not None]
+    return {
+        **fp.summary(),
+        "layers": list(fp.layers),
+        "chunks": [list(c.layers) for c in fp.chunks],  # interleaved where shared groups are
+        "bases": [c.base for c in fp.chunks],
+        "topologies": [c.topology for c in fp.chunks],
+        "ranks": sorted({f.rank for f in layer_fits if f.role == "increment"}),
+        "storage": (storage_label(fp.quant, fp.group_size, fp.store_dtype) if fp.base_quant is None else
+                    f"{storage_label(fp.base_quant, fp.group_size, fp.store_dtype)} bases, "
+                    f"{storage_label(fp.quant, fp.group_size, fp.store_dtype)} factors"),
+        "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
+        "compressed_bytes": family_bytes(fp),
+        "mean_rel_error": sum(errs) / len(errs),
+        "max_rel_error": max(errs),
+        "mean_out_error": sum(out_errs) / len(out_errs) if out_errs else None,
+        "max_out_error": max(out_errs) if out_errs else None,
+    }
 
 
 def decision_line(d: dict) -> str:

@@ -1,0 +1,169 @@
+"""What every storage form declares, the registry, and a candidate: (form, parameters, storage).
+
+A storage form says how a family of layers is stored (every layer dense, per-layer factors, a
+VLoRA chain or star over a base, a basis shared by a group, a quantized base under low rank). Each
+is one class in this package, registered by name, and code that needs to know a form's rule asks
+the form: its label, the kind a decision records, the plan it stores at a rank (whose matrices
+give its bytes: ``plan.family_bytes`` is the only byte rule), and the choices it makes from the
+weights (chunk bounds, groups, a base). The stored plan itself (plan.ChunkPlan) is what every
+reader walks (plan.walk); the forms are how the planner and the fixed plan make it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import STORE_DTYPES, CompressConfig
+from ..io.stacks import Family
+from ..plan import ChunkPlan, FamilyPlan, family_bytes, split_equal
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a family: a registered form, its parameters, and its storage.
+
+    Parameters a form does not read keep their defaults, so two candidates are equal exactly when
+    they store the same thing."""
+
+    form: str  # a registered form's name (FORMS)
+    quant: str = "none"  # storage of the factors, and of the bases unless ``base_quant``: none (the store
+    # dtype) | int8 | int4 | int3 | int2 | int3-midrise | int2-midrise
+    base_quant: str | None = None  # the bases' scheme where it is not ``quant``
+    chunks: int = 1  # vlora: chunks, each with a base; shared: groups, each with a basis
+    base: str = "first"  # vlora: first | mean (the chunk's whitened mean) | best (the layer that leaves least)
+    topology: str = "chain"  # vlora: chain | star; shared: shared (the right factor) | shared-left
+    grouping: str = "adjacent"  # shared: adjacent layers, or similar (the layers whose pairs lose least by
+    # sharing, adjacent or not: shared.similar_groups)
+    residual: bool = False  # shared: each layer's own factors on top, at shared.residual_rank(rank)
+
+    @property
+    def spec(self) -> "Form":
+        return FORMS[self.form]
+
+    @property
+    def label(self) -> str:
+        """The candidate in words, e.g. "shared basis + residual, 10 groups by similarity, int4"."""
+        return self.spec.label(self) + ("" if self.quant == "none" else f", {self.quant}")
+
+    @property
+    def kind(self) -> str:
+        """What a decision records as the candidate's form (plan.Weighed.form)."""
+        return self.spec.kind(self)
+
+
+class Form:
+    """A storage form. Subclasses set ``name`` and override what differs; ``register`` adds them."""
+
+    name: ClassVar[str]
+    ranked: ClassVar[bool] = True  # stores low-rank factors (a rank to choose); dense: False
+    rounded: ClassVar[bool] = False  # its error is mostly its integers' rounding, which singular values do not
+    # see: never ranked by the estimate, always fitted and measured
+    per_layer: ClassVar[bool] = False  # every layer alone (no base or basis shared between layers)
+    chunked: ClassVar[bool] = False  # cuts the stack into chunks (VLoRA) or groups (shared bases)
+
+    def label(self, cand: Candidate) -> str:
+        raise NotImplementedError
+
+    def kind(self, cand: Candidate) -> str:
+        return self.name
+
+    def stores_increments(self, fam: Family, cand: Candidate) -> bool:
+        """Whether it stores any low-rank factor (a rank to choose) for ``fam``."""
+        return self.ranked
+
+    def chunks(self, fam: Family, cand: Candidate, rank: int,
+               groups: list[tuple[int, ...]] | None = None) -> list[ChunkPlan]:
+        """The chunks it stores at a uniform ``rank`` over ``groups`` of the family's layers (by
+        default ``cand.chunks`` equal contiguous ones)."""
+        raise NotImplementedError
+
+    def layout(self, fam: Family, cand: Candidate, rank: int, config: CompressConfig,
+               groups: list[tuple[int, ...]] | None = None) -> FamilyPlan:
+        """The family plan at ``rank``: what the fit fills and the file stores. Where its factors
+        cost at least every layer dense (a rank past the break-even), every layer dense instead."""
+        rank = min(rank, *fam.shape)
+        fp = family_plan(fam, config, self.chunks(fam, cand, rank, groups), cand.quant, cand.base_quant)
+        return fp if self.rounded else dense_if_cheaper(fp)
+
+    def choose(self, fam: Family, cand: Candidate, rank: int, weights, whitener, config: CompressConfig,
+               spectra: dict | None) -> FamilyPlan | None:
+        """The plan at ``rank`` with the choices the weights make (bounds, groups, a base); None where
+        the candidate adds nothing another one does not already try. By default, ``layout``."""
+        return self.layout(fam, cand, rank, config)
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register(cls: type[Form]) -> type[Form]:
+    """Class decorator: the form is known by its ``name`` from import on."""
+    FORMS[cls.name] = cls()
+    return cls
+
+
+def equal_groups(layers: tuple[int, ...], k: int) -> list[tuple[int, ...]]:
+    """``k`` contiguous groups of ``layers``, earlier ones one longer where they do not divide."""
+    return [layers[a:b] for a, b in split_equal(len(layers), k)]
+
+
+def store_dtype(fam: Family, config: CompressConfig) -> str:
+    """The dtype bases and factors are stored in: ``config.dtype``, else the family's own."""
+    return STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
+
+
+def family_plan(fam: Family, config: CompressConfig, chunks, quant: str, base_quant: str | None = None) -> FamilyPlan:
+    """``base_quant`` is kept only where some chunk has a base to store in it."""
+    base_quant = base_quant if any(c.base != "none" for c in chunks) else None
+    return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store_dtype(fam, config), tuple(chunks),
+                      quant, config.group_size, base_quant)
+
+
+def dense_chunks(layers: tuple[int, ...]) -> list[ChunkPlan]:
+    """Every layer its own chunk, stored whole as its own base."""
+    return [ChunkPlan((layer,), (0,), base=layer, topology="chain") for layer in layers]
+
+
+def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:
+    """The plan, or every layer dense when its factors would cost at least that: at a rank of
+    mn/(m + n) or more, factors are larger than the matrix and dense is exact."""
+    dense = FamilyPlan(fp.stack, fp.suffix, fp.shape, fp.dtype, fp.store_dtype, tuple(dense_chunks(fp.layers)),
+                       fp.quant, fp.group_size, fp.base_quant)
+    return dense if family_bytes(dense) <= family_bytes(fp) else fp
+
+
+def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
+    """Exact stored bytes of ``fam`` as ``cand`` at a uniform ``rank``, scales included: those of its
+    plan (``plan.family_bytes``, the one byte rule), at most every layer dense."""
+    return family_bytes(cand.spec.layout(fam, cand, rank, config))
+
+
+def fit_rank(cap: int, fits: Callable[[int], bool]) -> int:
+    """The largest rank in 0..``cap`` whose exact bytes fit, by bisection (-1 where none does):
+    bytes grow with the rank, but not affinely (scales step with it), and an affine estimate per
+    value would leave bytes unused (int8's one scale per row of 384 is 0.5% more, not the 6% a safe
+    per-value estimate charges)."""
+    lo, hi = 0, cap
+    if not fits(lo):
+        return -1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: CompressConfig,
+                  budget: int, spectra: dict | None = None) -> FamilyPlan | None:
+    """The candidate's plan at the largest uniform rank within ``budget``; None if none fits.
+    ``spectra`` keeps the family's decompositions between candidates (chain costs, similar groups)."""
+    if cand.chunks > len(fam.layers):
+        return None
+    form = cand.spec
+    ranked = form.stores_increments(fam, cand)
+    if form.ranked and not ranked:  # chunks of one layer each: nothing low rank to fit
+        return None
+    rank = fit_rank(min(fam.shape) if ranked else 0, lambda r: candidate_bytes(fam, cand, r, config) <= budget)
+    if rank < (1 if ranked else 0):
+        return None
+    return form.choose(fam, cand, rank, weights, whitener, config, spectra)

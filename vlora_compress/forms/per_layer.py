@@ -1,0 +1,22 @@
+"""Every layer its own low-rank factors over a zero base: per-layer (whitened) SVD, the baseline."""
+
+from __future__ import annotations
+
+from ..plan import ChunkPlan
+from .base import Candidate, Form, register
+
+
+@register
+class PerLayer(Form):
+    name = "per-layer"
+    per_layer = True
+
+    def label(self, cand: Candidate) -> str:
+        return "per-layer SVD"
+
+    def chunks(self, fam, cand, rank, groups=None):
+        return [ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")]
+
+
+def candidate(quant: str = "none") -> Candidate:
+    return Candidate("per-layer", quant)

@@ -1,0 +1,112 @@
+"""VLoRA: each chunk keeps a base, every other layer an increment over the base (star) or over the
+layer before it (chain), W_l = W_ref + B_l A_l. The base is the chunk's first layer, its whitened
+mean (stored once) or the layer that leaves the least; chunk bounds by dynamic programming over the
+consecutive deltas' spectra, or equal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..io.stacks import Family
+from ..plan import ChunkPlan, split_equal
+from ..planning.measure import family_error, rebuild_in_memory, spectrum
+from .base import Candidate, Form, dense_if_cheaper, equal_groups, family_plan, register
+
+MAX_AUTO_CHUNKS = 3  # chunk counts the planner tries by itself: 1 to 3 (and blocks planning by blocks)
+
+
+@register
+class Vlora(Form):
+    name = "vlora"
+    chunked = True
+
+    def label(self, cand: Candidate) -> str:
+        return f"{cand.base} base, {cand.topology}, {cand.chunks} chunk{'s' if cand.chunks > 1 else ''}"
+
+    def stores_increments(self, fam: Family, cand: Candidate) -> bool:
+        return cand.base == "mean" or min(cand.chunks, len(fam.layers)) < len(fam.layers)
+
+    def chunks(self, fam, cand, rank, groups=None):
+        groups = groups if groups is not None else equal_groups(fam.layers, cand.chunks)
+        return [_chunk(layers, cand.base, cand.topology, rank) for layers in groups if layers]
+
+    def choose(self, fam, cand, rank, weights, whitener, config, spectra):
+        n = len(fam.layers)
+        if config.bounds == "equal":
+            bounds = split_equal(n, cand.chunks)
+        else:
+            bounds = partition(n, cand.chunks, chain_cost(fam, weights, whitener, rank, spectra))
+        chunks = []
+        for start, end in bounds:
+            layers = fam.layers[start:end]
+            if cand.base == "best" and len(layers) > 1:
+                chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant,
+                                         cand.base_quant))
+            else:
+                chunks.append(_chunk(layers, cand.base, cand.topology, rank))
+        fp = family_plan(fam, config, chunks, cand.quant, cand.base_quant)
+        return dense_if_cheaper(fp)
+
+
+def _chunk(layers: tuple[int, ...], base: str, topology: str, rank: int) -> ChunkPlan:
+    """A chunk over its whitened mean (stored once; one layer is its own base), else over its first
+    layer; ``best`` is chosen from the weights (_best_base) and counts as its first layer's bytes."""
+    if base == "mean" and len(layers) > 1:
+        return ChunkPlan(layers, (rank,) * len(layers), "synthetic", topology)
+    return ChunkPlan(layers, (0,) + (rank,) * (len(layers) - 1), layers[0], topology)
+
+
+def candidate(base: str, topology: str, chunks: int, quant: str = "none", base_quant: str | None = None) -> Candidate:
+    return Candidate("vlora", quant, base_quant, chunks, base, topology)
+
+
+def partition(n: int, k: int, cost: Callable[[int, int], float]) -> tuple[tuple[int, int], ...]:
+    """Contiguous [start, end) bounds of ``k`` chunks over ``n`` layers minimising Σ cost(start, end)."""
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    back = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for end in range(j, n - (k - j) + 1):
+            for start in range(j - 1, end):
+                c = best[j - 1][start] + cost(start, end)
+                if c < best[j][end]:
+                    best[j][end], back[j][end] = c, start
+    bounds, end = [], n
+    for j in range(k, 0, -1):
+        start = back[j][end]
+        bounds.append((start, end))
+        end = start
+    return tuple(reversed(bounds))
+
+
+def chain_cost(fam: Family, weights, whitener, rank: int, spectra: dict | None = None) -> Callable[[int, int], float]:
+    """Cost of a chunk as a first-base chain: the delta energy past ``rank`` on every internal link.
+
+    Each consecutive delta's singular values are found once (whitened when calibrated), so the
+    dynamic programme costs one decomposition per layer, not one per chunk; ``spectra`` keeps them
+    for the family's next candidate, whatever its rank (one family's links at a time).
+    """
+    spectra = {} if spectra is None else spectra
+    tails = [0.0]
+    for prev, layer in zip(fam.layers, fam.layers[1:]):
+        if (prev, layer) not in spectra:
+            spectra[prev, layer] = spectrum(fam.key(layer), weights[layer] - weights[prev], whitener)
+        tails.append(float(spectra[prev, layer][rank:].square().sum()))
+    prefix = [0.0]
+    for t in tails:
+        prefix.append(prefix[-1] + t)
+    # the links inside chunk [start, end) are those into positions start+1 .. end-1
+    return lambda start, end: prefix[end] - prefix[start + 1]
+
+
+def _best_base(fam, layers, rank, topology, weights, whitener, config, quant: str, base_quant=None) -> ChunkPlan:
+    """The chunk's layer that, as its base, leaves the least residual over the chunk."""
+    best = None
+    for b in layers:
+        chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, topology)
+        fp = family_plan(fam, config, [chunk], quant, base_quant)
+        err = family_error(fam, weights, rebuild_in_memory(fp, weights, whitener, config), whitener)
+        if best is None or err < best[0]:
+            best = (err, chunk)
+    return best[1]

@@ -1,0 +1,72 @@
+"""How the planner scores a plan without writing it: rebuilt in memory, its (whitened) error."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CompressConfig
+from ..fit.factorise import PLAN_ROUNDS, fit_family, rebuild_family
+from ..fit.svd import Whitener
+from ..io.fileformat import read_matrix
+from ..io.stacks import Family
+from ..plan import FamilyPlan, family_matrices
+
+
+def rebuild_in_memory(fp: FamilyPlan, weights, whitener, config: CompressConfig,
+                      svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """Fit ``fp`` and rebuild its layers exactly as compress and expand would, without writing,
+    except that a shared basis does not alternate with residual factors (``PLAN_ROUNDS``): the
+    written fit's rounds only lower the summed whitened error of what is measured here."""
+    by_key = {fp.key(layer): weights[layer] for c in fp.chunks for layer in c.layers}
+    walk = fit_family(fp, by_key.__getitem__, config, whitener, svd_cache=svd_cache, measure=False, rounds=PLAN_ROUNDS)
+    stored = {item[0]: item[1] for item in walk if isinstance(item, tuple)}
+    shapes = dict(family_matrices(fp))
+    return dict(rebuild_family(fp, lambda name: read_matrix(fp, shapes[name], name, stored.__getitem__)))
+
+
+def family_error(fam: Family, weights, rebuilt: dict[str, torch.Tensor], whitener) -> float:
+    """Σ_l ||(W_l - Ŵ_l) S_l||² relative to Σ_l ||W_l S_l||², with S = I when uncalibrated."""
+    err = total = 0.0
+    for layer in fam.layers:
+        key = fam.key(layer)
+        if key not in rebuilt:
+            continue
+        w = weights[layer].double()
+        d = w - rebuilt[key].double()
+        wh = whitener(key)
+        w, d = whiten(w, wh), whiten(d, wh)
+        err += float(d.square().sum())
+        total += float(w.square().sum())
+    return err / total if total > 0 else err
+
+
+def exact(fp: FamilyPlan) -> bool:
+    """Whether the plan stores every layer whole, in its own dtype: it rebuilds the weights exactly,
+    so its error is 0 without a forward pass (a budget past the break-even, as SmolLM2's k and v
+    projections at 35% removed, where every candidate comes out dense)."""
+    return (fp.quant == "none" and fp.store_dtype == fp.dtype
+            and all(len(c.layers) == 1 and c.base_layer == c.layers[0] for c in fp.chunks))
+
+
+def common_whitener(fam: Family, layers, whitener, left: bool, damping: float):
+    """The whitening to compare ``layers`` by when one factor (the left one where ``left``) is
+    shared. Where that factor is on the side the whitening does not act on (nn.Linear's outputs,
+    Conv1D's), each layer's own whitening leaves its subspace as it is: ``whitener`` itself, exact.
+    Where it is on the inputs' side, one whitening for all, by the mean of the layers' Grams, as
+    _fit_basis whitens a group's basis by their sum."""
+    whs = {fam.key(x): whitener(fam.key(x)) for x in layers}
+    if any(wh is None for wh in whs.values()) or (next(iter(whs.values())).side == 0) != left:
+        return whitener
+    side = next(iter(whs.values())).side
+    mean = Whitener.from_gram(sum(wh.gram for wh in whs.values()) / len(whs), side, damping)
+    return lambda key: mean if key in whs else whitener(key)
+
+
+def spectrum(key: str, delta: torch.Tensor, whitener) -> torch.Tensor:
+    """Singular values of ``delta``, whitened by ``key``'s inputs when calibrated."""
+    return torch.linalg.svdvals(whiten(delta.double(), whitener(key)))
+
+
+def whiten(m: torch.Tensor, wh: Whitener | None) -> torch.Tensor:
+    """Whitener.whiten, or M itself without calibration."""
+    return m if wh is None else wh.whiten(m)
