@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import CALIB, EVAL
-from vlora_compress import CalibConfig, compress
+from vlora_compress import CalibConfig, compress, run
 from vlora_compress.evaluate.alternatives import Row, verdict
 from vlora_compress.cli.app import compress_main, inspect_main
 from vlora_compress.evaluate.scoring import EvalConfig, evaluate
@@ -18,7 +18,7 @@ def test_minilm_report_shows_int8_and_int4_alone_at_their_exact_bytes_and_int8_d
     file of exactly the row's bytes that scores the row's value."""
     out = tmp_path / "m.vlora.safetensors"
     cfg = EvalConfig(task="embedding", samples=40)
-    report = compress(minilm_dir, out, method="svd", ranks="uniform", target_size="0.5", target_of="stack",
+    report = run(minilm_dir, out, method="svd", ranks="uniform", target_size="0.5", target_of="stack",
                       calib=CALIB, calibration=CalibConfig(samples=64), eval_data=EVAL, eval_config=cfg)
     block = report.alternatives
     rows = {r["name"]: r for r in block["rows"]}
@@ -112,7 +112,8 @@ def test_below_4_bits_the_gptq_yardstick_takes_the_files_bytes():
     from vlora_compress.evaluate.alternatives import yardstick
     from vlora_compress.fit.integers import nbytes
 
-    families = [{"shape": [384, 384], "layers": list(range(6))}, {"shape": [1536, 384], "layers": list(range(6))}]
+    families = [{"shape": [384, 384], "dtype": "F32", "layers": list(range(6))},  # as the report's families
+                {"shape": [1536, 384], "dtype": "F32", "layers": list(range(6))}]
     cost = lambda scheme, group: sum(nbytes(tuple(f["shape"]), scheme, group) * 6 for f in families)  # noqa: E731
     assert yardstick(families, 10**9, 128) == ("int4", 128)
     assert yardstick(families, cost("int4", 128), 128) == ("int4", 128)

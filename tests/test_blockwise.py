@@ -124,7 +124,7 @@ def test_auto_plans_on_the_model_where_it_and_its_grams_fit_half_the_memory(llam
     """The checkpoint (1.0 MB) and its Grams (2.0 MB in float64, counted per family) against the device's memory:
     within half of it, planned on the model (loaded whole); past it, by blocks (loaded by layer);
     with the Grams on disk (``gram_dir``) only the model counts. The note says which and why."""
-    pipeline = importlib.import_module("vlora_compress.compress")  # the module, not the function
+    pipeline = importlib.import_module("vlora_compress.pipelines.registry")  # where choose reads the memory
 
     opts = dict(rank=4, calib=CALIB, calibration=CalibConfig(samples=16), force=True)
     seen = {}

@@ -161,7 +161,7 @@ def test_held_back_samples_can_come_from_other_text_and_the_planner_measures_on_
     which. A missing file is one line and exit 2, and no output is written."""
     import importlib
 
-    comp = importlib.import_module("vlora_compress.compress")  # the module, not the function the package exports
+    comp = importlib.import_module("vlora_compress.pipelines.registry")  # where the pipelines make the meter
     from conftest import EVAL
     from vlora_compress.calibrate.grams import read_calibration
     from vlora_compress.cli.app import compress_main

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CALIB, CORE, EVAL, tiny_model
-from vlora_compress import VloraError, compress
+from vlora_compress import VloraError, compress, run
 from vlora_compress.calibrate.grams import CalibConfig
 from vlora_compress.cli.app import eval_main
 from vlora_compress.evaluate.scoring import EvalConfig, evaluate
@@ -126,7 +126,7 @@ def test_vlora_eval_cli_json_and_one_line_errors(minilm_dir, tmp_path, capsys):
 
 
 def test_compress_eval_puts_figures_in_the_report(minilm_dir, tmp_path):
-    report = compress(minilm_dir, tmp_path / "m.vlora.safetensors", method="svd", ranks="uniform", target_size=0.5,
+    report = run(minilm_dir, tmp_path / "m.vlora.safetensors", method="svd", ranks="uniform", target_size=0.5,
                       target_of="stack", calib=CALIB, calibration=CalibConfig(samples=64), eval_data=EVAL,
                       eval_config=EvalConfig(task="embedding", samples=16))
     assert report.rank == 128 and report.stack_size_ratio == pytest.approx(0.5, abs=0.01)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CALIB, CORE, EVAL
-from vlora_compress import VloraError, compress, expand
+from vlora_compress import VloraError, compress, expand, run
 from vlora_compress.evaluate.check import Budgets, check
 from vlora_compress.cli.app import compress_main
 from vlora_compress.evaluate.scoring import EvalConfig, evaluate
@@ -138,9 +138,9 @@ def test_heal_cli_and_bad_input(minilm_dir, gpt2_file, tmp_path, capsys):
 
 def test_compress_distill_heals_the_written_file(minilm_dir, tmp_path):
     out = tmp_path / "d.vlora.safetensors"
-    plain = compress(minilm_dir, tmp_path / "p.vlora.safetensors", rank=8, chunks=2, eval_data=EVAL,
+    plain = run(minilm_dir, tmp_path / "p.vlora.safetensors", rank=8, chunks=2, eval_data=EVAL,
                      eval_config=EvalConfig(samples=32), **CORE)
-    report = compress(minilm_dir, out, rank=8, chunks=2, distill=CALIB, heal_config=HealConfig(steps=12,
+    report = run(minilm_dir, out, rank=8, chunks=2, distill=CALIB, heal_config=HealConfig(steps=12,
                       batch_size=16, lr=1e-3), eval_data=EVAL, eval_config=EvalConfig(samples=32), **CORE)
     h = report.healing
     assert h["steps"] == 12 and h["losses"][-1] < h["losses"][0] and h["tokens"] > 0 and h["device"] == "cpu"

@@ -85,7 +85,7 @@ def test_loading_by_layer_holds_one_layer_and_writes_what_loading_whole_writes(t
     report = compress(folder, by_layer, rank=6, calib=CALIB, **PER_LAYER)
     assert report.calibration["model_loaded"] == "by layer"
     assert real_at_once == [7] * 4  # q k v o gate up down of the one layer being fitted
-    monkeypatch.setattr(sys.modules["vlora_compress.compress"], "load_by_layer", lambda *a, **k: None)
+    monkeypatch.setattr(sys.modules["vlora_compress.calibrate.original"], "load_by_layer", lambda *a, **k: None)
     report = compress(folder, whole, rank=6, calib=CALIB, **PER_LAYER)
     assert report.calibration["model_loaded"] == "whole"
     assert by_layer.read_bytes() == whole.read_bytes()

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import CALIB, CORE, EVAL
 from vlora_compress import compress
+from vlora_compress import run as run_all
 from vlora_compress.calibrate.grams import CalibConfig
 from vlora_compress.cli.app import compress_main, eval_main, inspect_main
 from vlora_compress.evaluate.scoring import EvalConfig
@@ -51,7 +52,7 @@ def _png_size(path):
 def test_every_plot_kind_renders_a_real_picture(minilm_dir, tmp_path, capsys):
     reports = []
     for i, size in enumerate((0.5, 0.7)):
-        r = compress(minilm_dir, tmp_path / f"m{i}.vlora.safetensors", method="svd", ranks="uniform",
+        r = run_all(minilm_dir, tmp_path / f"m{i}.vlora.safetensors", method="svd", ranks="uniform",
                      target_size=size, target_of="stack", calib=CALIB, calibration=CalibConfig(samples=32),
                      eval_data=EVAL, eval_config=EvalConfig(samples=8))
         path = tmp_path / f"m{i}.json"

@@ -14,6 +14,7 @@ from .runtime.expand import expand, expand_to_file
 from .report.inspection import delta_spectra, inspect_checkpoint, inspect_source, inspect_vlora
 from .plan import Plan
 from .report.compress_report import CompressReport
+from .run import run
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "inspect_checkpoint",
     "inspect_source",
     "inspect_vlora",
+    "run",
 ]

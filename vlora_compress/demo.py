@@ -14,7 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import compress, delta_spectra
+from . import delta_spectra
+from .run import run
 from .calibrate.grams import CalibConfig
 from .io.data import BUNDLED
 from .errors import VloraError
@@ -42,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=300)
     args = ap.parse_args(argv)
     try:
-        run(args.out, args.target_size, args.calib_samples, args.eval_samples)
+        show(args.out, args.target_size, args.calib_samples, args.eval_samples)
     except VloraError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def run(out_dir: Path, target_size: str, calib_samples: int, eval_samples: int) -> None:
+def show(out_dir: Path, target_size: str, calib_samples: int, eval_samples: int) -> None:
     source = minilm_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "minilm.vlora.safetensors"
@@ -58,16 +59,16 @@ def run(out_dir: Path, target_size: str, calib_samples: int, eval_samples: int) 
                   eval_data=EVAL, eval_config=EvalConfig(task="embedding", samples=eval_samples), force=True)
     console.rule(f"vlora-compress all-MiniLM-L6-v2 --target-size {target_size} --target-of stack "
                  f"--calib {CALIB.name} --eval {EVAL.name}")
-    report = compress(source, target, progress=True, **common)
+    report = run(source, target, progress=True, **common)
     report.render(console)
     write_report(out_dir / "minilm.report.json", report.to_dict(), report.to_markdown())
     write_report(out_dir / "minilm.report.md", report.to_dict(), report.to_markdown())
 
     console.rule("the obvious alternatives at the same budget")
     alone = EvalConfig(task="embedding", samples=eval_samples, compare=())  # the plan's report has int8/int4
-    baseline = compress(source, out_dir / "minilm-svd.vlora.safetensors", method="svd", ranks="uniform",
+    baseline = run(source, out_dir / "minilm-svd.vlora.safetensors", method="svd", ranks="uniform",
                         **{**common, "eval_config": alone})
-    datafree = compress(source, out_dir / "minilm-datafree.vlora.safetensors", base="first", topology="chain",
+    datafree = run(source, out_dir / "minilm-datafree.vlora.safetensors", base="first", topology="chain",
                         bounds="equal", ranks="uniform", chunks=2, target_size=target_size, target_of="stack",
                         eval_data=EVAL, eval_config=alone, force=True)
     table = Table(title=f"mean embedding cosine to the original on {eval_samples} sentences of {EVAL.name}")

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from ..config import CalibConfig, CompressConfig
-from ..compress import compress
+from ..run import run
 from ..evaluate.scoring import DEFAULT_COMPARE, EvalConfig, default_task, evaluate
 from ..errors import Interrupted, VloraError
 from ..runtime.expand import expand_to_file
@@ -147,7 +147,7 @@ def compress_cmd(
                                 holdout_data=holdout_data, measure=calibration_measure),
         sequential=sequential, feedback=feedback, planning=planning, device=device,
     )
-    report = compress(
+    report = run(
         source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,
         distill=distill, heal_config=_heal_config(steps, minutes, device) if distill else None, force=force,
         progress=show,

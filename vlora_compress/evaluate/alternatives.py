@@ -29,9 +29,11 @@ and better), the command that makes it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..compress import compress
+from ..config import CompressConfig
 from ..io.checkpoint import open_checkpoint
 from ..evaluate.scoring import EvalConfig, EvalReport, evaluate_models, quantize_stacks, task_head
 from ..io.models import load_model, load_preprocessor, resolve_device
@@ -114,30 +116,40 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
     if "gptq" in eval_config.compare and gptq_file is not None and gptq_scheme not in nearest:
         nearest.append(gptq_scheme)  # the GPTQ yardstick's own scheme, rounded to nearest, beside it
     for scheme, group in nearest:
-        started = time.perf_counter()
-        model = load_model(source, bare, kind).to(device)
-        stored = quantize_stacks(model, Path(source), scheme, group)  # the stacks' bytes so stored
-        _, m = score(model)
-        del model
-        flag = f" --group-size {group}" if scheme != "int8" else ""
-        rows.append(Row(f"{scheme_label(scheme, group, g)} alone", original_bytes - stack_bytes + stored, m[0].model,
-                        time.perf_counter() - started,
-                        f"vlora-compress {source} --method dense --quantize {scheme}{flag} --rounding nearest"))
+        rows.append(_nearest_row(source, bare, kind, device, score, scheme, group, g, original_bytes - stack_bytes))
     made = [("gptq", f"{scheme_label(*gptq_scheme, g)} alone, GPTQ", gptq_file),
             ("svd", "per-layer SVD", svd_file and (lambda: svd_file(file_bytes)))]
-    for key, name, make in made:
-        if key not in eval_config.compare or make is None:  # not asked for, or not calibrated
-            continue
-        started = time.perf_counter()
-        path, command, nbytes = make()
-        try:
-            model = load_model(path, config_dir, kind).to(device)
-            _, m = score(model)
-            del model
-        finally:
-            Path(path).unlink(missing_ok=True)
-        rows.append(Row(name, nbytes, m[0].model, time.perf_counter() - started, command))
+    rows += [_made_row(name, make, config_dir, kind, device, score) for key, name, make in made
+             if key in eval_config.compare and make is not None]  # asked for, and calibrated where it must be
     return file_report, block(rows, headline.name, headline.higher_is_better)
+
+
+def _nearest_row(source, bare, kind: str, device, score, scheme: str, group: int, eval_group: int,
+                 rest_bytes: int) -> Row:
+    """The original with its stacks rounded to nearest in ``scheme``, scored."""
+    started = time.perf_counter()
+    model = load_model(source, bare, kind).to(device)
+    stored = quantize_stacks(model, Path(source), scheme, group)  # the stacks' bytes so stored
+    _, m = score(model)
+    del model
+    flag = f" --group-size {group}" if scheme != "int8" else ""
+    return Row(f"{scheme_label(scheme, group, eval_group)} alone", rest_bytes + stored, m[0].model,
+               time.perf_counter() - started,
+               f"vlora-compress {source} --method dense --quantize {scheme}{flag} --rounding nearest")
+
+
+def _made_row(name: str, make, config_dir, kind: str, device, score) -> Row:
+    """An alternative made by one more compress (``make()``: its path, command and bytes), scored and
+    removed."""
+    started = time.perf_counter()
+    path, command, nbytes = make()
+    try:
+        model = load_model(path, config_dir, kind).to(device)
+        _, m = score(model)
+        del model
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return Row(name, nbytes, m[0].model, time.perf_counter() - started, command)
 
 
 def block(rows: list[Row], metric: str, higher_is_better: bool) -> dict:
@@ -164,3 +176,32 @@ def verdict(rows: list[Row], metric: str, higher_is_better: bool) -> str:
     return f"This file is the best of these at or under its size ({human_bytes(mine.bytes)}, {metric} {mine.value:.4g}).{tail}"
 
 
+def svd_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, nbytes: int):
+    """(path, command, tensor bytes) of whitened per-layer SVD with uniform ranks at ``nbytes`` of
+    tensors, calibrated as the file was: the report's ``per-layer SVD`` row."""
+    quantize = "none" if config.quantize == "auto" else config.quantize
+    svd_config = replace(config, method="svd", ranks="uniform", base="auto", chunks=None, align=False,
+                         target_size=str(nbytes), target_of="model", target_bits=None, quantize=quantize)
+    flags = f"--method svd --ranks uniform --target-size {nbytes}B" + (f" --quantize {quantize}" if quantize != "none" else "")
+    return _alternative_file(source, out, "svd", svd_config, calib, config_dir, tokenizer, flags)
+
+
+def gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, scheme: str,
+                      group_size: int):
+    """(path, command, tensor bytes) of quantization alone in ``scheme`` with GPTQ rounding on the
+    file's calibration: the report's ``int4 alone, GPTQ`` row (alternatives.yardstick)."""
+    gptq_config = replace(config, method="dense", quantize=scheme, group_size=group_size, rounding="gptq",
+                          target_size=None, target_bits=None, base="auto", chunks=None, align=False, ranks="uniform",
+                          quantize_passthrough=False, base_quantize=None)
+    flags = f"--method dense --quantize {scheme} --group-size {group_size}"
+    return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, flags)
+
+
+def _alternative_file(source, out: Path, name: str, config: CompressConfig, calib, config_dir, tokenizer, flags: str):
+    """(path, command, tensor bytes) of one more compress of ``source`` beside ``out``, calibrated
+    as the file was: an alternatives row that is made, not read from the source."""
+    path = out.with_name(out.name + f".{name}-alternative")
+    report = compress(source, path, config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
+    command = (f"vlora-compress {source} {flags}"
+               + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else ""))
+    return path, command, report.compressed_bytes

@@ -42,13 +42,14 @@ from ..fit.factorise import LayerFit, fit_family
 from ..io.models import batches, token_limit
 from ..plan import SHARED, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
 from ..forms import candidate_bytes
+from ..forms.vlora import MAX_AUTO_CHUNKS
 from ..planning.search import plan_measured
 from ..planning.space import reference
 from ..progress import Progress
 from ..pipelines.sequential import SequentialFit, Stream, _block_of, _output, _unload, sequential_family, stack_layers
 from ..io.stacks import Stack, split_key
 
-BLOCKS = 3  # blocks per stack without `chunks`: as many as the chunk counts planning on the model tries
+BLOCKS = MAX_AUTO_CHUNKS  # blocks per stack without `chunks`: as many as the chunk counts planning on the model tries
 
 
 class BlockPlanner(SequentialFit):
