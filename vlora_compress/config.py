@@ -219,10 +219,12 @@ class CompressConfig:
         return "none" if self.quantize == "auto" else self.quantize
 
 
-def parse_size(text: str | float, field: str = "target_size") -> tuple[str, float]:
+def parse_size(text: str | float, field: str = "target_size", *, bytes_only: bool = False, zero: bool = False,
+               example: str = "40MB") -> tuple[str, float]:
     """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n).
 
-    ``field`` names the option in errors."""
+    ``field`` names the option in errors. ``bytes_only``: a fraction is refused (a size such as
+    ``example`` is asked for); ``zero``: 0 (``0``, ``0B``, ``0MB``) is a size, ("bytes", 0)."""
     units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
     raw = str(text).strip().upper().replace(" ", "")
     num = raw.rstrip("KMGIB")
@@ -231,8 +233,9 @@ def parse_size(text: str | float, field: str = "target_size") -> tuple[str, floa
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    kind = "fraction" if unit == "" and 0 < value <= 1 else "bytes"
+    if unit not in units or value < 0 or (value == 0 and not zero) or (bytes_only and kind == "fraction"):
+        if bytes_only:
+            raise VloraError(f"`{field}` must be a size such as {example}, not {text!r}")
         raise VloraError(f"`{field}` must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
-    if unit == "" and value <= 1:
-        return "fraction", value
-    return "bytes", value * units[unit]
+    return kind, value * units[unit]

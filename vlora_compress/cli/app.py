@@ -278,7 +278,9 @@ def check_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Exit 0 when every budget holds, 1 when one is exceeded (each rule with value, budget and difference)."""
-    budgets = merge(load_budgets(budgets_file), max_bytes=_size(max_bytes), max_size_ratio=max_size_ratio,
+    from_file = load_budgets(budgets_file)
+    size = None if max_bytes is None else parse_size(max_bytes, "max_bytes", bytes_only=True)[1]
+    budgets = merge(from_file, max_bytes=size, max_size_ratio=max_size_ratio,
                     max_params=max_params, max_eval_drop=parse_eval_drop(max_eval_drop),
                     baseline=str(baseline) if baseline else None, max_growth=max_growth, max_drop=max_drop,
                     max_drop_vs=max_drop_vs, min_heal_gain=min_heal_gain)
@@ -386,7 +388,8 @@ def heal_cmd(
     config = HealConfig(
         steps=steps, tokens=tokens, minutes=minutes, lr=lr, lr_dense=lr_dense, batch_size=batch_size,
         max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in losses or ()),
-        temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher, cache_bytes=_bytes(teacher_cache, "teacher_cache"),
+        temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher,
+        cache_bytes=int(parse_size(teacher_cache, "teacher_cache", bytes_only=True, zero=True, example="4GiB or 500MB")[1]),
         eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, precision=precision, parallel=parallel,
         checkpointing=checkpointing, quantization_aware=quantization_aware, local_steps=local_steps,
         local_lr=local_lr, local_batch_size=local_batch_size, local_samples=local_samples, local_share=local_share, seed=seed, device=device,
@@ -426,28 +429,6 @@ def _report_json(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise VloraError(f"{path}: not a vlora-compress report (.json from --report or --json)") from None
     return data
-
-
-def _size(text: str | None) -> float | None:
-    if text is None:
-        return None
-    kind, value = parse_size(text, "max_bytes")
-    if kind != "bytes":
-        raise VloraError(f"`max_bytes` must be a size such as 40MB, not {text!r}")
-    return value
-
-
-def _bytes(text: str, field: str) -> int:
-    """A size such as 4GiB or 500MB (0 allowed) as bytes; a fraction is not a size."""
-    if text.strip().upper() in ("0", "0B"):
-        return 0
-    try:
-        kind, value = parse_size(text, field)
-    except VloraError:
-        kind = None
-    if kind != "bytes":
-        raise VloraError(f"`{field}` must be a size such as 4GiB or 500MB, not {text!r}")
-    return int(value)
 
 
 def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
