@@ -113,6 +113,21 @@ def test_budgets_from_pyproject_toml_and_json(tmp_path, monkeypatch, capsys):
     assert code == 2 and "unknown budget 'max_parms'" in err
 
 
+def test_a_size_given_badly_names_its_own_field(tmp_path, capsys):
+    """--max-bytes and a budget file's max_bytes take a size (config.parse_size, bytes only); a bad one
+    in the file names the file and its field, not the flag or `target_size`."""
+    rep = _report(tmp_path / "r.json")
+    code, out, err = run([rep, "--max-bytes", "0.5"], capsys)
+    assert code == 2 and "--max-bytes must be a size such as 40MB, not '0.5'" in err
+    budgets = tmp_path / "b.toml"
+    for value in ('"lots"', "0.5"):
+        budgets.write_text(f"max_bytes = {value}\n")
+        code, out, err = run([rep, "--budgets", budgets], capsys)
+        assert code == 2 and f"{budgets}: max_bytes must be a size such as 40MB, not" in err and "target" not in err, err
+    budgets.write_text('max_bytes = "1.5 MiB"\n')
+    assert load_budgets(budgets).max_bytes == 1.5 * 2**20
+
+
 def test_check_reads_a_vlora_file_directly(gpt2_file, tmp_path, capsys):
     v = tmp_path / "g.vlora.safetensors"
     report = compress(gpt2_file, v, rank=2, chunks=2, **CORE)

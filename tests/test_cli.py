@@ -358,3 +358,30 @@ def test_the_heal_module_runs_the_heal_command_alone():
     done = subprocess.run([sys.executable, "-m", "vlora_compress.heal", "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0 and "--teacher" in done.stdout and "--rank" not in done.stdout
+
+
+def test_the_options_are_the_config_fields_with_their_flags_help_and_defaults(capsys):
+    """Each default, help text and flag is written once, in the config field's metadata: the compress
+    and heal commands take them from there, a help panel a part; the auto chunk range is the planner's."""
+    from dataclasses import fields
+
+    import typer
+
+    from vlora_compress.cli.app import compress_app
+    from vlora_compress.cli.options import COMPRESS_GROUPS, HEAL_GROUP
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.forms.vlora import MAX_AUTO_CHUNKS
+
+    commands = typer.main.get_command(compress_app).commands
+    for name, groups in (("compress", COMPRESS_GROUPS), ("heal", (HEAL_GROUP,))):
+        options = {p.opts[0]: p for p in commands[name].params}
+        for group in groups:
+            flagged = [f for f in fields(group.cls) if "flag" in f.metadata]
+            assert flagged and all(f.metadata["help"] for f in fields(group.cls))
+            for f in flagged:
+                option = options[f.metadata["flag"].split("/")[0]]
+                assert (option.help, option.default, option.rich_help_panel) == (f.metadata["help"], f.default, group.title)
+    assert all(f.metadata["help"] for f in fields(CompressConfig))
+    assert f"1 to {MAX_AUTO_CHUNKS} " in next(f for f in fields(CompressConfig) if f.name == "chunks").metadata["help"]
+    code, out, _ = run(compress_main, ["--help"], capsys)
+    assert code == 0 and all(group.title.split(" (")[0] in out for group in COMPRESS_GROUPS)

@@ -2,13 +2,16 @@
 
 The CLI builds a ``CompressConfig`` from its flags, the Python API takes one (or its fields as
 keywords), and the VLoRA file records it whole (``vlora.config``), so a file says how it was made.
+``CompressConfig`` is composed of parts (``PARTS``: form, target, storage, calibration, pipeline),
+each a frozen dataclass that checks its own fields. Every field's default, help text and flag are
+written once, in its metadata (``option``): the CLI's options are built from them (cli/options.py).
 Errors name the fields in backquotes (`rank`, `calibration.samples`); the CLI turns each into the
 flag that sets it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,25 +36,55 @@ PLANNINGS = ("auto", "blocks", "model")
 MEASURES = ("auto", "logits", "embedding", "hidden")
 
 
+def option(default=MISSING, flag: str | None = None, help: str = "", *, short: str | None = None,  # noqa: A002
+           cli_type: type | None = None, default_factory=MISSING):
+    """A dataclass field whose metadata holds its help text and its CLI flag (``--x`` or ``--x/--no-x``).
+
+    ``short`` is a one-letter alias (``-r``); ``cli_type`` the type the flag parses where it is not
+    the field's own (a path recorded as text); no ``flag``: the field has no option of its own."""
+    meta = {"help": help, **({"flag": flag} if flag else {}), **({"short": short} if short else {}),
+            **({"type": cli_type} if cli_type else {})}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise VloraError(f"`{name}` must be one of {', '.join(choices)}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
-    """How calibration data is read and its Grams kept (calibrate/grams.py)."""
+    """How calibration data is read and its Grams kept (calibrate/grams.py); used when calibration data
+    is given. Samples are the file's first ones; ``damping`` is δ over the Gram's mean eigenvalue
+    (fit/fit/svd.Whitener); Grams stored in fp32 are still summed a batch at a time in float64;
+    plans are measured as calibrate/grams.OutputMeter does, on samples the Grams did not see
+    (docs/planning.md)."""
 
-    samples: int = 512  # calibration samples read from the file (its first ones)
-    max_length: int = 128  # tokens per text sample
-    packing: str = "auto"  # text samples: lines (one per line, cut at max_length) | windows (the text
-    # run together and cut into windows of max_length tokens) | auto (windows for a causal LM, else lines)
-    batch_size: int = 32
-    damping: float = 1e-2  # δ / mean eigenvalue of the Gram, see factorise.Whitener
-    holdout: int = 32  # further samples kept back from the Grams, to measure plans on
-    holdout_data: str | None = None  # read those from this file's first samples instead of the
-    # calibration data's: plans measured on text the calibration did not see (docs/planning.md)
-    measure: str = "auto"  # what a plan's error on them is (calibrate.OutputMeter): logits (a causal LM's
-    # next-token KL from the original) | embedding (1 - cosine of pooled embeddings) | hidden (the final
-    # hidden states' relative squared error) | auto (logits for a causal LM, embedding for a model
-    # without a head, else hidden: what vlora-eval scores the model by)
-    gram_dtype: str = "fp64"  # storage of the Grams; each batch is still summed in float64
-    gram_dir: str | None = None  # keep the Grams in memory-mapped files here, not in RAM
+    samples: int = option(512, "--calib-samples", "Calibration samples to use (the file's first N lines, or windows).")
+    max_length: int = option(128, "--calib-max-length",
+                             "Tokens per calibration sample (a line is cut there; a window is that long).")
+    packing: str = option("auto", "--calib-packing",
+                          "Text samples: lines (one per line), windows (the text run together, cut every "
+                          "--calib-max-length tokens) or auto (windows for a causal LM, lines otherwise).")
+    batch_size: int = option(32, help="Calibration samples a forward pass.")
+    damping: float = option(1e-2, help="Whitening's damping: δ over the mean eigenvalue of the Gram.")
+    holdout: int = option(32, "--calib-holdout",
+                          "Further samples kept back from the Grams, on which the planner measures every candidate "
+                          "plan (the model's output error).")
+    holdout_data: str | None = option(None, "--holdout-data",
+                                      "Read the --calib-holdout samples from this file (the same kinds as --calib) "
+                                      "instead of the calibration data's tail: plans measured on text the "
+                                      "calibration did not see.", cli_type=Path)
+    measure: str = option("auto", "--measure",
+                          "What the planner measures each candidate plan by on the held-back samples: logits (a "
+                          "causal LM's next-token KL from the original, what perplexity feels), embedding (1 - "
+                          "cosine of the pooled embeddings), hidden (the final hidden states' relative error) or "
+                          "auto (logits for a causal LM, embedding for a model without a head, else hidden).")
+    gram_dtype: str = option("fp64", "--gram-dtype",
+                             "Store calibration Grams as fp64 or fp32 (half the memory).")
+    gram_dir: str | None = option(None, "--gram-dir",
+                                  "Keep calibration Grams in memory-mapped files in this folder instead of RAM.",
+                                  cli_type=Path)
 
     def __post_init__(self):
         if self.gram_dir is not None:
@@ -62,10 +95,8 @@ class CalibConfig:
             raise VloraError(f"`calibration.gram_dtype` must be fp64 or fp32, not {self.gram_dtype!r}")
         if self.gram_dir is not None and not Path(self.gram_dir).is_dir():
             raise VloraError(f"{self.gram_dir}: `calibration.gram_dir` must be an existing folder")
-        if self.packing not in PACKINGS:
-            raise VloraError(f"`calibration.packing` must be one of {', '.join(PACKINGS)}, not {self.packing!r}")
-        if self.measure not in MEASURES:
-            raise VloraError(f"`calibration.measure` must be one of {', '.join(MEASURES)}, not {self.measure!r}")
+        _one_of("calibration.packing", self.packing, PACKINGS)
+        _one_of("calibration.measure", self.measure, MEASURES)
         if self.holdout < 0:
             raise VloraError(f"`calibration.holdout` must be at least 0, not {self.holdout}")
         for name in ("samples", "max_length", "batch_size"):
@@ -76,75 +107,73 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
-class CompressConfig:
-    """What the user chose. Everything else in a plan follows from this and the checkpoint."""
+class FormPart:
+    """What each family is stored as: bases, rank-r increments and how layers share them. ``chunks``
+    None: the budget counts one chunk and the planner tries 1 to 3 (``MAX_AUTO_CHUNKS``). ``shared``
+    None (auto) is resolved by compress(); the file records what was asked, and the plan's notes say
+    where auto tried shared bases (docs/planning.md). ``align``: fit/align.py."""
 
-    rank: int = 4
-    chunks: int | None = None  # None: 1 for the budget, and the planner tries 1..4
-    method: str = "vlora"  # vlora: shared bases and increments; svd: every layer its own factors;
-    # dense: every layer whole, stored as `quantize` (and `dtype`) say: quantization alone
-    base: str = "auto"  # first | mean | best | none | auto (chosen per family by measurement)
-    topology: str = "auto"  # chain | star | shared (a basis per chunk, W_l = B_l A; zero base) | auto
-    shared: bool | None = None  # under topology auto, also try a basis shared by groups of 2 to 4 layers;
-    # None (auto): on where the plan is measured by a causal LM's next-token KL (calibrated, planned on the
-    # model, `quantize` not auto), off elsewhere: it measured better end to end on SmolLM2-135M and worse on
-    # all-MiniLM-L6-v2 (docs/planning.md). compress() resolves it; the file records what was asked, and the
-    # plan's notes say where auto tried them
-    bounds: str = "dp"  # dp: chunk bounds by dynamic programming; equal: equal split
-    ranks: str = "measured"  # measured: move bytes between families by measured output error
-    # (needs calibration); uniform: one rank everywhere
-    align: bool = False  # align each layer's neurons and heads to the layer before first (fit/align.py)
-    target_size: str | None = None  # a fraction ("0.35") or a size ("40MB"): the largest rank that fits
-    target_of: str = "model"  # what target_size is a share of: model | stack
-    target_bits: float | None = None  # instead of target_size: bits a weight over the stacks' factorised
-    # weights (2.5: a 2.5-bit budget for every stack matrix, scales and bases included)
-    svd: str = "auto"  # exact | randomized | auto (exact where it is cheap)
-    dtype: str | None = None  # storage dtype of factorised tensors; None keeps the input's
-    seed: int = 0  # seeds the randomised SVD, so one input gives one output
-    niter: int = 4  # power iterations of the randomised SVD
-    quantize: str = "none"  # none | int8 | int4 | int3 | int2: integer storage of bases and factors (fit/integers.py);
-    # auto: the planner chooses per family, by measured error at equal bytes (docs/planning.md)
-    base_quantize: str | None = None  # int8 | int4 | int3 | int2: the bases' integers where they differ from
-    # `quantize`'s (the factors'): with method svd every layer is its own base in these integers under a
-    # rank-r increment, W ≈ Q + B A; with vlora each chunk's base is (VLoRA over a quantized base)
-    group_size: int = 128  # int4, int3, int2: values per scale along a row
-    rounding: str = "gptq"  # integers of calibrated layers: gptq (chosen against the inputs' Grams,
-    # quantize.gptq) | nearest; without calibration always nearest
-    quantize_passthrough: bool = False  # also large pass-through matrices (embeddings): int8 under auto
-    calibration: CalibConfig = field(default_factory=CalibConfig)  # used when calibration data is given
-    sequential: bool = True  # calibrated: Grams and fits a layer at a time (pipelines/sequential.py), one layer's
-    # Grams in memory; off: every Gram from the original model at once
-    device: str = "auto"  # where calibration, whitening, decompositions, alignment and planning run:
-    # auto (CUDA when present) | cpu | cuda | cuda:N; weights stay in their dtype, the CPU only at the writer
-    feedback: str = "inputs"  # sequential: none (original activations) | inputs (each layer's Grams from
-    # what the compressed layers before it feed it) | outputs (and fitted to the original's outputs)
-    planning: str = "auto"  # calibrated, sequential plans by measurement: blocks (each block of layers,
-    # the chunk, planned on its own Grams and output error, then fitted and passed on: never the model
-    # or all Grams in memory; pipelines/blocks.py) | model (every Gram and the whole model's output error) |
-    # auto (model where the model and all its Grams take at most half the device's memory, else blocks)
+    rank: int = option(4, "--rank", "Rank of each layer's increment over the layer before it.", short="-r")
+    chunks: int | None = option(None, "--chunks", "Contiguous chunks per stack, each with one base; by default the "
+                                "planner tries 1 to 3 (the budget counts one).", short="-c")
+    method: str = option("vlora", "--method",
+                         "vlora (shared bases and increments), svd (every layer its own low-rank factors: the "
+                         "baseline) or dense (every layer whole, as --quantize stores it: quantization alone).")
+    base: str = option("auto", "--base", "first, mean (whitened mean, stored once), best (least residual), none "
+                       "(per-layer SVD) or auto (chosen per family by measured error).")
+    topology: str = option("auto", "--topology",
+                           "chain (each layer over its neighbour), star (each over the base), shared (no base: one "
+                           "right factor per chunk that every layer's own left factor reads, W_l = B_l A: for "
+                           "nn.Linear the inputs' side), shared-left (one left factor per chunk, W_l = B A_l: the "
+                           "outputs' side) or auto.")
+    shared: bool | None = option(None, "--shared/--no-shared",
+                                 "With --topology auto, also try a basis shared by groups of 2 to 4 layers (either "
+                                 "factor; adjacent layers, or grouped by how alike their subspaces are), by "
+                                 "measurement like every form. By default on where the plan is measured by a causal "
+                                 "LM's next-token KL (calibrated, planned on the model, --quantize not auto), off "
+                                 "elsewhere: on SmolLM2-135M it measured 15%, 5% and 6% better than per-layer SVD at "
+                                 "20%, 35% and 50% removed, for about 2.5 times the planning time; on "
+                                 "all-MiniLM-L6-v2 it measured worse end to end.")
+    bounds: str = option("dp", "--bounds", "dp (chunk bounds by dynamic programming on the deltas) or equal.")
+    ranks: str = option("measured", "--ranks", "measured (move bytes between families by measured output error; "
+                        "needs --calib) or uniform.")
+    align: bool = option(False, "--align", "Align each layer's MLP neurons and attention heads to the layer before it "
+                         "first (same function, smaller deltas).")
 
-    def __post_init__(self):
+    def _check_form(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise VloraError(f"`rank` must be a whole number of at least 1, not {self.rank!r}")
         if self.chunks is not None and (not isinstance(self.chunks, int) or self.chunks < 1):
             raise VloraError(f"`chunks` must be a whole number of at least 1, not {self.chunks!r}")
-        if self.method not in METHODS:
-            raise VloraError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.base not in BASES:
-            raise VloraError(f"`base` must be one of {', '.join(BASES)}, not {self.base!r}")
-        if self.topology not in TOPOLOGY_CHOICES:
-            raise VloraError(f"`topology` must be one of {', '.join(TOPOLOGY_CHOICES)}, not {self.topology!r}")
-        if self.ranks not in RANK_CHOICES:
-            raise VloraError(f"`ranks` must be one of {', '.join(RANK_CHOICES)}, not {self.ranks!r}")
+        _one_of("method", self.method, METHODS)
+        _one_of("base", self.base, BASES)
+        _one_of("topology", self.topology, TOPOLOGY_CHOICES)
+        _one_of("ranks", self.ranks, RANK_CHOICES)
         if self.shared not in (None, True, False):
             raise VloraError(f"`shared` must be true, false or null (auto), not {self.shared!r}")
-        if self.bounds not in BOUNDS:
-            raise VloraError(f"`bounds` must be one of {', '.join(BOUNDS)}, not {self.bounds!r}")
+        _one_of("bounds", self.bounds, BOUNDS)
         if self.topology in ("shared", "shared-left") and (self.base not in ("auto", "none") or self.method != "vlora"):
             raise VloraError(f"`topology` {self.topology} stores a basis per chunk and no base: it takes `base` none "
                              "or auto and `method` vlora")
         if self.method in ("svd", "dense") and self.base not in ("auto", "none"):
             raise VloraError(f"`method` {self.method} stores every layer alone; it takes no `base` {self.base}")
+
+
+@dataclass(frozen=True)
+class TargetPart:
+    """How large, instead of ``rank``: a byte budget, for which the largest rank that fits is chosen
+    (or, with ``quantize`` auto, that the planner shares out)."""
+
+    target_size: str | None = option(None, "--target-size",
+                                     "Choose the largest uniform rank that fits: a fraction such as 0.35, or a size "
+                                     "such as 40MB. Overrides --rank.")
+    target_of: str = option("model", "--target-of", "What --target-size is a fraction of: model (the whole "
+                            "checkpoint) or stack (the factorised layers).")
+    target_bits: float | None = option(None, "--target-bits",
+                                       "Instead of --target-size: a budget of this many bits a weight over the stacks' "
+                                       "factorised weights (scales and dense bases included), e.g. 2.5.")
+
+    def _check_target(self) -> None:
         if self.target_bits is not None and (self.target_size is not None or isinstance(self.target_bits, bool)
                                              or not isinstance(self.target_bits, (int, float)) or not self.target_bits > 0):
             raise VloraError(f"`target_bits` must be a positive number of bits a weight, given instead of "
@@ -156,38 +185,124 @@ class CompressConfig:
         if self.target_size is not None:
             object.__setattr__(self, "target_size", str(self.target_size))  # 0.35 and "0.35" alike
             parse_size(self.target_size)
-        if self.target_of not in TARGETS_OF:
-            raise VloraError(f"`target_of` must be one of {', '.join(TARGETS_OF)}, not {self.target_of!r}")
-        if self.svd not in SVD_METHODS:
-            raise VloraError(f"`svd` must be one of {', '.join(SVD_METHODS)}, not {self.svd!r}")
+        _one_of("target_of", self.target_of, TARGETS_OF)
+
+
+@dataclass(frozen=True)
+class StoragePart:
+    """How the factors are stored and computed: dtype, integers (fit/integers.py, GPTQ rounding
+    fit/integers.gptq) and the SVD. ``quantize`` auto: the planner chooses per family (docs/planning.md)."""
+
+    dtype: str | None = option(None, "--dtype",
+                               "Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")
+    quantize: str = option("none", "--quantize",
+                           "Store bases and factors as none, int8 (per row), or int4, int3 or int2 (per group of a "
+                           "row, packed 4, 3 or 2 bits a value), or int3-midrise or int2-midrise (the same bits on "
+                           "grids with no zero level that use every code); each increment is fitted against the "
+                           "quantized layer before it. auto: the planner picks per family, by measured error at "
+                           "equal bytes, between more rank in fewer bits and less rank in the store dtype (none, "
+                           "int8, int4), every layer dense in int8 to int2 (quantization alone), and every layer a "
+                           "dense int4, int3-midrise or int2-midrise base under a low-rank int4 increment "
+                           "(W ≈ Q + BA).")
+    base_quantize: str | None = option(None, "--base-quantize",
+                                       "Store bases as int8, int4, int3, int2, int3-midrise or int2-midrise apart from "
+                                       "their factors (--quantize); under a low-rank increment the mid-rise grids "
+                                       "measure better. With --method svd every layer becomes its own base in these "
+                                       "integers under a rank-r increment fitted to what the rounding lost "
+                                       "(W ≈ Q + BA, CALDERA's form); with vlora, each chunk's base.")
+    group_size: int = option(128, "--group-size", "int4, int3, int2: values per float16 scale along a row.")
+    rounding: str = option("gptq", "--rounding",
+                           "How calibrated layers stored as integers are rounded: gptq (each input column's error "
+                           "spread over the columns not yet rounded, against the calibration Grams) or nearest. "
+                           "Without --calib always nearest.")
+    quantize_passthrough: bool = option(False, "--quantize-passthrough",
+                                        "Also store large pass-through matrices (2-D, at least 65,536 values: "
+                                        "embeddings, a head) with the --quantize scheme (int8 under auto); expand "
+                                        "gives them back in their own dtype.")
+    svd: str = option("auto", "--svd", "auto, exact or randomized. auto: exact SVD up to 1024 on the short side or "
+                      "when rank >= 1/4 of it.")
+    seed: int = option(0, "--seed", "Seed of the randomized SVD; the same input and options give the same bytes.")
+    niter: int = option(4, help="Power iterations of the randomized SVD.")
+
+    def _check_storage(self) -> None:
+        _one_of("svd", self.svd, SVD_METHODS)
         if self.dtype is not None and self.dtype not in STORE_DTYPES:
             raise VloraError(f"`dtype` must be one of fp32, fp16, bf16, not {self.dtype!r}")
         if self.niter < 0:
             raise VloraError(f"`niter` must be at least 0, not {self.niter}")
-        if self.quantize not in QUANTIZE_CHOICES:
-            raise VloraError(f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
+        _one_of("quantize", self.quantize, QUANTIZE_CHOICES)
         check_scheme(self.family_scheme, self.group_size)
         if self.base_quantize is not None:
-            if self.base_quantize not in SCHEMES or self.base_quantize == "none":
-                raise VloraError(f"`base_quantize` must be one of {', '.join(SCHEMES[1:])}, not {self.base_quantize!r}")
+            _one_of("base_quantize", self.base_quantize, SCHEMES[1:])  # every scheme but none
             if (self.quantize == "auto" or self.method == "dense" or self.topology in ("shared", "shared-left")
                     or self.base == "none"):
                 raise VloraError("`base_quantize` stores bases apart from their factors: it takes `method` svd or "
                                  "vlora with bases, a `quantize` that is not auto (auto weighs quantized bases "
                                  "itself), and no `topology` shared")
             check_scheme(self.base_quantize, self.group_size)
-        if self.rounding not in ROUNDINGS:
-            raise VloraError(f"`rounding` must be one of {', '.join(ROUNDINGS)}, not {self.rounding!r}")
+        _one_of("rounding", self.rounding, ROUNDINGS)
         if self.quantize_passthrough and self.quantize == "none":
             raise VloraError("`quantize_passthrough` needs `quantize` int8, int4, int3, int2 or auto")
+
+    @property
+    def passthrough_scheme(self) -> str:
+        if not self.quantize_passthrough:
+            return "none"
+        return "int8" if self.quantize == "auto" else self.quantize
+
+    @property
+    def family_scheme(self) -> str:
+        """The scheme of every family when it is fixed; under ``auto`` the float one is the reference."""
+        return "none" if self.quantize == "auto" else self.quantize
+
+
+@dataclass(frozen=True)
+class PipelinePart:
+    """In what order and where a calibrated compression runs: layer by layer (pipelines/sequential.py),
+    by blocks (pipelines/blocks.py) or on the whole model; on which device."""
+
+    sequential: bool = option(True, "--sequential/--no-sequential",
+                              "With --calib: collect Grams and fit one layer at a time, one layer's Grams in memory "
+                              "(default); or every Gram from the original model at once.")
+    feedback: str = option("inputs", "--feedback",
+                           "Sequential: inputs (each layer whitened by what the layers compressed before it feed it; "
+                           "default), none (the original activations throughout) or outputs (and fitted to give the "
+                           "original's outputs from those inputs; needs much calibration data).")
+    planning: str = option("auto", "--planning",
+                           "With --calib (sequential), for a plan chosen by measurement: model (every Gram and the "
+                           "whole model's output error), blocks (each stack cut into --chunks blocks, 3 by default, "
+                           "planned on the block's own Grams and output error, fitted and passed on: one block in "
+                           "memory, never the whole model or every Gram), or auto: model where the model and its "
+                           "Grams take at most half the device's memory, else blocks. --quantize auto always plans "
+                           "on the model.")
+    device: str = option("auto", "--device",
+                         "Where every stage runs (calibration, whitening, decompositions, alignment, planning, eval "
+                         "and --distill): auto (CUDA when present), cpu, cuda or cuda:N. Weights keep their dtype; "
+                         "only the writer is on the CPU.")
+
+    def _check_pipeline(self) -> None:
         try:
             torch.device(self.device if self.device != "auto" else "cpu")
         except (RuntimeError, TypeError):
             raise VloraError(f"`device` {self.device!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
-        if self.feedback not in FEEDBACK:
-            raise VloraError(f"`feedback` must be one of {', '.join(FEEDBACK)}, not {self.feedback!r}")
-        if self.planning not in PLANNINGS:
-            raise VloraError(f"`planning` must be one of {', '.join(PLANNINGS)}, not {self.planning!r}")
+        _one_of("feedback", self.feedback, FEEDBACK)
+        _one_of("planning", self.planning, PLANNINGS)
+
+
+@dataclass(frozen=True)
+class CompressConfig(PipelinePart, StoragePart, TargetPart, FormPart):
+    """What the user chose. Everything else in a plan follows from this and the checkpoint.
+
+    Its fields are its parts' (``PARTS``), flat (``config.rank``, ``CompressConfig(rank=4)``), and
+    ``calibration``; each part checks its own, in the order of ``__post_init__``."""
+
+    calibration: CalibConfig = option(help="Used when calibration data is given.", default_factory=CalibConfig)
+
+    def __post_init__(self):
+        self._check_form()
+        self._check_target()
+        self._check_storage()
+        self._check_pipeline()
         if not isinstance(self.calibration, CalibConfig):
             raise VloraError("`calibration` must be a CalibConfig")
 
@@ -207,22 +322,22 @@ class CompressConfig:
             values["calibration"] = CalibConfig(**{k: v for k, v in values["calibration"].items() if k in calib_known})
         return cls(**values)
 
-    @property
-    def passthrough_scheme(self) -> str:
-        if not self.quantize_passthrough:
-            return "none"
-        return "int8" if self.quantize == "auto" else self.quantize
 
-    @property
-    def family_scheme(self) -> str:
-        """The scheme of every family when it is fixed; under ``auto`` the float one is the reference."""
-        return "none" if self.quantize == "auto" else self.quantize
+PARTS = {  # CompressConfig's parts by title (the CLI's help panels); the calibration's is nested
+    "Form (rank, chunks, bases)": FormPart,
+    "Target (a size instead of --rank)": TargetPart,
+    "Storage (dtype, integers, SVD)": StoragePart,
+    "Calibration": CalibConfig,
+    "Pipeline (calibrated runs, device)": PipelinePart,
+}
 
 
-def parse_size(text: str | float, field: str = "target_size") -> tuple[str, float]:
+def parse_size(text: str | float, field: str = "target_size", *, bytes_only: bool = False, zero: bool = False,
+               example: str = "40MB") -> tuple[str, float]:
     """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n).
 
-    ``field`` names the option in errors."""
+    ``field`` names the option in errors. ``bytes_only``: a fraction is refused (a size such as
+    ``example`` is asked for); ``zero``: 0 (``0``, ``0B``, ``0MB``) is a size, ("bytes", 0)."""
     units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
     raw = str(text).strip().upper().replace(" ", "")
     num = raw.rstrip("KMGIB")
@@ -231,8 +346,9 @@ def parse_size(text: str | float, field: str = "target_size") -> tuple[str, floa
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    kind = "fraction" if unit == "" and 0 < value <= 1 else "bytes"
+    if unit not in units or value < 0 or (value == 0 and not zero) or (bytes_only and kind == "fraction"):
+        if bytes_only:
+            raise VloraError(f"`{field}` must be a size such as {example}, not {text!r}")
         raise VloraError(f"`{field}` must be a fraction such as 0.35 or a size such as 40MB, not {text!r}")
-    if unit == "" and value <= 1:
-        return "fraction", value
-    return "bytes", value * units[unit]
+    return kind, value * units[unit]

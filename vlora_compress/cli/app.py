@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..config import CalibConfig, CompressConfig
+from ..config import CalibConfig, CompressConfig, parse_size
 from ..run import run
 from ..evaluate.scoring import DEFAULT_COMPARE, EvalConfig, default_task, evaluate
 from ..errors import Interrupted, VloraError
@@ -36,8 +35,9 @@ from ..report.inspection import (
     render_vlora,
     subspace_sharing,
 )
-from ..config import parse_size
+from ..heal.config import TRAINABLE, HealConfig
 from ..report.compress_report import healing_line, markdown_heal, write_report
+from .options import CALIB_GROUP, COMPRESS_GROUPS, HEAL_GROUP, config_values, flags_for_fields, with_fields
 
 stdout = Console()
 
@@ -75,57 +75,30 @@ inspect_app = _app("Show layer stacks, delta spectra and sizes of a checkpoint o
 eval_app = _app("Evaluate a model on local data, side by side with the original.")
 heal_app = _app("Heal a VLoRA file by distillation from the original model, keeping its structure and size.")
 
+# help panels of hand-written options (the config's fields have theirs: cli/options.py); --calib joins its part's
+CALIBRATION, EVALUATION, HEALING = CALIB_GROUP.title, "Evaluation (--eval)", "Healing (--distill)"
+
 
 @compress_app.command("compress")
+@with_fields(*COMPRESS_GROUPS)
 def compress_cmd(
     source: Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a model folder.")],
-    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer's increment over the layer before it.")] = 4,
-    chunks: Annotated[Optional[int], typer.Option("--chunks", "-c", help="Contiguous chunks per stack, each with one base; by default the planner tries 1 to 3 (the budget counts one).")] = None,
-    method: Annotated[str, typer.Option("--method", help="vlora (shared bases and increments), svd (every layer its own low-rank factors: the baseline) or dense (every layer whole, as --quantize stores it: quantization alone).")] = "vlora",
-    base: Annotated[str, typer.Option("--base", help="first, mean (whitened mean, stored once), best (least residual), none (per-layer SVD) or auto (chosen per family by measured error).")] = "auto",
-    topology: Annotated[str, typer.Option("--topology", help="chain (each layer over its neighbour), star (each over the base), shared (no base: one right factor per chunk that every layer's own left factor reads, W_l = B_l A: for nn.Linear the inputs' side), shared-left (one left factor per chunk, W_l = B A_l: the outputs' side) or auto.")] = "auto",
-    shared: Annotated[Optional[bool], typer.Option("--shared/--no-shared", help="With --topology auto, also try a basis shared by groups of 2 to 4 layers (either factor; adjacent layers, or grouped by how alike their subspaces are), by measurement like every form. By default on where the plan is measured by a causal LM's next-token KL (calibrated, planned on the model, --quantize not auto), off elsewhere: on SmolLM2-135M it measured 15%, 5% and 6% better than per-layer SVD at 20%, 35% and 50% removed, for about 2.5 times the planning time; on all-MiniLM-L6-v2 it measured worse end to end.")] = None,
-    bounds: Annotated[str, typer.Option("--bounds", help="dp (chunk bounds by dynamic programming on the deltas) or equal.")] = "dp",
-    ranks: Annotated[str, typer.Option("--ranks", help="measured (move bytes between families by measured output error; needs --calib) or uniform.")] = "measured",
-    align: Annotated[bool, typer.Option("--align", help="Align each layer's MLP neurons and attention heads to the layer before it first (same function, smaller deltas).")] = False,
-    target_size: Annotated[Optional[str], typer.Option("--target-size", help="Choose the largest uniform rank that fits: a fraction such as 0.35, or a size such as 40MB. Overrides --rank.")] = None,
-    target_of: Annotated[str, typer.Option("--target-of", help="What --target-size is a fraction of: model (the whole checkpoint) or stack (the factorised layers).")] = "model",
-    target_bits: Annotated[Optional[float], typer.Option("--target-bits", help="Instead of --target-size: a budget of this many bits a weight over the stacks' factorised weights (scales and dense bases included), e.g. 2.5.")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.")] = None,
-    calibration_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use (the file's first N lines, or windows).")] = 512,
-    calibration_max_length: Annotated[int, typer.Option("--calib-max-length", help="Tokens per calibration sample (a line is cut there; a window is that long).")] = 128,
-    calibration_holdout: Annotated[int, typer.Option("--calib-holdout", help="Further samples kept back from the Grams, on which the planner measures every candidate plan (the model's output error).")] = 32,
-    holdout_data: Annotated[Optional[Path], typer.Option("--holdout-data", help="Read the --calib-holdout samples from this file (the same kinds as --calib) instead of the calibration data's tail: plans measured on text the calibration did not see.")] = None,
-    calibration_measure: Annotated[str, typer.Option("--measure", help="What the planner measures each candidate plan by on the held-back samples: logits (a causal LM's next-token KL from the original, what perplexity feels), embedding (1 - cosine of the pooled embeddings), hidden (the final hidden states' relative error) or auto (logits for a causal LM, embedding for a model without a head, else hidden).")] = "auto",
-    calibration_packing: Annotated[str, typer.Option("--calib-packing", help="Text samples: lines (one per line), windows (the text run together, cut every --calib-max-length tokens) or auto (windows for a causal LM, lines otherwise).")] = "auto",
-    gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="Store calibration Grams as fp64 or fp32 (half the memory).")] = "fp64",
-    gram_dir: Annotated[Optional[Path], typer.Option("--gram-dir", help="Keep calibration Grams in memory-mapped files in this folder instead of RAM.")] = None,
-    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="With --calib: collect Grams and fit one layer at a time, one layer's Grams in memory (default); or every Gram from the original model at once.")] = True,
-    feedback: Annotated[str, typer.Option("--feedback", help="Sequential: inputs (each layer whitened by what the layers compressed before it feed it; default), none (the original activations throughout) or outputs (and fitted to give the original's outputs from those inputs; needs much calibration data).")] = "inputs",
-    planning: Annotated[str, typer.Option("--planning", help="With --calib (sequential), for a plan chosen by measurement: model (every Gram and the whole model's output error), blocks (each stack cut into --chunks blocks, 3 by default, planned on the block's own Grams and output error, fitted and passed on: one block in memory, never the whole model or every Gram), or auto: model where the model and its Grams take at most half the device's memory, else blocks. --quantize auto always plans on the model.")] = "auto",
-    config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).")] = None,
-    eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.")] = None,
-    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = None,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="With --eval: more alternatives to score beside the file, besides int8 and int4 alone and, when calibrated, int4 alone rounded by GPTQ (comma list; svd: whitened per-layer SVD at the file's bytes, one more compress).")] = None,
-    no_compare: Annotated[bool, typer.Option("--no-compare", help="With --eval: score the file alone, no alternatives (a CI run that only needs the check).")] = False,
-    distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.")] = 150,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", help="With --distill: stop healing after this much wall time.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Where every stage runs (calibration, whitening, decompositions, alignment, planning, eval and --distill): auto (CUDA when present), cpu, cuda or cuda:N. Weights keep their dtype; only the writer is on the CPU.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; by default <source name>.vlora.safetensors beside the source.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")] = None,
-    quantize: Annotated[str, typer.Option("--quantize", help="Store bases and factors as none, int8 (per row), or int4, int3 or int2 (per group of a row, packed 4, 3 or 2 bits a value), or int3-midrise or int2-midrise (the same bits on grids with no zero level that use every code); each increment is fitted against the quantized layer before it. auto: the planner picks per family, by measured error at equal bytes, between more rank in fewer bits and less rank in the store dtype (none, int8, int4), every layer dense in int8 to int2 (quantization alone), and every layer a dense int4, int3-midrise or int2-midrise base under a low-rank int4 increment (W ≈ Q + BA).")] = "none",
-    base_quantize: Annotated[Optional[str], typer.Option("--base-quantize", help="Store bases as int8, int4, int3, int2, int3-midrise or int2-midrise apart from their factors (--quantize); under a low-rank increment the mid-rise grids measure better. With --method svd every layer becomes its own base in these integers under a rank-r increment fitted to what the rounding lost (W ≈ Q + BA, CALDERA's form); with vlora, each chunk's base.")] = None,
-    group_size: Annotated[int, typer.Option("--group-size", help="int4, int3, int2: values per float16 scale along a row.")] = 128,
-    rounding: Annotated[str, typer.Option("--rounding", help="How calibrated layers stored as integers are rounded: gptq (each input column's error spread over the columns not yet rounded, against the calibration Grams) or nearest. Without --calib always nearest.")] = "gptq",
-    quantize_passthrough: Annotated[bool, typer.Option("--quantize-passthrough", help="Also store large pass-through matrices (2-D, at least 65,536 values: embeddings, a head) with the --quantize scheme (int8 under auto); expand gives them back in their own dtype.")] = False,
-    svd: Annotated[str, typer.Option("--svd", help="auto, exact or randomized. auto: exact SVD up to 1024 on the short side or when rank >= 1/4 of it.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; the same input and options give the same bytes.")] = 0,
+    config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model folder (config.json, tokenizer) when SOURCE is a bare file.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data (.txt or .jsonl text; a folder of images or .npz): whiten every fit by the original model's layer inputs.", rich_help_panel=CALIBRATION)] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result against the original on this data (see vlora-eval).", rich_help_panel=EVALUATION)] = None,
+    eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="embedding, perplexity, classification or logits; by default from the model's head.", rich_help_panel=EVALUATION)] = None,
+    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Evaluate on the data's first N samples.", rich_help_panel=EVALUATION)] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="With --eval: more alternatives to score beside the file, besides int8 and int4 alone and, when calibrated, int4 alone rounded by GPTQ (comma list; svd: whitened per-layer SVD at the file's bytes, one more compress).", rich_help_panel=EVALUATION)] = None,
+    no_compare: Annotated[bool, typer.Option("--no-compare", help="With --eval: score the file alone, no alternatives (a CI run that only needs the check).", rich_help_panel=EVALUATION)] = False,
+    distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).", rich_help_panel=HEALING)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.", rich_help_panel=HEALING)] = 150,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="With --distill: stop healing after this much wall time.", rich_help_panel=HEALING)] = None,
     report_file: ReportFlag = None,
     force: ForceFlag = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
+    **options,
 ) -> None:
     """Store each chunk of every layer stack as a dense base plus rank-r increments (W_l = W_l-1 + B_l A_l).
 
@@ -133,20 +106,14 @@ def compress_cmd(
     source named `heal` is given as `./heal` or `vlora-compress compress heal`.
     """
     show = not quiet and not as_json
+    device = options["device"]
     eval_config = None
     if eval_data is not None:
         extra = tuple(c.strip() for c in compare.split(",") if c.strip()) if compare else ()
         eval_config = EvalConfig(task=eval_task or default_task(config_dir or source), samples=eval_samples,
                                  device=device, compare=() if no_compare else tuple(dict.fromkeys(DEFAULT_COMPARE + extra)))
-    config = CompressConfig(
-        rank=rank, chunks=chunks, method=method, base=base, topology=topology, shared=shared, bounds=bounds, ranks=ranks,
-        align=align, target_size=target_size, target_of=target_of, target_bits=target_bits, svd=svd, dtype=dtype, quantize=quantize,
-        base_quantize=base_quantize, group_size=group_size, rounding=rounding, quantize_passthrough=quantize_passthrough, seed=seed,
-        calibration=CalibConfig(samples=calibration_samples, max_length=calibration_max_length, packing=calibration_packing,
-                                gram_dtype=gram_dtype, gram_dir=gram_dir, holdout=calibration_holdout,
-                                holdout_data=holdout_data, measure=calibration_measure),
-        sequential=sequential, feedback=feedback, planning=planning, device=device,
-    )
+    parts = {k: v for g in COMPRESS_GROUPS if g is not CALIB_GROUP for k, v in config_values(options, g).items()}
+    config = CompressConfig(**parts, calibration=CalibConfig(**config_values(options, CALIB_GROUP)))
     report = run(
         source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,
         distill=distill, heal_config=_heal_config(steps, minutes, device) if distill else None, force=force,
@@ -278,7 +245,9 @@ def check_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Exit 0 when every budget holds, 1 when one is exceeded (each rule with value, budget and difference)."""
-    budgets = merge(load_budgets(budgets_file), max_bytes=_size(max_bytes), max_size_ratio=max_size_ratio,
+    from_file = load_budgets(budgets_file)
+    size = None if max_bytes is None else parse_size(max_bytes, "max_bytes", bytes_only=True)[1]
+    budgets = merge(from_file, max_bytes=size, max_size_ratio=max_size_ratio,
                     max_params=max_params, max_eval_drop=parse_eval_drop(max_eval_drop),
                     baseline=str(baseline) if baseline else None, max_growth=max_growth, max_drop=max_drop,
                     max_drop_vs=max_drop_vs, min_heal_gain=min_heal_gain)
@@ -333,44 +302,22 @@ def plot_cmd(
 
 
 @compress_app.command("heal")
+@with_fields(HEAL_GROUP)
 def heal_cmd(
     path: Annotated[Path, typer.Argument(help="The VLoRA file to heal.")],
     teacher: Annotated[Path, typer.Option("--teacher", help="The original model folder (config, weights, tokenizer).")],
     data: Annotated[Path, typer.Option("--data", help="Training text: .txt (a sample per line) or .jsonl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The healed VLoRA file.")],
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps: the budget and the length of the learning-rate schedule.")] = 150,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Also stop after this many training tokens.")] = None,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Also stop after this much wall time; the schedule decays over it.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate of bases and factors (warm-up, then cosine decay).")] = 3e-4,
-    lr_dense: Annotated[Optional[float], typer.Option("--lr-dense", help="Learning rate of the stack's biases and norms (default: --lr).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step, over all processes.")] = 32,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample.")] = 128,
-    warmup: Annotated[int, typer.Option("--warmup", help="Steps of linear warm-up.")] = 10,
-    losses: Annotated[Optional[list[str]], typer.Option("--loss", help="hidden (per-layer hidden states), cosine (pooled embedding) or kl (logits), as NAME or NAME:WEIGHT; repeat to combine. Default: hidden + cosine for encoders, hidden + kl for models with a head.")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the kl loss.")] = 2.0,
-    freeze: Annotated[Optional[str], typer.Option("--freeze", help="Comma-separated: increments, bases, dense.")] = None,
-    cache_teacher: Annotated[bool, typer.Option("--cache-teacher/--no-cache-teacher", help="Keep the teacher's outputs per batch (memory) or rerun it every step (time).")] = True,
-    teacher_cache: Annotated[str, typer.Option("--teacher-cache", help="Bound of the teacher's cached outputs, kept in host memory (e.g. 4GiB, 500MB); batches past it rerun the teacher.")] = "4GiB",
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Held-out data: score before, every --eval-every steps and after; the best step is written, the start included. Without it, the last tenth of the training data is held back and scored.")] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evals (0: before and after only).")] = 0,
-    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluate on the data's first N samples.")] = 64,
-    save_every: Annotated[int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.state).")] = 25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.state, left by an interrupted run.")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="bf16: the teacher and frozen tensors in bfloat16, what trains in float32, the maths under bf16 autocast; fp32: all float32; auto: bf16 on CUDA, fp32 elsewhere.")] = "auto",
-    parallel: Annotated[str, typer.Option("--parallel", help="Under torchrun: ddp (each process holds student and teacher whole) or fsdp (both sharded layer by layer with fully_shard).")] = "ddp",
-    checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute layers in the backward pass: less memory, more time.")] = False,
-    quantization_aware: Annotated[bool, typer.Option("--quantization-aware/--no-quantization-aware", help="Quantized files: train through a straight-through quantizer, so the loss is that of the integers written (default), or train in float and round once at the end.")] = True,
-    local_steps: Annotated[Optional[int], typer.Option("--local-steps", help="Block-local healing first: each layer of the stack trained, in order, to give the teacher's layer output, this many steps a layer (0: none). Default for causal LMs: 32, or with --minutes as many as --local-share of them allows; 0 otherwise.")] = None,
-    local_lr: Annotated[float, typer.Option("--local-lr", help="Adam learning rate of block-local healing (cosine decay over each layer's steps).")] = 3e-4,
-    local_batch_size: Annotated[int, typer.Option("--local-batch-size", help="Samples a step of block-local healing, over all processes.")] = 8,
-    local_samples: Annotated[int, typer.Option("--local-samples", help="Training samples block-local healing uses (windows of --max-length tokens for a causal LM).")] = 256,
-    local_share: Annotated[float, typer.Option("--local-share", help="With --minutes: the share of them block-local healing may take; the end-to-end loop has the rest.")] = 1.0,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the order of batches.")] = 0,
+    losses: Annotated[Optional[list[str]], typer.Option("--loss", help="hidden (per-layer hidden states), cosine (pooled embedding) or kl (logits), as NAME or NAME:WEIGHT; repeat to combine. Default: hidden + cosine for encoders, hidden + kl for models with a head.", rich_help_panel=HEAL_GROUP.title)] = None,
+    freeze: Annotated[Optional[str], typer.Option("--freeze", help="Comma-separated: increments, bases, dense.", rich_help_panel=HEAL_GROUP.title)] = None,
+    teacher_cache: Annotated[str, typer.Option("--teacher-cache", help="Bound of the teacher's cached outputs, kept in host memory (e.g. 4GiB, 500MB); batches past it rerun the teacher.", rich_help_panel=HEAL_GROUP.title)] = "4GiB",
     force: ForceFlag = False,
     report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
+    **options,
 ) -> None:
     """Train the stored bases, increments and 1-D parameters to match the teacher; same plan, same size.
 
@@ -378,19 +325,15 @@ def heal_cmd(
 
     Under torchrun (python -m vlora_compress.heal ...) every process takes its share of each batch.
     """
-    from ..heal.distill import TRAINABLE, HealConfig, heal
+    from ..heal.distill import heal
 
     frozen = {f.strip() for f in freeze.split(",")} if freeze else set()
     if frozen - set(TRAINABLE):
         raise VloraError(f"`freeze` takes some of {', '.join(TRAINABLE)}, not {sorted(frozen - set(TRAINABLE))[0]!r}")
-    config = HealConfig(
-        steps=steps, tokens=tokens, minutes=minutes, lr=lr, lr_dense=lr_dense, batch_size=batch_size,
-        max_length=max_length, warmup=warmup, losses=tuple(_loss_spec(x) for x in losses or ()),
-        temperature=temperature, train=tuple(t for t in TRAINABLE if t not in frozen), cache_teacher=cache_teacher, cache_bytes=_bytes(teacher_cache, "teacher_cache"),
-        eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, precision=precision, parallel=parallel,
-        checkpointing=checkpointing, quantization_aware=quantization_aware, local_steps=local_steps,
-        local_lr=local_lr, local_batch_size=local_batch_size, local_samples=local_samples, local_share=local_share, seed=seed, device=device,
-    )
+    config = HealConfig(**config_values(options, HEAL_GROUP), losses=tuple(_loss_spec(x) for x in losses or ()),
+                        train=tuple(t for t in TRAINABLE if t not in frozen),
+                        cache_bytes=int(parse_size(teacher_cache, "teacher_cache", bytes_only=True, zero=True,
+                                                   example="4GiB or 500MB")[1]))
     result = heal(path, teacher, data, out, config, force=force, progress=not quiet and not as_json,
                   eval_data=eval_data, resume=resume).to_dict()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -411,9 +354,7 @@ def _loss_spec(text: str) -> tuple[str, float]:
         raise VloraError(f"`losses` takes NAME or NAME:WEIGHT, not {text!r}") from None
 
 
-def _heal_config(steps: int, minutes: float | None, device: str):
-    from ..heal.distill import HealConfig
-
+def _heal_config(steps: int, minutes: float | None, device: str) -> HealConfig:
     return HealConfig(steps=steps, minutes=minutes, device=device)
 
 
@@ -428,33 +369,11 @@ def _report_json(path: Path) -> dict:
     return data
 
 
-def _size(text: str | None) -> float | None:
-    if text is None:
-        return None
-    kind, value = parse_size(text, "max_bytes")
-    if kind != "bytes":
-        raise VloraError(f"`max_bytes` must be a size such as 40MB, not {text!r}")
-    return value
-
-
-def _bytes(text: str, field: str) -> int:
-    """A size such as 4GiB or 500MB (0 allowed) as bytes; a fraction is not a size."""
-    if text.strip().upper() in ("0", "0B"):
-        return 0
-    try:
-        kind, value = parse_size(text, field)
-    except VloraError:
-        kind = None
-    if kind != "bytes":
-        raise VloraError(f"`{field}` must be a size such as 4GiB or 500MB, not {text!r}")
-    return int(value)
-
-
 def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
     """Run a Typer app so that every user mistake is one line on stderr with exit code 2.
 
-    The library names options by their config fields in backquotes (`rank`, `calib.samples`); here
-    each becomes the flag that sets it (--rank, --calib-samples)."""
+    The library names options by their config fields in backquotes (`rank`, `calibration.samples`);
+    here each becomes the flag that sets it (--rank, --calib-samples)."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -467,37 +386,16 @@ def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
         print(f"{where}: error: {e.format_message()}{_named_like_a_command(command, args)}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"{prog}: {_flags(command, str(e))}", file=sys.stderr)
+        print(f"{prog}: {flags_for_fields(command, str(e))}", file=sys.stderr)
         return 130
     except VloraError as e:
-        print(f"{prog}: error: {_flags(command, str(e))}", file=sys.stderr)
+        print(f"{prog}: error: {flags_for_fields(command, str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return rv if isinstance(rv, int) else 0
-
-
-def _flags(command, message: str) -> str:
-    """Each backquoted config field of ``message`` as the command's flag for it.
-
-    ``calib.samples`` is the flag of a parameter named ``calib_samples``, else of one named
-    ``samples``; a field no parameter sets keeps its name."""
-    params = {}
-    for cmd in [command, *getattr(command, "commands", {}).values()]:
-        for p in cmd.params:
-            flags = [o for o in p.opts if o.startswith("--")]
-            params.setdefault(p.name, max(flags, key=len) if flags else p.name.upper())
-
-    def flag(m: re.Match) -> str:
-        path = m.group(1)
-        for name in (path.replace(".", "_"), path.rpartition(".")[2]):
-            if name in params:
-                return params[name]
-        return path
-
-    return re.sub(r"`([a-z_][a-z0-9_.]*)`", flag, message)
 
 
 def _named_like_a_command(command, args: list[str]) -> str:

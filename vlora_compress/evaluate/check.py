@@ -100,7 +100,10 @@ def load_budgets(path: str | Path | None, search_from: Path | None = None) -> Bu
     if unknown:
         raise VloraError(f"{path}: unknown budget {unknown[0]!r} (known: {', '.join(sorted(known))})")
     if "max_bytes" in table:
-        table["max_bytes"] = _bytes(table["max_bytes"])
+        try:
+            table["max_bytes"] = parse_size(table["max_bytes"], "max_bytes", bytes_only=True)[1]
+        except VloraError as e:  # the file's field, named as the file writes it (not as the flag)
+            raise VloraError(f"{path}: {str(e).replace('`', '')}") from None
     if table.get("baseline"):
         table["baseline"] = str((path.parent / table["baseline"]).resolve())
     return Budgets(**table)
@@ -224,13 +227,6 @@ def parse_eval_drop(text: str | None) -> float | dict[str, float] | None:
 
 def _le(name: str, value: float, budget: float) -> Rule:
     return Rule(name, float(value), float(budget), float(value) <= float(budget) + 1e-12)
-
-
-def _bytes(value) -> float:
-    kind, n = parse_size(value)
-    if kind != "bytes":
-        raise VloraError(f"max_bytes must be a size such as 40MB, not {value!r}")
-    return n
 
 
 def fmt_number(x: float) -> str:
