@@ -209,6 +209,23 @@ def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
     return out
 
 
+def matrix_roles(fp: FamilyPlan) -> dict[str, str]:
+    """Each stored matrix's role, from the walk: ``base`` (a dense matrix a chunk's layers build on:
+    a layer stored whole, a whitened mean, a quantized base) or ``factor`` (a low-rank factor: a
+    layer's own, its residual factors, or a basis its group shares). Inspection counts bytes by it
+    and healing's ``--train``/``--freeze`` choose by it."""
+    roles = {}
+    for t in walk(fp):
+        if not t.over:
+            if t.base is not None:
+                roles[t.base] = "base"
+            if t.basis is not None:
+                roles[t.basis] = "factor"
+        for name in (t.factors or ()) + (t.residual or ()):
+            roles.setdefault(name, "factor")
+    return roles
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     """A pass-through tensor stored as integers and scales; expand gives it back in its own dtype."""

@@ -17,7 +17,7 @@ from rich.table import Table
 from ..io.checkpoint import open_checkpoint
 from ..errors import VloraError
 from ..io.fileformat import VloraFile, family_layout, layout
-from ..plan import INCREMENT_SUFFIXES, SHARED
+from ..plan import matrix_roles
 from ..progress import Progress
 from ..fit.integers import SCALE_SUFFIX
 from ..report.compress_report import MEASURED_BY, human_bytes, nbytes, short_number, storage_label
@@ -233,11 +233,10 @@ def inspect_vlora(path: str | Path) -> dict:
     bases = increments = 0
     families = []
     for fp in plan.families:
-        shared = {fp.basis_key(ci) for ci, c in enumerate(fp.chunks) if c.topology in SHARED}
+        roles = matrix_roles(fp)
         mine = {"bases": 0, "increments": 0}  # a shared basis is a factor, not a dense base
         for name, dt, shape in family_layout(fp):
-            entry = name.removesuffix(SCALE_SUFFIX)
-            factor = entry.endswith(INCREMENT_SUFFIXES) or entry in shared
+            factor = roles[name.removesuffix(SCALE_SUFFIX)] == "factor"
             mine["increments" if factor else "bases"] += nbytes(dt, shape)
         bases, increments = bases + mine["bases"], increments + mine["increments"]
         families.append(
