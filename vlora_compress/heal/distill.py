@@ -10,19 +10,20 @@ atomically every few steps and on Ctrl-C or a crash, from which ``resume`` conti
 same result as an uninterrupted run; an eval on held-out data every N steps (vlora-eval's code),
 keeping the best; data parallel under ``torchrun`` (``python -m vlora_compress.heal``).
 
-This module is the run: ``heal`` first, then the loop. The parts are beside it: ``student`` (what
-trains, the optimiser), ``schedule`` (batches, learning rate, budget), ``losses`` (teacher
-targets, losses, the teacher cache), ``evals`` (scores, the best step), ``state`` (resume),
-``stop`` (signals), ``parallel`` (ddp, fsdp), ``local`` (layer by layer), ``write`` (the healed
-file), ``report`` (HealReport), ``config`` (HealConfig).
+This module is the run's outline: ``heal`` first, then its set-up, steps and end. The parts are
+beside it: ``student`` (what trains, the optimiser), ``schedule`` (batches, learning rate,
+budget), ``losses`` (teacher targets, losses, the teacher cache), ``evals`` (scores, the best
+step), ``state`` (resume), ``stop`` (signals), ``parallel`` (ddp, fsdp), ``local`` (layer by
+layer), ``write`` (the healed file), ``report`` (HealReport), ``config`` (HealConfig).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,7 +98,61 @@ def _heal(vlora_path, teacher, texts: list[str], out, config: HealConfig, force:
 
 def _heal_in_group(vlora_path, teacher, texts: list[str], out, config: HealConfig, force: bool, progress: bool,
                    eval_data, eval_name: str | None, resume: bool, on_step) -> HealReport:
+    """The run in order: teacher, student, first scores and block-local healing, sharding, the
+    end-to-end steps, and the end (the best step written, the report)."""
     started = time.perf_counter()
+    run = _load_teacher(vlora_path, teacher, out, config, force)
+    saved = _load_student(run, texts, resume)
+    ran_local = _score_and_heal_locally(run, texts, eval_data, progress)
+    _distribute(run, saved)
+    del saved
+    if ran_local:
+        run.save()
+    _steps(run, progress, on_step)
+    return _finish(run, vlora_path, eval_name, started)
+
+
+@dataclass
+class _Run:
+    """What one healing run holds from its set-up through its steps to its end."""
+
+    config: HealConfig
+    out: Path
+    rank: int
+    world: int
+    vfile: VloraFile
+    device: torch.device
+    teacher: Path  # the original model's folder
+    tok: Any
+    low: bool  # the maths in bfloat16 (config.precision resolved on the device)
+    teacher_model: torch.nn.Module
+    head: str
+    losses: dict  # loss -> weight
+    fsdp: bool
+    student: Any = None
+    model: Any = None  # what trains forward: the student, or DistributedDataParallel around it
+    trainable: dict | None = None  # name -> parameter
+    opt: torch.optim.Optimizer | None = None
+    limit: int = 0  # tokens a sample
+    batch_list: list | None = None
+    state: State | None = None
+    resumed_from: int | None = None
+    autocast: Any = None
+    evaluator: Evaluator | None = None
+    cache: TeacherCache | None = None
+    clock: float = 0.0  # time.perf_counter() at the start, earlier runs' time included (--minutes)
+    local_seconds: float = 0.0  # block-local healing's share of the time
+
+    def save(self) -> None:
+        """The resumable state: every process calls it (a sharded run gathers); rank 0 writes."""
+        self.state.seconds = time.perf_counter() - self.clock
+        save_state(state_path(self.out), self.state, self.vfile, self.config, self.trainable, self.opt, self.rank,
+                   self.student, self.fsdp)
+
+
+def _load_teacher(vlora_path, teacher, out, config: HealConfig, force: bool) -> _Run:
+    """The file, the device and the original model (forward only), checked against each other, and
+    the losses for the model's head."""
     out = Path(out)
     rank, world = distributed()
     if rank == 0:
@@ -121,88 +176,94 @@ def _heal_in_group(vlora_path, teacher, texts: list[str], out, config: HealConfi
     if config.batch_size % world:
         raise VloraError(f"`heal.batch_size` {config.batch_size} does not split evenly over {world} processes")
     fsdp = world > 1 and config.parallel == "fsdp"
+    return _Run(config, out, rank, world, vfile, device, teacher, tok, low, teacher_model, head, losses, fsdp)
 
-    student = load_factored(vfile.path, teacher, head).to(device)
+
+def _load_student(run: _Run, texts: list[str], resume: bool) -> dict | None:
+    """The student (the file loaded factored), what trains and its optimiser, the batches, and on
+    ``resume`` the saved state, returned: its optimizer's state goes in once the optimizer is final."""
+    config = run.config
+    student = run.student = load_factored(run.vfile.path, run.teacher, run.head).to(run.device)
     # integer-stored tensors train through a straight-through quantizer: the loss is the file's
     student.vlora_store.quantization_aware = config.quantization_aware
-    trainable = trainable_parameters(student, vfile, config)
+    run.trainable = trainable_parameters(student, run.vfile, config)
     # float32 master weights for what trains, whatever the file stores; the frozen rest in bfloat16
     # when autocast does the maths in it anyway (fully_shard wants one dtype: it gathers in bf16)
-    held = torch.bfloat16 if low and not fsdp else torch.float32
+    held = torch.bfloat16 if run.low and not run.fsdp else torch.float32
     for p in student.parameters():  # parameters only: buffers (rotary frequencies) keep their dtype
         p.data = p.data.float() if p.requires_grad else p.data.to(held)
-    opt = optimizer(student, trainable, config)
+    run.opt = optimizer(student, run.trainable, config)
     train_mode(student, config.checkpointing)
 
-    limit = token_limit(student, config.max_length)
-    batch_list = length_batches(tok, texts, config.batch_size, limit)
-    state, resumed_from, saved = State(), None, None
+    run.limit = token_limit(student, config.max_length)
+    run.batch_list = length_batches(run.tok, texts, config.batch_size, run.limit)
+    run.state, run.resumed_from, saved = State(), None, None
     if resume:  # the trained tensors now, into whole replicas; the optimizer's once it is final
-        saved = read_state(state_path(out), vfile, config)
-        state = restore(saved, trainable)
-        resumed_from = state.step
+        saved = read_state(state_path(run.out), run.vfile, config)
+        run.state = restore(saved, run.trainable)
+        run.resumed_from = run.state.step
+    return saved
+
+
+def _score_and_heal_locally(run: _Run, texts: list[str], eval_data, progress: bool) -> bool:
+    """The evaluator and the start's score, the teacher cache and the clock, then block-local healing
+    unless a resumed run has done it; whether it ran now."""
+    config, state, student = run.config, run.state, run.student
     # sharded models run forward only all together, so under fsdp every process scores (the same)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
-    evaluator = (Evaluator(eval_data, teacher, student, teacher_model, config, autocast)
-                 if eval_data and (rank == 0 or fsdp) else None)
-    if evaluator and not state.evals:
-        state.evals.append({"step": 0, "value": evaluator()})
+    run.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.low)
+    run.evaluator = (Evaluator(eval_data, run.teacher, student, run.teacher_model, config, run.autocast)
+                     if eval_data and (run.rank == 0 or run.fsdp) else None)
+    if run.evaluator and not state.evals:
+        state.evals.append({"step": 0, "value": run.evaluator()})
         state.best = {"step": 0, "value": state.evals[-1]["value"], "tensors": None, "index": 0}
 
-    cache = TeacherCache(config.cache_teacher, config.cache_bytes, fsdp)  # at most cache_bytes
-    clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
-    local_steps = config.local_steps if config.local_steps is not None else default_local_steps(head, config.minutes)
+    run.cache = TeacherCache(config.cache_teacher, config.cache_bytes, run.fsdp)  # at most cache_bytes
+    run.clock = time.perf_counter() - state.seconds  # earlier runs' time counts against --minutes
+    local_steps = config.local_steps if config.local_steps is not None else default_local_steps(run.head, config.minutes)
     ran_local = bool(local_steps) and state.local is None
     if ran_local:
         # on whole replicas, before any sharding: one layer trains at a time, its gradients summed
-        state.local = _heal_locally(student, teacher_model, vfile, tok, texts, eval_data, config, local_steps,
-                                    head, limit, rank, world, progress, autocast)
-        if evaluator:
-            track(state, evaluator, trainable, phase="layer by layer", keep=rank == 0)
-    local_seconds = state.local["seconds"] if state.local else 0.0
-    model = student
-    if fsdp:
-        fully_shard_models(student, teacher_model, vfile.plan, low)
-        trainable = trainable_parameters(student, vfile, config)  # fully_shard swapped in sharded parameters
-        opt = optimizer(student, trainable, config)
-    elif world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        state.local = _heal_locally(student, run.teacher_model, run.vfile, run.tok, texts, eval_data, config,
+                                    local_steps, run.head, run.limit, run.rank, run.world, progress, run.autocast)
+        if run.evaluator:
+            track(state, run.evaluator, run.trainable, phase="layer by layer", keep=run.rank == 0)
+    run.local_seconds = state.local["seconds"] if state.local else 0.0
+    return ran_local
+
+
+def _distribute(run: _Run, saved: dict | None) -> None:
+    """Student and teacher sharded (fsdp: what trains and its optimiser anew), or the student in
+    DistributedDataParallel (ddp); then a resumed run's optimizer state."""
+    student = run.model = run.student
+    if run.fsdp:
+        fully_shard_models(student, run.teacher_model, run.vfile.plan, run.low)
+        run.trainable = trainable_parameters(student, run.vfile, run.config)  # fully_shard swapped in sharded parameters
+        run.opt = optimizer(student, run.trainable, run.config)
+    elif run.world > 1:
+        device = run.device
+        run.model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if saved is not None:
-        restore_optimizer(saved, student, opt)
-    del saved
+        restore_optimizer(saved, student, run.opt)
 
-    def save() -> None:  # every process calls it (a sharded run gathers); rank 0 writes
-        state.seconds = time.perf_counter() - clock
-        save_state(state_path(out), state, vfile, config, trainable, opt, rank, student, fsdp)
 
-    if ran_local:
-        save()
+def _steps(run: _Run, progress: bool, on_step) -> None:
+    """End-to-end steps until the budget is spent. A signal on any process stops every process after
+    the same step, its state saved; Ctrl-C or a crash saves the state where it can."""
+    state, config = run.state, run.config
     seen_here, start_step, run_started = 0, state.step, time.perf_counter()
     try:
-        with Progress("healing", config.steps, enabled=progress and rank == 0) as bar, StopSignals() as stop:
+        with Progress("healing", config.steps, enabled=progress and run.rank == 0) as bar, StopSignals() as stop:
             bar.advance(state.step)
             while True:
                 # one clock and one stop for all processes, or they would leave the loop at different steps
-                stopping, elapsed = stop.agree(world, device, time.perf_counter() - clock)
+                stopping, elapsed = stop.agree(run.world, run.device, time.perf_counter() - run.clock)
                 if spent(state, config, elapsed):
                     break
                 if stopping:  # SIGINT or SIGTERM (a cluster's time limit) on any process
-                    save()
-                    raise Interrupted(f"stopped at step {state.step} by a signal; state saved to {state_path(out)}: "
+                    run.save()
+                    raise Interrupted(f"stopped at step {state.step} by a signal; state saved to {state_path(run.out)}: "
                                       "run the same command with `resume` to continue")
-                index = batch_index(state.step, len(batch_list), config.seed)
-                inputs, mask = batch_list[index]
-                n_tokens = int(mask.sum())
-                rows = shard(inputs, mask, rank, world)
-                goal = cache.targets(index, teacher_model, rows, losses, device, autocast)
-                set_lr(opt, state, config, elapsed, local_seconds)
-                with autocast:
-                    loss = student_loss(model, rows, goal, losses, config.temperature, device)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.clip)
-                opt.step()
-                value = global_mean(loss.detach(), world)
+                value, n_tokens = _step(run, elapsed)
                 state.step += 1
                 state.tokens += n_tokens
                 seen_here += n_tokens
@@ -213,42 +274,67 @@ def _heal_in_group(vlora_path, teacher, texts: list[str], out, config: HealConfi
                 rate = seen_here / max(1e-9, time.perf_counter() - run_started)
                 bar.describe(f"healing · loss {value:.4f} · {rate:,.0f} tok/s")
                 bar.advance()
-                if evaluator and config.eval_every and state.step % config.eval_every == 0:
-                    track(state, evaluator, trainable, keep=rank == 0)
+                if run.evaluator and config.eval_every and state.step % config.eval_every == 0:
+                    track(state, run.evaluator, run.trainable, keep=run.rank == 0)
                 if on_step is not None:
                     on_step(state.step, value)
                 if state.step % config.save_every == 0:
-                    save()
+                    run.save()
     except Interrupted:
         raise
     except BaseException as e:
         # a sharded run cannot gather from processes that are elsewhere: its last save stands
-        if not fsdp and state.step > start_step:
-            save()
+        if not run.fsdp and state.step > start_step:
+            run.save()
         if isinstance(e, KeyboardInterrupt):
-            saved_at = "" if fsdp else f"; state saved to {state_path(out)}: run the same command with `resume` to continue"
+            saved_at = "" if run.fsdp else f"; state saved to {state_path(run.out)}: run the same command with `resume` to continue"
             raise Interrupted(f"interrupted at step {state.step}{saved_at}") from None
         raise
+
+
+def _step(run: _Run, elapsed: float) -> tuple[float, int]:
+    """One optimiser step on the batch that the step number picks: (its loss, the mean over every
+    process; the batch's real tokens)."""
+    config = run.config
+    index = batch_index(run.state.step, len(run.batch_list), config.seed)
+    inputs, mask = run.batch_list[index]
+    n_tokens = int(mask.sum())
+    rows = shard(inputs, mask, run.rank, run.world)
+    goal = run.cache.targets(index, run.teacher_model, rows, run.losses, run.device, run.autocast)
+    set_lr(run.opt, run.state, config, elapsed, run.local_seconds)
+    with run.autocast:
+        loss = student_loss(run.model, rows, goal, run.losses, config.temperature, run.device)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), config.clip)
+    run.opt.step()
+    return global_mean(loss.detach(), run.world), n_tokens
+
+
+def _finish(run: _Run, vlora_path, eval_name: str | None, started: float) -> HealReport:
+    """The last stretch's mean loss and the last score; the best step's tensors written (the file as
+    it was when the start scored best) and the state file removed, by rank 0; the report."""
+    state, evaluator, config = run.state, run.evaluator, run.config
     if state.window:
         state.losses.append(sum(state.window) / len(state.window))
         state.window = []
     if evaluator and (not state.evals or state.evals[-1]["step"] != state.step):
-        track(state, evaluator, trainable, keep=rank == 0)
-    final = gather(trainable, keep=rank == 0, copy=False)  # rank 0 writes
+        track(state, evaluator, run.trainable, keep=run.rank == 0)
+    final = gather(run.trainable, keep=run.rank == 0, copy=False)  # rank 0 writes
     best = state.best
     if best is not None and best["index"] != len(state.evals) - 1:  # an earlier eval was best
         final = best["tensors"] if best["tensors"] is not None else {}  # None: the start, the file as it was
-    if rank == 0:
-        write_healed(vfile, final, out)
-        state_path(out).unlink(missing_ok=True)
+    if run.rank == 0:
+        write_healed(run.vfile, final, run.out)
+        state_path(run.out).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     return HealReport(
-        str(vlora_path), str(out), state.step, state.tokens, seconds, str(device), world, state.losses,
+        str(vlora_path), str(run.out), state.step, state.tokens, seconds, str(run.device), run.world, state.losses,
         state.evals, evaluator.name if evaluator else None, evaluator.higher_is_better if evaluator else None,
         state.evals[0]["value"] if state.evals else None, best["value"] if best else None,
-        best["step"] if best else None, resumed_from, eval_name, cache.bytes, state.local,
-        memory(student, teacher_model, trainable, opt, cache.bytes), "bf16" if low else "fp32",
-        {**asdict(config), "train": list(config.train), "losses": [list(x) for x in losses.items()]},
+        best["step"] if best else None, run.resumed_from, eval_name, run.cache.bytes, state.local,
+        memory(run.student, run.teacher_model, run.trainable, run.opt, run.cache.bytes), "bf16" if run.low else "fp32",
+        {**asdict(config), "train": list(config.train), "losses": [list(x) for x in run.losses.items()]},
     )
 
 
