@@ -129,7 +129,7 @@ def test_a_chain_forms_each_weight_from_the_one_before_it(tmp_path):
 
 
 def test_partial_sums_stay_exact_across_layer_calls_steps_and_checkpointing(tmp_path):
-    from vlora_compress.heal.distill import _train_mode
+    from vlora_compress.heal.student import train_mode
 
     folder, path = _chain_of_eight(tmp_path)
     f = load_factored(path, folder)
@@ -167,7 +167,7 @@ def test_partial_sums_stay_exact_across_layer_calls_steps_and_checkpointing(tmp_
     f.zero_grad(set_to_none=True)
     f(**ids).logits.square().mean().backward()
     plain = _grads(f)
-    _train_mode(f, checkpointing=True)
+    train_mode(f, checkpointing=True)
     f.zero_grad(set_to_none=True)
     f(**ids).logits.square().mean().backward()
     for name, g in _grads(f).items():
