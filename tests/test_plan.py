@@ -126,3 +126,21 @@ def test_residual_ranks_belong_to_shared_chunks_one_per_layer():
         data["families"][0]["chunks"] = [{**shared, **bad}, {**shared, "layers": [1, 3]}]
         with pytest.raises(VloraError, match="residual ranks"):
             read_plan(data)
+
+
+def test_matrix_roles_call_a_shared_basis_a_factor_and_a_stored_layer_a_base():
+    """One rule for what is a base and what a factor, read from the walk: healing's --freeze and
+    vlora-inspect's byte split both follow it (a shared basis once froze with the bases)."""
+    from vlora_compress.plan import FamilyPlan, family_matrices, matrix_roles
+
+    shared = FamilyPlan("h", "w", (6, 10), "F32", "F32", (ChunkPlan((0, 1), (2, 2), "none", "shared", (1, 1)),))
+    roles = matrix_roles(shared)
+    assert roles["h.vlora_basis0.w"] == "factor"
+    assert {roles[f"h.{x}.w.vlora_B"] for x in (0, 1)} == {"factor"}
+    assert roles["h.0.w.residual.vlora_A"] == "factor"
+    chain = FamilyPlan("h", "w", (6, 10), "F32", "F32", (ChunkPlan((0, 1, 2), (0, 2, 2), 0, "chain"),
+                                                         ChunkPlan((3,), (3,), "synthetic", "star")))
+    roles = matrix_roles(chain)
+    assert roles["h.0.w"] == "base" and roles["h.vlora_base1.w"] == "base"
+    assert roles["h.2.w.vlora_A"] == "factor" and "h.1.w" not in roles
+    assert set(roles) == {name for name, _ in family_matrices(chain)}

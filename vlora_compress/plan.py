@@ -226,6 +226,11 @@ def matrix_roles(fp: FamilyPlan) -> dict[str, str]:
     return roles
 
 
+def plan_roles(plan: "Plan") -> dict[str, str]:
+    """``matrix_roles`` of every family of the plan."""
+    return {name: role for fp in plan.families for name, role in matrix_roles(fp).items()}
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     """A pass-through tensor stored as integers and scales; expand gives it back in its own dtype."""

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..runtime.factored import VloraLinear
-from ..plan import INCREMENT_SUFFIXES, Plan
+from ..plan import Plan, plan_roles
 from ..progress import Progress
 from ..pipelines.sequential import Stream, _output, capture, stack_layers
 
@@ -89,7 +89,7 @@ def heal_locally(student, teacher, plan: Plan, train: list, held: list, config, 
                     for s in streams + held_streams:  # the teacher's output: the layer's target
                         with torch.no_grad(), autocast:
                             s.next_original = _output(t_block(s.original, *s.args, **s.kwargs)).float()
-                    params = _layer_parameters(s_block, store, trained, config.train)
+                    params = _layer_parameters(s_block, store, trained, config.train, plan)
                     if seconds is None:
                         slice_ = None
                     else:  # the same on every process, or they would stop at different steps
@@ -116,14 +116,14 @@ def heal_locally(student, teacher, plan: Plan, train: list, held: list, config, 
     return LocalReport(len(before), steps, tokens, time.perf_counter() - started, before, after, kept)
 
 
-def _layer_parameters(block, store, trained: set[str], train: tuple[str, ...]) -> dict[str, tuple]:
+def _layer_parameters(block, store, trained: set[str], train: tuple[str, ...], plan: Plan) -> dict[str, tuple]:
     """name -> (parameter, its value now) for what this layer trains: the stored tensors it reads
     first (``trained`` holds those an earlier layer had), and its 1-D parameters."""
-    out = {}
+    out, roles = {}, plan_roles(plan)
     for module in block.modules():
         if isinstance(module, VloraLinear):
             for name in ([module.base] if module.base else []) + [n for pair in module.terms for n in pair]:
-                kind = "increments" if name.endswith(INCREMENT_SUFFIXES) else "bases"
+                kind = "increments" if roles.get(name) == "factor" else "bases"
                 if kind in train and name not in trained and name not in out:
                     out[name] = store[name]
     if "dense" in train:

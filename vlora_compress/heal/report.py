@@ -29,7 +29,7 @@ class HealReport:
     resumed_from: int | None = None
     eval_data: str | None = None  # what the evals scored: the eval data, or the slice held back
     teacher_cache_bytes: int = 0  # the teacher's targets kept in host memory (at most cache_bytes)
-    local: dict | None = None  # block-local healing (localheal.LocalReport), when it ran
+    local: dict | None = None  # block-local healing (heal/local.py's LocalReport), when it ran
     memory: dict = field(default_factory=dict)  # bytes this process held at the end (memory)
     precision: str = "fp32"  # what ran: bf16 or fp32 (config.precision resolved on the device)
     config: dict = field(default_factory=dict)

@@ -9,7 +9,7 @@ import torch
 from ..errors import VloraError
 from ..io.fileformat import VloraFile, factorised_keys
 from ..io.models import param_for_key
-from ..plan import INCREMENT_SUFFIXES
+from ..plan import plan_roles
 from .config import HealConfig
 
 
@@ -17,10 +17,9 @@ def trainable_parameters(student, vfile: VloraFile, config: HealConfig) -> dict[
     """Name -> parameter for what trains; everything else is frozen."""
     for p in student.parameters():
         p.requires_grad_(False)
-    out = {}
+    out, roles = {}, plan_roles(vfile.plan)  # a shared basis is a factor: it trains with the increments
     for name, p in student.vlora_store.items():
-        is_increment = name.endswith(INCREMENT_SUFFIXES)
-        if ("increments" if is_increment else "bases") in config.train:
+        if ("increments" if roles.get(name) == "factor" else "bases") in config.train:
             out[name] = p
     if "dense" in config.train:
         out.update(_stack_dense(student, vfile))
