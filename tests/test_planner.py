@@ -529,3 +529,26 @@ def test_every_candidate_stores_the_bytes_it_was_sized_by_and_no_more_than_its_b
             if config.bounds == "equal" and cand.grouping == "adjacent" and rank:
                 assert family_bytes(fp) == candidate_bytes(fam, cand, rank, config), cand.label
     assert fitted >= len(cands)
+
+
+def test_base_best_takes_the_layer_the_others_are_nearest_to():
+    """`--base best`: each chunk's base is the layer that, as its base, leaves the least error; where
+    the others are small changes of one layer, that layer; a chunk of one layer is its own base."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.forms import fit_candidate, vlora
+    from vlora_compress.io.stacks import Family
+
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(24, 32, generator=g)
+    weights = {x: center + 0.05 * torch.randn(24, 32, generator=g) for x in (0, 2)}
+    weights[1] = center
+    weights[3] = torch.randn(24, 32, generator=g)
+    fam = Family("h", "w", (0, 1, 2, 3), (24, 32), "F32")
+    config = CompressConfig(base="best", chunks=2, bounds="equal", ranks="uniform")
+    cand = vlora.candidate("best", "star", 2)
+    fp = fit_candidate(fam, cand, weights, lambda key: None, config, 2 * 24 * 32 * 4 + 2 * 2 * 56 * 4)
+    assert [c.layers for c in fp.chunks] == [(0, 1), (2, 3)]
+    assert fp.chunks[0].base in (0, 1) and fp.chunks[1].base in (2, 3)
+    three = fit_candidate(fam, vlora.candidate("best", "star", 1), weights, lambda key: None,
+                          CompressConfig(base="best", chunks=1, bounds="equal"), 24 * 32 * 4 + 3 * 4 * 56 * 4)
+    assert three.chunks[0].base == 1 and three.chunks[0].rank_of(1) == 0

@@ -31,21 +31,18 @@ class Vlora(Form):
         return [_chunk(layers, cand.base, cand.topology, rank) for layers in groups if layers]
 
     def choose(self, fam, cand, rank, weights, whitener, config, spectra):
-        n = len(fam.layers)
+        """Chunk bounds by dynamic programming over the consecutive deltas (or equal), and with base
+        ``best`` each chunk's base the layer that leaves the least."""
         if config.bounds == "equal":
-            bounds = split_equal(n, cand.chunks)
+            bounds = split_equal(len(fam.layers), cand.chunks)
         else:
-            bounds = partition(n, cand.chunks, chain_cost(fam, weights, whitener, rank, spectra))
-        chunks = []
-        for start, end in bounds:
-            layers = fam.layers[start:end]
-            if cand.base == "best" and len(layers) > 1:
-                chunks.append(_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant,
-                                         cand.base_quant))
-            else:
-                chunks.append(_chunk(layers, cand.base, cand.topology, rank))
-        fp = family_plan(fam, config, chunks, cand.quant, cand.base_quant)
-        return dense_if_cheaper(fp)
+            bounds = partition(len(fam.layers), cand.chunks, chain_cost(fam, weights, whitener, rank, spectra))
+        groups = [fam.layers[start:end] for start, end in bounds]
+        if cand.base != "best":
+            return self.layout(fam, cand, rank, config, groups)
+        chunks = [_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant, cand.base_quant)
+                  if len(layers) > 1 else _chunk(layers, cand.base, cand.topology, rank) for layers in groups]
+        return dense_if_cheaper(family_plan(fam, config, chunks, cand.quant, cand.base_quant))
 
 
 def _chunk(layers: tuple[int, ...], base: str, topology: str, rank: int) -> ChunkPlan:
