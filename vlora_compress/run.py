@@ -23,27 +23,24 @@ def run(
     out: str | Path | None = None,
     config: CompressConfig | None = None,
     *,
-    calib: str | Path | list | None = None,
-    tokenizer=None,
-    config_dir: str | Path | None = None,
     eval_data: str | Path | None = None,
     eval_config: EvalConfig | None = None,
     distill: str | Path | None = None,
     heal_config=None,
-    force: bool = False,
-    progress: bool = False,
-    **options,
+    **compress_args,
 ) -> CompressReport:
-    """``compress`` (same arguments), then with ``distill`` (a text file) heal the written file by
-    distillation from the original (``heal_config``: heal.distill.HealConfig), then with
+    """``compress(source, out, config, **compress_args)`` (calib, tokenizer, config_dir, force,
+    progress, or config fields as keywords), then with ``distill`` (a text file) heal the written
+    file by distillation from the original (``heal_config``: heal.config.HealConfig), then with
     ``eval_data`` score the final file against the original, with the alternatives at its size
     (``eval_config.compare``). Healing and evaluating need the original's folder: the source's, or
     ``config_dir`` for a model in memory."""
+    calib, tokenizer, config_dir = (compress_args.get(k) for k in ("calib", "tokenizer", "config_dir"))
+    progress = compress_args.get("progress", False)
     if isinstance(source, torch.nn.Module) and (distill is not None or eval_data is not None) and config_dir is None:
         raise VloraError("healing or evaluating a model in memory needs its saved folder as `config_dir`")
-    report = compress(source, out, config, calib=calib, tokenizer=tokenizer, config_dir=config_dir, force=force,
-                      progress=progress, **options)
-    config = report_config(config, options)
+    report = compress(source, out, config, **compress_args)
+    config = report_config(config, {k: v for k, v in compress_args.items() if k not in COMPRESS_ARGS})
     if distill is not None:
         from .heal.in_place import heal_in_place  # torch.distributed and friends only when healing
 
@@ -52,6 +49,9 @@ def run(
     if eval_data is not None:
         report = scored(report, source, config, calib, tokenizer, config_dir, eval_data, eval_config, progress)
     return report
+
+
+COMPRESS_ARGS = ("calib", "tokenizer", "config_dir", "force", "progress")  # compress's own, not config fields
 
 
 def report_config(config: CompressConfig | None, options: dict) -> CompressConfig:
