@@ -60,7 +60,6 @@ class Form:
     ranked: ClassVar[bool] = True  # stores low-rank factors (a rank to choose); dense: False
     rounded: ClassVar[bool] = False  # its error is mostly its integers' rounding, which singular values do not
     # see: never ranked by the estimate, always fitted and measured
-    per_layer: ClassVar[bool] = False  # every layer alone (no base or basis shared between layers)
     chunked: ClassVar[bool] = False  # cuts the stack into chunks (VLoRA) or groups (shared bases)
 
     def label(self, cand: Candidate) -> str:

@@ -9,7 +9,6 @@ from .base import Candidate, Form, register
 @register
 class PerLayer(Form):
     name = "per-layer"
-    per_layer = True
 
     def label(self, cand: Candidate) -> str:
         return "per-layer SVD"

@@ -13,7 +13,6 @@ from .base import Candidate, Form, register
 class QuantizedBase(Form):
     name = "quantized + low rank"
     rounded = True  # the base's rounding, which the estimate does not see
-    per_layer = True
 
     def label(self, cand: Candidate) -> str:
         return f"{cand.base_quant} + low rank"
