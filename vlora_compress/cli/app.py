@@ -140,6 +140,7 @@ def eval_cmd(
     quantize: Annotated[str, typer.Option("--quantize", help="The quantization-only baseline: score MODEL (an original) with its layer stacks round-to-nearest int8 (per row), or int4, int3 or int2 (per --group-size values of a row).")] = "none",
     group_size: Annotated[int, typer.Option("--group-size", help="int4: values per scale.")] = 128,
     device: Annotated[str, typer.Option("--device", help="Where the models run: auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    runtime: Annotated[str, typer.Option("--runtime", help="A VLoRA file: expanded (dense weights, as vlora-expand writes them), packed (factored, integers kept as stored: the model at the file's size) or packed-kernels (the same through torch's int8/int4 weight-only matmuls, bfloat16 activations: faster on CPU at small batches).")] = "expanded",
     report_file: ReportFlag = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -147,7 +148,7 @@ def eval_cmd(
     """Score a model on local data next to its reference: each metric with the drop (+ = worse)."""
     folder = config_dir or (model if model.is_dir() else (reference if reference is not None and reference.is_dir() else model))
     config = EvalConfig(task=task or default_task(folder), batch_size=batch_size, max_length=max_length, samples=samples,
-                        quantize=quantize, group_size=group_size, device=device)
+                        quantize=quantize, group_size=group_size, device=device, runtime=runtime)
     result = evaluate(model, data, config, reference=reference, config_dir=config_dir,
                       progress=not quiet and not as_json)
     if report_file is not None:

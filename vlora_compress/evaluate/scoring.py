@@ -26,6 +26,7 @@ from ..progress import Progress
 TASKS = ("embedding", "perplexity", "classification", "logits")
 COMPARE = ("int8", "int4", "gptq", "svd")  # the alternatives a compress report may score beside its file
 DEFAULT_COMPARE = ("int8", "int4", "gptq")  # those it scores unless told (gptq: when calibrated)
+RUNTIMES = ("expanded", "packed", "packed-kernels")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class EvalReport:
     samples: int
     metrics: list[Metric] = field(default_factory=list)
     quantized: dict | None = None  # the quantization-only baseline: scheme, group_size, stack_bytes
+    runtime: dict | None = None  # a VLoRA file run packed: {"kind": "packed", "held_bytes", "file_bytes"}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,7 +76,9 @@ def markdown_eval(report: dict) -> str:
 
 
 def _rtn(report: dict) -> str:
-    q = report.get("quantized")
+    q, run = report.get("quantized"), report.get("runtime")
+    if run:
+        return f"; run {run['kind']}: {run['held_bytes']:,} bytes held, file {run['file_bytes']:,}"
     if not q:
         return ""
     group = f" groups of {q['group_size']}" if q["group_size"] else " per row"
@@ -101,6 +105,9 @@ class EvalConfig:
     quantize: str = "none"  # int8 | int4: score the model with its layer stacks round-to-nearest quantized
     group_size: int = 128
     device: str = "auto"  # where the models run: auto (CUDA when present), cpu, cuda or cuda:N
+    runtime: str = "expanded"  # a VLoRA file: expanded (dense weights, as vlora-expand writes them), packed
+    # (factored, integers held as stored: runtime/packed.py; the model at the file's size) or packed-kernels
+    # (the same through torch's int8/int4 weight-only matmuls, bfloat16 activations)
     compare: tuple[str, ...] = DEFAULT_COMPARE  # compress --eval: alternatives scored beside the file
     # (evaluate/alternatives.py): int8, int4 (alone, round-to-nearest), gptq (int4 alone rounded by GPTQ on the
     # file's calibration, when calibrated), svd (whitened per-layer SVD at its bytes)
@@ -110,6 +117,8 @@ class EvalConfig:
             raise VloraError(f"`eval.task` must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.batch_size < 1 or self.max_length < 2 or (self.samples is not None and self.samples < 1):
             raise VloraError("`eval.batch_size` and `eval.samples` must be at least 1, `eval.max_length` at least 2")
+        if self.runtime not in RUNTIMES:
+            raise VloraError(f"`eval.runtime` must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
         object.__setattr__(self, "compare", tuple(self.compare))
         unknown = [c for c in self.compare if c not in COMPARE]
         if unknown:
@@ -146,7 +155,14 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
     preprocessor = load_preprocessor(config_dir)
     head = task_head(config.task)
     device = resolve_device(config.device)
-    models = [load_model(model, None if model.is_dir() else config_dir, head).to(device)]
+    runtime = None
+    if config.runtime != "expanded" and not model.is_dir():
+        from ..runtime.factored import factored_bytes, load_factored
+
+        models = [load_factored(model, config_dir, head, kernels=config.runtime == "packed-kernels").to(device)]
+        runtime = {"kind": config.runtime, "held_bytes": factored_bytes(models[0]), "file_bytes": model.stat().st_size}
+    else:
+        models = [load_model(model, None if model.is_dir() else config_dir, head).to(device)]
     quantized = None
     if config.quantize != "none":
         stack_bytes = quantize_stacks(models[0], model, config.quantize, config.group_size)
@@ -157,7 +173,7 @@ def evaluate(model: str | Path, data: str | Path, config: EvalConfig = EvalConfi
         models.append(load_model(ref, None if ref.is_dir() else config_dir, head).to(device))
     samples, metrics = evaluate_models(models, preprocessor, data, config, progress)
     return EvalReport(config.task, str(data), str(model), str(reference) if reference else None, samples, metrics,
-                      quantized)
+                      quantized, runtime)
 
 
 def quantize_stacks(loaded, path: Path, scheme: str, group_size: int) -> int:

