@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CALIB, tiny_model
-from test_guard import CASES, make
+from test_guard import make
 from vlora_compress import CalibConfig, compress
 from vlora_compress.errors import VloraError
 from vlora_compress.fit.integers import SCHEMES, dequantize, quantize
