@@ -2,7 +2,8 @@
 
 For each file (int8 and int4 g128 with GPTQ rounding; an int2-midrise g64 base under an int4
 low-rank increment at 3.2 and 2.5 bits a weight over the stacks), one fresh process per runtime
-loads the model, scores perplexity on 32 windows of 128 tokens of Persuasion, and times greedy
+loads the model, scores perplexity on 32 windows of 128 tokens of Persuasion (4 windows a batch, so
+that the logits, 4 x 128 x 49,152 floats, do not set the peak), and times greedy
 generation at batch 1 and 8 (a 16-token prompt, 32 new tokens, KV cache): file bytes, bytes the
 loaded model holds (parameters and buffers, each storage once), the process's peak RSS,
 tokens a second and perplexity. Runtimes: ``dense`` (the original, float32), ``packed``
@@ -62,7 +63,7 @@ load_s = time.perf_counter() - t
 held = factored_bytes(model)
 tok = load_preprocessor(folder)
 with torch.no_grad():
-    _, metrics = evaluate_models([model], tok, opts["eval"], EvalConfig(task="perplexity", samples=opts["windows"]), False)
+    _, metrics = evaluate_models([model], tok, opts["eval"], EvalConfig(task="perplexity", samples=opts["windows"], batch_size=4), False)
     speed = {}
     for batch in (1, 8):
         ids = torch.randint(100, 40000, (batch, 16), generator=torch.Generator().manual_seed(batch))

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..io.checkpoint import open_checkpoint
 from ..errors import VloraError
+from ..export.base import formats_holding
 from ..io.fileformat import VloraFile, family_layout, layout
 from ..plan import matrix_roles
 from ..progress import Progress
@@ -243,6 +244,9 @@ def inspect_vlora(path: str | Path) -> dict:
             {
                 **fp.summary(),
                 "bytes": mine,
+                # where it runs at its size: this tool's packed runtime holds every family as stored
+                "runtime_bytes": mine["bases"] + mine["increments"],
+                "exports": formats_holding(vfile, fp),
                 "chunks": [
                     {"layers": list(c.layers), "base": c.base, "topology": c.topology, "ranks": list(c.ranks)}
                     for c in fp.chunks
@@ -321,11 +325,12 @@ def markdown_inspect(info: dict) -> str:
                  f"size ratio {info['size_ratio']:.3f}", "",
                  f"bases {human_bytes(roles['bases'])}, increments {human_bytes(roles['increments'])}, "
                  f"pass-through {human_bytes(roles['passthrough'])}", "",
-                 "| family | shape | chunk | base | topology | ranks |", "|---|---|---|---|---|---|"]
+                 "| family | shape | chunk | base | topology | ranks | exports |", "|---|---|---|---|---|---|---|"]
         for f in info["families"]:
-            for c in f["chunks"]:
+            for i, c in enumerate(f["chunks"]):
+                exports = (", ".join(f["exports"]) or "-") if i == 0 else ""
                 lines.append(f"| {f['family']} | {'x'.join(map(str, f['shape']))} | {_span(c['layers'])} | "
-                             f"{c['base']} | {c['topology']} | {','.join(map(str, c['ranks']))} |")
+                             f"{c['base']} | {c['topology']} | {','.join(map(str, c['ranks']))} | {exports} |")
         return "\n".join(lines) + "\n"
     lines = [f"### `{info['path']}`: {info['tensors']} tensors, {info['params']:,} params, {human_bytes(info['bytes'])}",
              "", "| stack | family | shape | dtype | layers | bytes |", "|---|---|---|---|---|---|"]
@@ -395,16 +400,18 @@ def render_vlora(info: dict, console: Console) -> None:
         console.print(f"stack {s['prefix'] or '(top level)'}: chunks " + ", ".join(f"{a}..{b}" for a, b in s["chunks"]))
     one_stack = len(info["stacks"]) == 1
     table = Table(title="Plan" + (f" of {info['stacks'][0]['prefix']}" if one_stack else ""))
-    for col in ("family", "shape", "store", "chunk", "base", "topology", "ranks"):
-        table.add_column(col, justify="left" if col == "family" else "right", overflow="fold")
+    for col in ("family", "shape", "store", "chunk", "base", "topology", "ranks", "exports"):
+        table.add_column(col, justify="left" if col in ("family", "exports") else "right", overflow="fold")
     for f in info["families"]:
         for i, c in enumerate(f["chunks"]):
             table.add_row((f["suffix"] if one_stack else f["family"]) if i == 0 else "", "x".join(map(str, f["shape"])) if i == 0 else "",
                           storage_label(f["quant"], f["group_size"], f["store_dtype"]) if i == 0 else "",
                           _span(c["layers"]),
                           str(c["base"]), c["topology"],
-                          ",".join(map(str, c["ranks"])))
+                          ",".join(map(str, c["ranks"])), (", ".join(f["exports"]) or "-") if i == 0 else "")
     console.print(table)
+    console.print("exports: the formats vlora-export writes each family to exactly (- : none; every family runs at "
+                  "its size packed: vlora-eval --runtime packed)")
     if info["decisions"]:
         render_decisions(info["decisions"], console)
     for note in info["notes"]:
