@@ -5,9 +5,11 @@ found on the way) changes in a commit of its own that says why. The set covers e
 form, pipeline and integer scheme on small inputs: the real all-MiniLM-L6-v2 data-free and with
 a little calibration, a seeded tiny Llama (transformers) calibrated, and a healed file.
 
-The hashes are of float computations (SVDs, GPTQ, healing), which differ between torch builds
-and CPU kernels, so ``tests/guard_hashes.json`` records the torch version and the CPU capability
-they were made under; on another, the test skips and says how to pin them there:
+The hashes are of float computations (SVDs, GPTQ, healing), which differ between torch builds,
+CPU kernels and thread counts, so the guard runs on one thread, whatever the test run gives torch
+(CI's two xdist workers, or a developer's whole machine), and ``tests/guard_hashes.json`` records
+the torch version and the CPU capability they were made under; on another, the test skips and
+says how to pin them there:
 
     VLORA_GUARD_UPDATE=1 ./dev test tests/test_guard.py
 """
@@ -85,7 +87,16 @@ CASES: dict[str, tuple[str, dict]] = {
 
 
 def fingerprint() -> str:
-    return f"torch {torch.__version__.split('+')[0]}, {torch.backends.cpu.get_cpu_capability()}"
+    return f"torch {torch.__version__.split('+')[0]}, {torch.backends.cpu.get_cpu_capability()}, 1 thread"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Float sums split across threads round differently: the pinned bytes are one thread's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def sha256(path: Path) -> str:
