@@ -1,9 +1,20 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from vlora_compress import synthetic
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (CI runs two workers), each worker takes its share of the cores, and the
+    processes it starts too: two torch processes each on every core stall each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 # The core plan: equal chunks, the first layer of each as a dense base, a closed-loop chain.

@@ -201,16 +201,23 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], sch
                group_size: int = 128, name: str = "tensor") -> torch.Tensor:
     """float32 values of stored integers; refuses scales that no quantize call could have written."""
     rows, cols = shape
+    check_stored(q, scale, shape, scheme, group_size, name)
+    s = scale.float()
+    values = q.float() if scheme == "int8" else unpack_bits(q, cols, BITS[scheme]).float()
+    if scheme in MIDRISE:
+        values += 0.5
+    return (_grouped(values, scheme, group_size) * s[..., None]).reshape(rows, -1)[:, :cols]
+
+
+def check_stored(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], scheme: str, group_size: int,
+                 name: str) -> None:
+    """Refuse integers and scales that no quantize call could have written for a ``shape`` matrix."""
     if tuple(q.shape) != packed_shape(shape, scheme) or tuple(scale.shape) != scale_shape(shape, scheme, group_size):
         raise VloraError(f"{name}: packed size {list(q.shape)} with scales {list(scale.shape)} does not hold "
                          f"a {list(shape)} {scheme} matrix")
     s = scale.float()
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise VloraError(f"{name}: corrupted scales (not finite and positive)")
-    values = q.float() if scheme == "int8" else unpack_bits(q, cols, BITS[scheme]).float()
-    if scheme in MIDRISE:
-        values += 0.5
-    return (_grouped(values, scheme, group_size) * s[..., None]).reshape(rows, -1)[:, :cols]
 
 
 def fake_quantize(x: torch.Tensor, scheme: str, group_size: int = 128, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VloraError
-from ..fit.integers import BITS, MIDRISE, packed_shape, scale_shape
+from ..fit.integers import BITS, MIDRISE, check_stored
 
 
 def unpack_codes(packed: torch.Tensor, cols: int, bits: int) -> torch.Tensor:
@@ -71,12 +71,7 @@ class PackedMatrix(torch.nn.Module):
                  group_size: int, dtype: torch.dtype, name: str = "tensor"):
         super().__init__()
         shape = tuple(shape)
-        if tuple(q.shape) != packed_shape(shape, scheme) or tuple(scale.shape) != scale_shape(shape, scheme, group_size):
-            raise VloraError(f"{name}: packed size {list(q.shape)} with scales {list(scale.shape)} does not hold "
-                             f"a {list(shape)} {scheme} matrix")
-        s = scale.float()
-        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise VloraError(f"{name}: corrupted scales (not finite and positive)")
+        check_stored(q, scale, shape, scheme, group_size, name)
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.contiguous())
         self.shape, self.scheme, self.group_size, self.dtype = shape, scheme, group_size, dtype
