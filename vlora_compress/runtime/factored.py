@@ -53,6 +53,7 @@ class FactoredStore(torch.nn.Module):
         self._packed_index = {name: i for i, name in enumerate(packed)}
         self.packed = torch.nn.ModuleList(packed.values())
         self.kernels = False  # use_kernels(): integer matmuls where torch has them
+        self.bases: set[str] = set()  # names of chunks' base tensors (attach fills it)
         self.quant = dict(quant or {})
         self.quantization_aware = False
         self.partial_sums = True
@@ -81,10 +82,11 @@ class FactoredStore(torch.nn.Module):
         return x @ w if conv1d else F.linear(x, w)
 
     def use_kernels(self) -> int:
-        """Move every packed matrix that torch has a weight-only integer matmul for to its layout
-        (runtime/packed.py); returns how many moved."""
+        """Move every packed matrix that torch has a weight-only integer matmul for to its layout,
+        and low-rank factors that have none to bfloat16 values (runtime/packed.py); returns how many
+        moved. A factor is any matrix but a chunk's base: increments, shared bases, residuals."""
         self.kernels = True
-        return sum(m.use_kernels() for m in self.packed)
+        return sum(m.use_kernels(thin=name not in self.bases) for name, m in zip(self._packed_index, self.packed))
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return tuple(self[name].shape)
@@ -253,6 +255,7 @@ def attach(model: torch.nn.Module, plan: Plan, store: FactoredStore, read=None) 
                 raise VloraError(f"{key} has no module in the model")
             found[key] = (fp, layer, *hit)
     model.add_module("vlora_store", store)
+    store.bases = {t.base for fp in plan.families for t in walk(fp) if t.base is not None}
     model.register_forward_hook(lambda *_: store.forget())  # partial sums live for one pass
     out = {}
     terms = {fp.name: layer_terms(fp) for fp in plan.families}

@@ -75,11 +75,13 @@ class PackedMatrix(torch.nn.Module):
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.contiguous())
         self.shape, self.scheme, self.group_size, self.dtype = shape, scheme, group_size, dtype
-        self.kernel: str | None = None  # "int8" or "int4" once use_kernels() moved it
+        self.kernel: str | None = None  # "int8", "int4" (torch's kernels) or "bf16" (a factor as values) after use_kernels()
         self.kernel_group = 0
 
     def dequantize(self) -> torch.Tensor:
         """The whole matrix in its dtype (float32 products, then rounded, as expand writes it)."""
+        if self.kernel == "bf16":
+            return self.q.to(self.dtype)
         if self.kernel == "int4":  # the tiles are all it holds: read them back through the kernel
             eye = torch.eye(self.shape[1], dtype=torch.bfloat16, device=self.q.device)
             return torch._weight_int4pack_mm_for_cpu(eye, self.q, self.kernel_group, self.scale).T.to(self.dtype)
@@ -88,7 +90,7 @@ class PackedMatrix(torch.nn.Module):
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (any shape) in its dtype, unpacking only those: an embedding lookup."""
-        if self.kernel == "int4":
+        if self.kernel in ("int4", "bf16"):
             return self.dequantize()[index]
         flat = index.reshape(-1)
         q, s = self.q[flat], self.scale.reshape(self.shape[0], -1)[flat]
@@ -101,18 +103,32 @@ class PackedMatrix(torch.nn.Module):
         if self.kernel is None or x.requires_grad or x.device != self.q.device:
             return F.linear(x, self.dequantize().to(x.dtype))
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.kernel == "bf16":
+            return F.linear(x.to(torch.bfloat16), self.q).to(x.dtype)
         if self.kernel == "int8":
             y = torch._weight_int8pack_mm(flat, self.q, self.scale)
         else:
             y = torch._weight_int4pack_mm_for_cpu(flat, self.q, self.kernel_group, self.scale)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
-    def use_kernels(self) -> bool:
+    def use_kernels(self, thin: bool = False) -> bool:
         """Hold the matrix in the layout of torch's weight-only integer matmul for its scheme, where
         there is one here (CPU; int4 tiles need a group of 32 to 256 that divides both the row and
-        the file's group); True if it moved. Activations and scales then run in bfloat16."""
+        the file's group); True if it moved. Activations and scales then run in bfloat16. ``thin``
+        (a low-rank factor): what has no kernel is held as bfloat16 values instead, a few times its
+        integers' bytes, which a factor can afford and forming it at every call cannot."""
         if self.kernel is not None or self.q.device.type != "cpu":
             return self.kernel is not None
+        if self._use_kernel():
+            return True
+        if thin:
+            self.q = self.dequantize().to(torch.bfloat16)
+            self.scale = self.scale.new_empty(0)
+            self.kernel = "bf16"
+            return True
+        return False
+
+    def _use_kernel(self) -> bool:
         rows, cols = self.shape
         if self.scheme == "int8":
             if not hasattr(torch, "_weight_int8pack_mm"):
