@@ -25,6 +25,8 @@ FILES = {  # name -> compress options on the tiny Llama
     "q-plus-ba": dict(method="svd", base_quantize="int4", quantize="int4", group_size=32, rank=4, ranks="uniform"),
     "chain": dict(rank=4, chunks=2, base="first", topology="chain", bounds="equal", ranks="uniform", quantize="int4",
                   group_size=32),
+    "shared-residual": dict(rank=4, ranks="uniform", shared=True, quantize="int4", group_size=32),
+    "svd": dict(method="svd", rank=8, ranks="uniform"),
 }
 
 
@@ -196,6 +198,7 @@ def test_forms_no_standard_format_holds_are_named_and_nothing_is_written(files, 
         with pytest.raises(VloraError) as e:
             export(files["chain"], out, fmt, config_dir=llama)
         assert "model.layers.*.self_attn.q_proj.weight" in str(e.value) and "chain" in str(e.value)
+        assert "transformers-remote" in str(e.value)  # where they can go
         assert not out.exists() and not list(tmp_path.glob(".ct*"))
 
 
@@ -215,3 +218,20 @@ def test_vlora_export_writes_a_folder_refuses_to_overwrite_and_says_why_in_one_l
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("name", ["chain", "shared-residual", "svd", "q-plus-ba", "int2-midrise"])
+def test_transformers_remote_runs_every_form_from_the_file_without_this_package(name, files, llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from vlora_compress.runtime.factored import factored_bytes
+
+    out = tmp_path / "remote"
+    export(files[name], out, "transformers-remote", config_dir=llama)
+    assert "vlora_compress" not in (out / "modeling_vlora.py").read_text().replace("vlora-compress", "")
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        a, b = load_model(files[name], llama)(**_ids()).logits, model(**_ids()).logits
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    assert factored_bytes(model) <= 1.10 * files[name].stat().st_size  # the file's tensors, each once

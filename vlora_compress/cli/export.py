@@ -11,14 +11,14 @@ import typer
 
 from .app import JsonFlag, _app, _run, stdout
 
-export_app = _app("Export a VLoRA file to a format other engines load: compressed-tensors, gptq or gguf.")
+export_app = _app("Export a VLoRA file to a format other engines load: compressed-tensors, gptq, gguf or transformers-remote.")
 
 
 @export_app.command()
 def export_cmd(
     path: Annotated[Path, typer.Argument(help="A VLoRA file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The output folder (written beside its name, then renamed into place).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors (transformers, vLLM), gptq (gptqmodel, vLLM) or gguf (llama.cpp); increments over a quantized base go to a LoRA adapter beside it.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors (transformers, vLLM), gptq (gptqmodel, vLLM), gguf (llama.cpp): the integer forms exactly, increments over a quantized base as a LoRA adapter beside them; transformers-remote: every form, the file beside a trust_remote_code modeling file.")],
     config_dir: Annotated[Optional[Path], typer.Option("--config", help="The original model's folder (config.json, tokenizer), if not beside the file.")] = None,
     pre_tokenizer: Annotated[Optional[str], typer.Option("--gguf-pre", help="gguf: llama.cpp's pre-tokenizer name for the model's tokenizer (e.g. smollm, llama-bpe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output folder.")] = False,

@@ -59,6 +59,7 @@ class Exporter:
 
     name: ClassVar[str]
     adapter: ClassVar[str] = "peft"  # how increments are written: a PEFT folder (gguf: a LoRA GGUF)
+    standard: ClassVar[bool] = True  # holds integer Linear weights only (transformers-remote: the file itself)
 
     def problems(self, vfile: VloraFile, layers: list[Layer], config: dict | None) -> dict[str, str]:
         """Layer or family -> why this format cannot hold it exactly (beyond the forms no format
@@ -95,14 +96,14 @@ def export(path: str | Path, out: str | Path, format: str, *, config_dir: str | 
         raise VloraError(f"{config_dir}: has no config.json (pass the original model's folder with --config)")
     config = json.loads((config_dir / "config.json").read_text())
     exporter = EXPORTERS[format]
-    layers, problems = file_layers(vfile)
+    layers, problems = file_layers(vfile) if exporter.standard else ([], {})
     if config.get("model_type") in CONV1D_MODELS and any(layer.scheme != "none" for layer in layers):
         problems["model"] = f"{config['model_type']} stores its Linear layers as (in, out), so its integer groups run along outputs"
     problems.update(exporter.problems(vfile, layers, config))
     if problems:
         listed = "; ".join(f"{name}: {why}" for name, why in problems.items())
         raise VloraError(f"{path}: {format} cannot hold {len(problems)} part(s) of this file exactly: {listed}"
-                         " (vlora-inspect lists what each format holds)")
+                         " (vlora-inspect lists what each format holds; --format transformers-remote holds every form)")
     report = ExportReport(format, str(path), str(out), sum(layer.scheme != "none" for layer in layers),
                           sum(layer.scheme == "none" for layer in layers), sum(layer.factors is not None for layer in layers))
     with output_folder(out, force) as folder:
@@ -118,9 +119,8 @@ def formats_holding(vfile: VloraFile, fp) -> list[str]:
     from .layers import family_layers
 
     layers = family_layers(fp)
-    if isinstance(layers, str):
-        return []
-    return [name for name, exporter in sorted(EXPORTERS.items()) if not exporter.problems(vfile, layers, None)]
+    return [name for name, exporter in sorted(EXPORTERS.items())
+            if not exporter.standard or (not isinstance(layers, str) and not exporter.problems(vfile, layers, None))]
 
 
 def rest_of_model(vfile: VloraFile, layers: list[Layer], report: ExportReport) -> dict[str, torch.Tensor]:
