@@ -49,8 +49,11 @@ def files(llama, tmp_path_factory):
     for name, options in FILES.items():
         made[name] = folder / f"{name}.vlora.safetensors"
         torch.manual_seed(0)
-        compress(llama, made[name], calib=CALIB, calibration=SMALL, device="cpu", **options)
+        REPORTS[name] = compress(llama, made[name], calib=CALIB, calibration=SMALL, device="cpu", **options)
     return made
+
+
+REPORTS = {}  # name -> the compress report of FILES[name], filled by the files fixture
 
 
 def _ids() -> dict:
@@ -235,3 +238,18 @@ def test_transformers_remote_runs_every_form_from_the_file_without_this_package(
         a, b = load_model(files[name], llama)(**_ids()).logits, model(**_ids()).logits
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
     assert factored_bytes(model) <= 1.10 * files[name].stat().st_size  # the file's tensors, each once
+
+
+@pytest.mark.parametrize("name", ["int4", "int2-midrise", "q-plus-ba", "chain"])
+def test_the_compress_report_lists_the_formats_that_take_each_family(name, files, llama, tmp_path):
+    families = REPORTS[name].to_dict()["families"]
+    assert all("transformers-remote" in f["exports"] for f in families)
+    assert all(f["runtime_bytes"] == f["compressed_bytes"] for f in families)  # the packed runtime holds it as stored
+    listed = {fmt for fmt in ("compressed-tensors", "gptq", "gguf") if all(fmt in f["exports"] for f in families)}
+    assert listed == (set() if name == "chain" else {"compressed-tensors", "gptq", "gguf"})
+    for fmt in ("compressed-tensors", "gptq", "gguf"):  # what the report lists is what export does
+        if fmt in listed:
+            export(files[name], tmp_path / fmt, fmt, config_dir=llama)
+        else:
+            with pytest.raises(VloraError):
+                export(files[name], tmp_path / fmt, fmt, config_dir=llama)

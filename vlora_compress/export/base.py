@@ -61,7 +61,7 @@ class Exporter:
     adapter: ClassVar[str] = "peft"  # how increments are written: a PEFT folder (gguf: a LoRA GGUF)
     standard: ClassVar[bool] = True  # holds integer Linear weights only (transformers-remote: the file itself)
 
-    def problems(self, vfile: VloraFile, layers: list[Layer], config: dict | None) -> dict[str, str]:
+    def problems(self, layers: list[Layer], config: dict | None) -> dict[str, str]:
         """Layer or family -> why this format cannot hold it exactly (beyond the forms no format
         holds); ``config`` the model's config.json, None to judge the layers alone."""
         return {}
@@ -99,7 +99,7 @@ def export(path: str | Path, out: str | Path, format: str, *, config_dir: str | 
     layers, problems = file_layers(vfile) if exporter.standard else ([], {})
     if config.get("model_type") in CONV1D_MODELS and any(layer.scheme != "none" for layer in layers):
         problems["model"] = f"{config['model_type']} stores its Linear layers as (in, out), so its integer groups run along outputs"
-    problems.update(exporter.problems(vfile, layers, config))
+    problems.update(exporter.problems(layers, config))
     if problems:
         listed = "; ".join(f"{name}: {why}" for name, why in problems.items())
         raise VloraError(f"{path}: {format} cannot hold {len(problems)} part(s) of this file exactly: {listed}"
@@ -114,13 +114,15 @@ def export(path: str | Path, out: str | Path, format: str, *, config_dir: str | 
     return report
 
 
-def formats_holding(vfile: VloraFile, fp) -> list[str]:
-    """The export formats that hold family ``fp`` of the file exactly (the model's own type aside)."""
+def formats_holding(fp) -> list[str]:
+    """The export formats that hold family ``fp`` (plan.FamilyPlan) exactly, the model's own type
+    aside: what its plan stores decides, so the compress report lists them before anything reads
+    the file back."""
     from .layers import family_layers
 
     layers = family_layers(fp)
     return [name for name, exporter in sorted(EXPORTERS.items())
-            if not exporter.standard or (not isinstance(layers, str) and not exporter.problems(vfile, layers, None))]
+            if not exporter.standard or (not isinstance(layers, str) and not exporter.problems(layers, None))]
 
 
 def rest_of_model(vfile: VloraFile, layers: list[Layer], report: ExportReport) -> dict[str, torch.Tensor]:

@@ -67,7 +67,7 @@ class Gguf(Exporter):
     name = "gguf"
     adapter = "gguf"
 
-    def problems(self, vfile: VloraFile, layers: list[Layer], config: dict | None) -> dict[str, str]:
+    def problems(self, layers: list[Layer], config: dict | None) -> dict[str, str]:
         out = {}
         if config is not None and config.get("model_type") not in ARCHS:
             out["model"] = f"GGUF export writes {', '.join(ARCHS)} models, not {config.get('model_type')!r}"

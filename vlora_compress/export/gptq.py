@@ -42,7 +42,7 @@ def _group(layer: Layer) -> int:
 class Gptq(Exporter):
     name = "gptq"
 
-    def problems(self, vfile: VloraFile, layers: list[Layer], config: dict | None) -> dict[str, str]:
+    def problems(self, layers: list[Layer], config: dict | None) -> dict[str, str]:
         ints = [layer for layer in layers if layer.scheme != "none"]
         out = {}
         kinds = sorted({(_bits(layer), layer.scheme == "int8") for layer in ints})

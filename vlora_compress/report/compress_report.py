@@ -18,6 +18,7 @@ from rich.table import Table
 from ..io.checkpoint import ITEMSIZE
 from ..plan import family_bytes
 from ..fit.integers import SCALE_SUFFIX
+from ..export.base import EXPORTERS, formats_holding
 
 
 METHOD_TITLES = {"vlora": "VLoRA", "svd": "per-layer SVD", "dense": "dense (quantization alone)"}
@@ -121,15 +122,16 @@ class CompressReport:
             lines.append(f"| quantize | {storage_summary(self.quantize, self.families)} |")
         if self.passthrough:
             lines.append(f"| pass-through quantized | {passthrough_line(self.passthrough)} |")
-        lines += ["", "| family | shape | bases | ranks | storage | stored | weight err mean/max | output err mean/max |",
-                  "|---|---|---|---|---|---:|---:|---:|"]
+        lines += ["", "| family | shape | bases | ranks | storage | stored | weight err mean/max | output err mean/max "
+                  "| exports |", "|---|---|---|---|---|---:|---:|---:|---|"]
         for f in self.families:
             out = (f"{f['mean_out_error']:.3f}/{f['max_out_error']:.3f}" if f["mean_out_error"] is not None else "-")
             lines.append(f"| {f['family']} | {'x'.join(map(str, f['shape']))} | {','.join(map(str, f['bases']))} | "
                          f"{','.join(map(str, f['ranks'])) or '-'} | {f['storage']} | {human_bytes(f['compressed_bytes'])} | "
-                         f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f} | {out} |")
+                         f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f} | {out} | {standard_exports(f)} |")
         if self.healing:
             lines.append(f"| healing | {healing_line(self.healing)} |")
+        lines += ["", RUNS_AT_SIZE]
         if self.evaluation:
             from ..evaluate.scoring import markdown_eval
 
@@ -177,7 +179,7 @@ class CompressReport:
         fams = Table(title="Error per family: weight ||W - Ŵ||/||W||" + ("; output ||(W - Ŵ)S||/||WS||" if whitened else ""))
         many = len(self.stacks) > 1
         cols = (["stack"] if many else []) + ["family", "shape", "rank", "storage", "stored", "weight mean/max"]
-        cols += ["output mean/max"] if whitened else []
+        cols += (["output mean/max"] if whitened else []) + ["exports"]
         for col in cols:
             fams.add_column(col, justify="left" if col in ("stack", "family") else "right", overflow="fold")
         for f in self.families:
@@ -186,8 +188,10 @@ class CompressReport:
                 *([f["stack"]] if many else []), f["suffix"], "x".join(map(str, f["shape"])),
                 ",".join(map(str, f["ranks"])) or "-", f["storage"], human_bytes(f["compressed_bytes"]),
                 f"{f['mean_rel_error']:.3f}/{f['max_rel_error']:.3f}", *([out] if whitened else []),
+                standard_exports(f),
             )
         console.print(fams)
+        console.print(RUNS_AT_SIZE)
         if self.evaluation:
             from ..evaluate.scoring import render_eval
 
@@ -222,11 +226,23 @@ def family_summary(fp, layer_fits) -> dict:
                     f"{storage_label(fp.quant, fp.group_size, fp.store_dtype)} factors"),
         "original_bytes": nbytes(fp.dtype, fp.shape) * len(fp.layers),
         "compressed_bytes": family_bytes(fp),
+        # where it runs at its size: the packed runtime holds it as stored; these formats hold it exactly
+        "runtime_bytes": family_bytes(fp),
+        "exports": formats_holding(fp),
         "mean_rel_error": sum(errs) / len(errs),
         "max_rel_error": max(errs),
         "mean_out_error": sum(out_errs) / len(out_errs) if out_errs else None,
         "max_out_error": max(out_errs) if out_errs else None,
     }
+
+
+RUNS_AT_SIZE = ("exports: the standard formats vlora-export writes the family to exactly; every family runs at "
+                "its stored bytes in the packed runtime (vlora-eval --runtime packed) and exports as transformers-remote")
+
+
+def standard_exports(f: dict) -> str:
+    """A family's standard export formats, or "-" (transformers-remote holds every family)."""
+    return ", ".join(e for e in f.get("exports", []) if EXPORTERS[e].standard) or "-"
 
 
 def decision_line(d: dict) -> str:

@@ -246,7 +246,7 @@ def inspect_vlora(path: str | Path) -> dict:
                 "bytes": mine,
                 # where it runs at its size: this tool's packed runtime holds every family as stored
                 "runtime_bytes": mine["bases"] + mine["increments"],
-                "exports": formats_holding(vfile, fp),
+                "exports": formats_holding(fp),
                 "chunks": [
                     {"layers": list(c.layers), "base": c.base, "topology": c.topology, "ranks": list(c.ranks)}
                     for c in fp.chunks
