@@ -370,3 +370,29 @@ def test_a_quantized_file_heals_and_reports_what_it_wrote(tiny_gpt2, tmp_path, a
     # the figure healing reports is the written file's, trained through the quantizer or not
     scored = evaluate(out, EVAL, EvalConfig(task="perplexity", samples=16), config_dir=tiny_gpt2)
     assert scored.metrics[0].model == pytest.approx(report.after, rel=1e-4)
+
+
+def test_frozen_integers_are_held_as_stored_while_the_rest_heals(tiny_llama, tmp_path, monkeypatch):
+    import vlora_compress.heal.distill as distill
+    from vlora_compress.heal.student import frozen_integers
+
+    start = tmp_path / "q.vlora.safetensors"
+    compress(tiny_llama, start, method="svd", base_quantize="int4", quantize="int4", group_size=16, rank=4,
+             ranks="uniform")
+    vfile = VloraFile(start)
+    cfg = HealConfig(steps=4, batch_size=8, lr=3e-3, max_length=32, local_steps=0, train=("increments",))
+    assert frozen_integers(vfile, replace(cfg, train=("increments", "bases")), False) == set()
+    bases = frozen_integers(vfile, cfg, False)
+    assert bases and all(not name.endswith(("vlora_A", "vlora_B")) for name in bases)
+    stored = sum(vfile.checkpoint.read(n).nbytes + vfile.checkpoint.read(n + ".scale").nbytes for n in bases)
+    packed, floats = tmp_path / "packed.vlora.safetensors", tmp_path / "floats.vlora.safetensors"
+    report = heal(start, tiny_llama, CALIB, packed, cfg)
+    assert report.memory["student_packed"] == stored  # the bases as the file stores them, not as floats
+    monkeypatch.setattr(distill, "frozen_integers", lambda *a: False)  # every integer a float parameter
+    assert heal(start, tiny_llama, CALIB, floats, cfg).memory["student_packed"] == 0
+    a, b, s = VloraFile(packed), VloraFile(floats), VloraFile(start)
+    for name in a.checkpoint.infos:
+        # the same training either way: every trained tensor equal, the frozen ones the start's
+        assert torch.equal(a.checkpoint.read(name), b.checkpoint.read(name)), name
+    assert any(not torch.equal(a.checkpoint.read(n), s.checkpoint.read(n)) for n in a.checkpoint.infos)
+    assert all(torch.equal(a.checkpoint.read(n), s.checkpoint.read(n)) for n in bases)

@@ -45,7 +45,7 @@ from .report import HealReport, memory
 from .schedule import batch_index, length_batches, set_lr, spent
 from .state import State, read_state, restore, restore_optimizer, save_state, state_path
 from .stop import StopSignals
-from .student import optimizer, train_mode, trainable_parameters
+from .student import frozen_integers, optimizer, train_mode, trainable_parameters
 from .write import check_match, write_healed
 
 # the public API; HealConfig and its choices are defined in heal/config.py, re-exported here
@@ -183,7 +183,8 @@ def _load_student(run: _Run, texts: list[str], resume: bool) -> dict | None:
     """The student (the file loaded factored), what trains and its optimiser, the batches, and on
     ``resume`` the saved state, returned: its optimizer's state goes in once the optimizer is final."""
     config = run.config
-    student = run.student = load_factored(run.vfile.path, run.teacher, run.head, packed=False).to(run.device)
+    student = run.student = load_factored(run.vfile.path, run.teacher, run.head,
+                                                  packed=frozen_integers(run.vfile, run.config, run.fsdp)).to(run.device)
     # integer-stored tensors train through a straight-through quantizer: the loss is the file's
     student.vlora_store.quantization_aware = config.quantization_aware
     run.trainable = trainable_parameters(student, run.vfile, config)

@@ -40,10 +40,13 @@ class HealReport:
 
 def memory(student, teacher, trainable: dict, opt, cache: int) -> dict:
     """Bytes this process holds: the teacher's and student's parameters (their shards when
-    sharded), of which what trains, its gradients' room and the optimizer's state, the teacher cache."""
+    sharded), the student's frozen integers held packed, of the parameters what trains, its
+    gradients' room and the optimizer's state, the teacher cache."""
     return {
         "teacher": local_bytes(teacher.parameters()),
         "student": local_bytes(student.parameters()),
+        # frozen integer bases and factors, held as the file stores them (heal.student.frozen_integers)
+        "student_packed": local_bytes(student.vlora_store.packed.buffers()),
         "trained": local_bytes(trainable.values()),
         "optimizer": local_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()),
         "teacher_cache": cache,

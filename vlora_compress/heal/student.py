@@ -30,6 +30,17 @@ def trainable_parameters(student, vfile: VloraFile, config: HealConfig) -> dict[
     return out
 
 
+def frozen_integers(vfile: VloraFile, config: HealConfig, fsdp: bool) -> set[str] | bool:
+    """The integer-stored bases and factors that do not train, which the student holds as stored
+    (load_factored's ``packed``: int4 about an eighth of float32, dequantized one matrix a call);
+    False under fsdp, which shards parameters and buffers of one float dtype."""
+    if fsdp:
+        return False
+    roles = plan_roles(vfile.plan)
+    return {name for name in vfile.quantized if name in roles
+            and ("increments" if roles[name] == "factor" else "bases") not in config.train}
+
+
 def _stack_dense(student, vfile: VloraFile) -> dict[str, torch.nn.Parameter]:
     """The 1-D parameters (biases, norms) of the stacks' layers, by checkpoint key."""
     factorised = factorised_keys(vfile.plan)

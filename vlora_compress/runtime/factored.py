@@ -20,6 +20,7 @@ every layer's dense weight until backward is what checkpointing exists to avoid.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -275,14 +276,17 @@ def attach(model: torch.nn.Module, plan: Plan, store: FactoredStore, read=None) 
 
 
 def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, head: str | None = None,
-                  dtype: torch.dtype | None = None, packed: bool | None = None, kernels: bool = False):
+                  dtype: torch.dtype | None = None, packed: bool | Collection[str] | None = None,
+                  kernels: bool = False):
     """A transformers model that runs the VLoRA file factored, in eval mode.
 
     Its memory is the file's tensors: the pass-through ones as transformers loads them, the bases
     and factors once in the store. ``packed`` (the default unless ``dtype`` is given) keeps every
     integer-stored tensor as its integers and scales (runtime/packed.py), quantized pass-through
     embeddings and heads included, so the model holds about the file's bytes; without it they are
-    dequantized to float parameters, as healing trains them. ``dtype`` overrides the float
+    dequantized to float parameters, as healing trains them; a collection of stored names keeps
+    just those packed (and quantized pass-through tables, which never train): healing holds what
+    it freezes as stored. ``dtype`` overrides the float
     tensors' stored dtype (e.g. float32 to train). ``kernels`` (packed only) runs the integers
     through torch's weight-only int8 and int4 matmuls where they take them, with bfloat16
     activations: faster at small batches on CPU, at bfloat16's rounding, and grids narrower than
@@ -292,13 +296,14 @@ def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, 
 
     vfile = VloraFile(vlora_path)
     packed = dtype is None if packed is None else packed
+    chosen = (lambda name: True) if packed is True else (lambda name: name in packed) if packed else (lambda name: False)
     factorised = factorised_keys(vfile.plan)
-    held_packed = {q.key for q in vfile.plan.passthrough} if packed else set()
+    held_packed = {q.key for q in vfile.plan.passthrough} if packed is not False else set()
     placeholders = _placeholders(vfile, factorised | held_packed)
     state = {key: placeholders[key] if key in placeholders else vfile.get(key) for key, _, _ in vfile.source.tensors}
     model = load_state_dict_model(vfile.path, config_dir, head, state)
     names = [name for fp in vfile.plan.families for name, _ in family_matrices(fp)]
-    ints = {name: packed_matrix(vfile, name) for name in names if packed and name in vfile.quantized}
+    ints = {name: packed_matrix(vfile, name) for name in names if chosen(name) and name in vfile.quantized}
     stored = {name: vfile.get(name) for name in names if name not in ints}
     if dtype is not None:
         stored = {k: v.to(dtype) for k, v in stored.items()}
@@ -307,7 +312,7 @@ def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, 
     attach(model, vfile.plan, FactoredStore(stored, quant, ints), read=placeholders.__getitem__)
     for key in sorted(held_packed):
         _pack_passthrough(model, key, packed_matrix(vfile, key), placeholders.__getitem__)
-    if kernels and packed:
+    if kernels and packed is True:
         model.vlora_store.use_kernels()
         tables = {id(m.matrix) for m in model.modules() if isinstance(m, PackedEmbedding)}
         for m in model.modules():  # a table read by rows keeps its rows, unless int8 (rows as they are)
