@@ -280,3 +280,18 @@ def test_plans_are_measured_by_what_the_model_is_scored_by_unless_told(tiny_llam
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--measure" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_plan_that_is_not_measured_holds_nothing_back(tiny_llama, tmp_path):
+    """GPTQ alone (--method dense) or a given rank: no plan is measured, so every calibration
+    sample goes into the Grams, even where the data is too short for samples + holdout (which
+    keeps at least half for the Grams and holds the rest back for a measured plan)."""
+    given = [line.strip() for line in CALIB.read_text().splitlines() if line.strip()][:10]
+    config = CalibConfig(samples=16, holdout=8, packing="lines")
+    for options in (dict(method="dense", quantize="int4", group_size=16), dict(method="svd", rank=4, ranks="uniform")):
+        report = compress(tiny_llama, tmp_path / "a.vlora.safetensors", calib=given, calibration=config, force=True,
+                          **options)
+        assert report.calibration["samples"] == 10 and report.calibration["holdout_samples"] == 0, options
+    measured = compress(tiny_llama, tmp_path / "b.vlora.safetensors", calib=given, calibration=config,
+                        method="svd", target_size=0.6)  # measured ranks: half held back
+    assert measured.calibration["samples"] == 5 and measured.calibration["holdout_samples"] == 5

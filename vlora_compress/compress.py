@@ -299,8 +299,8 @@ def _calibration_summary(job: Job, cal: Calibrated, fit, plan: Plan, pipeline: s
         "tokens": sequential.tokens if sequential is not None else grams.tokens,
         "damping": calib_config.damping,
         "gram_bytes": max(grams.nbytes if grams is not None else 0, sequential.gram_bytes if sequential else 0),
-        "holdout_samples": calib_config.holdout,
-        "holdout_data": calib_config.holdout_data,  # None: the calibration data's tail
+        "holdout_samples": len(cal.held or ()),  # none where no plan is measured
+        "holdout_data": calib_config.holdout_data if cal.held else None,  # None: the calibration data's tail
         "sequential_layers": len(fitted),
         "feedback": sequential.feedback if sequential is not None else None,
         "planning": ("blocks" if pipeline == "blocks" else "model") if job.planned else None,

@@ -70,7 +70,7 @@ class CalibConfig:
     damping: float = option(1e-2, help="Whitening's damping: δ over the mean eigenvalue of the Gram.")
     holdout: int = option(32, "--calib-holdout",
                           "Further samples kept back from the Grams, on which the planner measures every candidate "
-                          "plan (the model's output error).")
+                          "plan (the model's output error); none where no plan is measured.")
     holdout_data: str | None = option(None, "--holdout-data",
                                       "Read the --calib-holdout samples from this file (the same kinds as --calib) "
                                       "instead of the calibration data's tail: plans measured on text the "

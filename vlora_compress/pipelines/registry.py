@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -140,8 +140,10 @@ def calibrated(job: Job, one_at_a_time: bool, on_model: bool, grams: bool) -> Ca
     the sequential fit, not with the model."""
     config = job.config
     keys = {f.key(layer) for f in job.stacks[0].families for layer in f.layers} if one_at_a_time else set()
+    # samples are held back only to measure a plan: a fixed one (GPTQ alone, a rank given) uses them all
+    calib = config.calibration if job.planned else replace(config.calibration, holdout=0, holdout_data=None)
     model, preprocessor, samples, held, by_layer, lm = load_original(
-        job.source, job.config_dir, job.calib, job.tokenizer, config.calibration, job.ckpt, job.aligned, job.device,
+        job.source, job.config_dir, job.calib, job.tokenizer, calib, job.ckpt, job.aligned, job.device,
         keys, with_head=on_model and config.calibration.measure in ("auto", "logits"))
     cal = Calibrated(model, preprocessor, samples, held, by_layer,
                      packing(preprocessor, config.calibration, head_of(model.config) == "causal-lm"))
