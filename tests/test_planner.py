@@ -211,7 +211,7 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
     slack is spent again, so the allocated plan lands within 1% under the uniform plan's bytes, and
     the family the model is most sensitive to gets more than its uniform share."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.search import plan_measured
     from vlora_compress.io.stacks import find_stacks
 
@@ -238,7 +238,7 @@ def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matter
     most, at least 4 bits (measured: 5, dense int4 in groups of 16), some family's scheme or form
     changes, and the stack stays within its budget."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.search import plan_measured, share_budget
     from vlora_compress.io.stacks import find_stacks
 
@@ -273,7 +273,8 @@ def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt
     leaves; a chain carries each layer's error into the next reference, where the two part. The
     estimate must also rank: a higher rank estimates less error."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer, vlora
+    from vlora_compress.forms import candidate_bytes, per_layer, vlora
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.planning.estimate import spectral_error
     from vlora_compress.planning.measure import family_error, rebuild_in_memory
     from vlora_compress.io.stacks import find_stacks
@@ -365,7 +366,7 @@ def test_a_form_that_wins_alone_but_loses_together_gives_way_to_per_layer_svd(tm
     family alone gives way to per-layer SVD at the same bytes, the note and its decision say so, and
     the plan measures lower together than it did before the check."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.search import plan_measured
     from vlora_compress.io.stacks import find_stacks
 
@@ -455,8 +456,9 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     from vlora_compress.config import CompressConfig
     from vlora_compress.fit.factorise import fit_family, rebuild_family
     from vlora_compress.io.fileformat import read_matrix
-    from vlora_compress.plan import family_matrices
-    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer, shared
+    from vlora_compress.forms import family_matrices
+    from vlora_compress.forms import candidate_bytes, per_layer, shared
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.forms.shared import residual_rank
     from vlora_compress.planning.measure import rebuild_in_memory
     from vlora_compress.io.stacks import Family
@@ -505,9 +507,10 @@ def test_every_candidate_stores_the_bytes_it_was_sized_by_and_no_more_than_its_b
     once charged a whitened-mean chunk of one layer an increment it does not store, counted every
     layer dense as one layer, and listed stray zero-base chains beside W = Q + B A."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import candidate_bytes, fit_candidate
+    from vlora_compress.forms import candidate_bytes
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.io.stacks import Family
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.space import candidates
 
     g = torch.Generator().manual_seed(0)
@@ -535,7 +538,8 @@ def test_base_best_takes_the_layer_the_others_are_nearest_to():
     """`--base best`: each chunk's base is the layer that, as its base, leaves the least error; where
     the others are small changes of one layer, that layer; a chunk of one layer is its own base."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import fit_candidate, vlora
+    from vlora_compress.forms import vlora
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.io.stacks import Family
 
     g = torch.Generator().manual_seed(0)

@@ -2,16 +2,15 @@
 
 A plan is pure data (frozen dataclasses) that round-trips through the file header as JSON
 (io/plan_record.py reads and checks it), so the plan written by ``compress`` is exactly what
-``expand`` follows. ``walk`` is the one order every reader rebuilds a family in, and
-``family_matrices`` (with ``matrix_bytes``) the one rule for what it stores and its bytes. The
-forms that make plans are in forms/, the math in fit/factorise.py.
+``expand`` follows. A chunk is read through its storage form (forms/stored.py: ``form_of``, and
+``walk``, the one order every reader rebuilds a family in, one ``Term`` a step; with
+``matrix_bytes`` here, ``family_matrices`` is the one rule for what a family stores and its
+bytes). The forms that make plans are in forms/, the math in fit/factorise.py.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from .config import CompressConfig
 from .fit.integers import SCALE_SUFFIX
@@ -39,7 +38,8 @@ class ChunkPlan:
     for nn.Linear the inputs' side). ``shared-left`` shares the left factor instead, W_l = B A_l
     (for nn.Linear the outputs' side: layers that write into one subspace). ``residual`` (shared
     topologies only; empty for none) gives each layer a rank of its own factors on top of the shared
-    part: W_l = B_l A + b_l a_l (or B A_l + b_l a_l), what the shared basis cannot hold.
+    part: W_l = B_l A + b_l a_l (or B A_l + b_l a_l), what the shared basis cannot hold. The form
+    that stores such a chunk (forms/stored.form_of) says the order its layers are rebuilt in.
     """
 
     layers: tuple[int, ...]
@@ -54,21 +54,6 @@ class ChunkPlan:
     @property
     def base_layer(self) -> int | None:
         return self.base if isinstance(self.base, int) else None
-
-    def steps(self) -> list[tuple[int, int | None]]:
-        """(layer, reference) in rebuild order; reference None means the chunk's base tensor.
-
-        Chain: each layer over its neighbour nearer the base, so every reference was rebuilt just
-        before. Star: every layer over the base.
-        """
-        if self.topology in ("star",) + SHARED:
-            return [(layer, None) for layer in self.layers if layer != self.base]
-        if self.base_layer is None:
-            return [(layer, prev) for prev, layer in zip((None,) + self.layers[:-1], self.layers)]
-        p = self.layers.index(self.base)
-        forward = [(self.layers[i], self.layers[i - 1]) for i in range(p + 1, len(self.layers))]
-        backward = [(self.layers[i], self.layers[i + 1]) for i in range(p - 1, -1, -1)]
-        return forward + backward
 
     def rank_of(self, layer: int) -> int:
         return self.ranks[self.layers.index(layer)]
@@ -158,77 +143,6 @@ class Term:
     shares_left: bool = False  # the basis is the left factor (topology shared-left)
     residual: tuple[str, str] | None = None  # (b, a) a shared chunk's layer adds after B A, when it has them
     residual_rank: int = 0
-
-
-def walk(fp: FamilyPlan) -> Iterator[Term]:
-    """The family's terms in the one order that fitting, expand, factored loading and healing all
-    follow: per chunk its base, then each layer over the base or over the layer just before it in
-    the chunk (ChunkPlan.steps), so that what compress writes is what every reader rebuilds.
-
-    Chunks whose layers interleave (a shared basis over layers 0 and 2, another over 1 and 3) are
-    merged by layer, each chunk's own order kept, a base just before its chunk's first step: the
-    sequential fit meets each layer when the stream reaches it. A reader keeps what it holds per
-    chunk (``Term.chunk``); ``Term.last`` marks a chunk's last term, after which it may let go."""
-    runs = [list(_chunk_terms(fp, ci, chunk)) for ci, chunk in enumerate(fp.chunks)]
-    for run in runs:
-        run[-1] = replace(run[-1], last=True)
-    first = [min(chunk.layers) for chunk in fp.chunks]  # where a base that is no layer goes
-    return heapq.merge(*runs, key=lambda t: first[t.chunk] if t.layer is None else t.layer)
-
-
-def _chunk_terms(fp: FamilyPlan, ci: int, chunk: ChunkPlan) -> Iterator[Term]:
-    base, basis = fp.base_key(ci), fp.basis_key(ci) if chunk.topology in SHARED else None
-    layer = chunk.base_layer
-    yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "",
-               chunk.ranks[0] if basis else 0, None, basis, shares_left=chunk.topology == "shared-left")
-    for layer, ref in chunk.steps():
-        key, rank = fp.key(layer), chunk.rank_of(layer)
-        over = "base" if ref is None or ref == chunk.base else "previous"
-        kb, ka = increment_keys(key)
-        factors = ((basis, ka) if chunk.topology == "shared-left" else (kb, basis or ka)) if rank else None
-        own = chunk.residual_of(layer)
-        yield Term(ci, layer, key, base, over, rank, factors, basis, shares_left=chunk.topology == "shared-left",
-                   residual=increment_keys(key + RESIDUAL) if own else None, residual_rank=own)
-
-
-def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
-    """The family's bases and factors as matrices, (name, shape), chunk by chunk in walk order: the
-    layout (docs/format.md section 4), whatever order interleaved chunks are fitted in."""
-    m, n = fp.shape
-    out = []
-    for t in sorted(walk(fp), key=lambda t: t.chunk):  # stable: each chunk's own order
-        if not t.over:
-            out += [(t.base, (m, n))] if t.base is not None else []
-            if t.basis is not None:  # stored once, read by every layer
-                out += [(t.basis, (m, t.rank) if t.shares_left else (t.rank, n))]
-        elif t.factors:
-            out += [] if t.shares_left else [(t.factors[0], (m, t.rank))]
-            out += [] if t.basis is not None and not t.shares_left else [(t.factors[1], (t.rank, n))]
-        if t.residual:
-            out += [(t.residual[0], (m, t.residual_rank)), (t.residual[1], (t.residual_rank, n))]
-    return out
-
-
-def matrix_roles(fp: FamilyPlan) -> dict[str, str]:
-    """Each stored matrix's role, from the walk: ``base`` (a dense matrix a chunk's layers build on:
-    a layer stored whole, a whitened mean, a quantized base) or ``factor`` (a low-rank factor: a
-    layer's own, its residual factors, or a basis its group shares). Inspection counts bytes by it
-    and healing's ``--train``/``--freeze`` choose by it."""
-    roles = {}
-    for t in walk(fp):
-        if not t.over:
-            if t.base is not None:
-                roles[t.base] = "base"
-            if t.basis is not None:
-                roles[t.basis] = "factor"
-        for name in (t.factors or ()) + (t.residual or ()):
-            roles.setdefault(name, "factor")
-    return roles
-
-
-def plan_roles(plan: "Plan") -> dict[str, str]:
-    """``matrix_roles`` of every family of the plan."""
-    return {name: role for fp in plan.families for name, role in matrix_roles(fp).items()}
 
 
 @dataclass(frozen=True)
@@ -349,11 +263,3 @@ def matrix_bytes(shape: tuple[int, int], store_dtype: str, quant: str = "none", 
     if quant != "none":
         return quantized_nbytes(shape, quant, group_size)
     return ITEMSIZE[store_dtype] * shape[0] * shape[1]
-
-
-def family_bytes(fp: FamilyPlan) -> int:
-    """Stored bytes of a family plan: its bases and its factors (fileformat.family_layout's sum)."""
-    return sum(matrix_bytes(shape, fp.store_dtype, fp.quant_of(name), fp.group_size)
-               for name, shape in family_matrices(fp))
-
-

@@ -14,6 +14,9 @@ class Dense(Form):
     def label(self, cand: Candidate) -> str:
         return "dense"
 
+    def stores(self, chunk):
+        return len(chunk.layers) == 1 and chunk.base == chunk.layers[0]
+
     def chunks(self, fam, cand, rank, groups=None):
         return dense_chunks(fam.layers)
 

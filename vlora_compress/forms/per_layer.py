@@ -13,6 +13,10 @@ class PerLayer(Form):
     def label(self, cand: Candidate) -> str:
         return "per-layer SVD"
 
+    def stores(self, chunk):
+        """Every layer over a zero base: a star, or one layer (a chain of one is the same)."""
+        return chunk.base == "none" and (chunk.topology == "star" or chunk.topology == "chain" and len(chunk.layers) == 1)
+
     def chunks(self, fam, cand, rank, groups=None):
         return [ChunkPlan(fam.layers, (rank,) * len(fam.layers), base="none", topology="star")]
 

@@ -17,6 +17,10 @@ class QuantizedBase(Form):
     def label(self, cand: Candidate) -> str:
         return f"{cand.base_quant} + low rank"
 
+    def stores(self, chunk):
+        """One layer over a base of its own (synthetic: made from the layer)."""
+        return len(chunk.layers) == 1 and chunk.base == "synthetic" and chunk.topology in ("chain", "star")
+
     def chunks(self, fam, cand, rank, groups=None):
         return [ChunkPlan((layer,), (rank,), base="synthetic", topology="star") for layer in fam.layers]
 

@@ -40,7 +40,8 @@ from ..calibrate.grams import Grams, OutputMeter, gram_hook
 from ..errors import VloraError
 from ..fit.factorise import LayerFit, fit_family
 from ..io.models import batches, token_limit
-from ..plan import SHARED, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
+from ..forms.stored import form_of
+from ..plan import CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
 from ..forms import candidate_bytes
 from ..forms.vlora import MAX_AUTO_CHUNKS
 from ..planning.search import plan_measured
@@ -107,10 +108,7 @@ class BlockPlanner(SequentialFit):
             for fp in plan.families:
                 offset = sum(len(p.chunks) for p in parts.get(fp.name, []))
                 for i, c in enumerate(fp.chunks):
-                    if c.base == "synthetic":
-                        rename[fp.synthetic_base_key(i)] = fp.synthetic_base_key(offset + i)
-                    if c.topology in SHARED:
-                        rename[fp.basis_key(i)] = fp.basis_key(offset + i)
+                    rename.update(form_of(c).renames(fp, i, offset + i))
             placed = lambda name, tensor: write(rename.get(name, name), tensor)  # noqa: E731
             # families on a whitened-mean base are fitted at once from the block's Grams: before the
             # layers under `inputs`, so the compressed stream passes them; else after, so the original

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..forms import Candidate, candidate_bytes, dense, fit_candidate, per_layer, quantized_base
-from ..plan import FamilyPlan, family_bytes
+from ..forms import Candidate, candidate_bytes, dense, per_layer, quantized_base
+from ..forms.stored import family_bytes
+from ..plan import FamilyPlan
+from .budget import fit_candidate
 from .measure import exact, rebuild_in_memory
 from . import space
 from .space import DENSE_SCHEMES, QLR_BASES, QLR_FACTORS

@@ -45,12 +45,14 @@ import torch
 from ..config import CompressConfig
 from ..errors import VloraError
 from ..fit.svd import Whitener
-from ..forms import Candidate, candidate_bytes, dense, fit_candidate, fit_rank
+from ..forms import Candidate, candidate_bytes, dense, fit_rank
+from ..forms.stored import family_bytes
 from .allocate import allocate_ranks, joint_check
 from .estimate import spectral_error
 from .measure import exact, family_error, rebuild_in_memory
 from . import space
-from ..plan import Decision, FamilyPlan, Plan, StackPlan, Weighed, family_bytes, split_equal
+from ..plan import Decision, FamilyPlan, Plan, StackPlan, Weighed, split_equal
+from .budget import fit_candidate
 from ..io.stacks import Family, Stack
 
 
