@@ -1,3 +1,6 @@
+import json
+from dataclasses import replace
+
 import pytest
 
 from vlora_compress import VloraError
@@ -75,6 +78,41 @@ def test_plan_round_trips_through_a_dict():
     again = read_plan(plan.to_dict())
     assert again == plan
     assert again.families[0].store_dtype == "F32" and again.families[0].dtype == "BF16"
+
+
+def test_allocation_and_the_joint_check_are_data_the_notes_are_rendered_from():
+    """What measured rank allocation did and each family's joint check round-trip through the plan's
+    record as data; the notes are rendered from them; a plan written before they were recorded (no
+    "allocations", decisions without "together") reads as it did, and a plan without them writes
+    neither field."""
+    from vlora_compress.plan import Allocation, Decision, Together, Weighed, together_note
+
+    fam = Family("m.layers", "q.weight", (0, 1, 2, 3), (8, 8), "F32")
+    plan = plan_equal([Stack("m.layers", (0, 1, 2, 3), (fam,), ())], CompressConfig(rank=2, chunks=2))
+    weighed = Weighed("per-layer SVD", "per-layer", 2, "none", 100, 0.25, 0.125)
+    checked = Together("shared basis, 2 groups", 0.5, 0.25)
+    decisions = (Decision("m.layers.*.q.weight", 100, "model", (weighed,), 0, together=checked),
+                 Decision("m.layers.*.k.weight", 100, "model", (weighed,), 0))
+    allocation = Allocation("allocated", 0.5, 0.75, (("m.layers.*.q.weight", "per-layer SVD", "int4 + low rank"),))
+    old = plan.to_dict()
+    assert "allocations" not in old and "decisions" not in old
+    plan = replace(plan, decisions=decisions, allocations=(allocation,))
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert "together" not in data["decisions"][1]
+    again = read_plan(data)
+    assert again == plan and again.decisions[0].together.per_layer_ships
+    assert allocation.note == ("ranks: allocated by measured sensitivity, output error 0.5 vs 0.75 uniform; "
+                               "bits moved: m.layers.*.q.weight per-layer SVD -> int4 + low rank")
+    assert Allocation("kept", 0.75, 0.5).note == "ranks: uniform kept, output error 0.5 vs 0.75 allocated"
+    assert together_note(again.decisions) == ("checked together (output error, every family compressed): "
+                                              "m.layers.*.q.weight shared basis, 2 groups 0.5 vs per-layer SVD 0.25: "
+                                              "per-layer SVD ships")
+    assert together_note(decisions[1:]) == ""
+    for d in data["decisions"]:
+        d.pop("together", None)
+    del data["allocations"]
+    older = read_plan(data)
+    assert older.allocations == () and all(d.together is None for d in older.decisions)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -10,7 +10,7 @@ from vlora_compress.calibrate.grams import CalibConfig
 from vlora_compress.io.checkpoint import open_checkpoint
 from vlora_compress.fit.factorise import synthetic_base
 from vlora_compress.fit.svd import Whitener
-from vlora_compress.plan import ChunkPlan, FamilyPlan
+from vlora_compress.plan import ChunkPlan, FamilyPlan, together_note
 from vlora_compress.report.compress_report import decision_line
 from vlora_compress.forms.vlora import partition
 
@@ -226,7 +226,9 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
         # a size target's stack budget: whole ranks leave bytes under it, which the allocation spends
         targeted = plan_measured(stacks, config, ckpt.read, meter=meter, total=int(budget * 1.04))
     spent = sum(family_bytes(fp) for fp in allocated.families)
-    assert "allocated by measured sensitivity" in allocated.notes[-1]
+    (allocation,) = allocated.allocations
+    assert allocation.outcome == "allocated" and allocation.error < allocation.uniform_error
+    assert allocated.notes[-1] == allocation.note  # the note is rendered from the data
     assert 0.99 * budget <= spent <= budget
     assert family_bytes(allocated.families[0]) > family_bytes(uniform.families[0])
     assert 0.99 * budget * 1.04 <= sum(family_bytes(fp) for fp in targeted.families) <= budget * 1.04
@@ -253,9 +255,13 @@ def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matter
         plan = plan_measured(stacks, config, ckpt.read, meter=meter, budgets=budgets, total=total)
     first = plan.families[0]
     bits = lambda fp: 8 * family_bytes(fp) / (fp.shape[0] * fp.shape[1] * len(fp.layers))  # noqa: E731
-    assert "bits moved" in plan.notes[-1]  # some family's scheme or form changed in the allocation
+    (allocation,) = plan.allocations
+    assert allocation.outcome == "allocated" and allocation.moved  # some family's scheme or form changed
+    assert plan.notes[-1] == allocation.note
     # and each family's decision records it: what was chosen at its budget, and what the file stores
     decided = {d.family: d for d in plan.decisions}
+    for family, before, after in allocation.moved:
+        assert before != after and decided[family].taken.label == before and decided[family].allocated.label == after
     for fp in plan.families:
         d = decided[fp.name]
         assert (d.allocated or d.taken).bytes == family_bytes(fp)
@@ -399,12 +405,12 @@ def test_a_form_that_wins_alone_but_loses_together_gives_way_to_per_layer_svd(tm
     per_layer = plan.families[0].chunks[0]
     assert (per_layer.base, per_layer.topology) == ("none", "star"), per_layer  # per-layer SVD
     assert all(forms[f.name] == "shared" for f in families[1:]), forms
-    note = plan.notes[-1]
-    assert note.startswith("checked together") and note.count("per-layer SVD ships") == 1, note
-    shipped = next(part for part in note.split("; ") if "ships" in part)
-    together, alone = (float(x) for x in shipped.split(": per-layer SVD ships")[0].split()[-5::4])
-    assert alone < together, shipped
     decided = {d.family: d for d in plan.decisions}
+    checks = {family: d.together for family, d in decided.items() if d.together is not None}
+    assert set(checks) == {f.name for f in families}, checks  # every family's shared basis was checked
+    assert [family for family, t in checks.items() if t.per_layer_ships] == [families[0].name], checks
+    assert checks[families[0].name].per_layer < checks[families[0].name].error
+    assert plan.notes[-1] == together_note(plan.decisions)  # the note is rendered from the data
     swapped = decided[families[0].name]
     assert swapped.taken.form.startswith("shared") and swapped.allocated.form == "per-layer"
     assert family_bytes(plan.families[0]) <= family_bytes(unchecked.families[0])

@@ -10,6 +10,7 @@ bytes). The forms that make plans are in forms/, the math in fit/factorise.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .config import CompressConfig
@@ -181,6 +182,26 @@ MEASURES = ("logits", "embedding", "model", "block", "outputs", "weights")  # wh
 
 
 @dataclass(frozen=True)
+class Together:
+    """A family's choice checked with every family compressed at once (planning/allocate.joint_check):
+    the model's output error as chosen and with the family per-layer SVD at its bytes instead; the
+    lower ships. Errors are None where the measure was not finite (JSON has no NaN)."""
+
+    form: str  # the label of the candidate checked (as rank allocation left it)
+    error: float | None  # the model's output error with it
+    per_layer: float | None  # with per-layer SVD in its place
+
+    @property
+    def per_layer_ships(self) -> bool:
+        return self.error is not None and self.per_layer is not None and self.per_layer < self.error
+
+    def line(self, family: str) -> str:
+        """The family's part of the joint check's note."""
+        return (f"{family} {self.form} {_g(self.error)} vs per-layer SVD {_g(self.per_layer)}"
+                + (": per-layer SVD ships" if self.per_layer_ships else ""))
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the planner chose for one family (or one block's layers of it), and every candidate it
     weighed: the plan's record of why it is what it is, which reports render."""
@@ -193,6 +214,7 @@ class Decision:
     scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
     allocated: Weighed | None = None  # what the file stores instead, where measured rank allocation
     # moved bytes or bits to or from the family after the choice (its errors are not the family's alone: None)
+    together: Together | None = None  # the joint check of the choice, where the family had one
 
     @property
     def taken(self) -> Weighed:
@@ -202,7 +224,51 @@ class Decision:
         """The decision as JSON reads it back (lists, not tuples), for reports and vlora-inspect."""
         data = asdict(self)
         data["candidates"] = list(data["candidates"])
+        if data["together"] is None:  # written only where checked: decisions without read as before
+            del data["together"]
         return data
+
+
+def together_note(decisions) -> str:
+    """The joint check's note, rendered from the decisions it recorded (empty where none was checked)."""
+    lines = [d.together.line(d.family) for d in decisions if d is not None and d.together is not None]
+    return "checked together (output error, every family compressed): " + "; ".join(lines) if lines else ""
+
+
+ALLOCATIONS = ("uniform", "allocated", "kept")  # what measured rank allocation did (Allocation.outcome)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What measured rank allocation did (``--ranks measured``, planning/allocate.allocate_ranks), with
+    the model's output error measured with every family compressed at once."""
+
+    outcome: str  # "uniform": no family measured better at another budget, nothing to try together;
+    # "allocated": the allocation measured better and the file stores it; "kept": it measured worse, uniform kept
+    error: float | None = None  # the allocated plan's output error (None where not measured: "uniform")
+    uniform_error: float | None = None  # the uniform plan's
+    moved: tuple[tuple[str, str, str], ...] = ()  # (family, candidate before, after) where it moved bits or form
+    scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
+
+    @property
+    def note(self) -> str:
+        """The plan's note on it, rendered from the data."""
+        if self.outcome == "uniform":
+            return "ranks: uniform (no reallocation measured better per family)"
+        if self.outcome == "kept":
+            return f"ranks: uniform kept, output error {_g(self.uniform_error)} vs {_g(self.error)} allocated"
+        moved = "; ".join(f"{family} {before} -> {after}" for family, before, after in self.moved)
+        return (f"ranks: allocated by measured sensitivity, output error {_g(self.error)} vs {_g(self.uniform_error)} "
+                "uniform" + (f"; bits moved: {moved}" if moved else ""))
+
+
+def finite(x) -> float | None:
+    """A measured error as a plan records it: a float, or None where it is not finite (JSON has no NaN)."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _g(x: float | None) -> str:
+    return "nan" if x is None else f"{x:.4g}"
 
 
 @dataclass(frozen=True)
@@ -213,6 +279,7 @@ class Plan:
     aligned: bool = False  # the stored weights are the layer-aligned (function-equivalent) ones
     passthrough: tuple[QuantizedTensor, ...] = ()  # pass-through tensors stored quantized
     decisions: tuple[Decision, ...] = ()  # the planner's, per family, where it planned by measurement
+    allocations: tuple[Allocation, ...] = ()  # measured rank allocation's, one per planning (per block by blocks)
 
     @property
     def quantized(self) -> bool:
@@ -224,8 +291,12 @@ class Plan:
             for c in f["chunks"]:
                 if not c["residual"]:  # written only where a chunk has one: plans without read as before
                     del c["residual"]
-        if not data["decisions"]:  # a plan made without measurement reads as before
-            del data["decisions"]
+        for d in data["decisions"]:
+            if d["together"] is None:  # written only where checked: decisions without read as before
+                del d["together"]
+        for key in ("decisions", "allocations"):
+            if not data[key]:  # a plan made without measurement (or allocation) reads as before
+                del data[key]
         return data
 
 

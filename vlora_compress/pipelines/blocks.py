@@ -73,7 +73,8 @@ class BlockPlanner(SequentialFit):
     def run(self, write: Callable[[str, torch.Tensor], None], progress: bool = False) -> Iterator[LayerFit]:
         """Plan and fit block by block, ``write`` each stored tensor as it is made, yield LayerFits;
         ``self.plan`` holds the whole plan once the walk is done."""
-        stack_plans, parts, notes, decisions = [], {}, [], []  # parts: family name -> its blocks' plans
+        # parts: family name -> its blocks' plans
+        stack_plans, parts, notes, decisions, allocations = [], {}, [], [], []
         for stack in self.stacks:
             modules = stack_layers(self.model, stack.families, self.read)
             first = _block_of(modules, stack.layers[0], stack.prefix)
@@ -88,10 +89,11 @@ class BlockPlanner(SequentialFit):
                     span = f"layers {block.layers[0]}-{block.layers[-1]}"
                     notes += [f"{span}: {note}" for note in plan.notes]
                     decisions += [replace(d, scope=span) for d in plan.decisions]
+                    allocations += [replace(a, scope=span) for a in plan.allocations]
                     for fp in plan.families:
                         parts.setdefault(fp.name, []).append(fp)
         self.plan = Plan(tuple(stack_plans), tuple(_joined(fps) for fps in parts.values()), tuple(notes),
-                         decisions=tuple(decisions))
+                         decisions=tuple(decisions), allocations=tuple(allocations))
 
     def _block(self, block: Stack, mods: list[torch.nn.Module], streams: list[Stream], held: list[Stream],
                write, parts: dict[str, list[FamilyPlan]], bar) -> Iterator[LayerFit]:
