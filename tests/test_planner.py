@@ -562,3 +562,27 @@ def test_base_best_takes_the_layer_the_others_are_nearest_to():
     three = fit_candidate(fam, vlora.candidate("best", "star", 1), weights, lambda key: None,
                           CompressConfig(base="best", chunks=1, bounds="equal"), 24 * 32 * 4 + 3 * 4 * 56 * 4)
     assert three.chunks[0].base == 1 and three.chunks[0].rank_of(1) == 0
+
+
+def test_each_form_lists_its_own_candidates_in_the_one_order_that_decides_ties():
+    """planning/space asks every registered form for its candidates (Form.asked, bit_candidates) in
+    ORDER; each form answers with its own only, and the default space under --quantize auto and
+    --shared keeps the order ties are decided by: per storage, VLoRA by base, then per-layer SVD and
+    shared bases, then the choices of bits (every layer dense, then quantized bases under low rank)."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.forms import FORMS
+    from vlora_compress.planning.space import ORDER, candidates
+
+    assert sorted(f.name for f in ORDER) == sorted(FORMS)
+    config = CompressConfig(rank=4, quantize="auto", shared=True)
+    for form in ORDER:
+        mine = [c for q in ("none", "int4") for b in ("first", "none") for c in form.asked(config, 6, q, b)]
+        assert all(c.form == form.name for c in mine + form.bit_candidates(config)), form.name
+    cands = candidates(config, 6)
+    first = [c for c in cands if c.quant == "none"]  # the first storage's: VLoRA over a first-layer, then a mean base
+    assert [(c.form, c.base) for c in first[:13]] == [("vlora", "first")] * 6 + [("vlora", "mean")] * 6 + [
+        ("per-layer", "first")]
+    assert {c.form for c in first[13:]} == {"shared"} and len(first) == 29
+    assert [c.quant for c in cands[:3 * 29]] == ["none"] * 29 + ["int8"] * 29 + ["int4"] * 29
+    assert [(c.form, c.quant) for c in cands[3 * 29:]] == [("dense", q) for q in ("int8", "int4", "int3", "int2")] + [
+        ("quantized + low rank", "int4")] * 3

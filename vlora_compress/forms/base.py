@@ -73,6 +73,17 @@ class Form:
     def kind(self, cand: Candidate) -> str:
         return self.name
 
+    def asked(self, config: CompressConfig, n_layers: int, quant: str, base: str) -> list[Candidate]:
+        """Its candidates the config asks the planner to weigh for a family of ``n_layers``, stored in
+        ``quant``, for the base kind ``base`` (a VLoRA base, or ``none``). planning/space.candidates
+        asks every form, for each storage and base kind, in its one order (which decides ties)."""
+        return []
+
+    def bit_candidates(self, config: CompressConfig) -> list[Candidate]:
+        """Its candidates that are a choice of bits (quantization alone, or a quantized base under low
+        rank), weighed after every other where the config pins no base or chunk count."""
+        return []
+
     def stores_increments(self, fam: Family, cand: Candidate) -> bool:
         """Whether it stores any low-rank factor (a rank to choose) for ``fam``."""
         return self.ranked

@@ -45,6 +45,20 @@ class Shared(Form):
             return None
         return self.layout(fam, cand, rank, config, groups)
 
+    def asked(self, config, n_layers, quant, base):
+        """Where no base is asked for: the side asked for (``--topology shared|shared-left``), or with
+        ``--shared`` both, each in groups of at most 2, 3 or 4 layers (or ``--chunks`` groups),
+        adjacent or by similarity, with or without residual factors."""
+        if base != "none" or (config.base_quantize is not None and config.method == "svd"):
+            return []
+        sides = [config.topology] if config.topology in SHARED else list(SHARED) if config.shared else []
+        if not sides or config.topology not in SHARED + ("auto",):
+            return []
+        groups = ([config.chunks] if config.chunks and config.topology in SHARED
+                  else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
+        return [candidate(t, k, quant, g, res) for t in sides for k in groups if 1 <= k and 2 * k <= n_layers
+                for g in ("adjacent", "similar") for res in (False, True)]
+
     def stores(self, chunk):
         return chunk.topology in SHARED
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..io.stacks import Family
-from ..plan import ChunkPlan, split_equal
+from ..plan import SHARED, ChunkPlan, split_equal
 from ..planning.spectra import spectrum
 from .base import Candidate, Form, dense_if_cheaper, equal_groups, family_plan, register
 
@@ -22,6 +22,16 @@ class Vlora(Form):
 
     def label(self, cand: Candidate) -> str:
         return f"{cand.base} base, {cand.topology}, {cand.chunks} chunk{'s' if cand.chunks > 1 else ''}"
+
+    def asked(self, config, n_layers, quant, base):
+        """Every topology asked for (auto: chain and star) and chunk count (``--chunks``, or 1 to
+        ``MAX_AUTO_CHUNKS``) over a base that is a layer or a mean."""
+        if base == "none":
+            return []
+        topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
+        counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
+        return [candidate(base, t, k, quant, config.base_quantize) for t in topologies if t not in SHARED
+                for k in counts if k <= n_layers]
 
     def stores_increments(self, fam: Family, cand: Candidate) -> bool:
         return cand.base == "mean" or min(cand.chunks, len(fam.layers)) < len(fam.layers)

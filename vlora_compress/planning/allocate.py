@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 
 from ..forms import Candidate, candidate_bytes, dense, per_layer, quantized_base
+from ..forms.dense import DENSE_SCHEMES
+from ..forms.quantized_base import QLR_BASES, QLR_FACTORS
 from ..forms.stored import family_bytes
 from ..plan import Allocation, FamilyPlan, Together, finite
 from .budget import fit_candidate
 from .measure import exact, rebuild_in_memory
 from . import space
-from .space import DENSE_SCHEMES, QLR_BASES, QLR_FACTORS
 
 
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity
