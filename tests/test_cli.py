@@ -385,3 +385,27 @@ def test_the_options_are_the_config_fields_with_their_flags_help_and_defaults(ca
     assert f"1 to {MAX_AUTO_CHUNKS} " in next(f for f in fields(CompressConfig) if f.name == "chunks").metadata["help"]
     code, out, _ = run(compress_main, ["--help"], capsys)
     assert code == 0 and all(group.title.split(" (")[0] in out for group in COMPRESS_GROUPS)
+
+
+def test_the_command_a_report_names_for_a_config_reads_back_to_it():
+    """evaluate/alternatives names the command that makes an alternative by config.flags, from the
+    fields' own flags: the compress command parses that command back to the config's values."""
+    import shlex
+    from dataclasses import replace
+
+    import typer
+
+    from vlora_compress.cli.app import compress_app
+    from vlora_compress.cli.options import CALIB_GROUP, COMPRESS_GROUPS, config_values
+    from vlora_compress.config import CompressConfig, flags
+
+    command = typer.main.get_command(compress_app).commands["compress"]
+    names = ("method", "ranks", "target_size", "target_of", "quantize", "group_size", "rounding", "sequential")
+    made = replace(CompressConfig(), method="svd", ranks="uniform", target_size="123456B", quantize="int4",
+                   group_size=64, rounding="nearest", sequential=False)
+    line = flags(made, names)
+    assert line == ("--method svd --ranks uniform --target-size 123456B --target-of model --quantize int4 "
+                    "--group-size 64 --rounding nearest --no-sequential")
+    params = command.make_context("compress", ["model", *shlex.split(line)]).params
+    parsed = {k: v for g in COMPRESS_GROUPS if g is not CALIB_GROUP for k, v in config_values(params, g).items()}
+    assert {n: parsed[n] for n in names} == {n: getattr(made, n) for n in names}

@@ -1,8 +1,12 @@
+import json
+from dataclasses import replace
+
 import pytest
 
 from vlora_compress import VloraError
 from vlora_compress import CompressConfig
 from vlora_compress.io.plan_record import read_plan
+from vlora_compress.forms import FORMS, form_of
 from vlora_compress.plan import ChunkPlan, split_equal
 from vlora_compress.planning.fixed import plan_equal
 from vlora_compress.io.stacks import Family, Stack
@@ -15,12 +19,47 @@ def test_split_equal_gives_contiguous_chunks_covering_every_layer():
     assert split_equal(5, 1) == ((0, 5),)
 
 
+def steps(chunk):
+    return form_of(chunk).steps(chunk)
+
+
 def test_chain_steps_walk_outward_from_the_base():
     c = ChunkPlan((4, 5, 6, 7), (4, 4, 0, 4), base=6)
-    assert c.steps() == [(7, 6), (5, 6), (4, 5)]
-    assert ChunkPlan((0, 1, 2), (0, 2, 2), base=0).steps() == [(1, 0), (2, 1)]
-    assert ChunkPlan((0, 1), (1, 1), base="synthetic").steps() == [(0, None), (1, 0)]
-    assert ChunkPlan((0, 1, 2), (1, 0, 1), base=1, topology="star").steps() == [(0, None), (2, None)]
+    assert steps(c) == [(7, 6), (5, 6), (4, 5)]
+    assert steps(ChunkPlan((0, 1, 2), (0, 2, 2), base=0)) == [(1, 0), (2, 1)]
+    assert steps(ChunkPlan((0, 1), (1, 1), base="synthetic")) == [(0, None), (1, 0)]
+    assert steps(ChunkPlan((0, 1, 2), (1, 0, 1), base=1, topology="star")) == [(0, None), (2, None)]
+
+
+@pytest.mark.parametrize("chunk, form", [
+    (ChunkPlan((3,), (0,), 3), "dense"),
+    (ChunkPlan((3,), (0,), 3, "star"), "dense"),
+    (ChunkPlan((0, 1, 2), (2, 2, 2), "none", "star"), "per-layer"),
+    (ChunkPlan((0,), (2,), "none", "chain"), "per-layer"),
+    (ChunkPlan((0,), (2,), "synthetic", "star"), "quantized + low rank"),
+    (ChunkPlan((0, 1), (2, 2), "none", "chain"), "vlora"),
+    (ChunkPlan((0, 1), (2, 2), "synthetic", "star"), "vlora"),
+    (ChunkPlan((0, 1, 2), (2, 0, 2), 1, "chain"), "vlora"),
+    (ChunkPlan((0, 1), (2, 2), "none", "shared"), "shared"),
+    (ChunkPlan((0,), (2,), "none", "shared-left", (1,)), "shared"),
+])
+def test_exactly_one_form_stores_each_kind_of_chunk(chunk, form):
+    """form_of is what every reader asks; no chunk a plan can hold is two forms' or none's."""
+    assert [f.name for f in FORMS.values() if f.stores(chunk)] == [form]
+    assert form_of(chunk).name == form
+
+
+def test_a_chunk_no_form_stores_is_refused():
+    with pytest.raises(VloraError, match="no storage form"):
+        form_of(ChunkPlan((0, 1), (2, 2), "none", "diagonal"))
+
+
+def test_the_format_version_a_chunk_needs_is_its_forms():
+    assert form_of(ChunkPlan((0, 1), (0, 2), 0)).version(ChunkPlan((0, 1), (0, 2), 0)) == 1
+    for chunk, version in [(ChunkPlan((0, 1), (2, 2), "none", "shared"), 3),
+                           (ChunkPlan((0, 1), (2, 2), "none", "shared-left"), 6),
+                           (ChunkPlan((0, 1), (2, 2), "none", "shared", (1, 1)), 6)]:
+        assert form_of(chunk).version(chunk) == version
 
 
 def test_plan_equal_clips_rank_and_notes_it():
@@ -39,6 +78,41 @@ def test_plan_round_trips_through_a_dict():
     again = read_plan(plan.to_dict())
     assert again == plan
     assert again.families[0].store_dtype == "F32" and again.families[0].dtype == "BF16"
+
+
+def test_allocation_and_the_joint_check_are_data_the_notes_are_rendered_from():
+    """What measured rank allocation did and each family's joint check round-trip through the plan's
+    record as data; the notes are rendered from them; a plan written before they were recorded (no
+    "allocations", decisions without "together") reads as it did, and a plan without them writes
+    neither field."""
+    from vlora_compress.plan import Allocation, Decision, Together, Weighed, together_note
+
+    fam = Family("m.layers", "q.weight", (0, 1, 2, 3), (8, 8), "F32")
+    plan = plan_equal([Stack("m.layers", (0, 1, 2, 3), (fam,), ())], CompressConfig(rank=2, chunks=2))
+    weighed = Weighed("per-layer SVD", "per-layer", 2, "none", 100, 0.25, 0.125)
+    checked = Together("shared basis, 2 groups", 0.5, 0.25)
+    decisions = (Decision("m.layers.*.q.weight", 100, "model", (weighed,), 0, together=checked),
+                 Decision("m.layers.*.k.weight", 100, "model", (weighed,), 0))
+    allocation = Allocation("allocated", 0.5, 0.75, (("m.layers.*.q.weight", "per-layer SVD", "int4 + low rank"),))
+    old = plan.to_dict()
+    assert "allocations" not in old and "decisions" not in old
+    plan = replace(plan, decisions=decisions, allocations=(allocation,))
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert "together" not in data["decisions"][1]
+    again = read_plan(data)
+    assert again == plan and again.decisions[0].together.per_layer_ships
+    assert allocation.note == ("ranks: allocated by measured sensitivity, output error 0.5 vs 0.75 uniform; "
+                               "bits moved: m.layers.*.q.weight per-layer SVD -> int4 + low rank")
+    assert Allocation("kept", 0.75, 0.5).note == "ranks: uniform kept, output error 0.5 vs 0.75 allocated"
+    assert together_note(again.decisions) == ("checked together (output error, every family compressed): "
+                                              "m.layers.*.q.weight shared basis, 2 groups 0.5 vs per-layer SVD 0.25: "
+                                              "per-layer SVD ships")
+    assert together_note(decisions[1:]) == ""
+    for d in data["decisions"]:
+        d.pop("together", None)
+    del data["allocations"]
+    older = read_plan(data)
+    assert older.allocations == () and all(d.together is None for d in older.decisions)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -60,9 +134,9 @@ def test_more_chunks_than_layers_names_the_stack():
 @pytest.mark.parametrize("options", [dict(method="svd", rank=3), dict(rank=3, chunks=2, quantize="int4", group_size=4),
                                      dict(rank=2, chunks=2, quantize="int8", dtype="fp16"), dict(method="svd", rank=9)])
 def test_family_bytes_is_the_layout_a_file_stores(options):
-    """plan.family_bytes (what planning and the dense rule count) equals fileformat's stored layout."""
+    """forms.family_bytes (what planning and the dense rule count) equals fileformat's stored layout."""
     from vlora_compress.io.fileformat import family_layout
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.report.compress_report import nbytes
 
     fam = Family("h", "w", (0, 1, 2, 3), (6, 10), "F32")
@@ -81,7 +155,8 @@ def test_interleaved_chunks_are_walked_by_layer_and_each_rebuilds_over_its_own_t
 
     from vlora_compress.runtime.factored import layer_terms
     from vlora_compress.fit.factorise import rebuild_family
-    from vlora_compress.plan import FamilyPlan, family_matrices, walk
+    from vlora_compress.forms import family_matrices, walk
+    from vlora_compress.plan import FamilyPlan
 
     fp = FamilyPlan("h", "w", (5, 7), "F32", "F32", (ChunkPlan((0, 2, 4), (0, 2, 2), 0, "chain"),
                                                       ChunkPlan((1, 3), (2, 2), "none", "shared"),
@@ -131,7 +206,8 @@ def test_residual_ranks_belong_to_shared_chunks_one_per_layer():
 def test_matrix_roles_call_a_shared_basis_a_factor_and_a_stored_layer_a_base():
     """One rule for what is a base and what a factor, read from the walk: healing's --freeze and
     vlora-inspect's byte split both follow it (a shared basis once froze with the bases)."""
-    from vlora_compress.plan import FamilyPlan, family_matrices, matrix_roles
+    from vlora_compress.forms.stored import family_matrices, matrix_roles
+    from vlora_compress.plan import FamilyPlan
 
     shared = FamilyPlan("h", "w", (6, 10), "F32", "F32", (ChunkPlan((0, 1), (2, 2), "none", "shared", (1, 1)),))
     roles = matrix_roles(shared)

@@ -10,7 +10,7 @@ from vlora_compress.calibrate.grams import CalibConfig
 from vlora_compress.io.checkpoint import open_checkpoint
 from vlora_compress.fit.factorise import synthetic_base
 from vlora_compress.fit.svd import Whitener
-from vlora_compress.plan import ChunkPlan, FamilyPlan
+from vlora_compress.plan import ChunkPlan, FamilyPlan, together_note
 from vlora_compress.report.compress_report import decision_line
 from vlora_compress.forms.vlora import partition
 
@@ -211,7 +211,7 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
     slack is spent again, so the allocated plan lands within 1% under the uniform plan's bytes, and
     the family the model is most sensitive to gets more than its uniform share."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.search import plan_measured
     from vlora_compress.io.stacks import find_stacks
 
@@ -226,7 +226,9 @@ def test_measured_rank_allocation_spends_the_whole_budget(gpt2_file):
         # a size target's stack budget: whole ranks leave bytes under it, which the allocation spends
         targeted = plan_measured(stacks, config, ckpt.read, meter=meter, total=int(budget * 1.04))
     spent = sum(family_bytes(fp) for fp in allocated.families)
-    assert "allocated by measured sensitivity" in allocated.notes[-1]
+    (allocation,) = allocated.allocations
+    assert allocation.outcome == "allocated" and allocation.error < allocation.uniform_error
+    assert allocated.notes[-1] == allocation.note  # the note is rendered from the data
     assert 0.99 * budget <= spent <= budget
     assert family_bytes(allocated.families[0]) > family_bytes(uniform.families[0])
     assert 0.99 * budget * 1.04 <= sum(family_bytes(fp) for fp in targeted.families) <= budget * 1.04
@@ -238,7 +240,7 @@ def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matter
     most, at least 4 bits (measured: 5, dense int4 in groups of 16), some family's scheme or form
     changes, and the stack stays within its budget."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.search import plan_measured, share_budget
     from vlora_compress.io.stacks import find_stacks
 
@@ -253,9 +255,13 @@ def test_under_quantize_auto_the_allocation_moves_bits_to_the_family_that_matter
         plan = plan_measured(stacks, config, ckpt.read, meter=meter, budgets=budgets, total=total)
     first = plan.families[0]
     bits = lambda fp: 8 * family_bytes(fp) / (fp.shape[0] * fp.shape[1] * len(fp.layers))  # noqa: E731
-    assert "bits moved" in plan.notes[-1]  # some family's scheme or form changed in the allocation
+    (allocation,) = plan.allocations
+    assert allocation.outcome == "allocated" and allocation.moved  # some family's scheme or form changed
+    assert plan.notes[-1] == allocation.note
     # and each family's decision records it: what was chosen at its budget, and what the file stores
     decided = {d.family: d for d in plan.decisions}
+    for family, before, after in allocation.moved:
+        assert before != after and decided[family].taken.label == before and decided[family].allocated.label == after
     for fp in plan.families:
         d = decided[fp.name]
         assert (d.allocated or d.taken).bytes == family_bytes(fp)
@@ -273,7 +279,8 @@ def test_the_spectral_estimate_is_the_fitted_error_where_no_error_is_carried(gpt
     leaves; a chain carries each layer's error into the next reference, where the two part. The
     estimate must also rank: a higher rank estimates less error."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer, vlora
+    from vlora_compress.forms import candidate_bytes, per_layer, vlora
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.planning.estimate import spectral_error
     from vlora_compress.planning.measure import family_error, rebuild_in_memory
     from vlora_compress.io.stacks import find_stacks
@@ -365,7 +372,7 @@ def test_a_form_that_wins_alone_but_loses_together_gives_way_to_per_layer_svd(tm
     family alone gives way to per-layer SVD at the same bytes, the note and its decision say so, and
     the plan measures lower together than it did before the check."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.search import plan_measured
     from vlora_compress.io.stacks import find_stacks
 
@@ -398,12 +405,12 @@ def test_a_form_that_wins_alone_but_loses_together_gives_way_to_per_layer_svd(tm
     per_layer = plan.families[0].chunks[0]
     assert (per_layer.base, per_layer.topology) == ("none", "star"), per_layer  # per-layer SVD
     assert all(forms[f.name] == "shared" for f in families[1:]), forms
-    note = plan.notes[-1]
-    assert note.startswith("checked together") and note.count("per-layer SVD ships") == 1, note
-    shipped = next(part for part in note.split("; ") if "ships" in part)
-    together, alone = (float(x) for x in shipped.split(": per-layer SVD ships")[0].split()[-5::4])
-    assert alone < together, shipped
     decided = {d.family: d for d in plan.decisions}
+    checks = {family: d.together for family, d in decided.items() if d.together is not None}
+    assert set(checks) == {f.name for f in families}, checks  # every family's shared basis was checked
+    assert [family for family, t in checks.items() if t.per_layer_ships] == [families[0].name], checks
+    assert checks[families[0].name].per_layer < checks[families[0].name].error
+    assert plan.notes[-1] == together_note(plan.decisions)  # the note is rendered from the data
     swapped = decided[families[0].name]
     assert swapped.taken.form.startswith("shared") and swapped.allocated.form == "per-layer"
     assert family_bytes(plan.families[0]) <= family_bytes(unchecked.families[0])
@@ -455,8 +462,9 @@ def test_a_shared_basis_plus_residual_holds_what_neither_part_holds_alone_at_equ
     from vlora_compress.config import CompressConfig
     from vlora_compress.fit.factorise import fit_family, rebuild_family
     from vlora_compress.io.fileformat import read_matrix
-    from vlora_compress.plan import family_matrices
-    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer, shared
+    from vlora_compress.forms import family_matrices
+    from vlora_compress.forms import candidate_bytes, per_layer, shared
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.forms.shared import residual_rank
     from vlora_compress.planning.measure import rebuild_in_memory
     from vlora_compress.io.stacks import Family
@@ -505,9 +513,10 @@ def test_every_candidate_stores_the_bytes_it_was_sized_by_and_no_more_than_its_b
     once charged a whitened-mean chunk of one layer an increment it does not store, counted every
     layer dense as one layer, and listed stray zero-base chains beside W = Q + B A."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import candidate_bytes, fit_candidate
+    from vlora_compress.forms import candidate_bytes
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.io.stacks import Family
-    from vlora_compress.plan import family_bytes
+    from vlora_compress.forms import family_bytes
     from vlora_compress.planning.space import candidates
 
     g = torch.Generator().manual_seed(0)
@@ -535,7 +544,8 @@ def test_base_best_takes_the_layer_the_others_are_nearest_to():
     """`--base best`: each chunk's base is the layer that, as its base, leaves the least error; where
     the others are small changes of one layer, that layer; a chunk of one layer is its own base."""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import fit_candidate, vlora
+    from vlora_compress.forms import vlora
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.io.stacks import Family
 
     g = torch.Generator().manual_seed(0)
@@ -552,3 +562,27 @@ def test_base_best_takes_the_layer_the_others_are_nearest_to():
     three = fit_candidate(fam, vlora.candidate("best", "star", 1), weights, lambda key: None,
                           CompressConfig(base="best", chunks=1, bounds="equal"), 24 * 32 * 4 + 3 * 4 * 56 * 4)
     assert three.chunks[0].base == 1 and three.chunks[0].rank_of(1) == 0
+
+
+def test_each_form_lists_its_own_candidates_in_the_one_order_that_decides_ties():
+    """planning/space asks every registered form for its candidates (Form.asked, bit_candidates) in
+    ORDER; each form answers with its own only, and the default space under --quantize auto and
+    --shared keeps the order ties are decided by: per storage, VLoRA by base, then per-layer SVD and
+    shared bases, then the choices of bits (every layer dense, then quantized bases under low rank)."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.forms import FORMS
+    from vlora_compress.planning.space import ORDER, candidates
+
+    assert sorted(f.name for f in ORDER) == sorted(FORMS)
+    config = CompressConfig(rank=4, quantize="auto", shared=True)
+    for form in ORDER:
+        mine = [c for q in ("none", "int4") for b in ("first", "none") for c in form.asked(config, 6, q, b)]
+        assert all(c.form == form.name for c in mine + form.bit_candidates(config)), form.name
+    cands = candidates(config, 6)
+    first = [c for c in cands if c.quant == "none"]  # the first storage's: VLoRA over a first-layer, then a mean base
+    assert [(c.form, c.base) for c in first[:13]] == [("vlora", "first")] * 6 + [("vlora", "mean")] * 6 + [
+        ("per-layer", "first")]
+    assert {c.form for c in first[13:]} == {"shared"} and len(first) == 29
+    assert [c.quant for c in cands[:3 * 29]] == ["none"] * 29 + ["int8"] * 29 + ["int4"] * 29
+    assert [(c.form, c.quant) for c in cands[3 * 29:]] == [("dense", q) for q in ("int8", "int4", "int3", "int2")] + [
+        ("quantized + low rank", "int4")] * 3

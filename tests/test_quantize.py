@@ -373,7 +373,8 @@ def test_every_storage_gets_the_largest_rank_its_bytes_allow(scheme):
     """The planner sizes ranks on exact bytes: one rank more would overflow the budget. (A per-value
     estimate with room for scales once gave int8 151 where 159 fit, and cost it 0.02 of cosine.)"""
     from vlora_compress.config import CompressConfig
-    from vlora_compress.forms import candidate_bytes, fit_candidate, per_layer as per_layer_form, vlora
+    from vlora_compress.forms import candidate_bytes, per_layer as per_layer_form, vlora
+    from vlora_compress.planning.budget import fit_candidate
     from vlora_compress.io.stacks import Family
 
     fam = Family("encoder.layer", "attention.self.query.weight", tuple(range(6)), (384, 384), "F32")

@@ -332,6 +332,20 @@ PARTS = {  # CompressConfig's parts by title (the CLI's help panels); the calibr
 }
 
 
+def flags(config, names: tuple[str, ...]) -> str:
+    """The command-line flags that give the fields ``names`` of ``config`` its values, from the fields'
+    metadata (as the CLI reads them: cli/options.py): ``--method svd``; a switch, its side
+    (``--sequential`` or ``--no-sequential``; a flag with no off side, nothing when off). What a
+    report says makes a config it did not write itself."""
+    meta = {f.name: f.metadata for f in fields(config)}
+    out = []
+    for name in names:
+        flag, value = meta[name]["flag"], getattr(config, name)
+        on, _, off = flag.partition("/")
+        out.append((on if value else off) if isinstance(value, bool) else f"{flag} {value}")
+    return " ".join(x for x in out if x)
+
+
 def parse_size(text: str | float, field: str = "target_size", *, bytes_only: bool = False, zero: bool = False,
                example: str = "40MB") -> tuple[str, float]:
     """``0.35`` -> ("fraction", 0.35); ``40MB`` / ``1.5GiB`` / ``123456`` -> ("bytes", n).

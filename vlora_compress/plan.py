@@ -2,16 +2,16 @@
 
 A plan is pure data (frozen dataclasses) that round-trips through the file header as JSON
 (io/plan_record.py reads and checks it), so the plan written by ``compress`` is exactly what
-``expand`` follows. ``walk`` is the one order every reader rebuilds a family in, and
-``family_matrices`` (with ``matrix_bytes``) the one rule for what it stores and its bytes. The
-forms that make plans are in forms/, the math in fit/factorise.py.
+``expand`` follows. A chunk is read through its storage form (forms/stored.py: ``form_of``, and
+``walk``, the one order every reader rebuilds a family in, one ``Term`` a step; with
+``matrix_bytes`` here, ``family_matrices`` is the one rule for what a family stores and its
+bytes). The forms that make plans are in forms/, the math in fit/factorise.py.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field
 
 from .config import CompressConfig
 from .fit.integers import SCALE_SUFFIX
@@ -39,7 +39,8 @@ class ChunkPlan:
     for nn.Linear the inputs' side). ``shared-left`` shares the left factor instead, W_l = B A_l
     (for nn.Linear the outputs' side: layers that write into one subspace). ``residual`` (shared
     topologies only; empty for none) gives each layer a rank of its own factors on top of the shared
-    part: W_l = B_l A + b_l a_l (or B A_l + b_l a_l), what the shared basis cannot hold.
+    part: W_l = B_l A + b_l a_l (or B A_l + b_l a_l), what the shared basis cannot hold. The form
+    that stores such a chunk (forms/stored.form_of) says the order its layers are rebuilt in.
     """
 
     layers: tuple[int, ...]
@@ -54,21 +55,6 @@ class ChunkPlan:
     @property
     def base_layer(self) -> int | None:
         return self.base if isinstance(self.base, int) else None
-
-    def steps(self) -> list[tuple[int, int | None]]:
-        """(layer, reference) in rebuild order; reference None means the chunk's base tensor.
-
-        Chain: each layer over its neighbour nearer the base, so every reference was rebuilt just
-        before. Star: every layer over the base.
-        """
-        if self.topology in ("star",) + SHARED:
-            return [(layer, None) for layer in self.layers if layer != self.base]
-        if self.base_layer is None:
-            return [(layer, prev) for prev, layer in zip((None,) + self.layers[:-1], self.layers)]
-        p = self.layers.index(self.base)
-        forward = [(self.layers[i], self.layers[i - 1]) for i in range(p + 1, len(self.layers))]
-        backward = [(self.layers[i], self.layers[i + 1]) for i in range(p - 1, -1, -1)]
-        return forward + backward
 
     def rank_of(self, layer: int) -> int:
         return self.ranks[self.layers.index(layer)]
@@ -160,77 +146,6 @@ class Term:
     residual_rank: int = 0
 
 
-def walk(fp: FamilyPlan) -> Iterator[Term]:
-    """The family's terms in the one order that fitting, expand, factored loading and healing all
-    follow: per chunk its base, then each layer over the base or over the layer just before it in
-    the chunk (ChunkPlan.steps), so that what compress writes is what every reader rebuilds.
-
-    Chunks whose layers interleave (a shared basis over layers 0 and 2, another over 1 and 3) are
-    merged by layer, each chunk's own order kept, a base just before its chunk's first step: the
-    sequential fit meets each layer when the stream reaches it. A reader keeps what it holds per
-    chunk (``Term.chunk``); ``Term.last`` marks a chunk's last term, after which it may let go."""
-    runs = [list(_chunk_terms(fp, ci, chunk)) for ci, chunk in enumerate(fp.chunks)]
-    for run in runs:
-        run[-1] = replace(run[-1], last=True)
-    first = [min(chunk.layers) for chunk in fp.chunks]  # where a base that is no layer goes
-    return heapq.merge(*runs, key=lambda t: first[t.chunk] if t.layer is None else t.layer)
-
-
-def _chunk_terms(fp: FamilyPlan, ci: int, chunk: ChunkPlan) -> Iterator[Term]:
-    base, basis = fp.base_key(ci), fp.basis_key(ci) if chunk.topology in SHARED else None
-    layer = chunk.base_layer
-    yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "",
-               chunk.ranks[0] if basis else 0, None, basis, shares_left=chunk.topology == "shared-left")
-    for layer, ref in chunk.steps():
-        key, rank = fp.key(layer), chunk.rank_of(layer)
-        over = "base" if ref is None or ref == chunk.base else "previous"
-        kb, ka = increment_keys(key)
-        factors = ((basis, ka) if chunk.topology == "shared-left" else (kb, basis or ka)) if rank else None
-        own = chunk.residual_of(layer)
-        yield Term(ci, layer, key, base, over, rank, factors, basis, shares_left=chunk.topology == "shared-left",
-                   residual=increment_keys(key + RESIDUAL) if own else None, residual_rank=own)
-
-
-def family_matrices(fp: FamilyPlan) -> list[tuple[str, tuple[int, int]]]:
-    """The family's bases and factors as matrices, (name, shape), chunk by chunk in walk order: the
-    layout (docs/format.md section 4), whatever order interleaved chunks are fitted in."""
-    m, n = fp.shape
-    out = []
-    for t in sorted(walk(fp), key=lambda t: t.chunk):  # stable: each chunk's own order
-        if not t.over:
-            out += [(t.base, (m, n))] if t.base is not None else []
-            if t.basis is not None:  # stored once, read by every layer
-                out += [(t.basis, (m, t.rank) if t.shares_left else (t.rank, n))]
-        elif t.factors:
-            out += [] if t.shares_left else [(t.factors[0], (m, t.rank))]
-            out += [] if t.basis is not None and not t.shares_left else [(t.factors[1], (t.rank, n))]
-        if t.residual:
-            out += [(t.residual[0], (m, t.residual_rank)), (t.residual[1], (t.residual_rank, n))]
-    return out
-
-
-def matrix_roles(fp: FamilyPlan) -> dict[str, str]:
-    """Each stored matrix's role, from the walk: ``base`` (a dense matrix a chunk's layers build on:
-    a layer stored whole, a whitened mean, a quantized base) or ``factor`` (a low-rank factor: a
-    layer's own, its residual factors, or a basis its group shares). Inspection counts bytes by it
-    and healing's ``--train``/``--freeze`` choose by it."""
-    roles = {}
-    for t in walk(fp):
-        if not t.over:
-            if t.base is not None:
-                roles[t.base] = "base"
-            if t.basis is not None:
-                roles[t.basis] = "factor"
-        for name in (t.factors or ()) + (t.residual or ()):
-            roles.setdefault(name, "factor")
-    return roles
-
-
-def plan_roles(plan: "Plan") -> dict[str, str]:
-    """``matrix_roles`` of every family of the plan."""
-    return {name: role for fp in plan.families for name, role in matrix_roles(fp).items()}
-
-
 @dataclass(frozen=True)
 class QuantizedTensor:
     """A pass-through tensor stored as integers and scales; expand gives it back in its own dtype."""
@@ -267,6 +182,26 @@ MEASURES = ("logits", "embedding", "model", "block", "outputs", "weights")  # wh
 
 
 @dataclass(frozen=True)
+class Together:
+    """A family's choice checked with every family compressed at once (planning/allocate.joint_check):
+    the model's output error as chosen and with the family per-layer SVD at its bytes instead; the
+    lower ships. Errors are None where the measure was not finite (JSON has no NaN)."""
+
+    form: str  # the label of the candidate checked (as rank allocation left it)
+    error: float | None  # the model's output error with it
+    per_layer: float | None  # with per-layer SVD in its place
+
+    @property
+    def per_layer_ships(self) -> bool:
+        return self.error is not None and self.per_layer is not None and self.per_layer < self.error
+
+    def line(self, family: str) -> str:
+        """The family's part of the joint check's note."""
+        return (f"{family} {self.form} {_g(self.error)} vs per-layer SVD {_g(self.per_layer)}"
+                + (": per-layer SVD ships" if self.per_layer_ships else ""))
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the planner chose for one family (or one block's layers of it), and every candidate it
     weighed: the plan's record of why it is what it is, which reports render."""
@@ -279,6 +214,7 @@ class Decision:
     scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
     allocated: Weighed | None = None  # what the file stores instead, where measured rank allocation
     # moved bytes or bits to or from the family after the choice (its errors are not the family's alone: None)
+    together: Together | None = None  # the joint check of the choice, where the family had one
 
     @property
     def taken(self) -> Weighed:
@@ -288,7 +224,51 @@ class Decision:
         """The decision as JSON reads it back (lists, not tuples), for reports and vlora-inspect."""
         data = asdict(self)
         data["candidates"] = list(data["candidates"])
+        if data["together"] is None:  # written only where checked: decisions without read as before
+            del data["together"]
         return data
+
+
+def together_note(decisions) -> str:
+    """The joint check's note, rendered from the decisions it recorded (empty where none was checked)."""
+    lines = [d.together.line(d.family) for d in decisions if d is not None and d.together is not None]
+    return "checked together (output error, every family compressed): " + "; ".join(lines) if lines else ""
+
+
+ALLOCATIONS = ("uniform", "allocated", "kept")  # what measured rank allocation did (Allocation.outcome)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What measured rank allocation did (``--ranks measured``, planning/allocate.allocate_ranks), with
+    the model's output error measured with every family compressed at once."""
+
+    outcome: str  # "uniform": no family measured better at another budget, nothing to try together;
+    # "allocated": the allocation measured better and the file stores it; "kept": it measured worse, uniform kept
+    error: float | None = None  # the allocated plan's output error (None where not measured: "uniform")
+    uniform_error: float | None = None  # the uniform plan's
+    moved: tuple[tuple[str, str, str], ...] = ()  # (family, candidate before, after) where it moved bits or form
+    scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
+
+    @property
+    def note(self) -> str:
+        """The plan's note on it, rendered from the data."""
+        if self.outcome == "uniform":
+            return "ranks: uniform (no reallocation measured better per family)"
+        if self.outcome == "kept":
+            return f"ranks: uniform kept, output error {_g(self.uniform_error)} vs {_g(self.error)} allocated"
+        moved = "; ".join(f"{family} {before} -> {after}" for family, before, after in self.moved)
+        return (f"ranks: allocated by measured sensitivity, output error {_g(self.error)} vs {_g(self.uniform_error)} "
+                "uniform" + (f"; bits moved: {moved}" if moved else ""))
+
+
+def finite(x) -> float | None:
+    """A measured error as a plan records it: a float, or None where it is not finite (JSON has no NaN)."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _g(x: float | None) -> str:
+    return "nan" if x is None else f"{x:.4g}"
 
 
 @dataclass(frozen=True)
@@ -299,6 +279,7 @@ class Plan:
     aligned: bool = False  # the stored weights are the layer-aligned (function-equivalent) ones
     passthrough: tuple[QuantizedTensor, ...] = ()  # pass-through tensors stored quantized
     decisions: tuple[Decision, ...] = ()  # the planner's, per family, where it planned by measurement
+    allocations: tuple[Allocation, ...] = ()  # measured rank allocation's, one per planning (per block by blocks)
 
     @property
     def quantized(self) -> bool:
@@ -310,8 +291,12 @@ class Plan:
             for c in f["chunks"]:
                 if not c["residual"]:  # written only where a chunk has one: plans without read as before
                     del c["residual"]
-        if not data["decisions"]:  # a plan made without measurement reads as before
-            del data["decisions"]
+        for d in data["decisions"]:
+            if d["together"] is None:  # written only where checked: decisions without read as before
+                del d["together"]
+        for key in ("decisions", "allocations"):
+            if not data[key]:  # a plan made without measurement (or allocation) reads as before
+                del data[key]
         return data
 
 
@@ -349,11 +334,3 @@ def matrix_bytes(shape: tuple[int, int], store_dtype: str, quant: str = "none", 
     if quant != "none":
         return quantized_nbytes(shape, quant, group_size)
     return ITEMSIZE[store_dtype] * shape[0] * shape[1]
-
-
-def family_bytes(fp: FamilyPlan) -> int:
-    """Stored bytes of a family plan: its bases and its factors (fileformat.family_layout's sum)."""
-    return sum(matrix_bytes(shape, fp.store_dtype, fp.quant_of(name), fp.group_size)
-               for name, shape in family_matrices(fp))
-
-

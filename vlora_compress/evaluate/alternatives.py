@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..compress import compress
-from ..config import CompressConfig
+from ..config import CompressConfig, flags
 from ..io.checkpoint import open_checkpoint
 from ..evaluate.scoring import EvalConfig, EvalReport, evaluate_models, quantize_stacks, task_head
 from ..io.models import load_model, load_preprocessor, resolve_device
@@ -132,10 +132,10 @@ def _nearest_row(source, bare, kind: str, device, score, scheme: str, group: int
     stored = quantize_stacks(model, Path(source), scheme, group)  # the stacks' bytes so stored
     _, m = score(model)
     del model
-    flag = f" --group-size {group}" if scheme != "int8" else ""
+    made = CompressConfig(method="dense", quantize=scheme, group_size=group, rounding="nearest")  # what writes it
+    shown = ("method", "quantize") + (("group_size",) if scheme != "int8" else ()) + ("rounding",)
     return Row(f"{scheme_label(scheme, group, eval_group)} alone", rest_bytes + stored, m[0].model,
-               time.perf_counter() - started,
-               f"vlora-compress {source} --method dense --quantize {scheme}{flag} --rounding nearest")
+               time.perf_counter() - started, f"vlora-compress {source} {flags(made, shown)}")
 
 
 def _made_row(name: str, make, config_dir, kind: str, device, score) -> Row:
@@ -181,9 +181,9 @@ def svd_alternative(source, out: Path, config: CompressConfig, calib, config_dir
     tensors, calibrated as the file was: the report's ``per-layer SVD`` row."""
     quantize = "none" if config.quantize == "auto" else config.quantize
     svd_config = replace(config, method="svd", ranks="uniform", base="auto", chunks=None, align=False,
-                         target_size=str(nbytes), target_of="model", target_bits=None, quantize=quantize)
-    flags = f"--method svd --ranks uniform --target-size {nbytes}B" + (f" --quantize {quantize}" if quantize != "none" else "")
-    return _alternative_file(source, out, "svd", svd_config, calib, config_dir, tokenizer, flags)
+                         target_size=f"{nbytes}B", target_of="model", target_bits=None, quantize=quantize)
+    shown = ("method", "ranks", "target_size") + (("quantize",) if quantize != "none" else ())
+    return _alternative_file(source, out, "svd", svd_config, calib, config_dir, tokenizer, shown)
 
 
 def gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, scheme: str,
@@ -193,15 +193,17 @@ def gptq_alternative(source, out: Path, config: CompressConfig, calib, config_di
     gptq_config = replace(config, method="dense", quantize=scheme, group_size=group_size, rounding="gptq",
                           target_size=None, target_bits=None, base="auto", chunks=None, align=False, ranks="uniform",
                           quantize_passthrough=False, base_quantize=None)
-    flags = f"--method dense --quantize {scheme} --group-size {group_size}"
-    return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, flags)
+    shown = ("method", "quantize", "group_size")
+    return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, shown)
 
 
-def _alternative_file(source, out: Path, name: str, config: CompressConfig, calib, config_dir, tokenizer, flags: str):
+def _alternative_file(source, out: Path, name: str, config: CompressConfig, calib, config_dir, tokenizer,
+                      shown: tuple[str, ...]):
     """(path, command, tensor bytes) of one more compress of ``source`` beside ``out``, calibrated
-    as the file was: an alternatives row that is made, not read from the source."""
+    as the file was: an alternatives row that is made, not read from the source. Its command gives
+    the fields ``shown`` their values in ``config`` (config.flags, from the fields' own flags)."""
     path = out.with_name(out.name + f".{name}-alternative")
     report = compress(source, path, config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
-    command = (f"vlora-compress {source} {flags}"
+    command = (f"vlora-compress {source} {flags(config, shown)}"
                + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else ""))
     return path, command, report.compressed_bytes

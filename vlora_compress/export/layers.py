@@ -22,7 +22,8 @@ import torch
 from ..errors import VloraError
 from ..fit.integers import BITS, MIDRISE, SCALE_SUFFIX
 from ..io.fileformat import VloraFile
-from ..plan import FamilyPlan, walk
+from ..forms.stored import form_of, walk
+from ..plan import FamilyPlan
 
 CONV1D_MODELS = {"gpt2"}  # model types whose Linear layers store (in, out): their integer groups run the other way
 
@@ -51,8 +52,9 @@ def family_layers(fp: FamilyPlan) -> list[Layer] | str:
     terms = list(walk(fp))
     for ci, chunk in enumerate(fp.chunks):
         mine = [t for t in terms if t.chunk == ci]
-        if len(chunk.layers) != 1 or chunk.topology in ("shared", "shared-left"):
-            what = "shared bases" if chunk.topology.startswith("shared") else f"a {chunk.topology} over one base"
+        shared = form_of(chunk).basis_side(chunk) is not None
+        if len(chunk.layers) != 1 or shared:
+            what = "shared bases" if shared else f"a {chunk.topology} over one base"
             return f"its chunks of {len(chunk.layers)} layers store {what}"
         base = mine[0]
         if base.base is None:

@@ -16,7 +16,8 @@ import torch
 
 from ..io.checkpoint import DTYPES
 from ..fit.integers import SCALE_SUFFIX, dequantize, quantize
-from ..plan import CompressConfig, FamilyPlan, walk
+from ..forms.stored import walk
+from ..plan import CompressConfig, FamilyPlan
 from .svd import Whitener, apply_increment, choose_svd, truncated_svd, whitened_svd
 
 

@@ -4,20 +4,25 @@ A storage form says how a family of layers is stored (every layer dense, per-lay
 VLoRA chain or star over a base, a basis shared by a group, a quantized base under low rank). Each
 is one class in this package, registered by name, and code that needs to know a form's rule asks
 the form: its label, the kind a decision records, the plan it stores at a rank (whose matrices
-give its bytes: ``plan.family_bytes`` is the only byte rule), and the choices it makes from the
-weights (chunk bounds, groups, a base). The stored plan itself (plan.ChunkPlan) is what every
-reader walks (plan.walk); the forms are how the planner and the fixed plan make it.
+give its bytes: ``stored.family_bytes`` is the only byte rule), and the choices it makes from the
+weights (chunk bounds, groups, a base). A written chunk (plan.ChunkPlan) is read through the form
+that stores it (stored.form_of): its terms in the walk (``terms``, ``steps``), the least format
+version it needs (``version``), whether it can be fitted a layer at a time (``sequential``), and
+the names it stores under its chunk's index (``renames``). ``stored.py`` holds the registry and the
+one walk, below the planning side, so that the fit and the readers can ask a chunk's form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import STORE_DTYPES, CompressConfig
 from ..io.stacks import Family
-from ..plan import ChunkPlan, FamilyPlan, family_bytes, split_equal
+from ..io.versions import FORMAT_VERSION
+from ..plan import ChunkPlan, FamilyPlan, Term, increment_keys, split_equal
+from .stored import FORMS, family_bytes, form_of, register  # noqa: F401 - the registry, re-exported
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,17 @@ class Form:
     def kind(self, cand: Candidate) -> str:
         return self.name
 
+    def asked(self, config: CompressConfig, n_layers: int, quant: str, base: str) -> list[Candidate]:
+        """Its candidates the config asks the planner to weigh for a family of ``n_layers``, stored in
+        ``quant``, for the base kind ``base`` (a VLoRA base, or ``none``). planning/space.candidates
+        asks every form, for each storage and base kind, in its one order (which decides ties)."""
+        return []
+
+    def bit_candidates(self, config: CompressConfig) -> list[Candidate]:
+        """Its candidates that are a choice of bits (quantization alone, or a quantized base under low
+        rank), weighed after every other where the config pins no base or chunk count."""
+        return []
+
     def stores_increments(self, fam: Family, cand: Candidate) -> bool:
         """Whether it stores any low-rank factor (a rank to choose) for ``fam``."""
         return self.ranked
@@ -87,19 +103,53 @@ class Form:
         return fp if self.rounded else dense_if_cheaper(fp)
 
     def choose(self, fam: Family, cand: Candidate, rank: int, weights, whitener, config: CompressConfig,
-               spectra: dict | None) -> FamilyPlan | None:
+               spectra: dict | None, score: Callable[[FamilyPlan], float]) -> FamilyPlan | None:
         """The plan at ``rank`` with the choices the weights make (bounds, groups, a base); None where
-        the candidate adds nothing another one does not already try. By default, ``layout``."""
+        the candidate adds nothing another one does not already try. ``score(fp)`` is a plan's
+        error once fitted (planning/budget.fit_candidate gives it). By default, ``layout``."""
         return self.layout(fam, cand, rank, config)
 
+    # What a written chunk is read as: every reader asks the chunk's form (stored.form_of).
 
-FORMS: dict[str, Form] = {}
+    def stores(self, chunk: ChunkPlan) -> bool:
+        """Whether a written chunk is this form's: exactly one registered form says so."""
+        raise NotImplementedError
 
+    def steps(self, chunk: ChunkPlan) -> list[tuple[int, int | None]]:
+        """(layer, reference) in rebuild order; reference None means the chunk's base tensor. By
+        default every layer over the base (a star)."""
+        return [(layer, None) for layer in chunk.layers if layer != chunk.base]
 
-def register(cls: type[Form]) -> type[Form]:
-    """Class decorator: the form is known by its ``name`` from import on."""
-    FORMS[cls.name] = cls()
-    return cls
+    def terms(self, fp: FamilyPlan, ci: int, chunk: ChunkPlan) -> Iterator[Term]:
+        """Chunk ``ci``'s walk (stored.walk merges the chunks): its base, then each layer's own
+        factors over the base or over the layer just before it (``steps``)."""
+        base, layer = fp.base_key(ci), chunk.base_layer
+        yield Term(ci, layer, fp.key(layer) if layer is not None else None, base, "", 0, None)
+        for layer, ref in self.steps(chunk):
+            key, rank = fp.key(layer), chunk.rank_of(layer)
+            over = "base" if ref is None or ref == chunk.base else "previous"
+            yield Term(ci, layer, key, base, over, rank, increment_keys(key) if rank else None)
+
+    def version(self, chunk: ChunkPlan) -> int:
+        """The least format version (io/versions.py) that holds the chunk, its storage aside."""
+        return FORMAT_VERSION
+
+    def sequential(self, chunk: ChunkPlan, bases: bool) -> bool:
+        """Whether fit_family can fit the chunk a layer at a time (pipelines/sequential.py), with
+        ``bases`` (the original model's weights and Grams, for what is fitted from all the chunk's
+        layers at once) given up front or not: by default where its base is its first layer or
+        none, or the chunk is one layer (whose base is made from that layer: W ≈ Q + B A)."""
+        return chunk.base == "none" or chunk.base == chunk.layers[0] or len(chunk.layers) == 1
+
+    def renames(self, fp: FamilyPlan, ci: int, to: int) -> dict[str, str]:
+        """Stored name -> its name when chunk ``ci`` becomes chunk ``to`` of its family (a block's
+        chunks placed after the blocks' before it): what is named by the chunk's index, by default
+        a synthetic base (a whitened mean, a quantized base)."""
+        return {fp.synthetic_base_key(ci): fp.synthetic_base_key(to)} if fp.chunks[ci].base == "synthetic" else {}
+
+    def basis_side(self, chunk: ChunkPlan) -> str | None:
+        """Which factor the chunk's layers all read, ``right`` or ``left``; None where they share none."""
+        return None
 
 
 def equal_groups(layers: tuple[int, ...], k: int) -> list[tuple[int, ...]]:
@@ -134,7 +184,7 @@ def dense_if_cheaper(fp: FamilyPlan) -> FamilyPlan:
 
 def candidate_bytes(fam: Family, cand: Candidate, rank: int, config: CompressConfig) -> int:
     """Exact stored bytes of ``fam`` as ``cand`` at a uniform ``rank``, scales included: those of its
-    plan (``plan.family_bytes``, the one byte rule), at most every layer dense."""
+    plan (``stored.family_bytes``, the one byte rule), at most every layer dense."""
     return family_bytes(cand.spec.layout(fam, cand, rank, config))
 
 
@@ -150,19 +200,3 @@ def fit_rank(cap: int, fits: Callable[[int], bool]) -> int:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
-
-
-def fit_candidate(fam: Family, cand: Candidate, weights, whitener, config: CompressConfig,
-                  budget: int, spectra: dict | None = None) -> FamilyPlan | None:
-    """The candidate's plan at the largest uniform rank within ``budget``; None if none fits.
-    ``spectra`` keeps the family's decompositions between candidates (chain costs, similar groups)."""
-    if cand.chunks > len(fam.layers):
-        return None
-    form = cand.spec
-    ranked = form.stores_increments(fam, cand)
-    if form.ranked and not ranked:  # chunks of one layer each: nothing low rank to fit
-        return None
-    rank = fit_rank(min(fam.shape) if ranked else 0, lambda r: candidate_bytes(fam, cand, r, config) <= budget)
-    if rank < (1 if ranked else 0):
-        return None
-    return form.choose(fam, cand, rank, weights, whitener, config, spectra)

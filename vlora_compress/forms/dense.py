@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .base import Candidate, Form, dense_chunks, register
 
+DENSE_SCHEMES = ("int8", "int4", "int3", "int2")  # --quantize auto: every layer dense (mid-rise grids alone measure worse)
+
 
 @register
 class Dense(Form):
@@ -13,6 +15,15 @@ class Dense(Form):
 
     def label(self, cand: Candidate) -> str:
         return "dense"
+
+    def bit_candidates(self, config):
+        """Quantization alone, the yardstick, as a choice: every layer dense in the scheme asked for,
+        or under ``--quantize auto`` in each (bits as a choice)."""
+        schemes = DENSE_SCHEMES if config.quantize == "auto" else (config.quantize,)
+        return [candidate(q) for q in schemes if q != "none"]
+
+    def stores(self, chunk):
+        return len(chunk.layers) == 1 and chunk.base == chunk.layers[0]
 
     def chunks(self, fam, cand, rank, groups=None):
         return dense_chunks(fam.layers)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from ..io.stacks import Family
-from ..plan import ChunkPlan
-from ..planning.measure import common_whitener, whiten
+from ..io.versions import LEFT_VERSION, SHARED_VERSION
+from ..plan import RESIDUAL, SHARED, ChunkPlan, Term, increment_keys
+from ..planning.spectra import common_whitener, whiten
 from .base import Candidate, Form, equal_groups, register
 
 SHARED_GROUPS = (2, 3, 4)  # layers a shared basis serves: Basis Sharing finds 2 to 4 alike
@@ -34,7 +35,7 @@ class Shared(Form):
         own = (residual_rank(rank),) if cand.residual else ()
         return [ChunkPlan(g, (rank,) * len(g), "none", cand.topology, own * len(g)) for g in groups if g]
 
-    def choose(self, fam, cand, rank, weights, whitener, config, spectra):
+    def choose(self, fam, cand, rank, weights, whitener, config, spectra, score):
         adjacent = equal_groups(fam.layers, cand.chunks)
         if cand.grouping != "similar":
             return self.layout(fam, cand, rank, config)
@@ -43,6 +44,50 @@ class Shared(Form):
         if groups == adjacent:  # nothing the adjacent candidate does not already try
             return None
         return self.layout(fam, cand, rank, config, groups)
+
+    def asked(self, config, n_layers, quant, base):
+        """Where no base is asked for: the side asked for (``--topology shared|shared-left``), or with
+        ``--shared`` both, each in groups of at most 2, 3 or 4 layers (or ``--chunks`` groups),
+        adjacent or by similarity, with or without residual factors."""
+        if base != "none" or (config.base_quantize is not None and config.method == "svd"):
+            return []
+        sides = [config.topology] if config.topology in SHARED else list(SHARED) if config.shared else []
+        if not sides or config.topology not in SHARED + ("auto",):
+            return []
+        groups = ([config.chunks] if config.chunks and config.topology in SHARED
+                  else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
+        return [candidate(t, k, quant, g, res) for t in sides for k in groups if 1 <= k and 2 * k <= n_layers
+                for g in ("adjacent", "similar") for res in (False, True)]
+
+    def stores(self, chunk):
+        return chunk.topology in SHARED
+
+    def basis_side(self, chunk):
+        return "left" if chunk.topology == "shared-left" else "right"
+
+    def terms(self, fp, ci, chunk):
+        """The basis, stored once with the chunk's (zero) base, then each layer's own factor over it
+        (B_l under ``shared``, A_l under ``shared-left``) and its residual factors where it has them."""
+        basis, left = fp.basis_key(ci), self.basis_side(chunk) == "left"
+        yield Term(ci, None, None, None, "", chunk.ranks[0], None, basis, shares_left=left)
+        for layer, _ in self.steps(chunk):
+            key, rank, own = fp.key(layer), chunk.rank_of(layer), chunk.residual_of(layer)
+            kb, ka = increment_keys(key)
+            yield Term(ci, layer, key, None, "base", rank, ((basis, ka) if left else (kb, basis)) if rank else None,
+                       basis, shares_left=left, residual=increment_keys(key + RESIDUAL) if own else None,
+                       residual_rank=own)
+
+    def version(self, chunk):
+        return LEFT_VERSION if self.basis_side(chunk) == "left" or any(chunk.residual) else SHARED_VERSION
+
+    def sequential(self, chunk, bases):
+        """The basis is fitted from all the group's weights and Grams at once: a layer at a time
+        only where ``bases`` gives those up front (the original model's), and then only the
+        coefficients follow the stream."""
+        return bases
+
+    def renames(self, fp, ci, to):
+        return {fp.basis_key(ci): fp.basis_key(to)}
 
 
 def candidate(side: str, groups: int, quant: str = "none", grouping: str = "adjacent",

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..io.stacks import Family
-from ..plan import ChunkPlan, split_equal
-from ..planning.measure import family_error, rebuild_in_memory, spectrum
+from ..plan import SHARED, ChunkPlan, split_equal
+from ..planning.spectra import spectrum
 from .base import Candidate, Form, dense_if_cheaper, equal_groups, family_plan, register
 
 MAX_AUTO_CHUNKS = 3  # chunk counts the planner tries by itself: 1 to 3 (and blocks planning by blocks)
@@ -23,14 +23,42 @@ class Vlora(Form):
     def label(self, cand: Candidate) -> str:
         return f"{cand.base} base, {cand.topology}, {cand.chunks} chunk{'s' if cand.chunks > 1 else ''}"
 
+    def asked(self, config, n_layers, quant, base):
+        """Every topology asked for (auto: chain and star) and chunk count (``--chunks``, or 1 to
+        ``MAX_AUTO_CHUNKS``) over a base that is a layer or a mean."""
+        if base == "none":
+            return []
+        topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
+        counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
+        return [candidate(base, t, k, quant, config.base_quantize) for t in topologies if t not in SHARED
+                for k in counts if k <= n_layers]
+
     def stores_increments(self, fam: Family, cand: Candidate) -> bool:
         return cand.base == "mean" or min(cand.chunks, len(fam.layers)) < len(fam.layers)
+
+    def stores(self, chunk):
+        """Increments over a reference, chain or star: every chunk of more than one layer that is
+        no shared basis and no per-layer star over a zero base."""
+        return (chunk.topology in ("chain", "star") and len(chunk.layers) > 1
+                and not (chunk.base == "none" and chunk.topology == "star"))
+
+    def steps(self, chunk):
+        """Star: every layer over the base. Chain: each layer over its neighbour nearer the base, so
+        every reference was rebuilt just before (over no base layer: each over the one before it)."""
+        if chunk.topology == "star":
+            return super().steps(chunk)
+        layers = chunk.layers
+        if chunk.base_layer is None:
+            return [(layer, prev) for prev, layer in zip((None,) + layers[:-1], layers)]
+        p = layers.index(chunk.base)
+        return ([(layers[i], layers[i - 1]) for i in range(p + 1, len(layers))]
+                + [(layers[i], layers[i + 1]) for i in range(p - 1, -1, -1)])
 
     def chunks(self, fam, cand, rank, groups=None):
         groups = groups if groups is not None else equal_groups(fam.layers, cand.chunks)
         return [_chunk(layers, cand.base, cand.topology, rank) for layers in groups if layers]
 
-    def choose(self, fam, cand, rank, weights, whitener, config, spectra):
+    def choose(self, fam, cand, rank, weights, whitener, config, spectra, score):
         """Chunk bounds by dynamic programming over the consecutive deltas (or equal), and with base
         ``best`` each chunk's base the layer that leaves the least."""
         if config.bounds == "equal":
@@ -40,8 +68,8 @@ class Vlora(Form):
         groups = [fam.layers[start:end] for start, end in bounds]
         if cand.base != "best":
             return self.layout(fam, cand, rank, config, groups)
-        chunks = [_best_base(fam, layers, rank, cand.topology, weights, whitener, config, cand.quant, cand.base_quant)
-                  if len(layers) > 1 else _chunk(layers, cand.base, cand.topology, rank) for layers in groups]
+        chunks = [_best_base(fam, layers, rank, cand, config, score) if len(layers) > 1
+                  else _chunk(layers, cand.base, cand.topology, rank) for layers in groups]
         return dense_if_cheaper(family_plan(fam, config, chunks, cand.quant, cand.base_quant))
 
 
@@ -97,13 +125,13 @@ def chain_cost(fam: Family, weights, whitener, rank: int, spectra: dict | None =
     return lambda start, end: prefix[end] - prefix[start + 1]
 
 
-def _best_base(fam, layers, rank, topology, weights, whitener, config, quant: str, base_quant=None) -> ChunkPlan:
-    """The chunk's layer that, as its base, leaves the least residual over the chunk."""
+def _best_base(fam, layers, rank, cand: Candidate, config, score) -> ChunkPlan:
+    """The chunk's layer that, as its base, leaves the least residual over the chunk (``score``: a
+    plan's error once fitted)."""
     best = None
     for b in layers:
-        chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, topology)
-        fp = family_plan(fam, config, [chunk], quant, base_quant)
-        err = family_error(fam, weights, rebuild_in_memory(fp, weights, whitener, config), whitener)
+        chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, cand.topology)
+        err = score(family_plan(fam, config, [chunk], cand.quant, cand.base_quant))
         if best is None or err < best[0]:
             best = (err, chunk)
     return best[1]

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..runtime.factored import VloraLinear
-from ..plan import Plan, plan_roles
+from ..forms.stored import plan_roles
+from ..plan import Plan
 from ..progress import Progress
 from ..pipelines.sequential import Stream, _output, capture, stack_layers
 

@@ -9,7 +9,7 @@ import torch
 from ..errors import VloraError
 from ..io.fileformat import VloraFile, factorised_keys
 from ..io.models import param_for_key
-from ..plan import plan_roles
+from ..forms.stored import plan_roles
 from .config import HealConfig
 
 

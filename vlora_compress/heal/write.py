@@ -14,7 +14,7 @@ from ..io.checkpoint import DTYPES
 from ..io.fileformat import VloraFile, header_metadata, layout
 from ..io.models import module_for_key
 from ..io.write import SafetensorsWriter
-from ..plan import family_matrices
+from ..forms.stored import family_matrices
 
 
 def check_match(vfile: VloraFile, teacher) -> None:

@@ -19,18 +19,14 @@ import torch
 
 from ..io.checkpoint import DTYPES, FLOAT_DTYPES, ITEMSIZE, Checkpoint, open_checkpoint
 from ..errors import VloraError
-from ..plan import DIM_LIMIT, SHARED, FamilyPlan, Plan, family_matrices
+from ..forms.stored import family_matrices, form_of
+from ..plan import DIM_LIMIT, FamilyPlan, Plan
 from .plan_record import is_whole, read_plan
 from ..fit.integers import MIDRISE, SCALE_SUFFIX, SCALE_TAG, dequantize, packed_shape, scale_shape, storage_tag
+from .versions import (BASE_QUANT_VERSION, FORMAT_VERSION, GRID_VERSION, LEFT_VERSION, QUANTIZED_VERSION,
+                       SHARED_VERSION)
 
 FORMAT_NAME = "vlora"
-FORMAT_VERSION = 1  # files without quantized storage
-QUANTIZED_VERSION = 2  # version 1 plus integer bases and factors (docs/format.md, section 9)
-SHARED_VERSION = 3  # version 2 plus chunks that share one basis (topology shared, docs/format.md section 10)
-BASE_QUANT_VERSION = 4  # version 3 plus bases stored in a scheme of their own (`base_quant`, docs/format.md section 11)
-GRID_VERSION = 5  # version 4 plus the mid-rise schemes int3-midrise and int2-midrise (docs/format.md section 12)
-LEFT_VERSION = 6  # version 5 plus chunks that share their left factor (topology shared-left) and shared chunks'
-# per-layer residual factors (docs/format.md section 13)
 READS = tuple(str(v) for v in (FORMAT_VERSION, QUANTIZED_VERSION, SHARED_VERSION, BASE_QUANT_VERSION, GRID_VERSION,
                                LEFT_VERSION))
 HOLDS = {LEFT_VERSION: "shared left factors or residual factors", GRID_VERSION: "mid-rise schemes", BASE_QUANT_VERSION: "bases in their own scheme",
@@ -153,20 +149,13 @@ def layout(plan: Plan, source: SourceInfo) -> list[Entry]:
 
 
 def version_of(plan: Plan) -> int:
-    """The least format version that holds the plan: shared left factors or residual factors need 6, mid-rise schemes
-    5, bases in their own scheme 4, shared bases 3, integer storage 2."""
-    if any(c.topology == "shared-left" or any(c.residual) for fp in plan.families for c in fp.chunks):
-        return LEFT_VERSION
+    """The least format version that holds the plan: the most any chunk's form needs (shared bases 3,
+    shared left factors or residual factors 6), and what its storage needs (mid-rise schemes 5,
+    bases in their own scheme 4, integers 2)."""
     schemes = {q.quant for q in plan.passthrough} | {s for fp in plan.families for s in (fp.quant, fp.base_quant)}
-    if schemes & MIDRISE:
-        return GRID_VERSION
-    if any(fp.base_quant is not None for fp in plan.families):
-        return BASE_QUANT_VERSION
-    return SHARED_VERSION if _shared(plan) else QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION
-
-
-def _shared(plan: Plan) -> bool:
-    return any(c.topology in SHARED for fp in plan.families for c in fp.chunks)
+    storage = (GRID_VERSION if schemes & MIDRISE else BASE_QUANT_VERSION if any(fp.base_quant is not None for fp in plan.families)
+               else QUANTIZED_VERSION if plan.quantized else FORMAT_VERSION)
+    return max([storage] + [form_of(c).version(c) for fp in plan.families for c in fp.chunks])
 
 
 def header_metadata(plan: Plan, source: SourceInfo, config: dict) -> dict[str, str]:

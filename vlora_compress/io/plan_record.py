@@ -9,8 +9,8 @@ import reprlib
 
 from ..errors import VloraError
 from ..fit.integers import check_scheme
-from ..plan import (BASE_KINDS, DIM_LIMIT, MEASURES, SHARED, TOPOLOGIES, ChunkPlan, Decision, FamilyPlan, Plan,
-                    QuantizedTensor, StackPlan, Weighed)
+from ..plan import (ALLOCATIONS, BASE_KINDS, DIM_LIMIT, MEASURES, SHARED, TOPOLOGIES, Allocation, ChunkPlan, Decision,
+                    FamilyPlan, Plan, QuantizedTensor, StackPlan, Together, Weighed)
 from .checkpoint import FLOAT_DTYPES
 
 
@@ -26,8 +26,9 @@ def read_plan(data) -> Plan:
         families = tuple(_family_plan(f) for f in _list(data["families"], "families"))
         passthrough = tuple(_quantized_tensor(q) for q in _list(data.get("passthrough", ()), "passthrough"))
         decisions = tuple(_decision(d) for d in _list(data.get("decisions", ()), "decisions"))
+        allocations = tuple(_allocation(a) for a in _list(data.get("allocations", ()), "allocations"))
         plan = Plan(stacks, families, _list(data.get("notes", ()), "notes"), data.get("aligned", False), passthrough,
-                   decisions)
+                    decisions, allocations)
     except KeyError as e:
         raise VloraError(f"corrupted plan: field {e} is missing") from None
     check_plan(plan)
@@ -57,6 +58,8 @@ def check_plan(self: Plan) -> None:
         raise VloraError("corrupted plan: a pass-through tensor is listed twice")
     for d in self.decisions:
         _check_decision(d)
+    for a in self.allocations:
+        _check_allocation(a)
     planned = set()
     for f in self.families:
         _check_family(f, stacks)
@@ -113,9 +116,18 @@ def _quantized_tensor(data) -> QuantizedTensor:
 def _decision(data) -> Decision:
     d = _object(data, "a decision")
     candidates = [_weighed(c) for c in _list(d["candidates"], "a decision's candidates")]
-    allocated = d.get("allocated")
+    allocated, together = d.get("allocated"), d.get("together")
+    if together is not None:
+        t = _object(together, "a decision's joint check")
+        together = Together(t["form"], t["error"], t["per_layer"])
     return Decision(d["family"], d["budget"], d["measure"], tuple(candidates), d["chosen"], d.get("scope", ""),
-                    None if allocated is None else _weighed(allocated))
+                    None if allocated is None else _weighed(allocated), together)
+
+
+def _allocation(data) -> Allocation:
+    a = _object(data, "an allocation")
+    moved = tuple(_list(m, "a move of an allocation") for m in _list(a.get("moved", ()), "an allocation's moves"))
+    return Allocation(a["outcome"], a.get("error"), a.get("uniform_error"), moved, a.get("scope", ""))
 
 
 def _weighed(data) -> Weighed:
@@ -132,11 +144,26 @@ def _check_decision(d: Decision) -> None:
             or not 0 <= d.chosen < len(d.candidates)):
         raise VloraError(f"corrupted plan: {what} has budget {_brief(d.budget)} and chosen {_brief(d.chosen)} "
                          f"of {len(d.candidates)} candidates")
-    number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))  # noqa: E731
     for c in d.candidates + ((d.allocated,) if d.allocated is not None else ()):
         if not (all(isinstance(x, str) for x in (c.label, c.form, c.storage)) and is_whole(c.rank) and c.rank >= 0
-                and is_whole(c.bytes) and c.bytes >= 0 and number(c.estimate) and number(c.error)):
+                and is_whole(c.bytes) and c.bytes >= 0 and _number(c.estimate) and _number(c.error)):
             raise VloraError(f"corrupted plan: {what} has a candidate of the wrong types: {_brief(c)}")
+    t = d.together
+    if t is not None and not (isinstance(t.form, str) and _number(t.error) and _number(t.per_layer)):
+        raise VloraError(f"corrupted plan: {what} has a joint check of the wrong types: {_brief(t)}")
+
+
+def _check_allocation(a: Allocation) -> None:
+    """An outcome of its kind, errors numbers or null, moves (family, before, after) in text."""
+    if (a.outcome not in ALLOCATIONS or not _number(a.error) or not _number(a.uniform_error)
+            or not isinstance(a.scope, str)
+            or not all(len(m) == 3 and all(isinstance(x, str) for x in m) for m in a.moved)):
+        raise VloraError(f"corrupted plan: an allocation is not of its kind and types: {_brief(a)}")
+
+
+def _number(x) -> bool:
+    """A finite number or null (JSON has no NaN; a plan records a non-finite error as null)."""
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
 
 
 def _check_stack(s: StackPlan) -> None:

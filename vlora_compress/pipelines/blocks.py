@@ -40,7 +40,8 @@ from ..calibrate.grams import Grams, OutputMeter, gram_hook
 from ..errors import VloraError
 from ..fit.factorise import LayerFit, fit_family
 from ..io.models import batches, token_limit
-from ..plan import SHARED, CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
+from ..forms.stored import form_of
+from ..plan import CompressConfig, FamilyPlan, Plan, StackPlan, split_equal
 from ..forms import candidate_bytes
 from ..forms.vlora import MAX_AUTO_CHUNKS
 from ..planning.search import plan_measured
@@ -72,7 +73,8 @@ class BlockPlanner(SequentialFit):
     def run(self, write: Callable[[str, torch.Tensor], None], progress: bool = False) -> Iterator[LayerFit]:
         """Plan and fit block by block, ``write`` each stored tensor as it is made, yield LayerFits;
         ``self.plan`` holds the whole plan once the walk is done."""
-        stack_plans, parts, notes, decisions = [], {}, [], []  # parts: family name -> its blocks' plans
+        # parts: family name -> its blocks' plans
+        stack_plans, parts, notes, decisions, allocations = [], {}, [], [], []
         for stack in self.stacks:
             modules = stack_layers(self.model, stack.families, self.read)
             first = _block_of(modules, stack.layers[0], stack.prefix)
@@ -87,10 +89,11 @@ class BlockPlanner(SequentialFit):
                     span = f"layers {block.layers[0]}-{block.layers[-1]}"
                     notes += [f"{span}: {note}" for note in plan.notes]
                     decisions += [replace(d, scope=span) for d in plan.decisions]
+                    allocations += [replace(a, scope=span) for a in plan.allocations]
                     for fp in plan.families:
                         parts.setdefault(fp.name, []).append(fp)
         self.plan = Plan(tuple(stack_plans), tuple(_joined(fps) for fps in parts.values()), tuple(notes),
-                         decisions=tuple(decisions))
+                         decisions=tuple(decisions), allocations=tuple(allocations))
 
     def _block(self, block: Stack, mods: list[torch.nn.Module], streams: list[Stream], held: list[Stream],
                write, parts: dict[str, list[FamilyPlan]], bar) -> Iterator[LayerFit]:
@@ -107,10 +110,7 @@ class BlockPlanner(SequentialFit):
             for fp in plan.families:
                 offset = sum(len(p.chunks) for p in parts.get(fp.name, []))
                 for i, c in enumerate(fp.chunks):
-                    if c.base == "synthetic":
-                        rename[fp.synthetic_base_key(i)] = fp.synthetic_base_key(offset + i)
-                    if c.topology in SHARED:
-                        rename[fp.basis_key(i)] = fp.basis_key(offset + i)
+                    rename.update(form_of(c).renames(fp, i, offset + i))
             placed = lambda name, tensor: write(rename.get(name, name), tensor)  # noqa: E731
             # families on a whitened-mean base are fitted at once from the block's Grams: before the
             # layers under `inputs`, so the compressed stream passes them; else after, so the original

@@ -46,7 +46,8 @@ from ..errors import VloraError
 from ..fit.factorise import LayerFit, fit_family
 from ..fit.svd import Whitener
 from ..io.models import batches, model_device, module_for_key, token_limit
-from ..plan import SHARED, CompressConfig, FamilyPlan, Plan
+from ..forms.stored import form_of
+from ..plan import CompressConfig, FamilyPlan, Plan
 from ..progress import Progress
 
 
@@ -67,11 +68,11 @@ class Stream:
 
 
 def sequential_family(fp: FamilyPlan, bases: bool = False) -> bool:
-    """Whether fit_family can be driven a layer at a time: every chunk's base its first layer or none
-    (or the chunk one layer, whose base is made from that layer: W ≈ Q + B A), and a shared basis (fitted from all its group's weights and Grams at once) only where ``bases``
-    gives those up front (the original model's), so that only the coefficients follow the stream."""
-    return all((c.base == "none" or c.base == c.layers[0] or len(c.layers) == 1) and (bases or c.topology not in SHARED)
-               for c in fp.chunks)
+    """Whether fit_family can be driven a layer at a time: every chunk's form says it can
+    (``Form.sequential``: a base that is the chunk's first layer or none, or made from its one
+    layer; a shared basis only where ``bases`` gives the original model's weights and Grams up
+    front, so that only the coefficients follow the stream)."""
+    return all(form_of(c).sequential(c, bases) for c in fp.chunks)
 
 
 class SequentialFit:

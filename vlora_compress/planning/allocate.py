@@ -6,25 +6,29 @@ from __future__ import annotations
 
 import torch
 
-from ..forms import Candidate, candidate_bytes, dense, fit_candidate, per_layer, quantized_base
-from ..plan import FamilyPlan, family_bytes
+from ..forms import Candidate, candidate_bytes, dense, per_layer, quantized_base
+from ..forms.dense import DENSE_SCHEMES
+from ..forms.quantized_base import QLR_BASES, QLR_FACTORS
+from ..forms.stored import family_bytes
+from ..plan import Allocation, FamilyPlan, Together, finite
+from .budget import fit_candidate
 from .measure import exact, rebuild_in_memory
 from . import space
-from .space import DENSE_SCHEMES, QLR_BASES, QLR_FACTORS
 
 
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity
 
 
 def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter,
-                   target: int | None = None) -> tuple[list[FamilyPlan], str, list[Candidate]]:
+                   target: int | None = None) -> tuple[list[FamilyPlan], Allocation, list[Candidate]]:
     """Move bytes between families to where the model's measured output error falls fastest.
 
     Each family is refitted alone at a few scaled budgets and the model's held-back output error
     measured (the ASVD-style sensitivity); a Lagrangian picks one option per family within the total
     budget (``target``, else the uniform plan's bytes), and the bytes its pick leaves are spent
     again. The result is kept only if, measured with every family compressed at once, it beats the
-    uniform plan: an allocation never ships when it measures worse.
+    uniform plan: an allocation never ships when it measures worse. What it did is returned as data
+    (plan.Allocation), which the plan records and its note is rendered from.
 
     Under ``--quantize auto`` a family's options also hold other bits (``_bit_options``): every
     layer dense in each scheme, and a quantized base of each scheme under a low-rank increment at
@@ -53,15 +57,15 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     allocated = _spend_slack(chosen, options, picked, total, config, read, whitener)
     kept = [cand for _, cand, _ in chosen]
     if allocated == list(uniform):
-        return list(uniform), "ranks: uniform (no reallocation measured better per family)", kept
+        return list(uniform), Allocation("uniform"), kept
     err_uniform = meter(_rebuild_all(chosen, uniform, config, read, whitener))
     err_alloc = meter(_rebuild_all(chosen, allocated, config, read, whitener))
     if err_alloc < err_uniform:
-        moved = [f"{fam.name} {cand.label} -> {opts[i][3].label}" for (fam, cand, _), opts, i in zip(chosen, options, picked)
-                 if opts[i][3] != cand]
-        return allocated, (f"ranks: allocated by measured sensitivity, output error {err_alloc:.4g} vs {err_uniform:.4g} uniform"
-                           + (f"; bits moved: {'; '.join(moved)}" if moved else "")), [opts[i][3] for opts, i in zip(options, picked)]
-    return list(uniform), f"ranks: uniform kept, output error {err_uniform:.4g} vs {err_alloc:.4g} allocated", kept
+        moved = tuple((fam.name, cand.label, opts[i][3].label) for (fam, cand, _), opts, i in zip(chosen, options, picked)
+                      if opts[i][3] != cand)
+        return (allocated, Allocation("allocated", finite(err_alloc), finite(err_uniform), moved),
+                [opts[i][3] for opts, i in zip(options, picked)])
+    return list(uniform), Allocation("kept", finite(err_alloc), finite(err_uniform)), kept
 
 
 def _spend_slack(chosen, options, picked: list[int], total: int, config, read, whitener) -> list[FamilyPlan]:
@@ -127,10 +131,10 @@ def _lagrangian(options, budget: int) -> list[int]:
 
 
 def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
-                picked: list[Candidate] | None = None) -> tuple[list[FamilyPlan], list[Candidate], str]:
-    """(plans, their candidates, a note or "") with every family whose form is not per-layer SVD
-    measured against per-layer SVD at its bytes, with every family compressed at once: the lower
-    ships, one family at a time in order.
+                picked: list[Candidate] | None = None) -> tuple[list[FamilyPlan], list[Candidate], list[Together | None]]:
+    """(plans, their candidates, per family its check or None) with every family whose form is not
+    per-layer SVD measured against per-layer SVD at its bytes, with every family compressed at once:
+    the lower ships, one family at a time in order.
 
     A family's form is chosen with that family alone compressed, and what wins alone need not win
     together: on all-MiniLM-L6-v2 shared bases won five families' choices and lost end to end
@@ -141,15 +145,15 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
     checked = [j for j, ((fam, _, _), fp, cand) in enumerate(zip(chosen, plans, picked))
                if cand.kind not in ("per-layer", "dense") and not exact(fp)
                and _per_layer(cand) in space.candidates(config, len(fam.layers))]
+    checks: list[Together | None] = [None] * len(plans)
     if not checked:
-        return plans, picked, ""
+        return plans, picked, checks
     rebuilt = []  # per family: its rebuilt weights, so that each trial refits only the family it swaps
     for (fam, _, _), fp in zip(chosen, plans):
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         rebuilt.append(rebuild_in_memory(fp, weights, whitener, config))
     joined = lambda parts: {k: v for part in parts for k, v in part.items()}  # noqa: E731
     current = meter(joined(rebuilt))
-    lines = []
     for j in checked:
         fam = chosen[j][0]
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
@@ -158,12 +162,10 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
             continue
         swapped = rebuild_in_memory(alt, weights, whitener, config)
         err = meter(joined(rebuilt[:j] + [swapped] + rebuilt[j + 1:]))
-        keep = err >= current
-        lines.append(f"{fam.name} {picked[j].label} {current:.4g} vs per-layer SVD {err:.4g}"
-                     + ("" if keep else ": per-layer SVD ships"))
-        if not keep:
+        checks[j] = Together(picked[j].label, finite(current), finite(err))
+        if err < current:  # per-layer SVD ships
             plans[j], picked[j], rebuilt[j], current = alt, _per_layer(picked[j]), swapped, err
-    return plans, picked, "checked together (output error, every family compressed): " + "; ".join(lines)
+    return plans, picked, checks
 
 
 def _per_layer(cand: Candidate) -> Candidate:

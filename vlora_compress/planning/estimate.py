@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..fit.factorise import synthetic_base
-from ..plan import SHARED, FamilyPlan
-from .measure import common_whitener, spectrum, whiten
+from ..forms.stored import form_of
+from ..plan import FamilyPlan
+from .spectra import common_whitener, spectrum, whiten
 
 
 def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict, damping: float = 1e-2) -> float:
@@ -20,17 +21,18 @@ def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict, damping: fl
     or worse (errors down a chain); the short list is fitted and measured to settle that."""
     err = total = 0.0
     for chunk in fp.chunks:
-        if chunk.topology in SHARED:  # the best one factor for the group: its layers stacked, or side by side
+        form = form_of(chunk)
+        if form.basis_side(chunk):  # the best one factor for the group: its layers stacked, or side by side
             name = (chunk.topology, chunk.layers)
             if name not in spectra:
-                left = chunk.topology == "shared-left"
+                left = form.basis_side(chunk) == "left"
                 common = common_whitener(fp, chunk.layers, whitener, left, damping)
                 spectra[name] = torch.linalg.svdvals(torch.cat([whiten(weights[x].double(), common(fp.key(x)))
                                                                 for x in chunk.layers], dim=1 if left else 0))
             err += float(spectra[name][chunk.ranks[0]:].square().sum())  # a residual's gain is not estimated
             continue
         mean = None
-        for layer, ref in chunk.steps():
+        for layer, ref in form.steps(chunk):
             ref = chunk.base if ref is None else ref
             if ref == "synthetic":
                 name = ("mean", chunk.layers)

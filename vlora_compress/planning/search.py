@@ -45,12 +45,14 @@ import torch
 from ..config import CompressConfig
 from ..errors import VloraError
 from ..fit.svd import Whitener
-from ..forms import Candidate, candidate_bytes, dense, fit_candidate, fit_rank
+from ..forms import Candidate, candidate_bytes, dense, fit_rank
+from ..forms.stored import family_bytes
 from .allocate import allocate_ranks, joint_check
 from .estimate import spectral_error
 from .measure import exact, family_error, rebuild_in_memory
 from . import space
-from ..plan import Decision, FamilyPlan, Plan, StackPlan, Weighed, family_bytes, split_equal
+from ..plan import Decision, FamilyPlan, Plan, StackPlan, Weighed, split_equal, together_note
+from .budget import fit_candidate
 from ..io.stacks import Family, Stack
 
 
@@ -70,7 +72,7 @@ def plan_measured(
     the stacks' byte budget of a size target: measured rank allocation spends up to it (without
     one, up to what the uniform plan stores). Only one family's layers are held in memory at a time.
     """
-    stack_plans, family_plans, notes, chosen, decisions = [], [], [], [], []
+    stack_plans, family_plans, notes, chosen, decisions, allocations = [], [], [], [], [], []
     for stack in stacks:
         k_ref = config.chunks or 1
         if k_ref > len(stack.layers):
@@ -93,19 +95,22 @@ def plan_measured(
     picked = [cand for _, cand, _ in chosen]
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         uniform = family_plans
-        family_plans, note, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
-        notes.append(note)
+        family_plans, allocation, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
+        allocations.append(allocation)
+        notes.append(allocation.note)
         decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
                      for d, old, new, c in zip(decisions, uniform, family_plans, picked)]
     if meter is not None and len(chosen) > 1:
         before = family_plans
-        family_plans, picked, note = joint_check(chosen, family_plans, config, read, whitener, meter, picked)
+        family_plans, picked, checks = joint_check(chosen, family_plans, config, read, whitener, meter, picked)
+        decisions = [d if d is None else replace(d, allocated=d.allocated if new == old else _weighed(c, new),
+                                                  together=check)
+                     for d, old, new, c, check in zip(decisions, before, family_plans, picked, checks)]
+        note = together_note(decisions)
         if note:
             notes.append(note)
-            decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
-                         for d, old, new, c in zip(decisions, before, family_plans, picked)]
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes),
-                decisions=tuple(d for d in decisions if d is not None))
+                decisions=tuple(d for d in decisions if d is not None), allocations=tuple(allocations))
 
 
 SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and measured

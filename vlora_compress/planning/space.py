@@ -1,70 +1,38 @@
 """The search space: which forms, storages and chunk counts the config asks the planner to weigh
-for a family (``candidates``), and the one form whose bytes set every candidate's budget
-(``reference``: the form asked for, auto read as first-layer bases in a chain). Every other module
-asks these two; nothing else reads `method`, `base` or `topology` to find a form."""
+for a family (``candidates``: each form lists its own, ``Form.asked`` and ``bit_candidates``, asked
+here in one order), and the one form whose bytes set every candidate's budget (``reference``: the
+form asked for, auto read as first-layer bases in a chain). Every other module asks these two;
+outside the forms nothing else reads `method`, `base` or `topology` to find a form."""
 
 from __future__ import annotations
 
 from ..config import CompressConfig
 from ..fit.integers import AUTO_SCHEMES
-from ..forms import Candidate, dense, per_layer, quantized_base, shared, vlora
-from ..forms.shared import SHARED_GROUPS
-from ..forms.vlora import MAX_AUTO_CHUNKS
+from ..forms import FORMS, Candidate, dense, per_layer, quantized_base, shared, vlora
 from ..plan import SHARED
 
 AUTO_BASES = ("first", "mean", "none")  # "best" costs a fit per layer of every chunk: ask for it by name
-DENSE_SCHEMES = ("int8", "int4", "int3", "int2")  # --quantize auto: every layer dense (mid-rise grids alone measure worse)
-# --quantize auto: schemes of a quantized base under a low-rank increment (below 4 bits the mid-rise
-# grids, measured better there: docs/planning.md)
-QLR_BASES = ("int4", "int3-midrise", "int2-midrise")
-QLR_FACTORS = "int4"  # and of its factors: twice int8's rank at equal bytes, measured better (docs/planning.md)
+# the order the forms are asked for their candidates in, which decides ties (the guard pins it): with
+# no base, per-layer SVD (or the quantized base --base-quantize puts in its place) before shared
+# bases; of the choices of bits, every layer dense before quantized bases under low rank
+ORDER = tuple(FORMS[name] for name in ("dense", "per-layer", "quantized + low rank", "shared", "vlora"))
 
 
 def candidates(config: CompressConfig, n_layers: int) -> list[Candidate]:
     """Every candidate the planner weighs for a family of ``n_layers``, in the order it tries them
-    (which decides ties): for each storage, VLoRA for each base, topology and chunk count, then
-    per-layer SVD (or with ``base_quantize``, a quantized base under low rank) and shared bases;
-    then, with no base or chunk count pinned, every layer dense, and under ``--quantize auto``
-    quantized bases under low rank of each scheme."""
+    (which decides ties): for each storage and each base kind asked for, every form's own
+    (``Form.asked``) in ``ORDER``: VLoRA over a layer or a mean for each topology and chunk count;
+    with no base, per-layer SVD (or with ``--base-quantize``, a quantized base under low rank) and
+    shared bases. Then, with no base or chunk count pinned, the choices of bits
+    (``Form.bit_candidates``): every layer dense, and under ``--quantize auto`` quantized bases under
+    low rank of each scheme."""
     base = "none" if config.method == "svd" else config.base
     bases = list(AUTO_BASES) if base == "auto" else [base]
-    topologies = ["chain", "star"] if config.topology == "auto" else [config.topology]
-    counts = [config.chunks] if config.chunks else list(range(1, min(MAX_AUTO_CHUNKS, n_layers) + 1))
     schemes = AUTO_SCHEMES if config.quantize == "auto" else (config.quantize,)  # auto: more rank, or fewer bits
-    out = []
-    bq = config.base_quantize
-    for q in schemes:
-        for b in bases:
-            if b == "none" and bq is not None and config.method == "svd":  # every layer W ≈ Q + B A
-                out.append(quantized_base.candidate(q, bq))
-            elif b == "none":
-                if config.topology not in SHARED:
-                    out.append(per_layer.candidate(q))
-                out += _shared(config, n_layers, q)
-            else:
-                out += [vlora.candidate(b, t, k, q, bq) for t in topologies if t not in SHARED for k in counts
-                        if k <= n_layers]
+    out = [c for q in schemes for b in bases for form in ORDER for c in form.asked(config, n_layers, q, b)]
     if base == "auto" and not config.chunks:
-        # quantization alone, the yardstick, as a choice: every layer dense in the scheme, or under
-        # auto in each (bits as a choice), with below 8 bits a dense layer under a low-rank increment
-        # that mends what its rounding lost (W ≈ Q + B A)
-        out += [dense.candidate(q) for q in (DENSE_SCHEMES if config.quantize == "auto" else schemes) if q != "none"]
-        if config.quantize == "auto":
-            out += [quantized_base.candidate(QLR_FACTORS, q) for q in QLR_BASES]
+        out += [c for form in ORDER for c in form.bit_candidates(config)]
     return out
-
-
-def _shared(config: CompressConfig, n_layers: int, quant: str) -> list[Candidate]:
-    """Shared bases: the side asked for, or under ``shared`` both sides, each in groups of at most
-    2, 3 or 4 layers (or ``--chunks`` groups), adjacent or by similarity, with or without residual
-    factors."""
-    sides = [config.topology] if config.topology in SHARED else list(SHARED) if config.shared else []
-    if not sides or config.topology not in SHARED + ("auto",):
-        return []
-    groups = ([config.chunks] if config.chunks and config.topology in SHARED
-              else sorted({-(-n_layers // size) for size in SHARED_GROUPS}))  # at most size each
-    return [shared.candidate(t, k, quant, g, res) for t in sides for k in groups if 1 <= k and 2 * k <= n_layers
-            for g in ("adjacent", "similar") for res in (False, True)]
 
 
 def reference(config: CompressConfig, n_layers: int) -> Candidate:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..io.checkpoint import ITEMSIZE
-from ..plan import family_bytes
+from ..forms.stored import family_bytes
 from ..fit.integers import SCALE_SUFFIX
 from ..export.base import EXPORTERS, formats_holding
 

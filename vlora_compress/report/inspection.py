@@ -18,7 +18,7 @@ from ..io.checkpoint import open_checkpoint
 from ..errors import VloraError
 from ..export.base import formats_holding
 from ..io.fileformat import VloraFile, family_layout, layout
-from ..plan import matrix_roles
+from ..forms.stored import matrix_roles
 from ..progress import Progress
 from ..fit.integers import SCALE_SUFFIX
 from ..report.compress_report import MEASURED_BY, human_bytes, nbytes, short_number, storage_label

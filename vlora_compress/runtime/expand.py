@@ -10,7 +10,7 @@ import torch
 from ..errors import VloraError
 from ..fit.factorise import rebuild_family
 from ..io.fileformat import VloraFile, factorised_keys
-from ..plan import walk
+from ..forms.stored import walk
 from ..progress import Progress
 from ..io.write import SafetensorsWriter, check_output
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..errors import VloraError
 from ..io.fileformat import VloraFile, factorised_keys
-from ..plan import FamilyPlan, Plan, family_matrices, walk
+from ..forms.stored import family_matrices, walk
+from ..plan import FamilyPlan, Plan
 from ..fit.integers import SCALE_SUFFIX, straight_through
 from .packed import PackedEmbedding, PackedLinear, PackedMatrix
 
