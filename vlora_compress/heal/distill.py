@@ -183,8 +183,8 @@ def _load_student(run: _Run, texts: list[str], resume: bool) -> dict | None:
     """The student (the file loaded factored), what trains and its optimiser, the batches, and on
     ``resume`` the saved state, returned: its optimizer's state goes in once the optimizer is final."""
     config = run.config
-    student = run.student = load_factored(run.vfile.path, run.teacher, run.head,
-                                                  packed=frozen_integers(run.vfile, run.config, run.fsdp)).to(run.device)
+    frozen = frozen_integers(run.vfile, config, run.fsdp)  # held as stored, not as float parameters
+    student = run.student = load_factored(run.vfile.path, run.teacher, run.head, packed=frozen).to(run.device)
     # integer-stored tensors train through a straight-through quantizer: the loss is the file's
     student.vlora_store.quantization_aware = config.quantization_aware
     run.trainable = trainable_parameters(student, run.vfile, config)

@@ -36,6 +36,7 @@ from ..runtime.factored import VloraLinear
 from ..forms.stored import plan_roles
 from ..plan import Plan
 from ..progress import Progress
+from .student import trained_as
 from ..pipelines.sequential import Stream, _output, capture, stack_layers
 
 
@@ -124,7 +125,7 @@ def _layer_parameters(block, store, trained: set[str], train: tuple[str, ...], p
     for module in block.modules():
         if isinstance(module, VloraLinear):
             for name in ([module.base] if module.base else []) + [n for pair in module.terms for n in pair]:
-                kind = "increments" if roles.get(name) == "factor" else "bases"
+                kind = trained_as(roles, name)
                 if kind in train and name not in trained and name not in out:
                     out[name] = store[name]
     if "dense" in train:

@@ -19,7 +19,7 @@ def trainable_parameters(student, vfile: VloraFile, config: HealConfig) -> dict[
         p.requires_grad_(False)
     out, roles = {}, plan_roles(vfile.plan)  # a shared basis is a factor: it trains with the increments
     for name, p in student.vlora_store.items():
-        if ("increments" if roles.get(name) == "factor" else "bases") in config.train:
+        if trained_as(roles, name) in config.train:
             out[name] = p
     if "dense" in config.train:
         out.update(_stack_dense(student, vfile))
@@ -37,8 +37,13 @@ def frozen_integers(vfile: VloraFile, config: HealConfig, fsdp: bool) -> set[str
     if fsdp:
         return False
     roles = plan_roles(vfile.plan)
-    return {name for name in vfile.quantized if name in roles
-            and ("increments" if roles[name] == "factor" else "bases") not in config.train}
+    return {name for name in vfile.quantized if name in roles and trained_as(roles, name) not in config.train}
+
+
+def trained_as(roles: dict[str, str], name: str) -> str:
+    """What ``--train``/``--freeze`` call a stored tensor: increments (a factor, a shared basis
+    included) or bases."""
+    return "increments" if roles.get(name) == "factor" else "bases"
 
 
 def _stack_dense(student, vfile: VloraFile) -> dict[str, torch.nn.Parameter]:

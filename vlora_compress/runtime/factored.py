@@ -297,14 +297,15 @@ def load_factored(vlora_path: str | Path, config_dir: str | Path | None = None, 
 
     vfile = VloraFile(vlora_path)
     packed = dtype is None if packed is None else packed
-    chosen = (lambda name: True) if packed is True else (lambda name: name in packed) if packed else (lambda name: False)
+    only = None if packed is True else frozenset(packed or ())  # None: every integer-stored tensor
     factorised = factorised_keys(vfile.plan)
     held_packed = {q.key for q in vfile.plan.passthrough} if packed is not False else set()
     placeholders = _placeholders(vfile, factorised | held_packed)
     state = {key: placeholders[key] if key in placeholders else vfile.get(key) for key, _, _ in vfile.source.tensors}
     model = load_state_dict_model(vfile.path, config_dir, head, state)
     names = [name for fp in vfile.plan.families for name, _ in family_matrices(fp)]
-    ints = {name: packed_matrix(vfile, name) for name in names if chosen(name) and name in vfile.quantized}
+    ints = {name: packed_matrix(vfile, name) for name in names
+            if name in vfile.quantized and (only is None or name in only)}
     stored = {name: vfile.get(name) for name in names if name not in ints}
     if dtype is not None:
         stored = {k: v.to(dtype) for k, v in stored.items()}
