@@ -130,8 +130,8 @@ class FormPart:
                                  "With --topology auto, also try a basis shared by groups of 2 to 4 layers (either "
                                  "factor; adjacent layers, or grouped by how alike their subspaces are), by "
                                  "measurement like every form. By default on where the plan is measured by a causal "
-                                 "LM's next-token KL (calibrated, planned on the model, --quantize not auto), off "
-                                 "elsewhere: on SmolLM2-135M it measured 15%, 5% and 6% better than per-layer SVD at "
+                                 "LM's next-token KL (calibrated, planned on the model, --quantize not auto: the "
+                                 "default plan with a size is auto), off elsewhere: on SmolLM2-135M it measured 15%, 5% and 6% better than per-layer SVD at "
                                  "20%, 35% and 50% removed, for about 2.5 times the planning time; on "
                                  "all-MiniLM-L6-v2 it measured worse end to end.")
     bounds: str = option("dp", "--bounds", "dp (chunk bounds by dynamic programming on the deltas) or equal.")
