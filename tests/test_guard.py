@@ -48,14 +48,17 @@ CASES: dict[str, tuple[str, dict]] = {
     "minilm-free-align": ("minilm", dict(rank=8, chunks=2, align=True, **CORE)),
     "minilm-free-int8": ("minilm", dict(method="dense", quantize="int8")),
     "minilm-free-int4-chain": ("minilm", dict(rank=8, chunks=2, quantize="int4", group_size=64, **CORE)),
-    # MiniLM, calibrated (a few samples): the default plan and per-layer SVD at a size target
-    "minilm-calib-default": ("minilm", dict(target_size="0.5", target_of="stack", calib=True)),
+    # MiniLM, calibrated (a few samples): the float plan (the default before every storage was weighed)
+    # and per-layer SVD at a size target
+    "minilm-calib-default": ("minilm", dict(target_size="0.5", target_of="stack", quantize="none", calib=True)),
     "minilm-calib-svd": ("minilm", dict(method="svd", ranks="uniform", target_size="0.5", target_of="stack",
                                         calib=True)),
-    # a tiny Llama, calibrated: the default plan (shared bases tried: next-token KL measures it), the
-    # sequential pipeline, planning by blocks, feedback
-    "llama-default": ("llama", dict(target_size="0.6", target_of="stack", calib=True)),
-    "llama-no-shared": ("llama", dict(target_size="0.6", target_of="stack", shared=False, calib=True)),
+    # a tiny Llama, calibrated: the default plan (every storage weighed), the float plan (shared bases
+    # tried: next-token KL measures it), the sequential pipeline, planning by blocks, feedback
+    "llama-default-all-forms": ("llama", dict(target_size="0.6", target_of="stack", calib=True)),
+    "llama-default": ("llama", dict(target_size="0.6", target_of="stack", quantize="none", calib=True)),
+    "llama-no-shared": ("llama", dict(target_size="0.6", target_of="stack", quantize="none", shared=False,
+                                      calib=True)),
     "llama-svd-inputs": ("llama", dict(method="svd", rank=8, ranks="uniform", calib=True)),
     "llama-svd-none": ("llama", dict(method="svd", rank=8, ranks="uniform", feedback="none", calib=True)),
     "llama-svd-outputs": ("llama", dict(method="svd", rank=8, ranks="uniform", feedback="outputs", calib=True)),

@@ -582,7 +582,7 @@ def test_each_form_lists_its_own_candidates_in_the_one_order_that_decides_ties()
     first = [c for c in cands if c.quant == "none"]  # the first storage's: VLoRA over a first-layer, then a mean base
     assert [(c.form, c.base) for c in first[:13]] == [("vlora", "first")] * 6 + [("vlora", "mean")] * 6 + [
         ("per-layer", "first")]
-    assert {c.form for c in first[13:]} == {"shared"} and len(first) == 29
+    assert {c.form for c in first[13:29]} == {"shared"} and len(first) == 30  # and every layer dense in 16 bits
     assert [c.quant for c in cands[:3 * 29]] == ["none"] * 29 + ["int8"] * 29 + ["int4"] * 29
-    assert [(c.form, c.quant) for c in cands[3 * 29:]] == [("dense", q) for q in ("int8", "int4", "int3", "int2")] + [
+    assert [(c.form, c.quant) for c in cands[3 * 29:]] == [("dense", q) for q in ("int8", "int4", "int3", "int2", "none")] + [
         ("quantized + low rank", "int4")] * 3

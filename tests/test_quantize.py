@@ -337,8 +337,9 @@ def test_auto_trades_rank_against_bits_by_measured_error(tmp_path):
     report = compress(src, out, target_size="0.3", target_of="stack", quantize="auto", group_size=8)
     got = {f["suffix"]: f for f in report.families}
     assert got["noise.weight"]["storage"] == "int8" and got["noise.weight"]["ranks"] == []  # dense int8
-    assert got["thin.weight"]["storage"] == "F32" and min(got["thin.weight"]["ranks"]) >= 3  # exact in float
-    assert got["thin.weight"]["max_rel_error"] < 1e-5 and got["noise.weight"]["max_rel_error"] < 0.01
+    # exact rank in 16-bit floats (auto stores a float32 family's floats in fp16: docs/planning.md)
+    assert got["thin.weight"]["storage"] == "F16" and min(got["thin.weight"]["ranks"]) >= 3
+    assert got["thin.weight"]["max_rel_error"] < 1e-3 and got["noise.weight"]["max_rel_error"] < 0.01
     assert report.rank is None and report.stack_size_ratio <= 0.3
     noise = next(d for d in report.decisions if d["family"].endswith("noise.weight"))  # what was weighed
     assert noise["candidates"][noise["chosen"]]["label"] == "dense, int8"

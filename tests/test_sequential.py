@@ -183,7 +183,8 @@ def test_device_cpu_runs_every_stage_and_bf16_stays_bf16(tmp_path, capsys):
     out = tmp_path / "o.vlora.safetensors"
     with pytest.raises(SystemExit) as exc:
         compress_main([str(folder), "-o", str(out), "--device", "cpu", "--align", "--calib", str(CALIB),
-                       "--calib-samples", "24", "--target-size", "0.6", "--eval", str(EVAL), "--eval-samples", "8",
+                       "--calib-samples", "24", "--target-size", "0.6", "--quantize", "none",  # floats: bf16 stays bf16
+                       "--eval", str(EVAL), "--eval-samples", "8",
                        "--eval-task", "perplexity", "--json"])
     assert exc.value.code == 0
     import json

@@ -20,7 +20,7 @@ from .config import CompressConfig, parse_size
 from .errors import VloraError
 from .fit.align import align_stack, detect_layout, read_config
 from .fit.factorise import LayerFit, fit_family
-from .fit.integers import SCALE_SUFFIX
+from .fit.integers import SCALE_SUFFIX, rounding_memo
 from .fit.integers import quantize as to_integers
 from .io.checkpoint import ITEMSIZE, VLORA_SUFFIX, Checkpoint, ModelCheckpoint, open_source
 from .io.fileformat import SourceInfo, factorised_keys, header_metadata, layout
@@ -29,9 +29,10 @@ from .io.stacks import find_stacks
 from .io.write import SafetensorsWriter, check_output
 from .plan import Plan, matrix_bytes, quantized_passthrough
 from .planning.fixed import plan_equal
-from .planning.search import rank_for_budget, share_budget
-from .planning.space import needs_measurement
-from .pipelines.registry import Calibrated, Job, choose
+from .planning.measure import measure_plan
+from .planning.search import plan_measured, rank_for_budget, share_budget
+from .planning.space import default_storage, needs_measurement
+from .pipelines.registry import Calibrated, Job, Reuse, choose
 from .progress import Progress
 from .report.compress_report import CompressReport
 
@@ -46,6 +47,7 @@ def compress(
     config_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = False,
+    reuse: Reuse | None = None,
     **options,
 ) -> CompressReport:
     """Compress a checkpoint into one VLoRA file and report its size and reconstruction error.
@@ -57,8 +59,9 @@ def compress(
     keywords, applied over it): the method, plan, target size, storage, device and how calibration
     is read. ``calib`` (a text or image file, or a list of samples) whitens every factorisation with
     input Grams from the original model, found through ``config_dir`` (default: the source's
-    folder) or, for a model in memory, run with ``tokenizer``. To heal or evaluate the file as
-    well, see ``run``.
+    folder) or, for a model in memory, run with ``tokenizer``. ``reuse`` (pipelines.registry.Reuse)
+    keeps the calibration for the next compress of the same source and data (sweep.py). To heal or
+    evaluate the file as well, see ``run``.
     """
     config = asked = replace(config or CompressConfig(), **options)  # the file records what was asked
     started = time.perf_counter()
@@ -66,14 +69,21 @@ def compress(
     if in_memory and out is None:
         raise VloraError("compressing a model in memory needs `out`, the file to write")
     with open_source(source) as ckpt, _left_as_found(source if in_memory else None):
-        job, notes = prepare(source, ckpt, out, config, calib, tokenizer, config_dir, force, progress)
-        pipeline, note = choose(job)
-        cal = pipeline.calibrate(job)
-        job, shared_note = _resolve_shared(job, cal)
+        if config.max_drop is not None:  # the smallest plan within the drop, planned already
+            job, notes, pipeline, cal = smallest_within(source, ckpt, out, config, calib, tokenizer, config_dir,
+                                                        force, progress, reuse or Reuse())
+            asked = replace(asked, quantize=asked.quantize or job.config.quantize)
+        else:
+            job, notes = prepare(source, ckpt, out, config, calib, tokenizer, config_dir, force, progress)
+            asked = replace(asked, quantize=asked.quantize or job.config.quantize)  # the storage that ran
+            pipeline, note = choose(job)
+            cal = reuse.calibrate(pipeline, job) if reuse is not None else pipeline.calibrate(job)
+            job, shared_note = _resolve_shared(job, cal)
+            notes += tuple(n for n in (note, shared_note) if n)
         with ExitStack() as spooling:
             plan, fit, spooled = pipeline.plan(job, cal, spooling)
             record = source_info(ckpt)
-            notes += tuple(n for n in (note, shared_note) if n) + plan.notes
+            notes += plan.notes
             plan = replace(plan, aligned=bool(job.aligned), notes=notes,
                            passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), job.config))
             entries = layout(plan, record)
@@ -102,6 +112,7 @@ def prepare(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_
             f"{ckpt.source}: no repeated layer stack found (need 2-D tensors named like "
             "'layers.N.<name>' in two or more layers)"
         )
+    config, note = default_storage(config, calib is not None, stacks)
     target = budgets = None
     if config.target_size is not None or config.target_bits is not None:
         target = _target(ckpt, stacks, config)
@@ -111,7 +122,7 @@ def prepare(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_
             config = replace(config, rank=target["rank"])
     device = _device(config.device, source if in_memory else None)
     read = ckpt.read if device.type == "cpu" else (lambda key: ckpt.read(key).to(device))
-    aligned, notes = {}, []
+    aligned, notes = {}, [note] if note else []
     if config.align:
         aligned, notes = _align(stacks, read, _model_config(source, config_dir))
         unaligned = read
@@ -121,6 +132,62 @@ def prepare(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_
     job = Job(source, ckpt, stacks, config, out, device, read, aligned, calib, tokenizer, config_dir, progress,
               planned, fixed, target, budgets)
     return job, tuple(notes)
+
+
+MAX_BITS, MIN_BITS, BITS_STEP = 16.0, 2.0, 0.25  # where max_drop's bisection on bits a weight looks, and how finely
+
+
+def smallest_within(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_dir, force: bool,
+                    progress: bool, reuse: Reuse):
+    """(job, notes, pipeline, calibration) of the smallest plan whose error, measured with every family
+    compressed on the held-back samples (the planner's own measure), is within ``config.max_drop``:
+    bisection on bits a weight over the stacks between ``MIN_BITS`` and ``MAX_BITS`` to
+    ``BITS_STEP``, every try on one calibration. The job carries the plan (``fixed``) and, in its
+    target, every try: the size chosen passes, and the next size tried below it does not (or it is
+    ``MIN_BITS``)."""
+    if calib is None:
+        raise VloraError("`max_drop` is measured on held-back calibration samples: it needs calibration data (--calib)")
+    tried: dict[float, tuple] = {}
+
+    def error(bits: float) -> float:
+        job, notes = prepare(source, ckpt, out, replace(config, target_bits=bits, max_drop=None), calib, tokenizer,
+                             config_dir, force, progress)
+        pipeline, note = choose(job)
+        cal = reuse.calibrate(pipeline, job) if job.planned and pipeline.name != "blocks" else None
+        if cal is None or cal.meter is None:
+            raise VloraError("`max_drop` needs a plan measured on the model's held-back samples: the form left to the "
+                             "planner, `calibration.holdout` above 0, and `planning` not blocks")
+        job, shared_note = _resolve_shared(job, cal)
+        plan = plan_measured(job.stacks, job.config, job.read, cal.whitener(), cal.meter, job.budgets, job.stack_budget)
+        err = measure_plan(plan, job.config, job.read, cal.whitener(), cal.meter)
+        tried[bits] = (err, replace(job, fixed=plan), notes + tuple(n for n in (note, shared_note) if n), pipeline, cal)
+        return err
+
+    bound = config.max_drop
+    with rounding_memo():  # GPTQ's integers for a layer made once across the tries
+        lo, hi = _bisect(error, bound, tried)
+    err, job, notes, pipeline, cal = tried[hi]
+    search = {"bound": bound, "measure": cal.meter.name, "bits": hi, "error": err,
+              "tried": [{"bits": b, "error": tried[b][0], "within": tried[b][0] <= bound} for b in sorted(tried)]}
+    note = (f"max drop {bound:g} ({cal.meter.name}): {hi:g} bits a weight measures {err:.4g}"
+            + (f"; {lo:g} bits measured {tried[lo][0]:.4g}" if lo in tried and lo != hi else "")
+            + f" ({len(tried)} plans tried on one calibration)")
+    return replace(job, target={**job.target, "max_drop": search}), notes + (note,), pipeline, cal
+
+
+def _bisect(error, bound: float, tried: dict) -> tuple[float, float]:
+    """(lo, hi): hi the fewest bits a weight tried that measure within ``bound``, lo the next below it
+    tried (which does not, unless it is ``MIN_BITS``)."""
+    if error(MAX_BITS) > bound:
+        raise VloraError(f"`max_drop` {bound:g}: even {MAX_BITS:g} bits a weight measures {tried[MAX_BITS][0]:.4g} "
+                         f"({tried[MAX_BITS][4].meter.name}) on the held-back samples")
+    lo, hi = MIN_BITS, MAX_BITS
+    if error(lo) <= bound:
+        hi = lo
+    while hi - lo > BITS_STEP:
+        mid = round((lo + hi) / 2 / BITS_STEP) * BITS_STEP
+        lo, hi = (lo, mid) if error(mid) <= bound else (mid, hi)
+    return lo, hi
 
 
 SHARING_NOTE = "shared bases tried beside every other form (--shared auto: the plan is measured by next-token KL)"

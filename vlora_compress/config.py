@@ -130,8 +130,8 @@ class FormPart:
                                  "With --topology auto, also try a basis shared by groups of 2 to 4 layers (either "
                                  "factor; adjacent layers, or grouped by how alike their subspaces are), by "
                                  "measurement like every form. By default on where the plan is measured by a causal "
-                                 "LM's next-token KL (calibrated, planned on the model, --quantize not auto), off "
-                                 "elsewhere: on SmolLM2-135M it measured 15%, 5% and 6% better than per-layer SVD at "
+                                 "LM's next-token KL (calibrated, planned on the model, --quantize not auto: the "
+                                 "default plan with a size is auto), off elsewhere: on SmolLM2-135M it measured 15%, 5% and 6% better than per-layer SVD at "
                                  "20%, 35% and 50% removed, for about 2.5 times the planning time; on "
                                  "all-MiniLM-L6-v2 it measured worse end to end.")
     bounds: str = option("dp", "--bounds", "dp (chunk bounds by dynamic programming on the deltas) or equal.")
@@ -173,7 +173,19 @@ class TargetPart:
                                        "Instead of --target-size: a budget of this many bits a weight over the stacks' "
                                        "factorised weights (scales and dense bases included), e.g. 2.5.")
 
+    max_drop: float | None = option(None, "--max-drop",
+                                    "Instead of a size: the smallest file whose plan measures within this on the "
+                                    "held-back calibration samples, in the planner's measure (--measure: next-token KL "
+                                    "in nats for a causal LM, 1 - cosine of the pooled embeddings for an encoder, the "
+                                    "hidden states' relative error otherwise), found by bisection on bits a weight "
+                                    "(needs --calib).")
+
     def _check_target(self) -> None:
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
+                                          or not self.max_drop > 0 or self.target_size is not None
+                                          or self.target_bits is not None):
+            raise VloraError(f"`max_drop` must be a positive number, given instead of `target_size` and `target_bits`, "
+                             f"not {self.max_drop!r}")
         if self.target_bits is not None and (self.target_size is not None or isinstance(self.target_bits, bool)
                                              or not isinstance(self.target_bits, (int, float)) or not self.target_bits > 0):
             raise VloraError(f"`target_bits` must be a positive number of bits a weight, given instead of "
@@ -195,15 +207,17 @@ class StoragePart:
 
     dtype: str | None = option(None, "--dtype",
                                "Store bases and factors as fp32, fp16 or bf16; by default in the input's dtype.")
-    quantize: str = option("none", "--quantize",
-                           "Store bases and factors as none, int8 (per row), or int4, int3 or int2 (per group of a "
-                           "row, packed 4, 3 or 2 bits a value), or int3-midrise or int2-midrise (the same bits on "
-                           "grids with no zero level that use every code); each increment is fitted against the "
-                           "quantized layer before it. auto: the planner picks per family, by measured error at "
-                           "equal bytes, between more rank in fewer bits and less rank in the store dtype (none, "
-                           "int8, int4), every layer dense in int8 to int2 (quantization alone), and every layer a "
-                           "dense int4, int3-midrise or int2-midrise base under a low-rank int4 increment "
-                           "(W ≈ Q + BA).")
+    quantize: str | None = option(None, "--quantize",
+                                  "Store bases and factors as none, int8 (per row), or int4, int3 or int2 (per group of "
+                                  "a row, packed 4, 3 or 2 bits a value), or int3-midrise or int2-midrise (the same "
+                                  "bits on grids with no zero level that use every code); each increment is fitted "
+                                  "against the quantized layer before it. auto: the planner picks per family, by "
+                                  "measured error at equal bytes, between low rank in 16-bit floats, int8 or int4, "
+                                  "every layer dense in 16-bit floats or int8 to int2 (quantization alone), and every "
+                                  "layer a dense int4, int3-midrise or int2-midrise base under a low-rank int4 "
+                                  "increment (W ≈ Q + BA). By default auto where the plan is calibrated and sized "
+                                  "(--calib with --target-size or --target-bits, the form left to the planner), "
+                                  "none otherwise.")
     base_quantize: str | None = option(None, "--base-quantize",
                                        "Store bases as int8, int4, int3, int2, int3-midrise or int2-midrise apart from "
                                        "their factors (--quantize); under a low-rank increment the mid-rise grids "
@@ -230,7 +244,8 @@ class StoragePart:
             raise VloraError(f"`dtype` must be one of fp32, fp16, bf16, not {self.dtype!r}")
         if self.niter < 0:
             raise VloraError(f"`niter` must be at least 0, not {self.niter}")
-        _one_of("quantize", self.quantize, QUANTIZE_CHOICES)
+        if self.quantize is not None:  # None: resolved by compress (default_storage)
+            _one_of("quantize", self.quantize, QUANTIZE_CHOICES)
         check_scheme(self.family_scheme, self.group_size)
         if self.base_quantize is not None:
             _one_of("base_quantize", self.base_quantize, SCHEMES[1:])  # every scheme but none
@@ -248,12 +263,12 @@ class StoragePart:
     def passthrough_scheme(self) -> str:
         if not self.quantize_passthrough:
             return "none"
-        return "int8" if self.quantize == "auto" else self.quantize
+        return "int8" if self.quantize in ("auto", None) else self.quantize
 
     @property
     def family_scheme(self) -> str:
         """The scheme of every family when it is fixed; under ``auto`` the float one is the reference."""
-        return "none" if self.quantize == "auto" else self.quantize
+        return "none" if self.quantize in ("auto", None) else self.quantize
 
 
 @dataclass(frozen=True)

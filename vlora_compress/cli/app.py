@@ -17,6 +17,7 @@ from rich.console import Console
 
 from ..config import CalibConfig, CompressConfig, parse_size
 from ..run import run
+from ..sweep import sweep as sweep_curve
 from ..evaluate.scoring import DEFAULT_COMPARE, EvalConfig, default_task, evaluate
 from ..errors import Interrupted, VloraError
 from ..runtime.expand import expand_to_file
@@ -94,6 +95,7 @@ def compress_cmd(
     distill: Annotated[Optional[Path], typer.Option("--distill", help="Heal the result by distillation from the original on this text (see vlora-compress heal).", rich_help_panel=HEALING)] = None,
     steps: Annotated[int, typer.Option("--steps", help="With --distill: optimiser steps.", rich_help_panel=HEALING)] = 150,
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="With --distill: stop healing after this much wall time.", rich_help_panel=HEALING)] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="The size-quality curve: a file at each of these points (bits a weight over the stacks such as 16,8,4,3,2.5,2; or sizes: 0.5,0.35 of --target-of, 40MB,20MB), planned on one calibration (needs --calib), scored with --eval beside GPTQ int8, int4, int3 and int2 alone; -o is the folder (sweep.json, sweep.md, tradeoff.png).", rich_help_panel="Target (a size instead of --rank)")] = None,
     report_file: ReportFlag = None,
     force: ForceFlag = False,
     as_json: JsonFlag = False,
@@ -114,6 +116,19 @@ def compress_cmd(
                                  device=device, compare=() if no_compare else tuple(dict.fromkeys(DEFAULT_COMPARE + extra)))
     parts = {k: v for g in COMPRESS_GROUPS if g is not CALIB_GROUP for k, v in config_values(options, g).items()}
     config = CompressConfig(**parts, calibration=CalibConfig(**config_values(options, CALIB_GROUP)))
+    if sweep is not None:
+        if distill is not None or config.target_size is not None or config.target_bits is not None or config.max_drop:
+            raise VloraError("`sweep` sets the size of every file: it takes no --target-size, --target-bits, --max-drop "
+                             "or --distill")
+        result = sweep_curve(source, out, sweep, config, calib=calib, eval_data=eval_data, eval_config=eval_config,
+                       config_dir=config_dir, force=force, progress=show)
+        if report_file is not None:
+            write_report(report_file, result.to_dict(), result.to_markdown())
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            result.render(stdout)
+        return
     report = run(
         source, out, config, calib=calib, config_dir=config_dir, eval_data=eval_data, eval_config=eval_config,
         distill=distill, heal_config=_heal_config(steps, minutes, device) if distill else None, force=force,

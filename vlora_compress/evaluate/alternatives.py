@@ -187,23 +187,25 @@ def svd_alternative(source, out: Path, config: CompressConfig, calib, config_dir
 
 
 def gptq_alternative(source, out: Path, config: CompressConfig, calib, config_dir, tokenizer, scheme: str,
-                      group_size: int):
+                      group_size: int, reuse=None):
     """(path, command, tensor bytes) of quantization alone in ``scheme`` with GPTQ rounding on the
-    file's calibration: the report's ``int4 alone, GPTQ`` row (alternatives.yardstick)."""
+    file's calibration: the report's ``int4 alone, GPTQ`` row (alternatives.yardstick). ``reuse``:
+    compress's, a calibration made for others too (sweep.py)."""
     gptq_config = replace(config, method="dense", quantize=scheme, group_size=group_size, rounding="gptq",
                           target_size=None, target_bits=None, base="auto", chunks=None, align=False, ranks="uniform",
                           quantize_passthrough=False, base_quantize=None)
     shown = ("method", "quantize", "group_size")
-    return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, shown)
+    return _alternative_file(source, out, "gptq", gptq_config, calib, config_dir, tokenizer, shown, reuse)
 
 
 def _alternative_file(source, out: Path, name: str, config: CompressConfig, calib, config_dir, tokenizer,
-                      shown: tuple[str, ...]):
+                      shown: tuple[str, ...], reuse=None):
     """(path, command, tensor bytes) of one more compress of ``source`` beside ``out``, calibrated
     as the file was: an alternatives row that is made, not read from the source. Its command gives
     the fields ``shown`` their values in ``config`` (config.flags, from the fields' own flags)."""
     path = out.with_name(out.name + f".{name}-alternative")
-    report = compress(source, path, config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True)
+    report = compress(source, path, config, calib=calib, config_dir=config_dir, tokenizer=tokenizer, force=True,
+                      reuse=reuse)
     command = (f"vlora-compress {source} {flags(config, shown)}"
                + (f" --calib {calib}" if calib is not None and not isinstance(calib, (list, tuple)) else ""))
     return path, command, report.compressed_bytes

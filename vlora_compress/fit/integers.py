@@ -22,7 +22,9 @@ pipelines/sequential.py) and only the choice of integers changes: a few dozen li
 
 from __future__ import annotations
 
+import hashlib
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -89,6 +91,54 @@ def quantize(x: torch.Tensor, scheme: str, group_size: int = 128, hessian: tuple
     H's ``diagonal``) where GPTQ then leaves less output error; round-to-nearest takes max|x|/L.
     ``scale`` given (a file's own, as healing writes back to it) is used as it is."""
     x = x.float()
+    key = _memo_key(x, scheme, group_size, hessian, scale)
+    if key is not None and key in _MEMO:
+        q, s = _MEMO[key]
+        return q.clone(), s.clone()
+    q, s = _quantize(x, scheme, group_size, hessian, scale)
+    if key is not None and _MEMO_BYTES[0] + q.nbytes + s.nbytes <= MEMO_LIMIT:
+        _MEMO[key] = q.clone(), s.clone()
+        _MEMO_BYTES[0] += q.nbytes + s.nbytes
+    return q, s
+
+
+# Rounding by GPTQ is most of a plan's time under --quantize auto, and the planner asks for the same
+# rounding many times: a layer dense in int4 and as the int4 base under low rank, again in rank
+# allocation, again at every point of a sweep. Within ``rounding_memo`` each is made once: keyed by
+# the bytes of the matrix, the Hessian's factor and order, the scheme and any fixed scales.
+_MEMO: dict = {}
+_MEMO_BYTES = [0]
+_MEMO_ON = [0]
+MEMO_LIMIT = 2 << 30  # bytes of integers and scales kept; past it, new roundings are not kept
+
+
+@contextmanager
+def rounding_memo():
+    """GPTQ's integers for the same inputs made once while inside (nested: the outermost clears)."""
+    _MEMO_ON[0] += 1
+    try:
+        yield
+    finally:
+        _MEMO_ON[0] -= 1
+        if not _MEMO_ON[0]:
+            _MEMO.clear()
+            _MEMO_BYTES[0] = 0
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    data = t.detach().to("cpu").contiguous()
+    return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"",
+                           digest_size=16).digest() + str((data.dtype, tuple(data.shape))).encode()
+
+
+def _memo_key(x, scheme: str, group_size: int, hessian, scale) -> tuple | None:
+    if not _MEMO_ON[0] or hessian is None:  # rounding to nearest costs less than its key
+        return None
+    return (_digest(x), scheme, group_size, hessian[2], *(_digest(h) for h in (hessian[0], hessian[1])),
+            _digest(hessian[3]) if len(hessian) > 3 else None, _digest(scale) if scale is not None else None)
+
+
+def _quantize(x: torch.Tensor, scheme: str, group_size: int, hessian, scale) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
     groups = _grouped(x, scheme, group_size)  # (rows, n_groups, g)
     fixed = scale is not None
@@ -98,16 +148,18 @@ def quantize(x: torch.Tensor, scheme: str, group_size: int = 128, hessian: tuple
         q = q.reshape(rows, -1)[:, :cols]
     else:
         search = CLIP and scheme != "int8" and not fixed  # searched scales too: kept where GPTQ then does better
-        q, err = _gptq_at(x, scale, scheme, group_size, hessian, measure=search)
+        scales = [scale]
         if search:
             weights = None  # each value's error weighted by how strongly the layer reads its input
             if len(hessian) > 3 and hessian[2] == 1:
                 weights = _grouped(hessian[3].to(x)[None, :], scheme, group_size)
             searched = _scales(groups, scheme, search=True, weights=weights)
-            if not torch.equal(searched, scale):
-                q2, err2 = _gptq_at(x, searched, scheme, group_size, hessian)
-                if err2 < err:
-                    q, scale = q2, searched
+            scales += [] if torch.equal(searched, scale) else [searched]
+        # both scales' integers in one GPTQ pass (its rows are independent: one column loop for both)
+        found = _gptq_at(x, scales, scheme, group_size, hessian, measure=len(scales) > 1)
+        (q, err), scale = found[0], scales[0]
+        if len(found) > 1 and found[1][1] < err:
+            q, scale = found[1][0], scales[1]
     if scheme == "int8":
         return q.to(torch.int8).contiguous(), scale
     if scheme in MIDRISE:
@@ -115,24 +167,32 @@ def quantize(x: torch.Tensor, scheme: str, group_size: int = 128, hessian: tuple
     return pack_bits(q.to(torch.int8), BITS[scheme]), scale
 
 
-def _gptq_at(x: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int, hessian,
-             measure: bool = True) -> tuple[torch.Tensor, float]:
-    """(integers GPTQ chooses at these scales, the output error they leave, tr(ΔW H ΔWᵀ) = ||ΔW U⁻¹||²
-    with H⁻¹ = UᵀU in GPTQ's order; NaN without ``measure``: the solve costs about what GPTQ does)."""
+def _gptq_at(x: torch.Tensor, scales: list[torch.Tensor], scheme: str, group_size: int, hessian,
+             measure: bool = True) -> list[tuple[torch.Tensor, float]]:
+    """Per scale of ``scales``: (integers GPTQ chooses at it, the output error they leave,
+    tr(ΔW H ΔWᵀ) = ||ΔW U⁻¹||² with H⁻¹ = UᵀU in GPTQ's order; NaN without ``measure``: the solve
+    costs about what GPTQ does). GPTQ's rows are independent, so every scale's rows are stacked and
+    rounded in one pass."""
     rows, cols = x.shape
-    per_value = _grouped(torch.ones_like(x), scheme, group_size) * scale.float()[..., None]
-    per_value = per_value.reshape(rows, -1)[:, :cols]
     u, order, side = hessian[:3]
-    w, step = (x, per_value) if side == 1 else (x.T, per_value.T)
-    w, step = w[:, order], step[:, order]
-    q_ordered = gptq(w, step, scheme, u)
-    err = math.nan
-    if measure:
-        delta = (w - q_ordered * step).double()
-        err = float(torch.linalg.solve_triangular(u.to(delta), delta, upper=True, left=False).square().sum())
-    q = torch.empty_like(w)
-    q[:, order] = q_ordered
-    return (q if side == 1 else q.T), err
+    steps = []
+    for scale in scales:
+        per_value = _grouped(torch.ones_like(x), scheme, group_size) * scale.float()[..., None]
+        steps.append(per_value.reshape(rows, -1)[:, :cols])
+    w = (x if side == 1 else x.T)[:, order]
+    step = torch.cat([(s if side == 1 else s.T)[:, order] for s in steps])
+    q_all = gptq(w.repeat(len(scales), 1), step, scheme, u)
+    out = []
+    for i in range(len(scales)):
+        q_ordered, at = q_all[i * len(w):(i + 1) * len(w)], step[i * len(w):(i + 1) * len(w)]
+        err = math.nan
+        if measure:
+            delta = (w - q_ordered * at).double()
+            err = float(torch.linalg.solve_triangular(u.to(delta), delta, upper=True, left=False).square().sum())
+        q = torch.empty_like(w)
+        q[:, order] = q_ordered
+        out.append(((q if side == 1 else q.T), err))
+    return out
 
 
 CLIP_GRID = 20  # scales tried per group, from max|x|/level down to CLIP_LOW of it

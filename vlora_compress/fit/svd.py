@@ -3,7 +3,7 @@ input Gram (the output-error view), and applying a rank-r increment."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,6 +82,8 @@ class Whitener:
     values: torch.Tensor  # Λ, damped: every one at least δ
     side: int
     damping: float = 0.0  # the δ added to every eigenvalue
+    _hessian: list = field(default_factory=list, compare=False, repr=False)  # hessian(), once made: the planner
+    # rounds a layer by GPTQ for many candidates (its bytes count in nbytes, so the Grams' cache bounds it)
 
     @property
     def root(self) -> torch.Tensor:
@@ -103,7 +105,8 @@ class Whitener:
 
     @property
     def nbytes(self) -> int:
-        return self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
+        own = self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
+        return own + sum(t.numel() * t.element_size() for t in self._hessian[0][::3]) if self._hessian else own
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, side: int, damping: float = 1e-2) -> "Whitener | None":
@@ -123,10 +126,12 @@ class Whitener:
         while the most columns are left to take their error), U the upper Cholesky factor of
         (G + δI)⁻¹ with rows and columns in that order, and the diagonal of G + δI itself (what
         the scale search weighs each input's error by)."""
-        diagonal = (self.vectors.square() * self.values).sum(1)
-        order = torch.argsort(diagonal, descending=True)
-        h_inv = self.gram_inv[order][:, order]
-        return torch.linalg.cholesky((h_inv + h_inv.T) / 2, upper=True), order, self.side, diagonal
+        if not self._hessian:
+            diagonal = (self.vectors.square() * self.values).sum(1)
+            order = torch.argsort(diagonal, descending=True)
+            h_inv = self.gram_inv[order][:, order]
+            self._hessian.append((torch.linalg.cholesky((h_inv + h_inv.T) / 2, upper=True), order, self.side, diagonal))
+        return self._hessian[0]
 
     def whiten(self, m: torch.Tensor) -> torch.Tensor:
         """M S for a weight stored (out, in), Sᵀ M for Conv1D's (in, out): the output-error view,

@@ -157,6 +157,32 @@ def calibrated(job: Job, one_at_a_time: bool, on_model: bool, grams: bool) -> Ca
     return cal
 
 
+class Reuse:
+    """Calibration made once for several compressions of one source with one calibration (a sweep, a
+    search for the smallest file within a drop): the original model, its samples, the Grams of its
+    layers and the meter's reference outputs. A pipeline's calibration is kept by what it depends
+    on (the pipeline, whether a plan is measured, whether the fixed plan needs Grams at once); the
+    model's weights are put back before each reuse, since the sequential fit runs the compressed
+    layers through it. ``calibrations`` counts the ones made."""
+
+    def __init__(self):
+        self.made: dict = {}
+        self.calibrations = 0
+
+    def calibrate(self, pipeline: Pipeline, job: Job) -> Calibrated:
+        at_once = job.fixed is not None and not all(sequential_family(fp) for fp in job.fixed.families)
+        key = (pipeline.name, job.planned, at_once)
+        if key not in self.made:
+            cal = pipeline.calibrate(job)
+            models = [m for m in (cal.model, getattr(cal.meter, "model", None)) if m is not None]
+            self.made[key] = cal, [(p, p.data) for m in models for p in m.parameters()]
+            self.calibrations += 1
+        cal, weights = self.made[key]
+        for p, data in weights:
+            p.data = data
+        return cal
+
+
 def _onload(job: Job, cal: Calibrated):
     return (job.read, cal.by_layer) if cal.by_layer is not None else None
 

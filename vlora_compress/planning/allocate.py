@@ -19,8 +19,8 @@ from . import space
 RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to measure its sensitivity
 
 
-def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter,
-                   target: int | None = None) -> tuple[list[FamilyPlan], Allocation, list[Candidate]]:
+def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter, target: int | None = None,
+                   known: dict | None = None) -> tuple[list[FamilyPlan], Allocation, list[Candidate]]:
     """Move bytes between families to where the model's measured output error falls fastest.
 
     Each family is refitted alone at a few scaled budgets and the model's held-back output error
@@ -34,21 +34,29 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     layer dense in each scheme, and a quantized base of each scheme under a low-rank increment at
     the family's budget and half as much again, so the Lagrangian moves bits between families, not
     only rank: int4 where the model is sensitive, int2 under a low-rank term where it is not.
+    ``known`` holds the errors of plans measured alone already (the choice's), not measured again.
     """
+    known = {} if known is None else known
+
+    def alone(fp, weights, cache) -> float:
+        if fp not in known:
+            known[fp] = 0.0 if exact(fp) else meter(rebuild_in_memory(fp, weights, whitener, config, cache))
+        return known[fp]
+
     options = []  # per family: [(bytes, error, plan, candidate)]
     total = 0
     for (fam, cand, budget), fp in zip(chosen, uniform):
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
         spectra: dict = {}
-        opts = [(family_bytes(fp), 0.0 if exact(fp) else meter(rebuild_in_memory(fp, weights, whitener, config, cache)),
-                 fp, cand)]
+        opts = [(family_bytes(fp), alone(fp, weights, cache), fp, cand)]
         tries = [(cand, scale) for scale in RANK_SCALES] + (_bit_options(cand) if config.quantize == "auto" else [])
         for other, scale in tries:
+            if not space.worth_fitting(fam, other, int(budget * scale), config):
+                continue
             alt = fit_candidate(fam, other, weights, whitener, config, int(budget * scale), spectra)
             if alt is not None and all(alt != o[2] for o in opts):
-                opts.append((family_bytes(alt), meter(rebuild_in_memory(alt, weights, whitener, config, cache)), alt,
-                             other))
+                opts.append((family_bytes(alt), alone(alt, weights, cache), alt, other))
         del cache, spectra
         options.append(opts)
         total += family_bytes(fp)
@@ -143,7 +151,7 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
     picked = list(picked) if picked is not None else [cand for _, cand, _ in chosen]
     plans = list(plans)
     checked = [j for j, ((fam, _, _), fp, cand) in enumerate(zip(chosen, plans, picked))
-               if cand.kind not in ("per-layer", "dense") and not exact(fp)
+               if cand.kind not in ("per-layer", "dense") and not exact(fp) and _low_rank(fp)
                and _per_layer(cand) in space.candidates(config, len(fam.layers))]
     checks: list[Together | None] = [None] * len(plans)
     if not checked:
@@ -166,6 +174,11 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
         if err < current:  # per-layer SVD ships
             plans[j], picked[j], rebuilt[j], current = alt, _per_layer(picked[j]), swapped, err
     return plans, picked, checks
+
+
+def _low_rank(fp: FamilyPlan) -> bool:
+    """Whether the plan stores any low-rank factor (one past the break-even is every layer dense)."""
+    return any(r for c in fp.chunks for r in c.ranks)
 
 
 def _per_layer(cand: Candidate) -> Candidate:

@@ -47,3 +47,13 @@ def exact(fp: FamilyPlan) -> bool:
     projections at 35% removed, where every candidate comes out dense)."""
     return (fp.quant == "none" and fp.store_dtype == fp.dtype
             and all(len(c.layers) == 1 and c.base_layer == c.layers[0] for c in fp.chunks))
+
+
+def measure_plan(plan, config: CompressConfig, read, whitener, meter) -> float:
+    """The meter's error with every family of ``plan`` compressed at once, rebuilt as compress would
+    fit them on the original model's Grams (the planner's measure of a whole plan)."""
+    rebuilt: dict[str, torch.Tensor] = {}
+    for fp in plan.families:
+        weights = {layer: read(fp.key(layer)).float() for layer in fp.layers}
+        rebuilt.update(rebuild_in_memory(fp, weights, whitener, config))
+    return meter(rebuilt)

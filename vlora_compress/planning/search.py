@@ -44,6 +44,7 @@ import torch
 
 from ..config import CompressConfig
 from ..errors import VloraError
+from ..fit.integers import rounding_memo
 from ..fit.svd import Whitener
 from ..forms import Candidate, candidate_bytes, dense, fit_rank
 from ..forms.stored import family_bytes
@@ -71,8 +72,15 @@ def plan_measured(
     ``budgets`` (family name -> bytes) overrides the budget the reference form sets. ``total`` is
     the stacks' byte budget of a size target: measured rank allocation spends up to it (without
     one, up to what the uniform plan stores). Only one family's layers are held in memory at a time.
+    GPTQ's integers for the same layer and scheme are made once (fit/integers.rounding_memo).
     """
+    with rounding_memo():
+        return _plan(stacks, config, read, whitener, meter, budgets, total)
+
+
+def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total) -> Plan:
     stack_plans, family_plans, notes, chosen, decisions, allocations = [], [], [], [], [], []
+    known: dict[FamilyPlan, float] = {}  # the meter's error of a plan measured alone: choice and allocation share it
     for stack in stacks:
         k_ref = config.chunks or 1
         if k_ref > len(stack.layers):
@@ -84,7 +92,8 @@ def plan_measured(
             measure = (getattr(meter, "name", "model") if meter is not None else
                        "outputs" if whitener(fam.key(fam.layers[0])) is not None else "weights")
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-            best, weighed = _choose(fam, space.candidates(config, len(fam.layers)), weights, whitener, config, budget, meter)
+            best, weighed = _choose(fam, space.candidates(config, len(fam.layers)), weights, whitener, config, budget,
+                                    meter, known)
             if best is None:
                 raise VloraError(f"{fam.name}: no candidate fits its budget of {budget:,} bytes")
             cand, fp, index = best
@@ -95,7 +104,8 @@ def plan_measured(
     picked = [cand for _, cand, _ in chosen]
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         uniform = family_plans
-        family_plans, allocation, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total)
+        family_plans, allocation, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total,
+                                                                known)
         allocations.append(allocation)
         notes.append(allocation.note)
         decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
@@ -116,7 +126,8 @@ def plan_measured(
 SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and measured
 
 
-def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter):
+def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter,
+            known: dict | None = None):
     """(best (candidate, plan, its index in the list) or None, [Weighed] of every candidate that
     fits, in the order tried: empty where there was only one)
 
@@ -129,12 +140,22 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
     held, one at a time."""
     spectra: dict = {}  # singular values per (reference, layer): every candidate's estimate reads them
     planned = []  # (estimate, index, candidate, plan)
+    seen: dict[FamilyPlan, int] = {}  # plan -> its place in planned: candidates that store the same are one
     for i, cand in enumerate(cands):
+        if not space.worth_fitting(fam, cand, budget, config):
+            continue
         fp = fit_candidate(fam, cand, weights, whitener, config, budget, spectra)
         if fp is None:
             continue
         if len(cands) == 1:  # nothing to choose between: no need to measure
             return (cand, fp, 0), []
+        if fp in seen:  # e.g. past the break-even every low-rank form is every layer dense: fitted once,
+            # as per-layer SVD where that is one of them (it wins ties: see below)
+            j = seen[fp]
+            if cand.kind == "per-layer" and planned[j][2].kind != "per-layer":
+                planned[j] = (planned[j][0], i, cand, fp)
+            continue
+        seen[fp] = len(planned)
         est = float("nan") if cand.spec.rounded else spectral_error(fp, weights, whitener, spectra,
                                                                  config.calibration.damping)
         planned.append((est, i, cand, fp))
@@ -148,10 +169,14 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
     for _, i, cand, fp in sorted(short, key=lambda t: (t[2].kind != "per-layer", t[1])):
         if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
             score = 0.0
+        elif meter is not None and known is not None and fp in known:
+            score = known[fp]
         else:
             rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
             score = meter(rebuilt) if meter is not None else family_error(fam, weights, rebuilt, whitener)
             del rebuilt
+            if meter is not None and known is not None:
+                known[fp] = score
         scores[i] = score
         if best is None or score < best[2] * (1 - 1e-9):
             best = (cand, fp, score, i)
@@ -222,6 +247,6 @@ def share_budget(stacks: list[Stack], stack_budget: int) -> dict[str, int]:
     need fit it (a dense fp32 base alone can be more than 12.5% of a stack)."""
     sizes = {f.name: f.nbytes for s in stacks for f in s.families}
     total = sum(sizes.values())
-    return {name: int(stack_budget * size / total) for name, size in sizes.items()}
+    return {name: stack_budget * size // total for name, size in sizes.items()}  # integers: exact halves stay whole
 
 

@@ -116,7 +116,8 @@ def plot_tradeoff(reports: list[dict], out: str | Path, metric: str | None = Non
                 if a["name"] != "this file":
                     alternatives.setdefault((a["name"], a["bytes"]), (a["bytes"] / original, a["value"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], label="runs")
+    curve = sorted(points)  # the runs by size: a sweep's curve
+    ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", label="runs")
     for x, y, _, label in points:
         ax.annotate(label, (x, y), fontsize=6)
     if alternatives:
