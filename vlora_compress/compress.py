@@ -72,14 +72,13 @@ def compress(
         if config.max_drop is not None:  # the smallest plan within the drop, planned already
             job, notes, pipeline, cal = smallest_within(source, ckpt, out, config, calib, tokenizer, config_dir,
                                                         force, progress, reuse or Reuse())
-            asked = replace(asked, quantize=asked.quantize or job.config.quantize)
         else:
             job, notes = prepare(source, ckpt, out, config, calib, tokenizer, config_dir, force, progress)
-            asked = replace(asked, quantize=asked.quantize or job.config.quantize)  # the storage that ran
             pipeline, note = choose(job)
             cal = reuse.calibrate(pipeline, job) if reuse is not None else pipeline.calibrate(job)
             job, shared_note = _resolve_shared(job, cal)
             notes += tuple(n for n in (note, shared_note) if n)
+        asked = replace(asked, quantize=asked.quantize or job.config.quantize)  # the storage that ran
         with ExitStack() as spooling:
             plan, fit, spooled = pipeline.plan(job, cal, spooling)
             record = source_info(ckpt)

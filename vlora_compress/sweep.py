@@ -26,7 +26,7 @@ from rich.table import Table
 from .compress import compress, default_output
 from .config import CompressConfig, parse_size
 from .errors import VloraError
-from .evaluate.alternatives import Row, block, gptq_alternative, scheme_label
+from .evaluate.alternatives import Row, block, gptq_alternative, made_row, scheme_label
 from .evaluate.scoring import EvalConfig, EvalReport, default_task, evaluate_models, task_head
 from .fit.integers import rounding_memo
 from .io.models import config_folder, load_model, load_preprocessor, resolve_device
@@ -210,10 +210,12 @@ def _score(source, folder: Path, config_dir, out_dir: Path, reports: list[Compre
     memo: dict = {}
     reference = load_model(source, bare, kind).to(device)
 
+    def score_model(model) -> tuple[int, list]:
+        return evaluate_models([model, reference], preprocessor, eval_data, eval_config, progress, memo)
+
     def score(path: Path | None):
         started = time.perf_counter()
-        model = reference if path is None else load_model(path, config_dir or folder, kind).to(device)
-        samples, metrics = evaluate_models([model, reference], preprocessor, eval_data, eval_config, progress, memo)
+        samples, metrics = score_model(reference if path is None else load_model(path, config_dir or folder, kind).to(device))
         return metrics[0], time.perf_counter() - started, samples
 
     head, seconds, _ = score(None)
@@ -223,16 +225,11 @@ def _score(source, folder: Path, config_dir, out_dir: Path, reports: list[Compre
             for r, (m, _, n) in zip(reports, scores)]
     yard = [Row("original", reports[0].original_bytes, head.reference, seconds)]
     group = config.group_size
-    for scheme in YARDSTICKS:
-        started = time.perf_counter()
-        path, command, nbytes = gptq_alternative(source, out_dir / "yardstick.vlora.safetensors", config, calib,
-                                                 config_dir, None, scheme, group, reuse=reuse)
-        try:
-            value = score(path)[0].model
-        finally:
-            Path(path).unlink(missing_ok=True)
-        yard.append(Row(f"{scheme_label(scheme, group, group)} alone, GPTQ", nbytes, value,
-                        time.perf_counter() - started, command))
+    for scheme in YARDSTICKS:  # each made on the sweep's calibration, scored and removed
+        make = lambda scheme=scheme: gptq_alternative(source, out_dir / "yardstick.vlora.safetensors", config,  # noqa: E731
+                                                      calib, config_dir, None, scheme, group, reuse=reuse)
+        yard.append(made_row(f"{scheme_label(scheme, group, group)} alone, GPTQ", make, config_dir or folder, kind,
+                             device, score_model))
     return rows, yard, head.name, head.higher_is_better
 
 

@@ -119,7 +119,7 @@ def alternatives(out: Path, source: Path, config_dir: Path, data, eval_config: E
         rows.append(_nearest_row(source, bare, kind, device, score, scheme, group, g, original_bytes - stack_bytes))
     made = [("gptq", f"{scheme_label(*gptq_scheme, g)} alone, GPTQ", gptq_file),
             ("svd", "per-layer SVD", svd_file and (lambda: svd_file(file_bytes)))]
-    rows += [_made_row(name, make, config_dir, kind, device, score) for key, name, make in made
+    rows += [made_row(name, make, config_dir, kind, device, score) for key, name, make in made
              if key in eval_config.compare and make is not None]  # asked for, and calibrated where it must be
     return file_report, block(rows, headline.name, headline.higher_is_better)
 
@@ -138,7 +138,7 @@ def _nearest_row(source, bare, kind: str, device, score, scheme: str, group: int
                time.perf_counter() - started, f"vlora-compress {source} {flags(made, shown)}")
 
 
-def _made_row(name: str, make, config_dir, kind: str, device, score) -> Row:
+def made_row(name: str, make, config_dir, kind: str, device, score) -> Row:
     """An alternative made by one more compress (``make()``: its path, command and bytes), scored and
     removed."""
     started = time.perf_counter()
