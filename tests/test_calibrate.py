@@ -195,11 +195,9 @@ def _texts(n: int) -> list[str]:
     return [x.strip() for x in CALIB.read_text().splitlines() if x.strip()][:n]
 
 
-def test_a_causal_lm_is_measured_by_next_token_kl_from_the_original(tiny_llama, monkeypatch):
+def test_a_causal_lm_is_measured_by_next_token_kl_from_the_original(tiny_llama):
     """measure logits: with the reference's every token kept it is the exact mean KL of the next-token
-    distributions over real tokens; keeping only the likeliest few (the rest as one outcome) gives a
-    lower bound that is still most of it, and the original itself measures 0."""
-    from vlora_compress.calibrate import grams as cal
+    distributions over real tokens (fewer kept: tests/test_kl.py), and the original itself measures 0."""
     from vlora_compress.calibrate.grams import OutputMeter
 
     lm, tok = load_model(tiny_llama, head="causal-lm"), load_preprocessor(tiny_llama)
@@ -225,9 +223,6 @@ def test_a_causal_lm_is_measured_by_next_token_kl_from_the_original(tiny_llama, 
     want = exact_kl()
     assert want > 1e-3 and meter(bent) == pytest.approx(want, rel=1e-4)  # 256 tokens: the whole vocabulary
     assert torch.equal(lm.model.layers[1].mlp.down_proj.weight, w)  # the weights are put back
-    monkeypatch.setattr(cal, "TOP_TOKENS", 16)
-    coarse = OutputMeter(lm, tok, texts, 64, measure="logits")(bent)
-    assert 0.5 * want < coarse <= want
 
 
 def test_a_model_without_a_head_is_measured_by_its_pooled_embeddings(minilm_dir):

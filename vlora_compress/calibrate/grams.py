@@ -24,6 +24,7 @@ from ..errors import VloraError
 from ..fit.svd import Whitener
 from ..io.models import batches, head_of, model_device, module_for_key, pooled_embedding, takes_text, token_limit
 from ..progress import Progress
+from . import kl
 
 
 GRAM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}  # config.GRAM_DTYPE_NAMES
@@ -147,8 +148,11 @@ class OutputMeter:
     - ``logits``: for a causal LM (``model`` then has its head), the mean KL divergence of the next-token
       distributions from the original's, per real token: what perplexity feels. The original's
       ``TOP_TOKENS`` likeliest tokens are kept per position and the rest of the vocabulary counted as
-      one outcome (exact for those tokens; a lower bound otherwise), so the reference holds 256
-      numbers a token, not the vocabulary;
+      one outcome, so the reference holds 256 numbers a token, not the vocabulary. Where the logits
+      are the head's product with the last hidden state, a measurement runs the base model only and
+      takes those tokens' logits from their head rows, the rest's mass to first order (kl.py): its
+      cost is the layers', not the vocabulary's. Otherwise the head and a log-softmax over the
+      vocabulary run per measurement;
     - ``embedding``: the mean of 1 - cosine between the pooled sentence embeddings (the mean over real
       tokens of the last hidden state, as ``vlora-eval --task embedding`` scores them).
 
@@ -162,11 +166,14 @@ class OutputMeter:
                  measure: str = "hidden"):
         self.model, self.read, self.measure = model, read, measure
         limit = token_limit(model, max_length)
-        if measure == "logits":  # a batch's log-probabilities are tokens x vocabulary floats: at most 256 MB
+        self.head = kl.plain_head(model) if measure == "logits" else None  # KL from the hidden states (kl.py)
+        if measure == "logits" and self.head is None:  # a batch's log-probabilities: at most 256 MB
             vocab = model.get_output_embeddings().weight.shape[0]
             batch_size = max(1, min(batch_size, 2**26 // (limit * vocab)))
         self.batches = list(batches(preprocessor, samples, batch_size, limit))
         self._modules: dict[str, torch.nn.Module] = {}
+        if self.head is not None and not self._head_agrees():
+            self.head = None
         self.reference = [self._reference(out) for out in self._outputs()]
 
     @property
@@ -202,41 +209,53 @@ class OutputMeter:
         """What each held-back batch gives, one batch at a time: its real tokens' final hidden states
         (float64) or next-token log-probabilities (float32), or its samples' pooled embeddings."""
         device = model_device(self.model)
+        model = self.model.base_model if self.head is not None else self.model  # no head: kl.py applies it
         for inputs, mask, _ in self.batches:
             mask = mask.to(device) if mask is not None else None
             with torch.no_grad():
-                out = self.model(**{k: v.to(device) for k, v in inputs.items()})
+                out = model(**{k: v.to(device) for k, v in inputs.items()})
                 if self.measure == "embedding":
                     yield pooled_embedding(out, mask).double()
                     continue
-                h = out.logits if self.measure == "logits" else out.last_hidden_state
+                h = out.logits if self.measure == "logits" and self.head is None else out.last_hidden_state
                 h = h[mask] if mask is not None else h.flatten(0, -2)
-                yield torch.log_softmax(h.float(), -1) if self.measure == "logits" else h.double()
+                if self.measure != "logits":
+                    yield h.double()
+                else:
+                    yield h.float() if self.head is not None else torch.log_softmax(h.float(), -1)
+
+    def _head_agrees(self) -> bool:
+        """Whether the model's logits on the first batch are its head's product with its base
+        model's last hidden state (kl.agrees): soft-capped or scaled logits are measured plainly."""
+        device = model_device(self.model)
+        inputs = {k: v.to(device) for k, v in self.batches[0][0].items()}
+        with torch.no_grad():
+            logits = self.model(**inputs).logits
+            hidden = self.model.base_model(**inputs).last_hidden_state
+        return kl.agrees(self.head, hidden, logits)
 
     def _reference(self, out: torch.Tensor):
         """What the original's outputs are kept as: under ``logits`` the likeliest tokens' indices and
         log-probabilities, and the log of the rest's probability; else the outputs themselves."""
         if self.measure != "logits":
             return out
+        if self.head is not None:
+            return kl.reference(self.head, out, TOP_TOKENS)
         top, at = out.topk(min(TOP_TOKENS, out.shape[-1]), dim=-1)
-        return at, top.double(), _log_rest(top.double())
+        return at, top.double(), kl.log_rest(top.double())
 
     def _error(self, out: torch.Tensor, ref) -> tuple[float, float]:
         """(summed error, what it is divided by) of one batch."""
+        if self.measure == "logits" and self.head is not None:
+            return kl.kl_sum(self.head, out, ref), out.shape[0]
         if self.measure == "logits":
             at, top, rest = ref
             mine = out.gather(-1, at).double()
-            kl = (top.exp() * (top - mine)).sum(-1) + torch.xlogy(rest.exp(), rest.exp()) - rest.exp() * _log_rest(mine)
-            return float(kl.sum()), out.shape[0]
+            div = (top.exp() * (top - mine)).sum(-1) + torch.xlogy(rest.exp(), rest.exp()) - rest.exp() * kl.log_rest(mine)
+            return float(div.sum()), out.shape[0]
         if self.measure == "embedding":
             return float((1 - (out * ref).sum(-1)).sum()), out.shape[0]
         return float((out - ref).square().sum()), float(ref.square().sum())
-
-
-def _log_rest(top: torch.Tensor) -> torch.Tensor:
-    """log(1 - Σ p) over the last dimension of log-probabilities ``top``: the log-probability of every
-    other token (clamped away from log 0, where the kept tokens hold all the mass)."""
-    return torch.log1p(-torch.logsumexp(top, -1).exp().clamp(max=1 - 1e-12))
 
 
 def resolve_measure(measure: str, model_config) -> str:
