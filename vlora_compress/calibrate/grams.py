@@ -225,10 +225,10 @@ class OutputMeter:
                     yield h.float() if self.head is not None else torch.log_softmax(h.float(), -1)
 
     def _head_agrees(self) -> bool:
-        """Whether the model's logits on the first batch are its head's product with its base
+        """Whether the model's logits on the first two samples are its head's product with its base
         model's last hidden state (kl.agrees): soft-capped or scaled logits are measured plainly."""
         device = model_device(self.model)
-        inputs = {k: v.to(device) for k, v in self.batches[0][0].items()}
+        inputs = {k: v[:2].to(device) for k, v in self.batches[0][0].items()}  # two samples tell
         with torch.no_grad():
             logits = self.model(**inputs).logits
             hidden = self.model.base_model(**inputs).last_hidden_state

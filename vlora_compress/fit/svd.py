@@ -84,6 +84,8 @@ class Whitener:
     damping: float = 0.0  # the δ added to every eigenvalue
     _hessian: list = field(default_factory=list, compare=False, repr=False)  # hessian(), once made: the planner
     # rounds a layer by GPTQ for many candidates (its bytes count in nbytes, so the Grams' cache bounds it)
+    _gram: list = field(default_factory=list, compare=False, repr=False)  # gram, once made: every whitened
+    # mean of a chunk the planner weighs reads it (an n³ product each time: 45 s of SmolLM2's first family)
 
     @property
     def root(self) -> torch.Tensor:
@@ -95,8 +97,10 @@ class Whitener:
 
     @property
     def gram(self) -> torch.Tensor:
-        """G + δI = S Sᵀ."""
-        return (self.vectors * self.values) @ self.vectors.T
+        """G + δI = S Sᵀ (made once, kept)."""
+        if not self._gram:
+            self._gram.append((self.vectors * self.values) @ self.vectors.T)
+        return self._gram[0]
 
     @property
     def gram_inv(self) -> torch.Tensor:
@@ -106,6 +110,7 @@ class Whitener:
     @property
     def nbytes(self) -> int:
         own = self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
+        own += sum(g.numel() * g.element_size() for g in self._gram)
         return own + sum(t.numel() * t.element_size() for t in self._hessian[0][::3]) if self._hessian else own
 
     @classmethod
