@@ -148,15 +148,17 @@ def test_ranks_past_the_break_even_store_the_matrix_dense(tmp_path):
     assert VloraFile(out).plan.families[0].chunks[0].ranks == (21,) * 4
 
 
-def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_file):
+def test_the_model_measures_the_least_fitted_of_a_short_list_with_the_baseline_on_it(gpt2_file, monkeypatch):
     """13 candidates a family are planned and ranked by an estimate from singular values; only the
-    best few and per-layer SVD are fitted and cost a forward pass of the model; the rest are still
-    reported."""
+    best few and per-layer SVD are fitted, and of those only the MEASURED least by the family's own
+    fitted error cost a forward pass of the model; the rest are still reported."""
     from vlora_compress.config import CompressConfig
+    from vlora_compress.planning import search
     from vlora_compress.planning.search import SHORT_LIST, plan_measured
     from vlora_compress.planning.space import candidates
     from vlora_compress.io.stacks import find_stacks
 
+    monkeypatch.setattr(search, "MEASURED", 2)  # fewer than the short list: some are fitted, not measured
     calls = []
 
     def meter(rebuilt):  # any score will do: the first measured candidate wins
@@ -170,17 +172,20 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
     families = [f for s in stacks for f in s.families]
     assert len(candidates(config, len(families[0].layers))) == 13  # some do not fit the budget
     assert len(plan.decisions) == len(families) and not plan.notes
-    n_measured = 0
+    n_measured = n_unmeasured = 0
     for d in plan.decisions:
-        measured = [c for c in d.candidates if c.error is not None]
-        assert "per-layer SVD" in [c.label for c in measured] and d.measure == "model"
-        n = len(measured)
-        assert n in (SHORT_LIST, SHORT_LIST + 1) and len(d.candidates) > n  # some ranked out by the estimate
+        fitted = [c for c in d.candidates if c.fitted is not None]
+        assert "per-layer SVD" in [c.label for c in fitted] and d.measure == "model"
+        assert len(fitted) in (SHORT_LIST, SHORT_LIST + 1) and len(d.candidates) > len(fitted)  # some ranked out
         # those ranked out all estimated worse than the short list's best estimate
-        assert min(c.estimate for c in measured) <= min(c.estimate for c in d.candidates if c.error is None)
+        assert min(c.estimate for c in fitted) <= min(c.estimate for c in d.candidates if c.fitted is None)
+        measured = [c for c in fitted if c.error is not None]
+        assert len(measured) == 2  # the least fitted errors, measured on the model
+        unmeasured = [c.fitted for c in fitted if c.error is None]
+        assert not unmeasured or max(c.fitted for c in measured) <= min(unmeasured)
         assert d.taken.error == min(c.error for c in measured)  # the first measured: scores rise per call
-        n_measured += n
-    assert len(calls) == n_measured
+        n_measured, n_unmeasured = n_measured + len(measured), n_unmeasured + len(unmeasured)
+    assert len(calls) == n_measured and n_unmeasured > 0
 
     # with shared bases tried, each form's best estimate is fitted whatever the others' estimates
     # (a stacked spectrum is the most optimistic: shared candidates would fill the list alone)
@@ -188,7 +193,7 @@ def test_the_model_measures_a_short_list_with_the_baseline_always_on_it(gpt2_fil
     with open_checkpoint(gpt2_file) as ckpt:
         plan = plan_measured(find_stacks(ckpt.infos), config, ckpt.read, meter=meter)
     for d in plan.decisions:
-        forms = {c.form for c in d.candidates if c.error is not None}
+        forms = {c.form for c in d.candidates if c.fitted is not None}
         assert {"per-layer", "vlora", "shared"} <= forms, d
 
 

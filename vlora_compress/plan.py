@@ -172,7 +172,9 @@ class Weighed:
     storage: str  # the factors' scheme: none (the store dtype) | int8 | int4 | int3 | int2
     bytes: int  # what it stores
     estimate: float | None = None  # relative output error from singular values; None: not estimated
-    error: float | None = None  # measured, by the decision's ``measure``; None: not fitted (the short list left it out)
+    error: float | None = None  # measured, by the decision's ``measure``; None: not measured (left out of the short
+    # list, or with a meter, not among the least fitted errors)
+    fitted: float | None = None  # once fitted, the family's own relative (whitened) output error; None: not fitted
 
 
 MEASURES = ("logits", "embedding", "model", "block", "outputs", "weights")  # what a decision's errors are,

@@ -132,7 +132,8 @@ def _allocation(data) -> Allocation:
 
 def _weighed(data) -> Weighed:
     c = _object(data, "a weighed candidate")
-    return Weighed(c["label"], c["form"], c["rank"], c["storage"], c["bytes"], c.get("estimate"), c.get("error"))
+    return Weighed(c["label"], c["form"], c["rank"], c["storage"], c["bytes"], c.get("estimate"), c.get("error"),
+                   c.get("fitted"))
 
 
 def _check_decision(d: Decision) -> None:
@@ -146,7 +147,8 @@ def _check_decision(d: Decision) -> None:
                          f"of {len(d.candidates)} candidates")
     for c in d.candidates + ((d.allocated,) if d.allocated is not None else ()):
         if not (all(isinstance(x, str) for x in (c.label, c.form, c.storage)) and is_whole(c.rank) and c.rank >= 0
-                and is_whole(c.bytes) and c.bytes >= 0 and _number(c.estimate) and _number(c.error)):
+                and is_whole(c.bytes) and c.bytes >= 0 and _number(c.estimate) and _number(c.error)
+                and _number(c.fitted)):
             raise VloraError(f"corrupted plan: {what} has a candidate of the wrong types: {_brief(c)}")
     t = d.together
     if t is not None and not (isinstance(t.form, str) and _number(t.error) and _number(t.per_layer)):

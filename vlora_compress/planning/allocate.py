@@ -12,7 +12,7 @@ from ..forms.quantized_base import QLR_BASES, QLR_FACTORS
 from ..forms.stored import family_bytes
 from ..plan import Allocation, FamilyPlan, Together, finite
 from .budget import fit_candidate
-from .measure import exact, rebuild_in_memory
+from .measure import exact, family_error, rebuild_in_memory
 from . import space
 
 
@@ -20,48 +20,42 @@ RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to mea
 
 
 def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter, target: int | None = None,
-                   known: dict | None = None) -> tuple[list[FamilyPlan], Allocation, list[Candidate]]:
+                   known: dict | None = None, fitted: dict | None = None
+                   ) -> tuple[list[FamilyPlan], Allocation, list[Candidate]]:
     """Move bytes between families to where the model's measured output error falls fastest.
 
-    Each family is refitted alone at a few scaled budgets and the model's held-back output error
-    measured (the ASVD-style sensitivity); a Lagrangian picks one option per family within the total
-    budget (``target``, else the uniform plan's bytes), and the bytes its pick leaves are spent
-    again. The result is kept only if, measured with every family compressed at once, it beats the
-    uniform plan: an allocation never ships when it measures worse. What it did is returned as data
-    (plan.Allocation), which the plan records and its note is rendered from.
+    Each family is refitted alone at a few scaled budgets (the ASVD-style sensitivity); a Lagrangian
+    picks one option per family within the total budget (``target``, else the uniform plan's bytes),
+    and the bytes its pick leaves are spent again. An option's error on the model is estimated from
+    its fit (``_options``: the family's own output error, scaled by what the model measured for the
+    family's choice), and only the options the Lagrangian picks are measured, until it picks none
+    unmeasured (``ROUNDS`` at most): a measurement is a forward pass of the model, most of a plan's
+    time on a 30-layer model. The result is kept only if, measured with every family compressed at
+    once, it beats the uniform plan: an allocation never ships when it measures worse. What it did
+    is returned as data (plan.Allocation), which the plan records and its note is rendered from.
 
     Under ``--quantize auto`` a family's options also hold other bits (``_bit_options``): every
     layer dense in each scheme, and a quantized base of each scheme under a low-rank increment at
     the family's budget and half as much again, so the Lagrangian moves bits between families, not
     only rank: int4 where the model is sensitive, int2 under a low-rank term where it is not.
-    ``known`` holds the errors of plans measured alone already (the choice's), not measured again.
+    ``known`` holds the errors of plans measured alone already (the choice's), not measured again;
+    ``fitted`` the family errors of plans fitted already, not fitted again.
     """
     known = {} if known is None else known
-
-    def alone(fp, weights, cache) -> float:
-        if fp not in known:
-            known[fp] = 0.0 if exact(fp) else meter(rebuild_in_memory(fp, weights, whitener, config, cache))
-        return known[fp]
-
-    options = []  # per family: [(bytes, error, plan, candidate)]
-    total = 0
-    for (fam, cand, budget), fp in zip(chosen, uniform):
-        weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-        cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
-        spectra: dict = {}
-        opts = [(family_bytes(fp), alone(fp, weights, cache), fp, cand)]
-        tries = [(cand, scale) for scale in RANK_SCALES] + (_bit_options(cand) if config.quantize == "auto" else [])
-        for other, scale in tries:
-            if not space.worth_fitting(fam, other, int(budget * scale), config):
-                continue
-            alt = fit_candidate(fam, other, weights, whitener, config, int(budget * scale), spectra)
-            if alt is not None and all(alt != o[2] for o in opts):
-                opts.append((family_bytes(alt), alone(alt, weights, cache), alt, other))
-        del cache, spectra
-        options.append(opts)
-        total += family_bytes(fp)
-    total = max(total, target or 0)  # a target's rounding to whole ranks leaves bytes too
-    picked = _lagrangian(options, total)
+    fitted = {} if fitted is None else fitted
+    options = [_options(fam, cand, budget, fp, config, read, whitener, meter, known, fitted)
+               for (fam, cand, budget), fp in zip(chosen, uniform)]
+    total = max(sum(family_bytes(fp) for fp in uniform), target or 0)  # a target's rounding to whole ranks leaves bytes too
+    for _ in range(ROUNDS):
+        picked = _lagrangian(options, total)
+        unmeasured = [(j, i) for j, i in enumerate(picked) if options[j][i][2] not in known]
+        if not unmeasured:
+            break
+        for j, i in unmeasured:
+            nbytes, _, fp, cand = options[j][i]
+            options[j][i] = (nbytes, _alone(fp, config, read, whitener, meter, known), fp, cand)
+    else:
+        picked = _lagrangian(options, total)  # on the last round's measurements
     allocated = _spend_slack(chosen, options, picked, total, config, read, whitener)
     kept = [cand for _, cand, _ in chosen]
     if allocated == list(uniform):
@@ -74,6 +68,48 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
         return (allocated, Allocation("allocated", finite(err_alloc), finite(err_uniform), moved),
                 [opts[i][3] for opts, i in zip(options, picked)])
     return list(uniform), Allocation("kept", finite(err_alloc), finite(err_uniform)), kept
+
+
+ROUNDS = 4  # times the Lagrangian's picks are measured and it picks again
+
+
+def _alone(fp: FamilyPlan, config, read, whitener, meter, known: dict, cache: dict | None = None) -> float:
+    """The model's error with the one family ``fp`` plans compressed (0 where it stores every layer whole)."""
+    if fp not in known:
+        weights = {layer: read(fp.key(layer)).float() for layer in fp.layers}
+        known[fp] = 0.0 if exact(fp) else meter(rebuild_in_memory(fp, weights, whitener, config, cache))
+    return known[fp]
+
+
+def _options(fam, cand, budget: int, fp: FamilyPlan, config, read, whitener, meter, known: dict,
+             fitted: dict) -> list[tuple]:
+    """One family's options, [(bytes, error on the model, plan, candidate)], the uniform plan first:
+    measured where ``known``, else estimated as the family's own fitted error times the ratio of the
+    model's error to it measured for the uniform plan (or, where that stores every layer whole, for
+    the option of least fitted error, measured for it)."""
+    weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
+    cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
+    spectra: dict = {}
+    plans = [(fp, cand)]
+    tries = [(cand, scale) for scale in RANK_SCALES] + (_bit_options(cand) if config.quantize == "auto" else [])
+    for other, scale in tries:
+        if not space.worth_fitting(fam, other, int(budget * scale), config):
+            continue
+        alt = fit_candidate(fam, other, weights, whitener, config, int(budget * scale), spectra)
+        if alt is not None and all(alt != p for p, _ in plans):
+            plans.append((alt, other))
+    for p, _ in plans:
+        if p not in fitted:
+            fitted[p] = 0.0 if exact(p) else family_error(
+                fam, weights, rebuild_in_memory(p, weights, whitener, config, cache), whitener)
+    errors = [fitted[p] for p, _ in plans]
+    anchor = next((j for j in range(len(plans)) if errors[j] > 0 and plans[j][0] in known), None)
+    if anchor is None and any(e > 0 for e in errors):
+        anchor = min((j for j in range(len(plans)) if errors[j] > 0), key=errors.__getitem__)
+        _alone(plans[anchor][0], config, read, whitener, meter, known, cache)
+    ratio = known[plans[anchor][0]] / errors[anchor] if anchor is not None else 0.0
+    return [(family_bytes(p), known[p] if p in known else (0.0 if exact(p) else ratio * e), p, c)
+            for (p, c), e in zip(plans, errors)]
 
 
 def _spend_slack(chosen, options, picked: list[int], total: int, config, read, whitener) -> list[FamilyPlan]:

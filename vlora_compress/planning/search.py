@@ -22,13 +22,13 @@ rank in fewer bits against a lower rank in the store dtype), so the storage is c
 measurement.
 
 Every candidate is ranked by an estimate from singular values shared by the family's candidates
-(spectral_error, no fit); a short list (the best estimates and the best of each form) is fitted,
-and the one with the least error wins: the
-model's final hidden-state error on held-back calibration samples when a meter is given, else the
-summed (whitened when calibrated) squared output error of the family's layers, else their weight
-error. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
+(spectral_error, no fit); a short list (the best estimates and the best of each form) is fitted
+and scored by the summed (whitened when calibrated) squared output error of the family's layers,
+else their weight error; with a meter, the ``MEASURED`` least of those are measured on the model
+(its output error on held-back calibration samples), and the one with the least error wins. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
 topologies + per-layer SVD = 13 candidates per family (x 3 storages, plus every layer dense in int8
-and in int4, under ``--quantize auto``) and fits at most 4 (8 under auto); ``--shared`` adds 2 sides
+and in int4, under ``--quantize auto``), fits at most 4 (8 under auto) and measures 3 on the
+model; ``--shared`` adds 2 sides
 x up to 3 group counts x 2 groupings x with or without residual factors, and one fit for the best
 of each side with and without residual factors; ``best`` is tried only when asked for, since it
 fits every layer of a chunk as the base.
@@ -81,6 +81,7 @@ def plan_measured(
 def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total) -> Plan:
     stack_plans, family_plans, notes, chosen, decisions, allocations = [], [], [], [], [], []
     known: dict[FamilyPlan, float] = {}  # the meter's error of a plan measured alone: choice and allocation share it
+    fitted: dict[FamilyPlan, float] = {}  # the family's own error of a plan fitted: shared the same way
     for stack in stacks:
         k_ref = config.chunks or 1
         if k_ref > len(stack.layers):
@@ -93,7 +94,7 @@ def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total)
                        "outputs" if whitener(fam.key(fam.layers[0])) is not None else "weights")
             weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
             best, weighed = _choose(fam, space.candidates(config, len(fam.layers)), weights, whitener, config, budget,
-                                    meter, known)
+                                    meter, known, fitted)
             if best is None:
                 raise VloraError(f"{fam.name}: no candidate fits its budget of {budget:,} bytes")
             cand, fp, index = best
@@ -105,7 +106,7 @@ def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total)
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         uniform = family_plans
         family_plans, allocation, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total,
-                                                                known)
+                                                          known, fitted)
         allocations.append(allocation)
         notes.append(allocation.note)
         decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
@@ -127,7 +128,7 @@ SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and
 
 
 def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: CompressConfig, budget: int, meter,
-            known: dict | None = None):
+            known: dict | None = None, fitted: dict | None = None):
     """(best (candidate, plan, its index in the list) or None, [Weighed] of every candidate that
     fits, in the order tried: empty where there was only one)
 
@@ -136,8 +137,8 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
     70% of the plan). The ``SHORT_LIST`` best, per-layer SVD (the baseline is always fitted), and
     under ``--quantize auto`` the best of each other storage and every dense one (the estimate does
     not see rounding) are then fitted and scored by the family's summed (whitened) output error;
-    with a meter, by the model's output error instead. Only the short list's rebuilt weights are
-    held, one at a time."""
+    with a meter, the least of those by the model's output error instead (_scored). At most
+    ``MEASURED`` rebuilt candidates' weights are held at once."""
     spectra: dict = {}  # singular values per (reference, layer): every candidate's estimate reads them
     planned = []  # (estimate, index, candidate, plan)
     seen: dict[FamilyPlan, int] = {}  # plan -> its place in planned: candidates that store the same are one
@@ -160,38 +161,64 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
                                                                  config.calibration.damping)
         planned.append((est, i, cand, fp))
     del spectra
-    short = _short_list(planned, config)
-    best, scores = None, {}
-    cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
     # per-layer SVD first, so that it wins ties: where every form comes out dense (a budget past the
     # break-even) the family is then per-layer SVD, whose scaled budgets rank allocation tries next
     # (SmolLM2's k and v at 35% removed were a first-layer chain, whose scaled-down options are worse)
-    for _, i, cand, fp in sorted(short, key=lambda t: (t[2].kind != "per-layer", t[1])):
-        if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
-            score = 0.0
-        elif meter is not None and known is not None and fp in known:
-            score = known[fp]
-        else:
-            rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
-            score = meter(rebuilt) if meter is not None else family_error(fam, weights, rebuilt, whitener)
-            del rebuilt
-            if meter is not None and known is not None:
-                known[fp] = score
-        scores[i] = score
-        if best is None or score < best[2] * (1 - 1e-9):
-            best = (cand, fp, score, i)
+    short = sorted(_short_list(planned, config), key=lambda t: (t[2].kind != "per-layer", t[1]))
+    errors, scores = _scored(fam, short, weights, whitener, config, meter, {} if known is None else known,
+                             {} if fitted is None else fitted)
+    best = None
+    for _, i, cand, fp in short:
+        if i in scores and (best is None or scores[i] < best[2] * (1 - 1e-9)):
+            best = (cand, fp, scores[i], i)
     if best is None:
         return None, []
     at = [i for _, i, _, _ in planned]
-    weighed = [_weighed(cand, fp, est, scores.get(i)) for est, i, cand, fp in planned]
+    weighed = [_weighed(cand, fp, est, scores.get(i), errors.get(i)) for est, i, cand, fp in planned]
     return (*best[:2], at.index(best[3])), weighed
 
 
-def _weighed(cand: Candidate, fp: FamilyPlan, estimate: float | None = None, error: float | None = None) -> Weighed:
+MEASURED = 3  # with a meter: the short list's candidates of least fitted (family) error that the model measures
+
+
+def _scored(fam: Family, short: list, weights, whitener, config: CompressConfig, meter, known: dict, fitted: dict):
+    """({index: the family's own fitted error}, {index: score}) of the short list's candidates.
+
+    Each is fitted and scored by the family's summed (whitened) output error; with a meter, the
+    ``MEASURED`` least of those are then measured on the model (a forward pass each, the plan's
+    main cost on a 30-layer model: the rest are left unmeasured) and scored by that. A plan storing
+    every layer whole scores 0 unfitted; one measured before (``known``) keeps its measurement, one
+    fitted before (``fitted``, by plan) its fitted error."""
+    errors, scores = {}, {}
+    kept: list = []  # (fitted error, place, index, plan, rebuilt weights): the MEASURED least so far
+    cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
+    for place, (_, i, cand, fp) in enumerate(short):
+        if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
+            errors[i] = scores[i] = 0.0
+            continue
+        if meter is not None and fp in known:
+            scores[i] = known[fp]
+            errors[i] = fitted.get(fp)
+            continue
+        rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
+        errors[i] = fitted[fp] = family_error(fam, weights, rebuilt, whitener)
+        if meter is None:
+            scores[i] = errors[i]
+            continue
+        kept = sorted(kept + [(errors[i], place, i, fp, rebuilt)], key=lambda k: k[:2])[:MEASURED]
+        del rebuilt
+    for _, _, i, fp, rebuilt in sorted(kept, key=lambda k: k[1]):
+        scores[i] = known[fp] = meter(rebuilt)
+    return errors, scores
+
+
+def _weighed(cand: Candidate, fp: FamilyPlan, estimate: float | None = None, error: float | None = None,
+             fitted: float | None = None) -> Weighed:
     """A candidate and its plan as a decision records them (JSON has no NaN: None for none)."""
     finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
     shown = _shown(cand, fp)
-    return Weighed(shown.label, shown.kind, _top_rank(fp), cand.quant, family_bytes(fp), finite(estimate), finite(error))
+    return Weighed(shown.label, shown.kind, _top_rank(fp), cand.quant, family_bytes(fp), finite(estimate), finite(error),
+                   finite(fitted))
 
 
 def _top_rank(fp: FamilyPlan) -> int:

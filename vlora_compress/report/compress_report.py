@@ -247,16 +247,22 @@ def standard_exports(f: dict) -> str:
 
 def decision_line(d: dict) -> str:
     """A planner's decision (plan.Decision as a dict) in one line: what the family took, at what rank
-    and measured error, every other candidate measured, and those only estimated from singular values."""
+    and measured error, every other candidate measured, those fitted but not measured (by the family's
+    own error), and those only estimated from singular values."""
     taken = d["candidates"][d["chosen"]]
     rank = f" at rank {taken['rank']}" if taken["rank"] else ""
     line = (f"{d['scope'] + ': ' if d.get('scope') else ''}{d['family']}: {taken['label']}{rank}, "
             f"error {short_number(taken['error'])}")
     others = [c for i, c in enumerate(d["candidates"]) if i != d["chosen"] and c["error"] is not None]
-    out = sorted((c for c in d["candidates"] if c["error"] is None),
+    fitted = sorted((c for c in d["candidates"] if c["error"] is None and c.get("fitted") is not None),
+                    key=lambda c: c["fitted"])
+    out = sorted((c for c in d["candidates"] if c["error"] is None and c.get("fitted") is None),
                  key=lambda c: math.inf if c["estimate"] is None else c["estimate"])
     if others:
         line += " (also tried: " + "; ".join(f"{c['label']} {short_number(c['error'])}" for c in others) + ")"
+    if fitted:
+        line += (" (fitted, not measured, by the family's own output error: "
+                 + "; ".join(f"{c['label']} {short_number(c['fitted'])}" for c in fitted) + ")")
     if out:
         line += (" (not fitted, by the estimate from singular values: "
                  + "; ".join(f"{c['label']} {short_number(c['estimate'])}" for c in out) + ")")

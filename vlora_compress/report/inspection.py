@@ -420,23 +420,26 @@ def render_vlora(info: dict, console: Console) -> None:
 
 def render_decisions(decisions: list[dict], console: Console) -> None:
     """The planner's decisions as a table: per family, every candidate it fitted and measured (the
-    chosen one marked), and how many more it ranked out by their estimate alone."""
+    chosen one marked), those fitted but not measured, and how many more it ranked out by their
+    estimate alone."""
     measure = {d["measure"] for d in decisions}
     what = MEASURED_BY[next(iter(measure))] if len(measure) == 1 else "each decision's measure"
     table = Table(title=f"What the planner weighed at each family's budget: error is {what}")
-    for col in ("family", "candidate", "form", "rank", "stored", "estimate", "error", ""):
+    for col in ("family", "candidate", "form", "rank", "stored", "estimate", "fitted", "error", ""):
         table.add_column(col, justify="left" if col in ("family", "candidate", "form") else "right", overflow="fold")
     for d in decisions:
-        shown = [(i, c) for i, c in enumerate(d["candidates"]) if c["error"] is not None or i == d["chosen"]]
+        shown = [(i, c) for i, c in enumerate(d["candidates"])
+                 if c["error"] is not None or c.get("fitted") is not None or i == d["chosen"]]
         rows = [(c, "chosen" if i == d["chosen"] else "") for i, c in shown]
         rows += [(d["allocated"], "stored")] if d.get("allocated") else []  # after rank allocation
         for j, (c, mark) in enumerate(rows):
             name = (f"{d['scope']}: " if d["scope"] else "") + d["family"]
             table.add_row(name if j == 0 else "", c["label"], c["form"], str(c["rank"] or "dense"),
-                          human_bytes(c["bytes"]), short_number(c["estimate"]), short_number(c["error"]), mark)
+                          human_bytes(c["bytes"]), short_number(c["estimate"]), short_number(c.get("fitted")),
+                          short_number(c["error"]), mark)
         left = len(d["candidates"]) - len(shown)
         if left:
-            table.add_row("", f"({left} more ranked out by their estimate)", "", "", "", "", "", "")
+            table.add_row("", f"({left} more ranked out by their estimate)", "", "", "", "", "", "", "")
     console.print(table)
 
 
