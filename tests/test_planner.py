@@ -591,3 +591,44 @@ def test_each_form_lists_its_own_candidates_in_the_one_order_that_decides_ties()
     assert [c.quant for c in cands[:3 * 29]] == ["none"] * 29 + ["int8"] * 29 + ["int4"] * 29
     assert [(c.form, c.quant) for c in cands[3 * 29:]] == [("dense", q) for q in ("int8", "int4", "int3", "int2", "none")] + [
         ("quantized + low rank", "int4")] * 3
+
+
+def test_rank_allocation_measures_what_it_picks_not_every_option(gpt2_file, monkeypatch):
+    """An allocation option's error on the model is estimated from its fit; only the options the
+    Lagrangian picks are measured (each a forward pass), round by round, so under --quantize auto
+    the model measures far fewer than the options fitted, and the allocation still moves bits to
+    the family that matters (as in the test above)."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.planning import allocate
+    from vlora_compress.planning.search import plan_measured, share_budget
+    from vlora_compress.io.stacks import find_stacks
+
+    options, calls, during = [], [0], [0]
+    made = allocate._options
+    monkeypatch.setattr(allocate, "_options", lambda *a: options.append(made(*a)) or options[-1])
+    allocate_ranks = allocate.allocate_ranks
+
+    def counted(*a, **k):
+        before = calls[0]
+        out = allocate_ranks(*a, **k)
+        during[0] = calls[0] - before
+        return out
+
+    monkeypatch.setattr("vlora_compress.planning.search.allocate_ranks", counted)
+    with open_checkpoint(gpt2_file) as ckpt:
+        stacks = find_stacks(ckpt.infos)
+        families, weighted = _first_family_matters(ckpt, stacks)
+
+        def meter(rebuilt):
+            calls[0] += 1
+            return weighted(rebuilt)
+
+        weights = sum(f.shape[0] * f.shape[1] * len(f.layers) for f in families)
+        total = int(3.5 * weights / 8)
+        plan = plan_measured(stacks, CompressConfig(quantize="auto", group_size=16), ckpt.read, meter=meter,
+                             budgets=share_budget(stacks, total), total=total)
+    (allocation,) = plan.allocations
+    assert allocation.outcome == "allocated"
+    fitted = sum(len(o) for o in options)
+    # per family at most one anchor and a pick a round, and the two plans measured whole
+    assert during[0] <= (allocate.ROUNDS + 1) * len(families) + 2 < fitted
