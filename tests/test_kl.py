@@ -93,3 +93,14 @@ def test_logits_that_are_not_the_heads_product_are_measured_plainly(peaked):
     assert meter.head is None
     vocab = lm.lm_head.out_features
     assert meter(bent) == pytest.approx(_coarse_kl(lm, tok, texts, bent, vocab), rel=1e-4)
+
+
+def test_a_bf16_model_is_measured_from_its_hidden_states_in_float32(tiny_llama):
+    """The head's product runs in float32 whatever the model's dtype, and a bf16 model's own logits
+    (3 digits) still pass the check: the shortcut serves it, and the original measures 0."""
+    lm, tok = load_model(tiny_llama, head="causal-lm", dtype=torch.bfloat16), load_preprocessor(tiny_llama)
+    meter = OutputMeter(lm, tok, _texts(6), 64, measure="logits")
+    assert meter.head is not None and meter.head.weight.dtype == torch.float32
+    assert meter({}) == pytest.approx(0, abs=1e-9)
+    w = lm.model.layers[1].mlp.down_proj.weight.detach()
+    assert meter({KEY: w * 1.5}) > 1e-6  # a random head: flat distributions, small KL, but not none

@@ -29,7 +29,7 @@ GATHERED = 2**24  # head rows' floats gathered at once, in blocks of positions (
 
 @dataclass
 class Head:
-    """The head as a matrix product: logits = h @ weight.T (+ bias)."""
+    """The head as a matrix product: logits = h @ weight.T (+ bias), in float32."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -57,13 +57,16 @@ def plain_head(lm) -> Head | None:
     if any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale",
                                                                        "logits_scaling")):
         return None
-    return Head(head.weight.detach(), head.bias.detach() if head.bias is not None else None)
+    # in float32 whatever the model's dtype (no copy where it is float32): the KL of nearby candidates
+    # differs in digits a bf16 product would round away
+    return Head(head.weight.detach().float(), head.bias.detach().float() if head.bias is not None else None)
 
 
 def agrees(head: Head, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
     """Whether the model's own logits are the head's product with its base model's last hidden state."""
     mine = head.logits(hidden.float())
-    return bool(torch.allclose(mine, logits.float(), rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-5))
+    tol = max(1e-3, 2 * torch.finfo(logits.dtype).eps)  # a bf16 model's own logits hold 3 digits
+    return bool(torch.allclose(mine, logits.float(), rtol=tol, atol=tol * float(logits.abs().max()) + 1e-5))
 
 
 @dataclass
