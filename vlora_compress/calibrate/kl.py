@@ -14,7 +14,7 @@ candidate costs its layers' forward and, per position, the original's ``top`` li
   original's probabilities (Jensen), so the normaliser needs no pass over the vocabulary.
 
 With ``top`` at least the vocabulary it is the exact KL. Used only where the model's logits are its
-head's matrix product with the base model's last hidden state (checked on the first batch against
+head's matrix product with the base model's last hidden state (checked on two samples against
 the model's own logits: soft-capped or scaled logits fall back to the plain measure).
 """
 
