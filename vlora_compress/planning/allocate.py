@@ -4,15 +4,13 @@ every family compressed at once."""
 
 from __future__ import annotations
 
-import torch
-
 from ..forms import Candidate, candidate_bytes, dense, per_layer, quantized_base
 from ..forms.dense import DENSE_SCHEMES
 from ..forms.quantized_base import QLR_BASES, QLR_FACTORS
 from ..forms.stored import family_bytes
 from ..plan import Allocation, FamilyPlan, Together, finite
 from .budget import fit_candidate
-from .measure import exact, family_error, rebuild_in_memory
+from .measure import exact, family_error, rebuild_in_memory, rebuild_plans
 from . import space
 
 
@@ -60,8 +58,8 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     kept = [cand for _, cand, _ in chosen]
     if allocated == list(uniform):
         return list(uniform), Allocation("uniform"), kept
-    err_uniform = meter(_rebuild_all(chosen, uniform, config, read, whitener))
-    err_alloc = meter(_rebuild_all(chosen, allocated, config, read, whitener))
+    err_uniform = meter(rebuild_plans(uniform, config, read, whitener))
+    err_alloc = meter(rebuild_plans(allocated, config, read, whitener))
     if err_alloc < err_uniform:
         moved = tuple((fam.name, cand.label, opts[i][3].label) for (fam, cand, _), opts, i in zip(chosen, options, picked)
                       if opts[i][3] != cand)
@@ -220,11 +218,3 @@ def _low_rank(fp: FamilyPlan) -> bool:
 def _per_layer(cand: Candidate) -> Candidate:
     """Per-layer SVD in the candidate's storage."""
     return per_layer.candidate(cand.quant)
-
-
-def _rebuild_all(chosen, plans, config, read, whitener) -> dict[str, torch.Tensor]:
-    out = {}
-    for (fam, _, _), fp in zip(chosen, plans):
-        weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
-        out.update(rebuild_in_memory(fp, weights, whitener, config))
-    return out

@@ -52,8 +52,14 @@ def exact(fp: FamilyPlan) -> bool:
 def measure_plan(plan, config: CompressConfig, read, whitener, meter) -> float:
     """The meter's error with every family of ``plan`` compressed at once, rebuilt as compress would
     fit them on the original model's Grams (the planner's measure of a whole plan)."""
+    return meter(rebuild_plans(plan.families, config, read, whitener))
+
+
+def rebuild_plans(plans, config: CompressConfig, read, whitener) -> dict[str, torch.Tensor]:
+    """Every family plan of ``plans`` fitted and rebuilt in memory, each from the original weights:
+    what the model holds with all of them compressed at once."""
     rebuilt: dict[str, torch.Tensor] = {}
-    for fp in plan.families:
+    for fp in plans:
         weights = {layer: read(fp.key(layer)).float() for layer in fp.layers}
         rebuilt.update(rebuild_in_memory(fp, weights, whitener, config))
-    return meter(rebuilt)
+    return rebuilt
