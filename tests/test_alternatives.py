@@ -140,3 +140,21 @@ def test_a_sub_4_bit_report_scores_gptq_and_nearest_at_its_own_bytes(tiny_llama,
     assert scheme in rows and rows[scheme]["bytes"] == rows[gptq[0]]["bytes"] <= rows["this file"]["bytes"]
     assert rows[gptq[0]]["value"] < rows[scheme]["value"]  # perplexity: GPTQ below round-to-nearest
     assert "--rounding nearest" in rows[scheme]["command"] and "--quantize int" in rows[gptq[0]]["command"]
+
+
+def test_an_alternative_within_noise_does_not_win_the_verdict():
+    """Better by less than the noise (1% of a perplexity, 0.002 of a cosine) is named as level, not
+    as a reason to use it; better by more still wins."""
+    from vlora_compress.evaluate.alternatives import block
+
+    rows = [Row("int8 alone", 30, 10.05, 1, "make int8"), Row("this file", 40, 10.1, 1)]
+    assert verdict(rows, "perplexity", False).startswith("This file is the best")  # 0.5% lower: noise
+    assert block(rows, "perplexity", False)["within_noise"] == ["int8 alone"]
+    rows[0] = Row("int8 alone", 30, 9.9, 1, "make int8")  # 2% lower: better
+    assert verdict(rows, "perplexity", False).startswith("int8 alone is smaller")
+    cos = [Row("int4 alone", 30, 0.9415, 1), Row("this file", 40, 0.9400, 1)]
+    assert verdict(cos, "cosine_to_reference", True).startswith("This file is the best")
+    cos[0] = Row("int4 alone", 30, 0.9430, 1)
+    assert verdict(cos, "cosine_to_reference", True).startswith("int4 alone is smaller")
+    assert block(cos, "cosine_to_reference", True)["noise"] == 0.002
+    assert block(cos, "cosine_to_reference", True)["within_noise"] == []

@@ -155,24 +155,53 @@ def made_row(name: str, make, config_dir, kind: str, device, score) -> Row:
 def block(rows: list[Row], metric: str, higher_is_better: bool) -> dict:
     """The rows, ordered by bytes, with the verdict read from them."""
     rows = sorted(rows, key=lambda r: (r.bytes, r.name != "this file"))
+    mine = next(r for r in rows if r.name == "this file")
     return {"metric": metric, "higher_is_better": higher_is_better, "rows": [asdict(r) for r in rows],
+            "noise": noise(metric, mine.value), "within_noise": [r.name for r in within_noise(rows, metric)],
             "verdict": verdict(rows, metric, higher_is_better)}
+
+
+RELATIVE_NOISE = {"perplexity": 0.01, "kl_to_reference": 0.01}  # a share of the file's own value
+ABSOLUTE_NOISE = 0.002  # every other score (cosine, agreement, accuracy, rank correlation: at most 1)
+
+
+def noise(metric: str, value: float) -> float:
+    """How much better than ``value`` an alternative must score to count as better, not noise: 1% of
+    a perplexity or KL, 0.002 of a score in [0, 1] (the margins issue 38's targets are read within)."""
+    share = RELATIVE_NOISE.get(metric)
+    return abs(value) * share if share is not None else ABSOLUTE_NOISE
+
+
+def _better(higher_is_better: bool, margin: float):
+    return (lambda a, b: a > b + margin) if higher_is_better else (lambda a, b: a < b - margin)
+
+
+def within_noise(rows: list[Row], metric: str) -> list[Row]:
+    """The alternatives no larger than the file that score within ``noise`` of it."""
+    mine = next(r for r in rows if r.name == "this file")
+    margin = noise(metric, mine.value)
+    return [r for r in rows if r is not mine and r.name != "original" and r.bytes <= mine.bytes
+            and abs(r.value - mine.value) <= margin]
 
 
 def verdict(rows: list[Row], metric: str, higher_is_better: bool) -> str:
     """One line from the measurements only: an alternative that dominates the file (no larger, and
-    better) and how to make it, or else that the file is the best row at or under its bytes."""
+    better by more than ``noise``) and how to make it, or else that the file is the best row at or
+    under its bytes, naming those within noise of it."""
     mine = next(r for r in rows if r.name == "this file")
-    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    margin = noise(metric, mine.value)
+    better = _better(higher_is_better, margin)
     dominating = [r for r in rows if r is not mine and r.bytes <= mine.bytes and better(r.value, mine.value)]
     if dominating:
         best = max(dominating, key=lambda r: r.value if higher_is_better else -r.value)
         how = f"; `{best.command}` makes it" if best.command else ""
         return (f"{best.name} is smaller ({human_bytes(best.bytes)} against {human_bytes(mine.bytes)}) and better "
                 f"({metric} {best.value:.4g} against {mine.value:.4g}) than this file: use it{how}.")
+    shown = lambda rs: ", ".join(f"{r.name} ({human_bytes(r.bytes)}, {r.value:.4g})" for r in rs)  # noqa: E731
     larger_better = [r for r in rows if r is not mine and better(r.value, mine.value)]
-    tail = (f" Better, but larger: {', '.join(f'{r.name} ({human_bytes(r.bytes)}, {r.value:.4g})' for r in larger_better)}."
-            if larger_better else "")
+    level = within_noise(rows, metric)
+    tail = f" Better, but larger: {shown(larger_better)}." if larger_better else ""
+    tail += f" As good within noise ({metric} ±{margin:.2g}): {shown(level)}." if level else ""
     return f"This file is the best of these at or under its size ({human_bytes(mine.bytes)}, {metric} {mine.value:.4g}).{tail}"
 
 
