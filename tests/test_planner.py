@@ -1,4 +1,5 @@
 import itertools
+import math
 from dataclasses import replace
 
 import pytest
@@ -159,6 +160,7 @@ def test_the_model_measures_the_least_fitted_of_a_short_list_with_the_baseline_o
     from vlora_compress.io.stacks import find_stacks
 
     monkeypatch.setattr(search, "MEASURED", 2)  # fewer than the short list: some are fitted, not measured
+    monkeypatch.setattr(search, "PRUNE", math.inf)  # the whole short list fitted (the next test prunes it)
     calls = []
 
     def meter(rebuilt):  # any score will do: the first measured candidate wins
@@ -632,3 +634,39 @@ def test_rank_allocation_measures_what_it_picks_not_every_option(gpt2_file, monk
     fitted = sum(len(o) for o in options)
     # per family at most one anchor and a pick a round, and the two plans measured whole
     assert during[0] <= (allocate.ROUNDS + 1) * len(families) + 2 < fitted
+
+
+def test_a_candidate_whose_estimate_rules_it_out_is_not_fitted_and_the_choice_stays(gpt2_file, monkeypatch):
+    """Under ``--quantize auto`` the rounded forms are fitted first; a float low-rank candidate whose
+    estimate is above PRUNE times the least fitted error so far is then left unfitted. Every plan is
+    the one fitting the whole short list gives, with fewer fits."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.planning import search
+    from vlora_compress.io.stacks import find_stacks
+
+    fits = []
+    rebuild = search.rebuild_in_memory
+    monkeypatch.setattr(search, "rebuild_in_memory", lambda fp, *a, **k: fits.append(fp) or rebuild(fp, *a, **k))
+    config = CompressConfig(rank=24, ranks="uniform", quantize="auto")
+    prune = search.PRUNE
+
+    def planned(prune):
+        monkeypatch.setattr(search, "PRUNE", prune)
+        fits.clear()
+        with open_checkpoint(gpt2_file) as ckpt:
+            plan = search.plan_measured(find_stacks(ckpt.infos), config, ckpt.read)
+        return plan, len(fits)
+
+    everything, n_all = planned(math.inf)
+    pruned, n_pruned = planned(prune)
+    assert pruned.families == everything.families and n_pruned < n_all
+    n_unfitted = 0
+    for d_all, d in zip(everything.decisions, pruned.decisions):
+        assert d.taken == d_all.taken
+        least = min(c.fitted for c in d.candidates if c.fitted is not None)
+        for c_all, c in zip(d_all.candidates, d.candidates):
+            if c_all.fitted is not None and c.fitted is None:  # on the short list, ruled out by its estimate
+                assert c.form not in ("dense", "quantized + low rank") and c.estimate > prune * least
+                assert c_all.fitted > least  # and it would not have won
+                n_unfitted += 1
+    assert n_unfitted == n_all - n_pruned

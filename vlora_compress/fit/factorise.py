@@ -50,7 +50,9 @@ def fit_family(
     their first layer or none. Only the base and the last rebuilt layer are held, so memory stays at
     a few copies of one tensor; everything is made on the device of the weights read.
     ``svd_cache`` keeps the decomposition of every layer fitted on a zero base (per-layer factors,
-    which do not depend on the rank) for a later fit of the same weights at another rank.
+    which do not depend on the rank) or on a base rounded from the layer alone (a quantized base
+    under low rank: the same for the same scheme), for a later fit of the same weights at another
+    rank (``_memo_name``).
     Without ``measure`` the LayerFits carry no errors (NaN, None): the planner's trial fits, which
     score the family as a whole, spend nothing on them.
     ``bases`` is the (read, whitener) a shared chunk's basis is fitted from where those are not the
@@ -113,7 +115,8 @@ def _fit_layer(plan: FamilyPlan, t, read, whitener, config: CompressConfig, rebu
         base_hat = last_hat = torch.zeros(plan.shape, dtype=torch.float32, device=w.device)
     ref_hat = base_hat if t.over == "base" else last_hat
     delta = w.float() - ref_hat
-    memo = (svd_cache, key) if svd_cache is not None and t.base is None else None
+    name = _memo_name(plan, t) if svd_cache is not None else None
+    memo = (svd_cache, name) if name is not None else None
     hessian = _hessian(plan, t.factors[0], config, wh) if rank else None  # for the factor reading the inputs
     if t.shares_left:  # the chunk's basis is B: only the layer's A is its own
         b = basis_hat
@@ -145,6 +148,19 @@ def _fit_layer(plan: FamilyPlan, t, read, whitener, config: CompressConfig, rebu
     # a caller driving the walk a layer at a time waits here: hold nothing it has not asked for
     del w, w_hat, delta, wh, b, a, base_hat, last_hat, ref_hat, basis_hat
     yield fit
+
+
+def _memo_name(plan: FamilyPlan, t) -> tuple | None:
+    """The name ``svd_cache`` keeps a layer's decomposition under where another fit of the same
+    weights meets the same matrix at another rank: over a zero base (per-layer factors), or over a
+    base rounded from the layer alone (a quantized base under low rank), the same for the same
+    scheme; None where the matrix depends on the rest of the plan."""
+    if t.base is None:
+        return (t.key,)
+    chunk = plan.chunks[t.chunk]
+    if chunk.base == "synthetic" and len(chunk.layers) == 1 and t.over == "base":
+        return (t.key, plan.quant_of(t.base), plan.store_dtype, plan.group_size)
+    return None
 
 
 def _fit_pair(plan: FamilyPlan, names: tuple[str, str], delta: torch.Tensor, rank: int, wh: Whitener | None,

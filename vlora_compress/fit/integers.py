@@ -122,6 +122,7 @@ def rounding_memo():
         _MEMO_ON[0] -= 1
         if not _MEMO_ON[0]:
             _MEMO.clear()
+            _HESSIAN_DIGESTS.clear()
             _MEMO_BYTES[0] = 0
 
 
@@ -131,11 +132,26 @@ def _digest(t: torch.Tensor) -> bytes:
                            digest_size=16).digest() + str((data.dtype, tuple(data.shape))).encode()
 
 
+_HESSIAN_DIGESTS: dict[int, tuple] = {}  # id(hessian) -> (hessian, its digest), while the memo is on
+
+
+def _hessian_digest(hessian) -> tuple:
+    """The digest of a Hessian tuple, made once per tuple while the memo is on: a layer's Whitener
+    hands out the same one to every rounding of the layer, and digesting its n x n factor each time
+    cost a tenth of SmolLM2's planning. The tuple is held beside its digest, so its id stays its own."""
+    kept = _HESSIAN_DIGESTS.get(id(hessian))
+    if kept is None or kept[0] is not hessian:
+        kept = (hessian, (hessian[2], *(_digest(h) for h in (hessian[0], hessian[1])),
+                          _digest(hessian[3]) if len(hessian) > 3 else None))
+        _HESSIAN_DIGESTS[id(hessian)] = kept
+    return kept[1]
+
+
 def _memo_key(x, scheme: str, group_size: int, hessian, scale) -> tuple | None:
     if not _MEMO_ON[0] or hessian is None:  # rounding to nearest costs less than its key
         return None
-    return (_digest(x), scheme, group_size, hessian[2], *(_digest(h) for h in (hessian[0], hessian[1])),
-            _digest(hessian[3]) if len(hessian) > 3 else None, _digest(scale) if scale is not None else None)
+    return (_digest(x), scheme, group_size, *_hessian_digest(hessian),
+            _digest(scale) if scale is not None else None)
 
 
 def _quantize(x: torch.Tensor, scheme: str, group_size: int, hessian, scale) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from ..forms.quantized_base import QLR_BASES, QLR_FACTORS
 from ..forms.stored import family_bytes
 from ..plan import Allocation, FamilyPlan, Together, finite
 from .budget import fit_candidate
+from .estimate import PRUNE, spectral_error
 from .measure import exact, family_error, rebuild_in_memory, rebuild_plans
 from . import space
 
@@ -200,7 +201,7 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
         fam = chosen[j][0]
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         alt = fit_candidate(fam, _per_layer(picked[j]), weights, whitener, config, family_bytes(plans[j]))
-        if alt is None:
+        if alt is None or picked[j].spec.rounded and _ruled_out(fam, alt, weights, rebuilt[j], whitener, config):
             continue
         swapped = rebuild_in_memory(alt, weights, whitener, config)
         err = meter(joined(rebuilt[:j] + [swapped] + rebuilt[j + 1:]))
@@ -208,6 +209,17 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
         if err < current:  # per-layer SVD ships
             plans[j], picked[j], rebuilt[j], current = alt, _per_layer(picked[j]), swapped, err
     return plans, picked, checks
+
+
+def _ruled_out(fam, alt: FamilyPlan, weights, rebuilt, whitener, config) -> bool:
+    """Whether per-layer SVD at the family's bytes estimates (from singular values, its exact fitted
+    error up to the store dtype's rounding) more than ``PRUNE`` times the family's own fitted
+    error as chosen: a quantized base under low rank against per-layer factors at 2.5 bits, where a
+    measurement (a fit and a forward pass) would only confirm the choice. Asked only of rounded
+    forms: a shared basis, whose errors add up together where per-layer errors partly cancel, is
+    always checked (it lost end to end on MiniLM at a family error close to per-layer SVD's)."""
+    own = family_error(fam, weights, rebuilt, whitener)
+    return spectral_error(alt, weights, whitener, {}, config.calibration.damping) > PRUNE * own
 
 
 def _low_rank(fp: FamilyPlan) -> bool:

@@ -49,7 +49,7 @@ from ..fit.svd import Whitener
 from ..forms import Candidate, candidate_bytes, dense, fit_rank
 from ..forms.stored import family_bytes
 from .allocate import allocate_ranks, joint_check
-from .estimate import spectral_error
+from .estimate import PRUNE, spectral_error
 from .measure import exact, family_error, rebuild_in_memory
 from . import space
 from ..plan import Decision, FamilyPlan, Plan, StackPlan, Weighed, split_equal, together_note
@@ -134,9 +134,10 @@ def _choose(fam: Family, cands: list[Candidate], weights, whitener, config: Comp
 
     Every candidate is planned at the budget and ranked by spectral_error, an estimate from singular
     values that all candidates of the family share (no fit: on SmolLM2 fitting every candidate cost
-    70% of the plan). The ``SHORT_LIST`` best, per-layer SVD (the baseline is always fitted), and
+    70% of the plan). The ``SHORT_LIST`` best, per-layer SVD (the baseline), and
     under ``--quantize auto`` the best of each other storage and every dense one (the estimate does
-    not see rounding) are then fitted and scored by the family's summed (whitened) output error;
+    not see rounding) are then fitted, but for those whose estimate rules them out (``PRUNE``), and
+    scored by the family's summed (whitened) output error;
     with a meter, the least of those by the model's output error instead (_scored). At most
     ``MEASURED`` rebuilt candidates' weights are held at once."""
     spectra: dict = {}  # singular values per (reference, layer): every candidate's estimate reads them
@@ -184,7 +185,9 @@ MEASURED = 3  # with a meter: the short list's candidates of least fitted (famil
 def _scored(fam: Family, short: list, weights, whitener, config: CompressConfig, meter, known: dict, fitted: dict):
     """({index: the family's own fitted error}, {index: score}) of the short list's candidates.
 
-    Each is fitted and scored by the family's summed (whitened) output error; with a meter, the
+    Each is fitted and scored by the family's summed (whitened) output error, the rounded ones first
+    and then the rest by estimate, skipping any whose estimate is above ``PRUNE`` times the least
+    fitted error so far (``_bounded``: its fit cannot come below it by that much); with a meter, the
     ``MEASURED`` least of those are then measured on the model (a forward pass each, 10 s on SmolLM2
     where a fit's own error costs none: the rest are left unmeasured) and scored by that. A plan storing
     every layer whole scores 0 unfitted; one measured before (``known``) keeps its measurement, one
@@ -192,16 +195,22 @@ def _scored(fam: Family, short: list, weights, whitener, config: CompressConfig,
     errors, scores = {}, {}
     kept: list = []  # (fitted error, place, index, plan, rebuilt weights): the MEASURED least so far
     cache: dict = {}  # per-layer decompositions, shared by per-layer SVD in every storage
-    for place, (_, i, cand, fp) in enumerate(short):
+    least = math.inf  # the least fitted error so far: an estimate far above it is not worth a fit
+    for place, (est, i, cand, fp) in sorted(enumerate(short), key=_fitting_order):
         if exact(fp):  # every layer stored whole in its own dtype: nothing to fit or measure
             errors[i] = scores[i] = 0.0
+            least = 0.0
             continue
         if meter is not None and fp in known:
             scores[i] = known[fp]
             errors[i] = fitted.get(fp)
+            least = min(least, math.inf if errors[i] is None else errors[i])
+            continue
+        if _bounded(cand) and est > PRUNE * least:  # it cannot win: left unfitted (its estimate is reported)
             continue
         rebuilt = rebuild_in_memory(fp, weights, whitener, config, cache)
         errors[i] = fitted[fp] = family_error(fam, weights, rebuilt, whitener)
+        least = min(least, errors[i])
         if meter is None:
             scores[i] = errors[i]
             continue
@@ -210,6 +219,21 @@ def _scored(fam: Family, short: list, weights, whitener, config: CompressConfig,
     for _, _, i, fp, rebuilt in sorted(kept, key=lambda k: k[1]):
         scores[i] = known[fp] = meter(rebuilt)
     return errors, scores
+
+
+def _bounded(cand: Candidate) -> bool:
+    """Whether the candidate's spectral estimate bounds its fitted error from below, up to what a
+    closed-loop fit mends (a little: far less than ``PRUNE``): not where it rounds a whole layer
+    (no estimate) or adds residual factors the estimate leaves out."""
+    return not cand.spec.rounded and not cand.residual
+
+
+def _fitting_order(item) -> tuple:
+    """The short list in the order it is fitted: first what the estimate cannot rank (every layer
+    whole, rounded forms, residual factors), then the rest by estimate, so that the least fitted
+    error so far is low when the pruning reads it."""
+    place, (est, _, cand, fp) = item
+    return (_bounded(cand) and not exact(fp), est if _bounded(cand) else 0.0, place)
 
 
 def _weighed(cand: Candidate, fp: FamilyPlan, estimate: float | None = None, error: float | None = None,
