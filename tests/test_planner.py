@@ -161,6 +161,7 @@ def test_the_model_measures_the_least_fitted_of_a_short_list_with_the_baseline_o
 
     monkeypatch.setattr(search, "MEASURED", 2)  # fewer than the short list: some are fitted, not measured
     monkeypatch.setattr(search, "PRUNE", math.inf)  # the whole short list fitted (the next test prunes it)
+    monkeypatch.setattr(search, "MEASURE_WITHIN", math.inf)  # and the least fitted measured, however far apart
     calls = []
 
     def meter(rebuilt):  # any score will do: the first measured candidate wins
@@ -670,3 +671,26 @@ def test_a_candidate_whose_estimate_rules_it_out_is_not_fitted_and_the_choice_st
                 assert c_all.fitted > least  # and it would not have won
                 n_unfitted += 1
     assert n_unfitted == n_all - n_pruned
+
+
+def test_the_model_measures_only_candidates_fitted_near_the_least(gpt2_file):
+    """A candidate fitted at more than MEASURE_WITHIN times the least fitted error is not measured:
+    the least fitted always is, and every measurement is of one within the bound."""
+    from vlora_compress.config import CompressConfig
+    from vlora_compress.planning import search
+    from vlora_compress.io.stacks import find_stacks
+
+    calls = []
+    config = CompressConfig(rank=24, ranks="uniform", quantize="auto")
+    with open_checkpoint(gpt2_file) as ckpt:
+        plan = search.plan_measured(find_stacks(ckpt.infos), config, ckpt.read,
+                                    meter=lambda rebuilt: calls.append(1) or float(len(calls)))
+    n_far = 0
+    for d in plan.decisions:
+        fitted = [c for c in d.candidates if c.fitted is not None]
+        least = min(c.fitted for c in fitted)
+        measured = [c for c in fitted if c.error is not None]
+        assert [c.fitted for c in measured if c.fitted == least] and d.taken in measured
+        assert all(c.fitted <= search.MEASURE_WITHIN * least for c in measured)
+        n_far += sum(c.fitted > search.MEASURE_WITHIN * least for c in fitted)
+    assert len(calls) == sum(c.error is not None for d in plan.decisions for c in d.candidates) and n_far > 0

@@ -538,3 +538,34 @@ def test_the_zero_level_pays_alone_and_the_midrise_grid_under_a_low_rank_increme
     assert cosine["int2"][0] > cosine["int2-midrise"][0] + 0.05, cosine  # alone: the zero level
     assert cosine["int2-midrise"][1] > cosine["int2"][1] + 0.02, cosine  # under an increment: mid-rise
     assert meter["int2-midrise"] < meter["int2"], meter  # what the per-layer meter sees instead
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int2-midrise"])
+def test_gptq_column_loop_chooses_what_the_textbook_loop_chooses(scheme):
+    """The loop runs on columns laid out as rows, in place; its integers are those of GPTQ as the
+    paper writes it (each column rounded, its error over the pivot spread along the row of U⁻¹ᵀ,
+    the block's error applied to the columns after it in one product), across several blocks."""
+    from vlora_compress.fit.integers import GPTQ_BLOCK, gptq, to_grid, top
+
+    def textbook(w, scale, u):
+        w, q = w.clone(), torch.empty_like(w)
+        for start in range(0, w.shape[1], GPTQ_BLOCK):
+            end = min(start + GPTQ_BLOCK, w.shape[1])
+            err = torch.empty(w.shape[0], end - start)
+            for c in range(start, end):
+                q[:, c] = to_grid(w[:, c] / scale[:, c], scheme)
+                err[:, c - start] = (w[:, c] - q[:, c] * scale[:, c]) / u[c, c]
+                w[:, c + 1:end] -= err[:, c - start, None] * u[c, c + 1:end][None, :]
+            w[:, end:] -= err @ u[start:end, end:]
+        return q
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 2 * GPTQ_BLOCK + 40, generator=g)
+    x = torch.randn(4 * w.shape[1], w.shape[1], generator=g) * torch.rand(w.shape[1], generator=g)
+    h = x.T @ x
+    u = torch.linalg.cholesky(torch.linalg.inv(h.double() + 1e-2 * h.diagonal().mean() * torch.eye(len(h))),
+                              upper=True).float()
+    scale = (w.abs().amax(1, keepdim=True) / top(scheme)).expand_as(w).contiguous()
+    got, want = gptq(w, scale, scheme, u), textbook(w, scale, u)
+    assert (got == want).float().mean() > 0.999  # the same integers, but for a float tie or two
+    assert not torch.equal(got, to_grid(w / scale, scheme))  # and not round-to-nearest's

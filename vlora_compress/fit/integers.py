@@ -254,22 +254,30 @@ def gptq(w: torch.Tensor, scale: torch.Tensor, scheme: str, u: torch.Tensor) -> 
     ``u`` of H⁻¹). It minimises the layer's output error ‖(W − Ŵ)X‖ where round-to-nearest
     minimises the weight error. The column loop is the algorithm's own; the lazy block update
     makes the rest matrix products."""
-    w = w.float().clone()
-    u = u.to(w)
-    rows, cols = w.shape
-    q = torch.empty_like(w)
+    # columns as rows (contiguous), the per-column work in place: the loop is the algorithm's own, so
+    # its cost is the number of small operations a column (half of it was temporaries and strided reads)
+    wt = w.float().t().contiguous()
+    st = scale.float().t().contiguous()
+    u = u.to(wt)
+    cols = wt.shape[0]
+    diagonal = u.diagonal().tolist()
+    qt = torch.empty_like(wt)
     for start in range(0, cols, GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, cols)
-        block = w[:, start:end]
+        block = wt[start:end]
         err = torch.empty_like(block)
         for j in range(end - start):
             c = start + j
-            qj = to_grid(block[:, j] / scale[:, c], scheme)
-            q[:, c] = qj
-            e = (block[:, j] - qj * scale[:, c]) / u[c, c]
-            block[:, j + 1:] -= e[:, None] * u[c, c + 1:end][None, :]
-            err[:, j] = e
-        w[:, end:] -= err @ u[start:end, end:]
+            qj = to_grid(block[j] / st[c], scheme)
+            qt[c] = qj
+            e = err[j]
+            torch.addcmul(block[j], qj, st[c], value=-1.0, out=e)
+            e.div_(diagonal[c])
+            if j + 1 < end - start:
+                block[j + 1:].addr_(u[c, c + 1:end], e, alpha=-1.0)
+        if end < cols:
+            wt[end:].addmm_(u[start:end, end:].t(), err, alpha=-1.0)
+    q = qt.t().contiguous()
     return q
 
 

@@ -10,7 +10,6 @@ from ..forms.quantized_base import QLR_BASES, QLR_FACTORS
 from ..forms.stored import family_bytes
 from ..plan import Allocation, FamilyPlan, Together, finite
 from .budget import fit_candidate
-from .estimate import PRUNE, spectral_error
 from .measure import exact, family_error, rebuild_in_memory, rebuild_plans
 from . import space
 
@@ -176,8 +175,8 @@ def _lagrangian(options, budget: int) -> list[int]:
 def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
                 picked: list[Candidate] | None = None) -> tuple[list[FamilyPlan], list[Candidate], list[Together | None]]:
     """(plans, their candidates, per family its check or None) with every family whose form is not
-    per-layer SVD measured against per-layer SVD at its bytes, with every family compressed at once:
-    the lower ships, one family at a time in order.
+    per-layer SVD and couples layers (``_coupled``) measured against per-layer SVD at its bytes,
+    with every family compressed at once: the lower ships, one family at a time in order.
 
     A family's form is chosen with that family alone compressed, and what wins alone need not win
     together: on all-MiniLM-L6-v2 shared bases won five families' choices and lost end to end
@@ -186,7 +185,7 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
     picked = list(picked) if picked is not None else [cand for _, cand, _ in chosen]
     plans = list(plans)
     checked = [j for j, ((fam, _, _), fp, cand) in enumerate(zip(chosen, plans, picked))
-               if cand.kind not in ("per-layer", "dense") and not exact(fp) and _low_rank(fp)
+               if cand.kind not in ("per-layer", "dense") and not exact(fp) and _low_rank(fp) and _coupled(fp)
                and _per_layer(cand) in space.candidates(config, len(fam.layers))]
     checks: list[Together | None] = [None] * len(plans)
     if not checked:
@@ -201,7 +200,7 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
         fam = chosen[j][0]
         weights = {layer: read(fam.key(layer)).float() for layer in fam.layers}
         alt = fit_candidate(fam, _per_layer(picked[j]), weights, whitener, config, family_bytes(plans[j]))
-        if alt is None or picked[j].spec.rounded and _ruled_out(fam, alt, weights, rebuilt[j], whitener, config):
+        if alt is None:
             continue
         swapped = rebuild_in_memory(alt, weights, whitener, config)
         err = meter(joined(rebuilt[:j] + [swapped] + rebuilt[j + 1:]))
@@ -211,15 +210,13 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
     return plans, picked, checks
 
 
-def _ruled_out(fam, alt: FamilyPlan, weights, rebuilt, whitener, config) -> bool:
-    """Whether per-layer SVD at the family's bytes estimates (from singular values, its exact fitted
-    error up to the store dtype's rounding) more than ``PRUNE`` times the family's own fitted
-    error as chosen: a quantized base under low rank against per-layer factors at 2.5 bits, where a
-    measurement (a fit and a forward pass) would only confirm the choice. Asked only of rounded
-    forms: a shared basis, whose errors add up together where per-layer errors partly cancel, is
-    always checked (it lost end to end on MiniLM at a family error close to per-layer SVD's)."""
-    own = family_error(fam, weights, rebuilt, whitener)
-    return spectral_error(alt, weights, whitener, {}, config.calibration.damping) > PRUNE * own
+def _coupled(fp: FamilyPlan) -> bool:
+    """Whether any chunk holds more than one layer: a base, a chain or a basis shared, whose errors
+    can add up through the model where independent layers' partly cancel. A quantized base under
+    low rank is every layer on its own, as per-layer SVD is: checking it against per-layer SVD
+    together would measure what the choice measured alone (on SmolLM2 at 2.5 bits, five refits and
+    forward passes a plan, none of which changed it)."""
+    return any(len(c.layers) > 1 for c in fp.chunks)
 
 
 def _low_rank(fp: FamilyPlan) -> bool:

@@ -10,8 +10,8 @@ from ..plan import FamilyPlan
 from .spectra import common_whitener, spectrum, whiten
 
 PRUNE = 2.0  # a candidate whose estimate is above this many times an error fitted already is not fitted
-# (planning/search._scored) nor checked against (planning/allocate.joint_check): the estimate is its
-# truncations' error alone, which rounding only adds to and a closed-loop fit mends by far less
+# (planning/search._scored): the estimate is its truncations' error alone, which rounding only adds
+# to and a closed-loop fit mends by far less
 
 
 def spectral_error(fp: FamilyPlan, weights, whitener, spectra: dict, damping: float = 1e-2) -> float:
