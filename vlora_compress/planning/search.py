@@ -27,8 +27,9 @@ and scored by the summed (whitened when calibrated) squared output error of the 
 else their weight error; with a meter, the ``MEASURED`` least of those are measured on the model
 (its output error on held-back calibration samples), and the one with the least error wins. The search is bounded: ``auto`` plans at most 3 chunk counts x 2 bases (first, mean) x 2
 topologies + per-layer SVD = 13 candidates per family (x 3 storages, plus every layer dense in int8
-and in int4, under ``--quantize auto``), fits at most 4 (8 under auto) and measures 3 on the
-model; ``--shared`` adds 2 sides
+and in int4, under ``--quantize auto``), fits at most 4 (8 under auto), fewer where the estimates
+rule candidates out (``PRUNE``), and measures at most 3 on the model, those fitted within 1.5x of
+the least (``MEASURE_WITHIN``); ``--shared`` adds 2 sides
 x up to 3 group counts x 2 groupings x with or without residual factors, and one fit for the best
 of each side with and without residual factors; ``best`` is tried only when asked for, since it
 fits every layer of a chunk as the base.
