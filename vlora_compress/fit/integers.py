@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -132,17 +133,19 @@ def _digest(t: torch.Tensor) -> bytes:
                            digest_size=16).digest() + str((data.dtype, tuple(data.shape))).encode()
 
 
-_HESSIAN_DIGESTS: dict[int, tuple] = {}  # id(hessian) -> (hessian, its digest), while the memo is on
+_HESSIAN_DIGESTS: dict[int, tuple] = {}  # id(hessian) -> (weakref to its U, its digest), while the memo is on
 
 
 def _hessian_digest(hessian) -> tuple:
     """The digest of a Hessian tuple, made once per tuple while the memo is on: a layer's Whitener
     hands out the same one to every rounding of the layer, and digesting its n x n factor each time
-    cost a tenth of SmolLM2's planning. The tuple is held beside its digest, so its id stays its own."""
+    cost a tenth of SmolLM2's planning. Only a weak reference to the factor is kept beside the
+    digest, so the Grams' cache still frees it (a 7B layer's is GBs); a freed factor, or a new tuple
+    under an old id, is digested again."""
     kept = _HESSIAN_DIGESTS.get(id(hessian))
-    if kept is None or kept[0] is not hessian:
-        kept = (hessian, (hessian[2], *(_digest(h) for h in (hessian[0], hessian[1])),
-                          _digest(hessian[3]) if len(hessian) > 3 else None))
+    if kept is None or kept[0]() is not hessian[0]:
+        kept = (weakref.ref(hessian[0]), (hessian[2], *(_digest(h) for h in (hessian[0], hessian[1])),
+                                          _digest(hessian[3]) if len(hessian) > 3 else None))
         _HESSIAN_DIGESTS[id(hessian)] = kept
     return kept[1]
 
@@ -256,7 +259,7 @@ def gptq(w: torch.Tensor, scale: torch.Tensor, scheme: str, u: torch.Tensor) -> 
     makes the rest matrix products."""
     # columns as rows (contiguous), the per-column work in place: the loop is the algorithm's own, so
     # its cost is the number of small operations a column (half of it was temporaries and strided reads)
-    wt = w.float().t().contiguous()
+    wt = w.float().t().clone(memory_format=torch.contiguous_format)  # a copy: the loop writes into it
     st = scale.float().t().contiguous()
     u = u.to(wt)
     cols = wt.shape[0]

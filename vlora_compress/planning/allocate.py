@@ -213,8 +213,8 @@ def joint_check(chosen, plans: list[FamilyPlan], config, read, whitener, meter,
 def _coupled(fp: FamilyPlan) -> bool:
     """Whether any chunk holds more than one layer: a base, a chain or a basis shared, whose errors
     can add up through the model where independent layers' partly cancel. A quantized base under
-    low rank is every layer on its own, as per-layer SVD is: checking it against per-layer SVD
-    together would measure what the choice measured alone (on SmolLM2 at 2.5 bits, five refits and
+    low rank is every layer on its own, as per-layer SVD is, so the cause the check guards against
+    (errors of a shared base or basis adding up) is absent (on SmolLM2 at 2.5 bits, five refits and
     forward passes a plan, none of which changed it)."""
     return any(len(c.layers) > 1 for c in fp.chunks)
 

@@ -4,8 +4,8 @@ Each family gets a byte budget: what the plan the user asked for (``--rank``/``-
 ``--target-size``) would store for it with first-layer bases and a chain. Every candidate form is
 then fitted at that same budget, closed loop and whitened when calibrated:
 
-- ``none``: every layer its own low-rank factors (per-layer SVD), so the planner never does worse
-  than that baseline by its own measure;
+- ``none``: every layer its own low-rank factors (per-layer SVD), the baseline, left unfitted or
+  unmeasured only where its error (its estimate is its fitted error) is far above another's;
 - a VLoRA form: base ``first``, ``mean`` (the whitened mean, stored once) or ``best`` (the layer
   whose choice leaves the least residual) with a ``chain`` or ``star`` topology, for each chunk
   count allowed. Chunk bounds come from dynamic programming over contiguous partitions, minimising
@@ -186,8 +186,8 @@ MEASURED = 3  # with a meter: the short list's candidates of least fitted (famil
 def _scored(fam: Family, short: list, weights, whitener, config: CompressConfig, meter, known: dict, fitted: dict):
     """({index: the family's own fitted error}, {index: score}) of the short list's candidates.
 
-    Each is fitted and scored by the family's summed (whitened) output error, the rounded ones first
-    and then the rest by estimate, skipping any whose estimate is above ``PRUNE`` times the least
+    Each is fitted and scored by the family's summed (whitened) output error, those the estimate
+    cannot rank first (rounded forms, residual factors) and then the rest by estimate, skipping any whose estimate is above ``PRUNE`` times the least
     fitted error so far (``_bounded``: its fit cannot come below it by that much); with a meter, the
     ``MEASURED`` least of those, of those within ``MEASURE_WITHIN`` times the least, are then measured
     on the model (a forward pass each, 10 s on SmolLM2 where a fit's own error costs none: the rest
@@ -220,7 +220,7 @@ def _scored(fam: Family, short: list, weights, whitener, config: CompressConfig,
         kept = sorted(kept + [(errors[i], place, i, fp, rebuilt)], key=lambda k: k[:2])[:MEASURED]
         del rebuilt
     for err, _, i, fp, rebuilt in sorted(kept, key=lambda k: k[1]):
-        if err <= MEASURE_WITHIN * least:  # else the model would only confirm that it loses
+        if not err > MEASURE_WITHIN * least:  # else the model would only confirm that it loses (NaN: measured)
             scores[i] = known[fp] = meter(rebuilt)
     return errors, scores
 
@@ -229,8 +229,9 @@ MEASURE_WITHIN = 1.5  # with a meter, only candidates fitted within this many ti
 
 
 def _bounded(cand: Candidate) -> bool:
-    """Whether the candidate's spectral estimate bounds its fitted error from below, up to what a
-    closed-loop fit mends (a little: far less than ``PRUNE``): not where it rounds a whole layer
+    """Whether the candidate's spectral estimate is close to a lower bound of its fitted error: open
+    loop, it leaves out what a closed-loop fit mends and a shared basis's own whitening gains (a
+    little: far less than ``PRUNE``; measured, not proved): not where it rounds a whole layer
     (no estimate) or adds residual factors the estimate leaves out."""
     return not cand.spec.rounded and not cand.residual
 
