@@ -172,10 +172,6 @@ def noise(metric: str, value: float) -> float:
     return abs(value) * share if share is not None else ABSOLUTE_NOISE
 
 
-def _better(higher_is_better: bool, margin: float):
-    return (lambda a, b: a > b + margin) if higher_is_better else (lambda a, b: a < b - margin)
-
-
 def within_noise(rows: list[Row], metric: str) -> list[Row]:
     """The alternatives no larger than the file that score within ``noise`` of it."""
     mine = next(r for r in rows if r.name == "this file")
@@ -190,7 +186,7 @@ def verdict(rows: list[Row], metric: str, higher_is_better: bool) -> str:
     under its bytes, naming those within noise of it."""
     mine = next(r for r in rows if r.name == "this file")
     margin = noise(metric, mine.value)
-    better = _better(higher_is_better, margin)
+    better = (lambda a, b: a > b + margin) if higher_is_better else (lambda a, b: a < b - margin)
     dominating = [r for r in rows if r is not mine and r.bytes <= mine.bytes and better(r.value, mine.value)]
     if dominating:
         best = max(dominating, key=lambda r: r.value if higher_is_better else -r.value)

@@ -280,8 +280,7 @@ def gptq(w: torch.Tensor, scale: torch.Tensor, scheme: str, u: torch.Tensor) -> 
                 block[j + 1:].addr_(u[c, c + 1:end], e, alpha=-1.0)
         if end < cols:
             wt[end:].addmm_(u[start:end, end:].t(), err, alpha=-1.0)
-    q = qt.t().contiguous()
-    return q
+    return qt.t().contiguous()
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], scheme: str,
