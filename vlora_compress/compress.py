@@ -27,7 +27,8 @@ from .io.fileformat import SourceInfo, factorised_keys, header_metadata, layout
 from .io.models import config_folder, model_device, resolve_device
 from .io.stacks import find_stacks
 from .io.write import SafetensorsWriter, check_output
-from .plan import Plan, matrix_bytes, quantized_passthrough
+from .plan import Plan, large_passthrough, matrix_bytes, quantized_passthrough
+from .planning import passthrough as weighed_passthrough
 from .planning.fixed import plan_equal
 from .planning.measure import measure_plan
 from .planning.search import plan_measured, rank_for_budget, share_budget
@@ -83,8 +84,9 @@ def compress(
             plan, fit, spooled = pipeline.plan(job, cal, spooling)
             record = source_info(ckpt)
             notes += plan.notes
-            plan = replace(plan, aligned=bool(job.aligned), notes=notes,
-                           passthrough=quantized_passthrough(record.tensors, factorised_keys(plan), job.config))
+            passthrough = (plan.passthrough if weighed_passthrough.decided(plan, job.passthrough)
+                           else quantized_passthrough(record.tensors, factorised_keys(plan), job.config))
+            plan = replace(plan, aligned=bool(job.aligned), notes=notes, passthrough=passthrough)
             entries = layout(plan, record)
             fits = _write(job, plan, record, entries, cal, asked, fit, spooled)
         return CompressReport.build(
@@ -112,6 +114,11 @@ def prepare(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_
             "'layers.N.<name>' in two or more layers)"
         )
     config, note = default_storage(config, calib is not None, stacks)
+    weighed = ()
+    if weighed_passthrough.weighs(config, calib is not None):  # the budget starts with them in int8
+        factorised = {f.key(layer) for s in stacks for f in s.families for layer in f.layers}
+        weighed = tuple(large_passthrough([(i.key, i.dtype, i.shape) for i in ckpt.infos.values()], factorised))
+        config = replace(config, quantize_passthrough=bool(weighed))
     target = budgets = None
     if config.target_size is not None or config.target_bits is not None:
         target = _target(ckpt, stacks, config)
@@ -129,7 +136,7 @@ def prepare(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_
     planned = needs_measurement(config) or (calib is not None and config.ranks == "measured" and config.method != "dense")
     fixed = None if planned else plan_equal(stacks, config)
     job = Job(source, ckpt, stacks, config, out, device, read, aligned, calib, tokenizer, config_dir, progress,
-              planned, fixed, target, budgets)
+              planned, fixed, target, budgets, weighed)
     return job, tuple(notes)
 
 
@@ -157,7 +164,8 @@ def smallest_within(source, ckpt, out, config: CompressConfig, calib, tokenizer,
             raise VloraError("`max_drop` needs a plan measured on the model's held-back samples: the form left to the "
                              "planner, `calibration.holdout` above 0, and `planning` not blocks")
         job, shared_note = _resolve_shared(job, cal)
-        plan = plan_measured(job.stacks, job.config, job.read, cal.whitener(), cal.meter, job.budgets, job.stack_budget)
+        plan = plan_measured(job.stacks, job.config, job.read, cal.whitener(), cal.meter, job.budgets, job.stack_budget,
+                             job.passthrough)
         err = measure_plan(plan, job.config, job.read, cal.whitener(), cal.meter)
         tried[bits] = (err, replace(job, fixed=plan), notes + tuple(n for n in (note, shared_note) if n), pipeline, cal)
         return err

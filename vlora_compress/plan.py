@@ -303,21 +303,22 @@ class Plan:
 
 
 def quantized_passthrough(tensors, factorised: set[str], config: CompressConfig) -> tuple[QuantizedTensor, ...]:
-    """The pass-through tensors ``--quantize-passthrough`` stores as integers: 2-D floating-point
-    matrices of at least PASSTHROUGH_MIN values (embeddings, a language-model head), and not one
-    whose scale name would clash with a tensor already in the checkpoint.
-
-    ``tensors`` is (key, dtype, shape) in checkpoint order."""
+    """The pass-through tensors ``--quantize-passthrough`` stores as integers: the ``large_passthrough``
+    ones, in its scheme. ``tensors`` is (key, dtype, shape) in checkpoint order."""
     scheme = config.passthrough_scheme
     if scheme == "none":
         return ()
+    return tuple(QuantizedTensor(key, scheme, config.group_size) for key, _, _ in large_passthrough(tensors, factorised))
+
+
+def large_passthrough(tensors, factorised: set[str]) -> list[tuple[str, str, tuple]]:
+    """(key, dtype, shape) of the pass-through tensors that may be stored as integers: 2-D
+    floating-point matrices of at least PASSTHROUGH_MIN values (embeddings, a language-model head),
+    and not one whose scale name would clash with a tensor already in the checkpoint."""
     names = {key for key, _, _ in tensors}
-    return tuple(
-        QuantizedTensor(key, scheme, config.group_size)
-        for key, dt, shape in tensors
-        if key not in factorised and dt in FLOAT_DTYPES and len(shape) == 2
-        and shape[0] * shape[1] >= PASSTHROUGH_MIN and key + SCALE_SUFFIX not in names
-    )
+    return [(key, dt, tuple(shape)) for key, dt, shape in tensors
+            if key not in factorised and dt in FLOAT_DTYPES and len(shape) == 2
+            and shape[0] * shape[1] >= PASSTHROUGH_MIN and key + SCALE_SUFFIX not in names]
 
 
 def split_equal(n_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:

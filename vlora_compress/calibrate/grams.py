@@ -174,6 +174,9 @@ class OutputMeter:
         self._modules: dict[str, torch.nn.Module] = {}
         if self.head is not None and not self._head_agrees():
             self.head = None
+        # the head's weights as loaded: a measurement that replaces them (a quantized head or tied
+        # embedding) is taken with the head it was given, over the whole vocabulary
+        self._head_at = self.model.get_output_embeddings().weight.data_ptr() if self.head is not None else None
         self.reference = [self._reference(out) for out in self._outputs()]
 
     @property
@@ -188,14 +191,23 @@ class OutputMeter:
                 saved.append((module, module.weight.data))
                 module.weight.data = w.to(device=module.weight.device, dtype=module.weight.dtype).reshape(
                     module.weight.shape)
+            head = self._replaced_head()
             err = total = 0.0
             for out, ref in zip(self._outputs(), self.reference):
-                e, n = self._error(out, ref)
+                e, n = self._error(out, ref, head)
                 err, total = err + e, total + n
             return err / total
         finally:
             for module, data in saved:
                 module.weight.data = data
+
+    def _replaced_head(self) -> kl.Head | None:
+        """The head with the weights a measurement put in its place, or None where they are the
+        loaded ones (or the logits are measured plainly)."""
+        if self.head is None:
+            return None
+        weight = self.model.get_output_embeddings().weight
+        return None if weight.data_ptr() == self._head_at else kl.Head(weight.detach().float(), self.head.bias)
 
     def _module(self, key: str) -> torch.nn.Module:
         if key not in self._modules:
@@ -244,8 +256,11 @@ class OutputMeter:
         top, at = out.topk(min(TOP_TOKENS, out.shape[-1]), dim=-1)
         return at, top.double(), kl.log_rest(top.double())
 
-    def _error(self, out: torch.Tensor, ref) -> tuple[float, float]:
-        """(summed error, what it is divided by) of one batch."""
+    def _error(self, out: torch.Tensor, ref, head: kl.Head | None = None) -> tuple[float, float]:
+        """(summed error, what it is divided by) of one batch; ``head``: a head replaced for this
+        measurement (its change is not the hidden state's, which kl_sum takes to first order)."""
+        if self.measure == "logits" and head is not None:
+            return kl.kl_sum_plain(head, out, ref), out.shape[0]
         if self.measure == "logits" and self.head is not None:
             return kl.kl_sum(self.head, out, ref), out.shape[0]
         if self.measure == "logits":

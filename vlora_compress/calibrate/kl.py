@@ -113,6 +113,22 @@ def kl_sum(head: Head, hidden: torch.Tensor, ref: TopRef) -> float:
     return float(kl.sum())
 
 
+def kl_sum_plain(head: Head, hidden: torch.Tensor, ref: TopRef) -> float:
+    """kl_sum with the candidate's head applied over the whole vocabulary, a block of positions at
+    a time: for a head that is itself replaced (a quantized head or tied embedding), whose change
+    the first-order rest mass does not see. Exact for the kept tokens and the rest as one outcome."""
+    total = 0.0
+    step = max(1, GATHERED // head.weight.shape[0])
+    for i in range(0, hidden.shape[0], step):
+        logp = torch.log_softmax(head.logits(hidden[i:i + step].float()).double(), -1)
+        top, rest = ref.top[i:i + step], ref.rest[i:i + step]
+        mine = logp.gather(-1, ref.at[i:i + step])
+        p_rest = rest.exp()
+        kl = (top.exp() * (top - mine)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * log_rest(mine)
+        total += float(kl.sum())
+    return total
+
+
 def log_rest(top: torch.Tensor) -> torch.Tensor:
     """log(1 - Σ p) over the last dimension of log-probabilities ``top``: the log-probability of every
     other token (clamped away from log 0, where the kept tokens hold all the mass)."""

@@ -55,6 +55,7 @@ class Job:
     fixed: Plan | None  # the plan that needs none, where nothing is measured
     target: dict | None  # the byte budget a size target sets (compress._target)
     budgets: dict | None  # per family, under --quantize auto
+    passthrough: tuple = ()  # (key, dtype, shape) of the pass-through matrices the plan weighs (planning/passthrough.py)
 
     @property
     def stack_budget(self) -> int | None:
@@ -92,7 +93,7 @@ class Pipeline:
     def plan(self, job: Job, cal: Calibrated, spooling: ExitStack) -> tuple[Plan, Any, tuple | None]:
         """(plan, the fit the writer drives or None, (spool, fits) of tensors fitted already or None)."""
         plan = job.fixed or plan_measured(job.stacks, job.config, job.read, cal.whitener(), cal.meter, job.budgets,
-                                          job.stack_budget)
+                                          job.stack_budget, job.passthrough)
         return plan, None, None
 
 

@@ -11,6 +11,7 @@ from ..forms.stored import family_bytes
 from ..plan import Allocation, FamilyPlan, Together, finite
 from .budget import fit_candidate
 from .measure import exact, family_error, rebuild_in_memory, rebuild_plans
+from .passthrough import replacements
 from . import space
 
 
@@ -18,8 +19,8 @@ RANK_SCALES = (0.5, 0.75, 1.25, 1.5)  # each family's byte budget scaled, to mea
 
 
 def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, meter, target: int | None = None,
-                   known: dict | None = None, fitted: dict | None = None
-                   ) -> tuple[list[FamilyPlan], Allocation, list[Candidate]]:
+                   known: dict | None = None, fitted: dict | None = None, passthrough: list[list[tuple]] = ()
+                   ) -> tuple[list[FamilyPlan], Allocation, list[Candidate], list[int]]:
     """Move bytes between families to where the model's measured output error falls fastest.
 
     Each family is refitted alone at a few scaled budgets (the ASVD-style sensitivity); a Lagrangian
@@ -38,34 +39,45 @@ def allocate_ranks(chosen, uniform: list[FamilyPlan], config, read, whitener, me
     only rank: int4 where the model is sensitive, int2 under a low-rank term where it is not.
     ``known`` holds the errors of plans measured alone already (the choice's), not measured again;
     ``fitted`` the family errors of plans fitted already, not fitted again.
+
+    ``passthrough`` holds, per large pass-through matrix the plan weighs (planning/passthrough.py),
+    its storages as options measured already, the first (int8) the one the budget was set with:
+    the Lagrangian picks among them beside the families', within the same total. Their picks are
+    returned last (indices into each matrix's options; all 0 where the allocation is not kept).
     """
     known = {} if known is None else known
     fitted = {} if fitted is None else fitted
     options = [_options(fam, cand, budget, fp, config, read, whitener, meter, known, fitted)
                for (fam, cand, budget), fp in zip(chosen, uniform)]
-    total = max(sum(family_bytes(fp) for fp in uniform), target or 0)  # a target's rounding to whole ranks leaves bytes too
+    n = len(options)
+    # a target's rounding to whole ranks leaves bytes too; the pass-through matrices start in int8
+    total = max(sum(family_bytes(fp) for fp in uniform), target or 0) + sum(o[0][0] for o in passthrough)
     for _ in range(ROUNDS):
-        picked = _lagrangian(options, total)
-        unmeasured = [(j, i) for j, i in enumerate(picked) if options[j][i][2] not in known]
+        picked = _lagrangian(options + list(passthrough), total)
+        unmeasured = [(j, i) for j, i in enumerate(picked[:n]) if options[j][i][2] not in known]
         if not unmeasured:
             break
         for j, i in unmeasured:
             nbytes, _, fp, cand = options[j][i]
             options[j][i] = (nbytes, _alone(fp, config, read, whitener, meter, known), fp, cand)
     else:
-        picked = _lagrangian(options, total)  # on the last round's measurements
-    allocated = _spend_slack(chosen, options, picked, total, config, read, whitener)
-    kept = [cand for _, cand, _ in chosen]
-    if allocated == list(uniform):
-        return list(uniform), Allocation("uniform"), kept
-    err_uniform = meter(rebuild_plans(uniform, config, read, whitener))
-    err_alloc = meter(rebuild_plans(allocated, config, read, whitener))
+        picked = _lagrangian(options + list(passthrough), total)  # on the last round's measurements
+    picked, stored = picked[:n], picked[n:]
+    rest = sum(o[i][0] for o, i in zip(passthrough, stored))
+    allocated = _spend_slack(chosen, options, picked, total - rest, config, read, whitener)
+    kept, start = [cand for _, cand, _ in chosen], [0] * len(passthrough)
+    if allocated == list(uniform) and stored == start:
+        return list(uniform), Allocation("uniform"), kept, start
+    rounded = lambda picks: replacements([o[i] for o, i in zip(passthrough, picks)], read)  # noqa: E731
+    err_uniform = meter({**rebuild_plans(uniform, config, read, whitener), **rounded(start)})
+    err_alloc = meter({**rebuild_plans(allocated, config, read, whitener), **rounded(stored)})
     if err_alloc < err_uniform:
         moved = tuple((fam.name, cand.label, opts[i][3].label) for (fam, cand, _), opts, i in zip(chosen, options, picked)
                       if opts[i][3] != cand)
+        moved += tuple((o[0][2].key, o[0][3], o[i][3]) for o, i in zip(passthrough, stored) if i != 0)
         return (allocated, Allocation("allocated", finite(err_alloc), finite(err_uniform), moved),
-                [opts[i][3] for opts, i in zip(options, picked)])
-    return list(uniform), Allocation("kept", finite(err_alloc), finite(err_uniform)), kept
+                [opts[i][3] for opts, i in zip(options, picked)], stored)
+    return list(uniform), Allocation("kept", finite(err_alloc), finite(err_uniform)), kept, start
 
 
 ROUNDS = 4  # times the Lagrangian's picks are measured and it picks again

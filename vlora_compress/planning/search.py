@@ -50,6 +50,7 @@ from ..fit.svd import Whitener
 from ..forms import Candidate, candidate_bytes, dense, fit_rank
 from ..forms.stored import family_bytes
 from .allocate import allocate_ranks, joint_check
+from . import passthrough as weighed_passthrough
 from .estimate import PRUNE, spectral_error
 from .measure import exact, family_error, rebuild_in_memory
 from . import space
@@ -66,20 +67,24 @@ def plan_measured(
     meter: Callable[[dict[str, torch.Tensor]], float] | None = None,
     budgets: dict[str, int] | None = None,
     total: int | None = None,
+    passthrough: tuple = (),
 ) -> Plan:
     """A plan whose every family took the least-error candidate at its byte budget.
 
     ``meter(replacements)`` measures the model's output error with some weights replaced.
     ``budgets`` (family name -> bytes) overrides the budget the reference form sets. ``total`` is
     the stacks' byte budget of a size target: measured rank allocation spends up to it (without
-    one, up to what the uniform plan stores). Only one family's layers are held in memory at a time.
+    one, up to what the uniform plan stores). ``passthrough``: (key, dtype, shape) of the large
+    pass-through matrices whose storage the allocation weighs within the same bytes
+    (planning/passthrough.py), ``total`` counting them in int8; the plan's ``passthrough`` is what it
+    took. Only one family's layers are held in memory at a time.
     GPTQ's integers for the same layer and scheme are made once (fit/integers.rounding_memo).
     """
     with rounding_memo():
-        return _plan(stacks, config, read, whitener, meter, budgets, total)
+        return _plan(stacks, config, read, whitener, meter, budgets, total, passthrough)
 
 
-def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total) -> Plan:
+def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total, passthrough) -> Plan:
     stack_plans, family_plans, notes, chosen, decisions, allocations = [], [], [], [], [], []
     known: dict[FamilyPlan, float] = {}  # the meter's error of a plan measured alone: choice and allocation share it
     fitted: dict[FamilyPlan, float] = {}  # the family's own error of a plan fitted: shared the same way
@@ -104,10 +109,15 @@ def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total)
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     picked = [cand for _, cand, _ in chosen]
+    stored = weighed_passthrough.start(passthrough, config.group_size)
+    held = []  # the decisions on them, after the families'
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         uniform = family_plans
-        family_plans, allocation, picked = allocate_ranks(chosen, family_plans, config, read, whitener, meter, total,
-                                                          known, fitted)
+        options = weighed_passthrough.options(passthrough, read, meter, config.group_size)
+        family_plans, allocation, picked, took = allocate_ranks(chosen, family_plans, config, read, whitener, meter,
+                                                                total, known, fitted, options)
+        stored = [o[i][2] for o, i in zip(options, took) if o[i][2] is not None]
+        held = weighed_passthrough.decisions(passthrough, options, took, getattr(meter, "name", "model"))
         allocations.append(allocation)
         notes.append(allocation.note)
         decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
@@ -121,8 +131,8 @@ def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total)
         note = together_note(decisions)
         if note:
             notes.append(note)
-    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes),
-                decisions=tuple(d for d in decisions if d is not None), allocations=tuple(allocations))
+    return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes), passthrough=tuple(stored),
+                decisions=tuple(d for d in decisions if d is not None) + tuple(held), allocations=tuple(allocations))
 
 
 SHORT_LIST = 3  # candidates, best by their estimated error, that are fitted and measured
