@@ -232,7 +232,9 @@ class StoragePart:
     quantize_passthrough: bool = option(False, "--quantize-passthrough",
                                         "Also store large pass-through matrices (2-D, at least 65,536 values: "
                                         "embeddings, a head) with the --quantize scheme (int8 under auto); expand "
-                                        "gives them back in their own dtype.")
+                                        "gives them back in their own dtype. Without it, the default plan with a "
+                                        "--target-of model size weighs their storage (as stored, int8, int4) in "
+                                        "the budget.")
     svd: str = option("auto", "--svd", "auto, exact or randomized. auto: exact SVD up to 1024 on the short side or "
                       "when rank >= 1/4 of it.")
     seed: int = option(0, "--seed", "Seed of the randomized SVD; the same input and options give the same bytes.")

@@ -208,11 +208,12 @@ class Decision:
     """What the planner chose for one family (or one block's layers of it), and every candidate it
     weighed: the plan's record of why it is what it is, which reports render."""
 
-    family: str
-    budget: int  # the bytes every candidate was fitted within
+    family: str  # or a pass-through matrix's key
+    budget: int  # the bytes every candidate was fitted within (a pass-through matrix's: in int8, where it started)
     measure: str  # one of MEASURES
     candidates: tuple[Weighed, ...]
-    chosen: int  # the index of the one taken: the least measured error
+    chosen: int  # the index of the one taken: the least measured error (a pass-through matrix's, whose
+    # storages differ in bytes: the allocation's pick, planning/passthrough.py)
     scope: str = ""  # the layers a block planned alone ("layers 0-9"), else empty
     allocated: Weighed | None = None  # what the file stores instead, where measured rank allocation
     # moved bytes or bits to or from the family after the choice (its errors are not the family's alone: None)

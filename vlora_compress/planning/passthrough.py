@@ -54,7 +54,10 @@ def options(tensors, read, meter, group_size: int) -> list[list[tuple]]:
                 opts.append((nbytes, 0.0, None, scheme))
                 continue
             rounded = fake_quantize(weight.float(), scheme, group_size).to(weight.dtype)
-            opts.append((nbytes, meter({key: rounded}), QuantizedTensor(key, scheme, group_size), scheme))
+            # at least 0: a matrix the measure never reads (a pooler under pooled embeddings) measures
+            # the float noise of the model's own outputs, -1e-8 on all-MiniLM-L6-v2
+            err = max(meter({key: rounded}), 0.0)
+            opts.append((nbytes, err, QuantizedTensor(key, scheme, group_size), scheme))
         out.append(opts)
     return out
 
