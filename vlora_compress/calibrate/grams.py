@@ -161,6 +161,8 @@ class OutputMeter:
     """
 
     measure = "hidden"
+    head: kl.Head | None = None  # a causal LM's head, where the KL is taken from the hidden states
+    _head_at: int | None = None  # where its weights were when loaded (a replaced head is not there)
 
     def __init__(self, model, preprocessor, samples: list, max_length: int, read=None, batch_size: int = 32,
                  measure: str = "hidden"):
