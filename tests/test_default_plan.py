@@ -12,6 +12,7 @@ from conftest import CALIB, EVAL, tiny_model
 from vlora_compress import CalibConfig, CompressConfig, compress, synthetic
 from vlora_compress.cli.app import compress_main
 from vlora_compress.io.checkpoint import open_checkpoint
+from vlora_compress.io.fileformat import VloraFile
 from vlora_compress.io.stacks import find_stacks
 from vlora_compress.pipelines import registry
 from vlora_compress.planning.space import default_storage
@@ -59,6 +60,28 @@ def test_at_two_and_a_half_bits_a_quantized_base_under_low_rank_is_picked_where_
         mine = d["candidates"][d["chosen"]]["error"]
         dense = [c["error"] for c in d["candidates"] if c["form"] == "dense" and c["error"] is not None]
         assert dense and mine < min(dense)
+
+
+def test_just_under_a_schemes_size_wider_groups_measure_better_than_a_mix_of_schemes(llama, tmp_path, monkeypatch):
+    """At 4.3 bits a weight with scales every 32 values int4 is 4.5 bits: no family fits it, and
+    the families' mix took int3 or int2 for some. int4 with a scale every 128 values (4.125 bits)
+    fits: allowed, the allocation takes it and the plan measures better."""
+    from vlora_compress.planning import allocate
+
+    def plan(wider):
+        monkeypatch.setattr(allocate, "WIDER", wider)  # 1: the wider groups are the config's own
+        return compress(llama, tmp_path / f"w{wider}.vlora.safetensors", target_bits=4.3, group_size=32, calib=CALIB,
+                        device="cpu")
+
+    wider = allocate.WIDER
+    narrow, wide = plan(1), plan(wider)
+    assert not any("/g128" in f["storage"] for f in narrow.families)
+    assert any("int4/g128" == f["storage"] for f in wide.families), [f["storage"] for f in wide.families]
+    (a,), (b,) = (VloraFile(r.output).plan.allocations for r in (narrow, wide))
+    assert a.outcome == b.outcome == "allocated" and b.error < a.error  # measured with every family compressed
+    for report in (narrow, wide):
+        assert report.stack_compressed_bytes * 8 <= 4.3 * sum(f["shape"][0] * f["shape"][1] * len(f["layers"])
+                                                              for f in report.families)
 
 
 def test_max_drop_lands_within_its_bound_and_the_next_size_down_breaks_it(llama, tmp_path):

@@ -42,6 +42,8 @@ class Candidate:
     grouping: str = "adjacent"  # shared: adjacent layers, or similar (the layers whose pairs lose least by
     # sharing, adjacent or not: shared.similar_groups)
     residual: bool = False  # shared: each layer's own factors on top, at shared.residual_rank(rank)
+    group_size: int | None = None  # values a scale where it is not the config's (--group-size): int4 and
+    # int3 in wider groups, a few hundredths of a bit a weight less (allocate._bit_options)
 
     @property
     def spec(self) -> "Form":
@@ -50,7 +52,8 @@ class Candidate:
     @property
     def label(self) -> str:
         """The candidate in words, e.g. "shared basis + residual, 10 groups by similarity, int4"."""
-        return self.spec.label(self) + ("" if self.quant == "none" else f", {self.quant}")
+        group = f"/g{self.group_size}" if self.group_size is not None else ""
+        return self.spec.label(self) + ("" if self.quant == "none" else f", {self.quant}{group}")
 
     @property
     def kind(self) -> str:
@@ -99,7 +102,8 @@ class Form:
         """The family plan at ``rank``: what the fit fills and the file stores. Where its factors
         cost at least every layer dense (a rank past the break-even), every layer dense instead."""
         rank = min(rank, *fam.shape)
-        fp = family_plan(fam, config, self.chunks(fam, cand, rank, groups), cand.quant, cand.base_quant)
+        fp = family_plan(fam, config, self.chunks(fam, cand, rank, groups), cand.quant, cand.base_quant,
+                         cand.group_size)
         return fp if self.rounded else dense_if_cheaper(fp)
 
     def choose(self, fam: Family, cand: Candidate, rank: int, weights, whitener, config: CompressConfig,
@@ -162,11 +166,13 @@ def store_dtype(fam: Family, config: CompressConfig) -> str:
     return STORE_DTYPES[config.dtype] if config.dtype else fam.dtype
 
 
-def family_plan(fam: Family, config: CompressConfig, chunks, quant: str, base_quant: str | None = None) -> FamilyPlan:
-    """``base_quant`` is kept only where some chunk has a base to store in it."""
+def family_plan(fam: Family, config: CompressConfig, chunks, quant: str, base_quant: str | None = None,
+                group_size: int | None = None) -> FamilyPlan:
+    """``base_quant`` is kept only where some chunk has a base to store in it; ``group_size``: the
+    config's where None."""
     base_quant = base_quant if any(c.base != "none" for c in chunks) else None
     return FamilyPlan(fam.stack, fam.suffix, fam.shape, fam.dtype, store_dtype(fam, config), tuple(chunks),
-                      quant, config.group_size, base_quant)
+                      quant, group_size or config.group_size, base_quant)
 
 
 def dense_chunks(layers: tuple[int, ...]) -> list[ChunkPlan]:

@@ -30,5 +30,6 @@ class Dense(Form):
         return dense_chunks(fam.layers)
 
 
-def candidate(quant: str) -> Candidate:
-    return Candidate("dense", quant)
+def candidate(quant: str, group_size: int | None = None) -> Candidate:
+    """Every layer dense in ``quant``, its scales ``group_size`` values apart (None: the config's)."""
+    return Candidate("dense", quant, group_size=group_size)

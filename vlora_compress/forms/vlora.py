@@ -70,7 +70,7 @@ class Vlora(Form):
             return self.layout(fam, cand, rank, config, groups)
         chunks = [_best_base(fam, layers, rank, cand, config, score) if len(layers) > 1
                   else _chunk(layers, cand.base, cand.topology, rank) for layers in groups]
-        return dense_if_cheaper(family_plan(fam, config, chunks, cand.quant, cand.base_quant))
+        return dense_if_cheaper(family_plan(fam, config, chunks, cand.quant, cand.base_quant, cand.group_size))
 
 
 def _chunk(layers: tuple[int, ...], base: str, topology: str, rank: int) -> ChunkPlan:
@@ -131,7 +131,7 @@ def _best_base(fam, layers, rank, cand: Candidate, config, score) -> ChunkPlan:
     best = None
     for b in layers:
         chunk = ChunkPlan(layers, tuple(0 if layer == b else rank for layer in layers), b, cand.topology)
-        err = score(family_plan(fam, config, [chunk], cand.quant, cand.base_quant))
+        err = score(family_plan(fam, config, [chunk], cand.quant, cand.base_quant, cand.group_size))
         if best is None or err < best[0]:
             best = (err, chunk)
     return best[1]

@@ -101,7 +101,8 @@ def _options(fam, cand, budget: int, fp: FamilyPlan, config, read, whitener, met
     cache: dict = {}  # per-layer decompositions, truncated at every scale (one family's at a time)
     spectra: dict = {}
     plans = [(fp, cand)]
-    tries = [(cand, scale) for scale in RANK_SCALES] + (_bit_options(cand) if config.quantize == "auto" else [])
+    tries = [(cand, scale) for scale in RANK_SCALES]
+    tries += _bit_options(cand, config.group_size) if config.quantize == "auto" else []
     for other, scale in tries:
         if not space.worth_fitting(fam, other, int(budget * scale), config):
             continue
@@ -153,13 +154,21 @@ def _spend_slack(chosen, options, picked: list[int], total: int, config, read, w
 
 
 BIT_SCALES = (1.0, 1.5)  # budgets, as shares of a family's, at which --quantize auto's allocation tries other bits
+WIDE = ("int4", "int3")  # also tried dense with scales WIDER times further apart than --group-size's
+WIDER = 4
 
 
-def _bit_options(cand: Candidate) -> list[tuple[Candidate, float]]:
+def _bit_options(cand: Candidate, group_size: int) -> list[tuple[Candidate, float]]:
     """(candidate, budget scale) of the other bits a family may take under ``--quantize auto``: every
-    layer dense in each scheme (its bytes are its own; the scale only lets it fit), and each quantized
-    base under a low-rank increment at ``BIT_SCALES``; the chosen candidate's own are already tried."""
+    layer dense in each scheme (its bytes are its own; the scale only lets it fit), int4 and int3
+    also with a scale every ``WIDER`` groups, and each quantized base under a low-rank increment at
+    ``BIT_SCALES``; the chosen candidate's own are already tried.
+
+    The wider groups are for sizes a little under a scheme's: at 4 bits a weight with groups of 64,
+    int4 (4.25 bits) fits no family and the families' mix took int3 (3.25) for some, where int4
+    with groups of 256 is 4.06 bits."""
     dense_ = [(dense.candidate(q), max(RANK_SCALES)) for q in DENSE_SCHEMES]
+    dense_ += [(dense.candidate(q, WIDER * group_size), max(RANK_SCALES)) for q in WIDE]
     based = [(quantized_base.candidate(QLR_FACTORS, q), scale) for q in QLR_BASES for scale in BIT_SCALES]
     return [(c, scale) for c, scale in dense_ + based if c != cand]
 
