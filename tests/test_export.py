@@ -13,6 +13,7 @@ from conftest import CALIB, tiny_model
 from vlora_compress import CalibConfig, compress
 from vlora_compress.errors import VloraError
 from vlora_compress.export import export
+from vlora_compress.forms import base as forms_base
 from vlora_compress.io.models import load_model
 from vlora_compress.runtime.expand import expand
 
@@ -27,6 +28,9 @@ FILES = {  # name -> compress options on the tiny Llama
                   group_size=32),
     "shared-residual": dict(rank=4, ranks="uniform", shared=True, quantize="int4", group_size=32),
     "svd": dict(method="svd", rank=8, ranks="uniform"),
+    # the MLP's families with a scale every 128 values, the attention's every 32: group sizes per
+    # family, as the default plan's wider groups store them (files fixture)
+    "int4-mixed-groups": dict(method="dense", quantize="int4", group_size=32),
 }
 
 
@@ -49,10 +53,18 @@ def files(llama, tmp_path_factory):
     for name, options in FILES.items():
         made[name] = folder / f"{name}.vlora.safetensors"
         torch.manual_seed(0)
-        REPORTS[name] = compress(llama, made[name], calib=CALIB, calibration=SMALL, device="cpu", **options)
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "int4-mixed-groups":
+                mp.setattr(forms_base, "family_plan", _mlp_in_groups_of_128)
+            REPORTS[name] = compress(llama, made[name], calib=CALIB, calibration=SMALL, device="cpu", **options)
     return made
 
 
+def _mlp_in_groups_of_128(fam, config, chunks, quant, base_quant=None, group_size=None):
+    return PLAN_OF_FAMILY(fam, config, chunks, quant, base_quant, 128 if ".mlp." in fam.name else group_size)
+
+
+PLAN_OF_FAMILY = forms_base.family_plan
 REPORTS = {}  # name -> the compress report of FILES[name], filled by the files fixture
 
 
@@ -64,7 +76,7 @@ def _stack_keys(path) -> list[str]:
     return [k for k in expand(path) if ".layers." in k and k.endswith("proj.weight")]
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int3", "int2-midrise"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int3", "int2-midrise", "int4-mixed-groups"])
 def test_compressed_tensors_dequantizes_to_the_expanded_weights(name, files, llama, tmp_path):
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import unpack_from_int32
@@ -84,6 +96,8 @@ def test_compressed_tensors_dequantizes_to_the_expanded_weights(name, files, lla
         for t in group["targets"]:
             targets[t[4:-1].replace("[.]", ".").lstrip("^")] = group["weights"]
     assert len(targets) == 28
+    if name == "int4-mixed-groups":  # the file's groups of 32 and 128, as the rows allow
+        assert len({g["weights"]["group_size"] for g in config["config_groups"].values()}) > 1
     for key in _stack_keys(files[name]):
         module = key[: -len(".weight")]
         args = QuantizationArgs(**targets[module])
@@ -147,7 +161,8 @@ def _gptq_weight(tensors: dict, module: str, bits: int) -> torch.Tensor:
     return (scales.float()[g_idx.long()].T * (u - (z[g_idx.long()].T + 1))).float()
 
 
-@pytest.mark.parametrize("name,bits", [("int8", 8), ("int4", 4), ("int3", 3), ("int2-midrise", 3)])
+@pytest.mark.parametrize("name,bits", [("int8", 8), ("int4", 4), ("int3", 3), ("int2-midrise", 3),
+                                       ("int4-mixed-groups", 4)])
 def test_gptq_layout_reads_back_as_the_expanded_weights(name, bits, files, llama, tmp_path):
     from safetensors.torch import load_file
 
@@ -161,7 +176,7 @@ def test_gptq_layout_reads_back_as_the_expanded_weights(name, bits, files, llama
         assert torch.equal(_gptq_weight(tensors, key[: -len(".weight")], bits), dense[key]), key
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int2-midrise", "q-plus-ba"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int2-midrise", "q-plus-ba", "int4-mixed-groups"])
 def test_gguf_blocks_dequantize_to_the_expanded_weights_in_llama_cpp_row_order(name, files, llama, tmp_path):
     gguf = pytest.importorskip("gguf")
     from vlora_compress.export.gguf import permute_rows
