@@ -10,6 +10,7 @@ from vlora_compress.calibrate import kl
 from vlora_compress.calibrate.grams import OutputMeter
 from vlora_compress.errors import VloraError
 from vlora_compress.io.checkpoint import open_checkpoint
+from vlora_compress.io.fileformat import VloraFile
 from vlora_compress.io.models import load_model, load_preprocessor
 
 KEYS = ("lm_head.weight", "model.embed_tokens.weight")
@@ -44,6 +45,23 @@ def test_a_model_target_weighs_the_embedding_and_head_with_the_layers(wide_vocab
         assert (change == 0) == (taken == "none")  # what the file holds is what the plan took
         held = report.passthrough["schemes"] if report.passthrough else []
         assert taken == "none" or any(taken in s for s in held)
+
+
+def test_bytes_the_layers_cannot_use_keep_a_matrix_as_stored(wide_vocab, tmp_path):
+    """At 0.6 of the model every family fits whole in fp16 with bytes to spare: the allocation
+    spends them on the matrix whose int8 rounding measured worse, stored as it was."""
+    path = tmp_path / "g.vlora.safetensors"
+    report = compress(wide_vocab, path, calib=CALIB, target_size="0.6", target_of="model", device="cpu")
+    assert path.stat().st_size <= report.target["budget_bytes"] + 4096
+    (allocation,) = VloraFile(path).plan.allocations
+    moved = {key: (before, after) for key, before, after in allocation.moved if key in KEYS}
+    assert allocation.outcome == "allocated" and list(moved.values()) == [("int8", "none")], allocation
+    decisions = {d["family"]: d for d in report.decisions if d["family"] in KEYS}
+    (kept,) = moved
+    errors = {k: next(c["error"] for c in d["candidates"] if c["storage"] == "int8") for k, d in decisions.items()}
+    assert errors[kept] == max(errors.values())
+    with open_checkpoint(wide_vocab) as ckpt:
+        assert torch.equal(expand(path)[kept], ckpt.read(kept))
 
 
 def test_a_stack_target_leaves_the_pass_through_matrices_as_stored(wide_vocab, tmp_path):
