@@ -6,6 +6,7 @@ import torch
 
 from conftest import CALIB, tiny_model
 from vlora_compress import compress, expand
+from vlora_compress import CalibConfig
 from vlora_compress.calibrate import kl
 from vlora_compress.calibrate.grams import OutputMeter
 from vlora_compress.errors import VloraError
@@ -62,6 +63,25 @@ def test_bytes_the_layers_cannot_use_keep_a_matrix_as_stored(wide_vocab, tmp_pat
     assert errors[kept] == max(errors.values())
     with open_checkpoint(wide_vocab) as ckpt:
         assert torch.equal(expand(path)[kept], ckpt.read(kept))
+
+
+@pytest.mark.parametrize("options", [dict(calibration=CalibConfig(measure="hidden")), dict(ranks="uniform")])
+def test_a_matrix_the_plan_cannot_weigh_is_stored_in_int8_as_the_budget_counted_it(wide_vocab, tmp_path, options):
+    """Measured at the base model's hidden states the head is outside what the meter runs; with
+    uniform ranks there is no allocation to weigh anything in. Either way what is not weighed is
+    stored in int8, where the stacks' budget put it, and the file keeps to the target."""
+    path = tmp_path / "u.vlora.safetensors"
+    report = compress(wide_vocab, path, calib=CALIB, target_size="0.3", target_of="model", device="cpu", **options)
+    assert path.stat().st_size <= report.target["budget_bytes"] + 4096
+    decided = {d["family"] for d in report.decisions if d["family"] in KEYS}
+    assert "lm_head.weight" not in decided
+    assert decided == ({"model.embed_tokens.weight"} if "calibration" in options else set())
+    assert "lm_head.weight" in report.passthrough["tensors"]
+    with open_checkpoint(wide_vocab) as ckpt:
+        head = ckpt.read("lm_head.weight")
+    rounded = expand(path)["lm_head.weight"]
+    step = head.abs().amax(1, keepdim=True) / 127  # int8: one scale a row
+    assert 0 < (rounded - head).abs().max() and ((rounded - head).abs() <= step / 2 + 1e-6).all()
 
 
 def test_a_stack_target_leaves_the_pass_through_matrices_as_stored(wide_vocab, tmp_path):

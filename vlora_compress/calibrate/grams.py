@@ -211,12 +211,19 @@ class OutputMeter:
         weight = self.model.get_output_embeddings().weight
         return None if weight.data_ptr() == self._head_at else kl.Head(weight.detach().float(), self.head.bias)
 
-    def _module(self, key: str) -> torch.nn.Module:
+    def finds(self, key: str) -> bool:
+        """Whether checkpoint tensor ``key`` is the weight of a module of the model measured (a head
+        outside the base model it runs is not)."""
         if key not in self._modules:
             found = module_for_key(self.model, key, self.read)
             if found is None:
-                raise VloraError(f"cannot find the module of {key} in the model to measure a plan")
+                return False
             self._modules[key] = found[1]
+        return True
+
+    def _module(self, key: str) -> torch.nn.Module:
+        if not self.finds(key):
+            raise VloraError(f"cannot find the module of {key} in the model to measure a plan")
         return self._modules[key]
 
     def _outputs(self) -> Iterator[torch.Tensor]:

@@ -28,7 +28,7 @@ def weighs(config, calibrated: bool) -> bool:
             and config.target_size is not None and config.target_bits is None and config.target_of == "model")
 
 
-def start(tensors, group_size: int) -> list[QuantizedTensor]:
+def start_storage(tensors, group_size: int) -> list[QuantizedTensor]:
     """The storage the budget is set with, before the allocation weighs it: every matrix in int8."""
     return [QuantizedTensor(key, SCHEMES[0], group_size) for key, _, _ in tensors]
 
@@ -38,6 +38,30 @@ def decided(plan, tensors) -> bool:
     stored as the config says (plan.quantized_passthrough)."""
     keys = {key for key, _, _ in tensors}
     return any(d.family in keys for d in plan.decisions)
+
+
+def measurable(tensors, meter) -> list[tuple]:
+    """The matrices the meter can replace: a weight of the model it runs (not a head outside the
+    base model it measures, nor a tensor no module holds as its weight)."""
+    finds = getattr(meter, "finds", None)
+    return [t for t in tensors if finds is None or finds(t[0])]
+
+
+def taken(tensors, weighed, opts: list[list[tuple]], picked: list[int], group_size: int) -> list[QuantizedTensor]:
+    """What the file stores quantized: each weighed matrix's pick (as stored: nothing), every other
+    in int8, as the budget counted it."""
+    picks = {key: o[i][2] for (key, _, _), o, i in zip(weighed, opts, picked)}
+    start = {q.key: q for q in start_storage(tensors, group_size)}
+    return [q for q in (picks[key] if key in picks else start[key] for key, _, _ in tensors) if q is not None]
+
+
+def note(tensors, weighed) -> str | None:
+    """The plan's note on the matrices it did not weigh, stored in int8; None where it weighed all."""
+    left = [key for key, _, _ in tensors if key not in {t[0] for t in weighed}]
+    if not left:
+        return None
+    return (f"pass-through {', '.join(left)}: int8, as the budget counted {'it' if len(left) == 1 else 'them'} "
+            "(not weighed: no measured allocation, or not a weight of the model the plan is measured on)")
 
 
 def options(tensors, read, meter, group_size: int) -> list[list[tuple]]:

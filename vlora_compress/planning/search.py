@@ -109,15 +109,16 @@ def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total,
             family_plans.append(fp)
             chosen.append((fam, cand, budget))
     picked = [cand for _, cand, _ in chosen]
-    stored = weighed_passthrough.start(passthrough, config.group_size)
-    held = []  # the decisions on them, after the families'
+    stored = weighed_passthrough.start_storage(passthrough, config.group_size)
+    weighed, held = [], []  # the pass-through matrices the allocation weighs, and its decisions on them
     if meter is not None and config.ranks == "measured" and len(chosen) > 1:
         uniform = family_plans
-        options = weighed_passthrough.options(passthrough, read, meter, config.group_size)
+        weighed = weighed_passthrough.measurable(passthrough, meter)
+        options = weighed_passthrough.options(weighed, read, meter, config.group_size)
         family_plans, allocation, picked, took = allocate_ranks(chosen, family_plans, config, read, whitener, meter,
                                                                 total, known, fitted, options)
-        stored = [o[i][2] for o, i in zip(options, took) if o[i][2] is not None]
-        held = weighed_passthrough.decisions(passthrough, options, took, getattr(meter, "name", "model"))
+        stored = weighed_passthrough.taken(passthrough, weighed, options, took, config.group_size)
+        held = weighed_passthrough.decisions(weighed, options, took, getattr(meter, "name", "model"))
         allocations.append(allocation)
         notes.append(allocation.note)
         decisions = [d if d is None or new == old else replace(d, allocated=_weighed(c, new))
@@ -131,6 +132,9 @@ def _plan(stacks, config: CompressConfig, read, whitener, meter, budgets, total,
         note = together_note(decisions)
         if note:
             notes.append(note)
+    note = weighed_passthrough.note(passthrough, weighed)
+    if note:
+        notes.append(note)
     return Plan(tuple(stack_plans), tuple(family_plans), tuple(notes), passthrough=tuple(stored),
                 decisions=tuple(d for d in decisions if d is not None) + tuple(held), allocations=tuple(allocations))
 
@@ -270,7 +274,7 @@ def _top_rank(fp: FamilyPlan) -> int:
 def _shown(cand: Candidate, fp: FamilyPlan) -> Candidate:
     """The candidate as what it stores: one that came out every layer dense (its budget past the
     break-even) is named so."""
-    return cand if _top_rank(fp) else dense.candidate(cand.quant)
+    return cand if _top_rank(fp) else dense.candidate(cand.quant, cand.group_size)
 
 
 def _short_list(planned: list, config: CompressConfig) -> list:
