@@ -31,7 +31,7 @@ def test_unpacking_gives_the_reference_values(scheme, shape, group):
     assert m.nbytes == q.numel() * q.element_size() + 2 * s.numel()
 
 
-@pytest.mark.parametrize("scheme,group,cols", [("int8", 128, 40), ("int4", 32, 96), ("int4", 128, 192),
+@pytest.mark.parametrize("scheme,group,cols", [("int8", 128, 48), ("int4", 32, 96), ("int4", 128, 192),
                                               ("int3", 64, 64), ("int2-midrise", 64, 128), ("int3-midrise", 32, 96)])
 def test_integer_kernels_compute_the_dequantized_product(scheme, group, cols):
     w = torch.randn(48, cols, generator=torch.Generator().manual_seed(0))
@@ -43,6 +43,31 @@ def test_integer_kernels_compute_the_dequantized_product(scheme, group, cols):
     # bfloat16 activations and scales: within bfloat16's rounding of the exact product
     assert torch.allclose(m.linear(x), x @ exact.T, rtol=0.02, atol=0.02 * (x @ exact.T).abs().max().item())
     assert torch.allclose(m.dequantize(), exact, rtol=0.01, atol=1e-6)
+
+
+def test_int8_rows_the_kernel_cannot_read_stay_as_stored():
+    """torch's int8 kernel crashes on AVX512 where a row is not a multiple of 16 values long."""
+    w = torch.randn(8, 40, generator=torch.Generator().manual_seed(0))
+    q, s = quantize(w, "int8", 128)
+    m = PackedMatrix(q, s, (8, 40), "int8", 128, torch.float32)
+    assert not m.use_kernels() and m.kernel is None and torch.equal(m.q, q)
+    x = torch.randn(3, 40)
+    assert torch.allclose(m.linear(x), x @ dequantize(q, s, (8, 40), "int8", 128).T, atol=1e-5)
+
+
+def test_int8_integers_read_at_an_odd_offset_are_aligned_for_the_kernel():
+    """A file's integers can sit at any offset of its mapping; torch's int8 kernel on AVX512 crashes
+    on rows that do not start 16-byte aligned, so they are copied to an allocation of their own."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    q, s = quantize(w, "int8", 128)
+    shifted = torch.empty(q.numel() + 1, dtype=torch.int8)[1:].view(64, 64)  # one byte off its allocation
+    shifted.copy_(q)
+    assert shifted.data_ptr() % 16
+    m = PackedMatrix(shifted, s, (64, 64), "int8", 128, torch.float32)
+    assert m.use_kernels() and m.kernel == "int8" and m.q.data_ptr() % 64 == 0 and torch.equal(m.q, q)
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    exact = x @ dequantize(q, s, (64, 64), "int8", 128).T
+    assert torch.allclose(m.linear(x), exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
 
 
 def test_rows_that_no_kernel_group_divides_stay_as_stored():

@@ -131,8 +131,14 @@ class PackedMatrix(torch.nn.Module):
     def _use_kernel(self) -> bool:
         rows, cols = self.shape
         if self.scheme == "int8":
-            if not hasattr(torch, "_weight_int8pack_mm"):
+            # torch 2.13's CPU kernel on AVX512 takes rows that start 16-byte aligned: a row length
+            # that is not a multiple of 16 (8, 24, 40, 72, 100 inputs) or integers read in place
+            # from a file at an odd offset end in a segmentation fault. Such rows are formed per
+            # call; the integers are copied to an aligned allocation of their own
+            if not hasattr(torch, "_weight_int8pack_mm") or cols % 16:
                 return False
+            if self.q.data_ptr() % 64:
+                self.q = self.q.clone(memory_format=torch.contiguous_format)
             self.scale = self.scale.reshape(-1).to(torch.bfloat16)
             self.kernel = "int8"
             return True
