@@ -116,8 +116,7 @@ def prepare(source, ckpt, out, config: CompressConfig, calib, tokenizer, config_
     config, note = default_storage(config, calib is not None, stacks)
     weighed = ()
     if weighed_passthrough.weighs(config, calib is not None):  # the budget starts with them in int8
-        factorised = {f.key(layer) for s in stacks for f in s.families for layer in f.layers}
-        weighed = tuple(large_passthrough([(i.key, i.dtype, i.shape) for i in ckpt.infos.values()], factorised))
+        weighed = tuple(large_passthrough(_tensors(ckpt), _stack_keys(stacks)))
         config = replace(config, quantize_passthrough=bool(weighed))
     target = budgets = None
     if config.target_size is not None or config.target_bits is not None:
@@ -242,8 +241,7 @@ def _target(ckpt, stacks, config: CompressConfig) -> dict:
 
 def _rest_bytes(ckpt, stacks, config: CompressConfig) -> int:
     """Stored bytes of everything outside the stacks' families: pass-through tensors, some quantized."""
-    tensors = [(i.key, i.dtype, i.shape) for i in ckpt.infos.values()]
-    factorised = {f.key(layer) for s in stacks for f in s.families for layer in f.layers}
+    tensors, factorised = _tensors(ckpt), _stack_keys(stacks)
     quantized = {q.key: q for q in quantized_passthrough(tensors, factorised, config)}
     total = 0
     for key, dt, shape in tensors:
@@ -252,6 +250,16 @@ def _rest_bytes(ckpt, stacks, config: CompressConfig) -> int:
         elif key not in factorised:
             total += ITEMSIZE[dt] * math.prod(shape)
     return total
+
+
+def _tensors(ckpt) -> list[tuple]:
+    """(key, dtype, shape) of every tensor of the checkpoint, in its order."""
+    return [(i.key, i.dtype, i.shape) for i in ckpt.infos.values()]
+
+
+def _stack_keys(stacks) -> set[str]:
+    """The checkpoint keys of every layer of the stacks' families."""
+    return {f.key(layer) for s in stacks for f in s.families for layer in f.layers}
 
 
 def _model_config(source, config_dir) -> dict | None:
@@ -311,7 +319,7 @@ def source_info(ckpt: Checkpoint | ModelCheckpoint) -> SourceInfo:
         sha256=ckpt.sha256(),
         nbytes=ckpt.nbytes,
         metadata=ckpt.metadata,
-        tensors=tuple((i.key, i.dtype, i.shape) for i in ckpt.infos.values()),
+        tensors=tuple(_tensors(ckpt)),
     )
 
 
